@@ -1,0 +1,146 @@
+"""`adapter-supervisor serve`: wire the parts together and run until a signal.
+
+Start-up order matters: become a child subreaper before the first spawn, take
+the state-directory lock before touching the socket (two daemons must never
+share either), decide the cgroup mode once, then accept connections.
+Shutdown is the reverse: stop accepting, tell clients, stop every tree, remove
+the socket, exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+import trio
+
+from supervisor import subreaper
+from supervisor.cgroup import CgroupManager, CgroupUnavailable
+from supervisor.config import Config, load_config
+from supervisor.daemon import Supervisor
+from supervisor.errors import ConfigError
+from supervisor.logs import configure_logging
+from supervisor.server import ControlServer, bind_control_socket
+
+log = structlog.get_logger()
+
+EX_OK = 0
+EX_UNAVAILABLE = 69  # sysexits: a required resource (socket, lock) is taken
+EX_CONFIG = 78  # sysexits: the configuration is unusable
+
+LOCK_FILE = "daemon.lock"
+
+
+class StartupError(Exception):
+    """The daemon cannot start for a reason an operator must fix (not the config)."""
+
+
+def serve(config_path: str) -> int:
+    """Run the daemon on `config_path`; returns the process exit status."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        configure_logging("auto", "info")
+        log.error("config.invalid", error=str(exc))
+        return EX_CONFIG
+    configure_logging(config.daemon.log_format, config.daemon.log_level)
+    try:
+        trio.run(run_daemon, config)
+    except StartupError as exc:
+        log.error("daemon.start_failed", error=str(exc))
+        return EX_UNAVAILABLE
+    return EX_OK
+
+
+@contextmanager
+def state_dir_lock(state_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on `state_dir` for the daemon's life."""
+    os.makedirs(state_dir, mode=0o750, exist_ok=True)
+    path = os.path.join(state_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"another daemon is already running on state_dir {state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def detect_cgroups(config: Config) -> CgroupManager | None:
+    """The cgroup manager for this run, or None for the process-table fallback."""
+    setting = config.daemon.cgroup
+    if setting == "off":
+        log.info("daemon.mode", mode="process-table", reason="cgroup = \"off\" in the config")
+        return None
+    try:
+        manager = CgroupManager.detect(explicit_root=None if setting == "auto" else setting)
+    except CgroupUnavailable as exc:
+        log.info("daemon.mode", mode="process-table", reason=str(exc))
+        return None
+    log.info("daemon.mode", mode="cgroup", base=str(manager.base))
+    return manager
+
+
+async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGTERM/SIGINT. Raises StartupError if the socket or state dir is taken."""
+    subreaper.become_child_subreaper()
+    with state_dir_lock(config.daemon.state_dir):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            try:
+                listener = await bind_control_socket(config.daemon.socket, config.daemon.socket_mode)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+                    raise StartupError(str(exc.strerror or exc)) from None
+                raise StartupError(f"cannot bind {config.daemon.socket}: {exc}") from None
+            supervisor = Supervisor(config, cgroups=detect_cgroups(config))
+            server = ControlServer(supervisor)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(supervisor.run)
+                    await nursery.start(server.serve, listener)
+                    log.info(
+                        "daemon.ready", pid=os.getpid(), socket=config.daemon.socket,
+                        adapters=sorted(config.adapters), config=config.path,
+                    )
+                    task_status.started()
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            await _reload(supervisor)
+                            continue
+                        log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                        break
+                    server.stop_accepting()
+                    await supervisor.shutdown()
+                    nursery.cancel_scope.cancel()
+            finally:
+                _unlink_socket(config.daemon.socket)
+    log.info("daemon.stopped")
+
+
+async def _reload(supervisor: Supervisor) -> None:
+    path = supervisor.config.path
+    try:
+        config = await trio.to_thread.run_sync(load_config, path)
+    except ConfigError as exc:
+        log.error("config.reload_rejected", error=str(exc), kept=path)
+        return
+    if config.daemon.socket != supervisor.config.daemon.socket or config.daemon.state_dir != supervisor.config.daemon.state_dir:
+        log.warning("config.reload_partial", note="socket and state_dir changes apply on restart only")
+    supervisor.reload(config)
+    log.info("config.reloaded", config=path, adapters=sorted(config.adapters))
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

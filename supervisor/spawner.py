@@ -1,0 +1,156 @@
+"""Starting the root process of an instance.
+
+The root starts in a new session with the instance tag in its environment and,
+in cgroup mode, inside the instance's cgroup before it execs, so every
+descendant is born there. Spawning is synchronous on the trio thread (fork and
+exec take about a millisecond), which means no other task can observe a child
+the daemon does not yet know about.
+
+The daemon does all waiting itself (see `supervisor.subreaper`); the `Popen`
+object is kept only so that its pipes and pid stay together, and it is told
+the root's return code when the daemon reaps it, so `subprocess` never waits
+for the child on its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from supervisor import procs
+from supervisor.config import AdapterConfig
+from supervisor.errors import SpawnFailed
+
+# Lines of adapter stderr kept per instance for the `logs` method. Enough for a
+# stack trace or two; bounded so a chatty adapter cannot grow the daemon.
+STDERR_LINES = 1000
+
+# Longest stderr line kept; the rest of a longer line is dropped.
+STDERR_LINE_BYTES = 4096
+
+
+@dataclass
+class RootProcess:
+    """A spawned root with the daemon's ends of its pipes."""
+
+    popen: subprocess.Popen[bytes]
+    id: procs.ProcessId
+    stdin_fd: int | None
+    stdout_fd: int | None
+    stderr_fd: int
+    stderr_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_LINES))
+
+    @property
+    def pid(self) -> int:
+        return self.id.pid
+
+    def close_stdio(self) -> None:
+        """Close the daemon's stdin/stdout ends (clients hold their own duplicates)."""
+        for name in ("stdin_fd", "stdout_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
+def instance_environment(
+    adapter: AdapterConfig, *, instance_id: str, job: str, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a root: the daemon's, then the adapter's `env`, then the tags."""
+    env = dict(os.environ if base is None else base)
+    env.update(adapter.env)
+    env[procs.INSTANCE_ENV] = instance_id
+    env[procs.JOB_ENV] = job
+    env[procs.ADAPTER_ENV] = adapter.name
+    return env
+
+
+def spawn_root(
+    adapter: AdapterConfig,
+    *,
+    instance_id: str,
+    job: str,
+    params: Mapping[str, str],
+    cgroup_fd: int | None = None,
+) -> RootProcess:
+    """Start the adapter's root for one instance.
+
+    Raises `InvalidParams` (from rendering the command) or `SpawnFailed` with the
+    OS reason (missing executable, bad cwd, permission). On failure nothing is
+    left open or running.
+    """
+    argv = adapter.render_argv(job, params)
+    env = instance_environment(adapter, instance_id=instance_id, job=job)
+    parent_fds: list[int] = []
+    child_fds: list[int] = []
+
+    def pipe() -> tuple[int, int]:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        return read_end, write_end
+
+    try:
+        stderr_r, stderr_w = pipe()
+        parent_fds.append(stderr_r)
+        child_fds.append(stderr_w)
+        if adapter.stdio == "pipe":
+            stdin_r, stdin_w = pipe()
+            stdout_r, stdout_w = pipe()
+            parent_fds += [stdin_w, stdout_r]
+            child_fds += [stdin_r, stdout_w]
+            stdin: int = stdin_r
+            stdout: int = stdout_w
+        else:
+            stdin_w = stdout_r = None
+            stdin = stdout = subprocess.DEVNULL
+        preexec: Callable[[], None] | None = None
+        if cgroup_fd is not None:
+            fd = cgroup_fd
+
+            def preexec() -> None:
+                # Runs in the child between fork and exec: join the instance's
+                # cgroup so that everything it will ever fork is born inside.
+                os.write(fd, b"0")
+
+        popen = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr_w,
+            cwd=adapter.cwd,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            preexec_fn=preexec,
+        )
+    except OSError as exc:
+        for fd in parent_fds:
+            os.close(fd)
+        raise SpawnFailed(_describe_spawn_error(adapter, argv, exc)) from exc
+    except subprocess.SubprocessError as exc:
+        for fd in parent_fds:
+            os.close(fd)
+        raise SpawnFailed(f"adapter {adapter.name!r} could not be started: {exc}") from exc
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+    identity = procs.identify(popen.pid) or procs.ProcessId(popen.pid, 0)
+    return RootProcess(popen=popen, id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r)
+
+
+def _describe_spawn_error(adapter: AdapterConfig, argv: list[str], exc: OSError) -> str:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno == errno.ENOENT and exc.filename == adapter.cwd and adapter.cwd is not None:
+        what = f"its cwd {adapter.cwd!r} does not exist"
+    elif exc.errno == errno.ENOENT:
+        what = f"executable {argv[0]!r} not found (check the command and PATH)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        what = f"permission denied running {argv[0]!r} (or entering cwd {adapter.cwd!r})"
+    elif exc.errno == errno.ENOTDIR:
+        what = f"cwd {adapter.cwd!r} is not a directory"
+    else:
+        what = reason
+    return f"adapter {adapter.name!r} could not be started: {what} [{errno.errorcode.get(exc.errno or 0, 'error')}: {reason}]"
