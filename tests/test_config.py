@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import pathlib
-import select
 import signal
-import subprocess
-import time
 
 import hypothesis
 import hypothesis.strategies as st
 import msgspec
-import psutil
 import pytest
 
 from supervisor import config
@@ -89,80 +83,6 @@ def test_commented_claude_acp_example_is_a_valid_adapter():
     assert adapter.params == ("workdir",)
     assert adapter.memory_limit == 2**30
     assert adapter.render_argv("j", {"workdir": "/srv/a b"})[-2:] == ["--cwd", "/srv/a b"]
-
-
-@pytest.fixture
-def subreaper():
-    """Make this process the reaper of orphaned descendants for the test's duration."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_child_subreaper = 36
-    assert libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0
-    try:
-        yield
-    finally:
-        libc.prctl(pr_set_child_subreaper, 0, 0, 0, 0)
-
-
-def read_line(stream, timeout: float = 5.0) -> bytes:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, "no output from the demo adapter"
-    return stream.readline()
-
-
-def wait_for_descendants(pid: int, count: int, timeout: float = 5.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while len(found := psutil.Process(pid).children(recursive=True)) < count:
-        assert time.monotonic() < deadline, f"only {found} below {pid}"
-        time.sleep(0.01)
-    return found
-
-
-def stop_group(pgid: int, sig: int, timeout: float) -> bool:
-    """Send `sig` to process group `pgid`; True once every member is gone and reaped.
-
-    Members orphaned on the way become our children (see `subreaper`) and are
-    reaped here; the others are reaped by their own parents.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-    deadline = time.monotonic() + timeout
-    while True:
-        for child in psutil.Process().children():
-            with contextlib.suppress(OSError):
-                if os.getpgid(child.pid) == pgid:
-                    os.waitpid(child.pid, os.WNOHANG)
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-
-
-def test_bundled_demo_adapter_is_an_echoing_three_process_tree(subreaper):
-    adapter = load_config(bundled_config_path()).adapters["demo"]
-    proc = subprocess.Popen(
-        adapter.render_argv("job-7", {}),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        env={**os.environ, "ADAPTER_SUPERVISOR_JOB": "job-7"},
-    )
-    try:
-        assert read_line(proc.stderr) == b"demo adapter for job job-7\n"
-        proc.stdin.write(b"ping\n")
-        proc.stdin.flush()
-        assert read_line(proc.stdout) == b"ping\n"
-        child, grandchild = wait_for_descendants(proc.pid, 2)
-        assert child.ppid() == proc.pid and grandchild.ppid() == child.pid
-        assert stop_group(proc.pid, adapter.stop_signal, adapter.stop_timeout)
-    finally:
-        assert stop_group(proc.pid, signal.SIGKILL, 5.0)
-        proc.wait(timeout=5)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
 
 
 # --- defaults ---------------------------------------------------------------------

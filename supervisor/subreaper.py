@@ -1,0 +1,97 @@
+"""Make the daemon the reaper of its adapters' escaped descendants, and reap them.
+
+As a child subreaper (prctl PR_SET_CHILD_SUBREAPER) the daemon, not PID 1, inherits
+every process of its adapter trees whose parent dies, including those that called
+setsid() and double-forked. That keeps escapees visible as our children and lets us
+collect their zombies immediately instead of waiting for init.
+
+Reaping is always by pid. Nothing here calls waitpid(-1) or waitid(P_ALL) without
+WNOWAIT, because that would silently steal the exit status of a child some other part
+of the program (subprocess, trio) is waiting for. Linux only; no module state apart
+from the cached handle on libc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+# From <linux/prctl.h>.
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # The C library is already loaded in every CPython process; CDLL(None) finds it.
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, arg2: object) -> None:
+    if _libc().prctl(option, arg2, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def become_child_subreaper() -> None:
+    """Mark this process as a child subreaper for the rest of its life.
+
+    Orphaned descendants are re-parented to it instead of to PID 1. Raises OSError
+    (with the errno from prctl) if the kernel refuses.
+    """
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def is_child_subreaper() -> bool:
+    """True if this process is a child subreaper. Raises OSError if prctl fails."""
+    flag = ctypes.c_int(0)
+    _prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag))
+    return flag.value != 0
+
+
+def _returncode(result: os.waitid_result) -> int:
+    # Shell/subprocess convention: the exit status, or minus the killing signal.
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
+
+
+def reap_pid(pid: int) -> int | None:
+    """Reap the exited child `pid`, without blocking.
+
+    Returns its return code (exit status, or -signal if a signal killed it) if this
+    call reaped it; None if it is still running, or it is not our child, or it was
+    already reaped (by us or by whoever else waited for it). A `subprocess.Popen`
+    whose child was reaped here copes: its later `wait()`/`poll()` report 0.
+    """
+    try:
+        result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if result is None:
+        return None
+    return _returncode(result)
+
+
+def waitable_children() -> list[int]:
+    """Return pids of our children that have exited and can be reaped now, without reaping.
+
+    Peeks with waitid(P_ALL, WNOWAIT): the kernel reports one waitable child and leaves
+    it in place, so the result holds at most one pid. The caller MUST reap every pid
+    returned (with `reap_pid`) before calling again; otherwise the same child is
+    returned forever and a loop over this function spins. The usual loop is::
+
+        while pids := waitable_children():
+            for pid in pids:
+                reap_pid(pid)
+
+    An empty list means no child is waitable (or we have no children at all).
+    """
+    try:
+        result = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return []
+    if result is None:
+        return []
+    return [result.si_pid]
