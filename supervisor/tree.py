@@ -138,11 +138,12 @@ async def stop_tree(
 
     await rescan(stop_signal)
     if not await _wait_gone(tree, tracked, stop_timeout, reap, child_exited, rescan, stop_signal):
+        alive = [m for m in tracked if procs.is_running(m)]
         if tree.cgroup is not None:
             tree.cgroup.kill(tree.instance_id)
-        for member in list(tracked):
-            if procs.is_running(member) and procs.signal_process(member, signal.SIGKILL):
-                outcome.killed.append(member)
+        for member in alive:
+            procs.signal_process(member, signal.SIGKILL)
+        outcome.killed.extend(alive)
         await rescan(signal.SIGKILL)
         await _wait_gone(tree, tracked, KILL_GRACE_S, reap, child_exited, rescan, signal.SIGKILL)
     reap()

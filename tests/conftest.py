@@ -69,6 +69,17 @@ class DaemonProcess:
                 continue
         return events
 
+    def wait_for_event(self, name: str, timeout: float = 5.0, **fields: object) -> dict[str, object]:
+        """The first logged event called `name` whose fields match, waiting up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.log_events():
+                if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
+                    return event
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {name} event with {fields} within {timeout}s")
+            time.sleep(0.02)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
@@ -165,6 +176,16 @@ def read_pidfile(path: Path, roles: tuple[str, ...] = ("root", "child", "grandch
         if time.monotonic() > deadline:
             raise AssertionError(f"tree did not come up: {entries} from {path}")
         time.sleep(0.01)
+
+
+def eventually(check, timeout: float = 5.0, interval: float = 0.02):
+    """Call `check` until it returns something truthy or `timeout` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 def wait_all_gone(members: dict[str, procs.ProcessId], daemon_pid: int, timeout: float) -> dict[str, procs.ProcessId]:

@@ -1,0 +1,350 @@
+"""Lease lifecycle against the real daemon, with real process trees.
+
+Every tree test runs twice: with per-instance cgroups (the writable cgroup v2
+hierarchy of this host) and with the process-table fallback (`cgroup = "off"`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervisor import procs
+from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
+
+STOP_TIMEOUT = 1.0
+
+
+@pytest.fixture(params=["cgroup", "process-table"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def daemon_settings(mode: str) -> dict[str, object]:
+    return {"cgroup": "auto" if mode == "cgroup" else "off"}
+
+
+def check_mode(daemon, mode: str) -> None:
+    cgroup_mode = daemon.client().call("status")["daemon"]["cgroup_mode"]
+    if mode == "cgroup" and not cgroup_mode:
+        pytest.skip("this host has no writable cgroup v2 hierarchy")
+    assert cgroup_mode == (mode == "cgroup")
+
+
+class AsyncConn:
+    """A raw trio connection speaking newline-delimited JSON-RPC (test-side)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.next_id = 0
+
+    @classmethod
+    async def open(cls, path: str) -> AsyncConn:
+        return cls(await trio.open_unix_socket(path))
+
+    async def send(self, method: str, params: dict[str, object] | None = None) -> int:
+        self.next_id += 1
+        line = {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params or {}}
+        await self.stream.send_all(json.dumps(line).encode() + b"\n")
+        return self.next_id
+
+    async def receive(self) -> dict[str, object]:
+        while b"\n" not in self.buffer:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    async def call(self, method: str, params: dict[str, object] | None = None) -> dict[str, object]:
+        request_id = await self.send(method, params)
+        while True:
+            message = await self.receive()
+            if message.get("id") == request_id:
+                return message
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def test_last_release_reaps_the_whole_tree_including_a_setsid_escapee(start_daemon, tmp_path: Path, mode: str) -> None:
+    pidfile = tmp_path / "pids"
+    daemon = start_daemon(tree_adapter("tree", pidfile=pidfile, stop_timeout=STOP_TIMEOUT), **daemon_settings(mode))
+    check_mode(daemon, mode)
+    client = daemon.client()
+    lease = client.call("acquire", {"job": "job-1", "adapter": "tree"})
+    members = read_pidfile(pidfile)
+    assert lease["pid"] == members["root"].pid
+    # The escapee double-forked out of its session; as a child subreaper the
+    # daemon adopted it.
+    assert procs.read_stat(members["escapee"].pid).ppid == daemon.pid
+    assert procs.read_environ_tag(members["escapee"].pid) == lease["instance"]
+    status = client.call("status")
+    assert set(status["instances"][0]["pids"]) >= {m.pid for m in members.values()}
+
+    released = client.call("release", {"lease": lease["lease"]})
+    assert released == {"refcount": 0, "stopping": True}
+    assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+    assert eventually(lambda: client.call("status")["instances"] == [], timeout=1.0)
+
+
+def test_a_tree_that_ignores_sigterm_is_killed_after_stop_timeout(start_daemon, tmp_path: Path, mode: str) -> None:
+    pidfile = tmp_path / "pids"
+    adapter = tree_adapter("stubborn", pidfile=pidfile, args=("--ignore-term",), stop_timeout=0.6)
+    daemon = start_daemon(adapter, **daemon_settings(mode))
+    check_mode(daemon, mode)
+    client = daemon.client()
+    lease = client.call("acquire", {"job": "job-1", "adapter": "stubborn"})
+    members = read_pidfile(pidfile)
+    released_at = time.monotonic()
+    client.call("release", {"lease": lease["lease"]})
+    time.sleep(0.3)
+    # Still inside the grace period: SIGTERM was ignored and SIGKILL not yet sent.
+    assert all(procs.is_running(m) for m in members.values())
+    assert wait_all_gone(members, daemon.pid, 0.6 + 1.0 - (time.monotonic() - released_at)) == {}
+    reaped = daemon.wait_for_event("tree.reaped", instance=lease["instance"])
+    assert reaped["killed"] >= len(members)
+
+
+def test_a_root_that_exits_on_its_own_takes_its_tree_along_and_holders_are_told(start_daemon, tmp_path: Path, mode: str) -> None:
+    pidfile = tmp_path / "pids"
+    adapter = tree_adapter("brief", pidfile=pidfile, args=("--exit-after", "0.5"), stop_timeout=STOP_TIMEOUT)
+    daemon = start_daemon(adapter, **daemon_settings(mode))
+    check_mode(daemon, mode)
+    holder = daemon.client()
+    lease = holder.call("acquire", {"job": "job-1", "adapter": "brief"})
+    members = read_pidfile(pidfile)
+    notification = holder.next_notification()
+    assert notification["method"] == "adapter_exited"
+    assert notification["params"] == {
+        "instance": lease["instance"], "job": "job-1", "adapter": "brief",
+        "pid": lease["pid"], "returncode": 3, "reason": "exited",
+    }
+    assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+    # The old lease still releases cleanly; a new acquire gets a new instance.
+    other = daemon.client()
+    again = other.call("acquire", {"job": "job-1", "adapter": "brief"})
+    assert again["spawned"] is True and again["instance"] != lease["instance"]
+    assert holder.call("release", {"lease": lease["lease"]})["refcount"] == 0
+    states = {i["instance"]: i["state"] for i in other.call("status")["instances"]}
+    assert states == {again["instance"]: "running"}
+
+
+def test_stdio_is_passed_to_the_client_with_the_lease(start_daemon) -> None:
+    demo = """
+        [adapters.demo]
+        command = ["/bin/sh", "-c", "echo up >&2; (sleep 86400 & wait) & exec cat"]
+        stdio = "pipe"
+        stop_timeout = 1.0
+    """
+    daemon = start_daemon(demo)
+    client = daemon.client()
+    result, fds = client.call_with_fds("acquire", {"job": "job-1", "adapter": "demo", "fds": True})
+    assert len(fds) == 2
+    stdin = os.fdopen(fds[0], "wb", buffering=0)
+    stdout = os.fdopen(fds[1], "rb", buffering=0)
+    try:
+        stdin.write(b"ping\n")
+        assert stdout.readline() == b"ping\n"
+    finally:
+        stdin.close()
+        stdout.close()
+    status = client.call("status")["instances"][0]
+    assert status["instance"] == result["instance"] and len(status["pids"]) == 3
+
+
+def test_the_bundled_demo_adapter_is_a_three_process_echo_tree(start_daemon, tmp_path: Path) -> None:
+    bundled = (Path(__file__).parent.parent / "config" / "supervisor.toml").read_text()
+    demo = bundled[bundled.index("[adapters.demo]"):]
+    daemon = start_daemon(demo)
+    client = daemon.client()
+    result, fds = client.call_with_fds("acquire", {"job": "try-me", "adapter": "demo", "fds": True})
+    with os.fdopen(fds[0], "wb", buffering=0) as stdin, os.fdopen(fds[1], "rb", buffering=0) as stdout:
+        stdin.write(b"hello\n")
+        assert stdout.readline() == b"hello\n"
+    pids = client.call("status")["instances"][0]["pids"]
+    assert len(pids) == 3
+    members = {str(p): procs.identify(p) for p in pids}
+    assert client.call("logs", {"instance": result["instance"]})["lines"] == ["demo adapter for job try-me"]
+    client.call("release", {"lease": result["lease"]})
+    assert wait_all_gone(members, daemon.pid, 2.0 + 1.0) == {}
+
+
+async def test_forty_concurrent_acquires_of_one_pair_spawn_exactly_one_instance(start_daemon, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    daemon = start_daemon(tree_adapter("tree", pidfile=pidfile, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT))
+    conns = [await AsyncConn.open(daemon.socket) for _ in range(40)]
+    results: list[dict[str, object]] = []
+
+    async def acquire(conn: AsyncConn) -> None:
+        results.append(await conn.call("acquire", {"job": "job-1", "adapter": "tree"}))
+
+    async with trio.open_nursery() as nursery:
+        for conn in conns:
+            nursery.start_soon(acquire, conn)
+    leases = [r["result"] for r in results]
+    assert len({lease["instance"] for lease in leases}) == 1
+    assert sum(lease["spawned"] for lease in leases) == 1
+    assert sorted(lease["refcount"] for lease in leases) == list(range(1, 41))
+    assert len({lease["lease"] for lease in leases}) == 40
+    members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
+    assert [line.split()[0] for line in pidfile.read_text().splitlines()].count("root") == 1
+    for conn in conns[:39]:
+        await conn.aclose()
+    await trio.sleep(0.3)
+    assert all(procs.is_running(m) for m in members.values()), "39 of 40 closed: one lease still holds the tree"
+    await conns[39].aclose()
+    assert await trio.to_thread.run_sync(wait_all_gone, members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+
+
+def test_the_leases_of_a_client_killed_with_sigkill_are_released(start_daemon, tmp_path: Path, mode: str) -> None:
+    pidfile = tmp_path / "pids"
+    daemon = start_daemon(tree_adapter("tree", pidfile=pidfile, stop_timeout=STOP_TIMEOUT), **daemon_settings(mode))
+    check_mode(daemon, mode)
+    script = (
+        "import sys, time\n"
+        "from supervisor.client import Client\n"
+        "c = Client(sys.argv[1])\n"
+        "r = c.call('acquire', {'job': 'job-1', 'adapter': 'tree'})\n"
+        "print(r['lease'], flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    client_proc = subprocess.Popen([PYTHON, "-c", script, daemon.socket], stdout=subprocess.PIPE)
+    try:
+        lease = client_proc.stdout.readline().decode().strip()
+        members = read_pidfile(pidfile)
+        observer = daemon.client()
+        assert observer.call("status")["daemon"]["leases"] == 1
+        client_proc.kill()
+        client_proc.wait()
+        assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+        assert eventually(lambda: observer.call("status")["daemon"]["leases"] == 0, timeout=1.0)
+        error = pytest.raises(Exception, observer.call, "release", {"lease": lease})
+        assert error.value.code == 1002
+    finally:
+        client_proc.kill()
+        client_proc.wait()
+        client_proc.stdout.close()
+
+
+def test_a_stranger_with_the_same_command_line_is_never_touched(start_daemon, tmp_path: Path, mode: str) -> None:
+    argv = [PYTHON, "-c", "import time; time.sleep(3600)"]
+    adapter = f"[adapters.sleeper]\ncommand = {json.dumps(argv)}\nstop_timeout = 0.5\n"
+    daemon = start_daemon(adapter, **daemon_settings(mode))
+    check_mode(daemon, mode)
+    stranger = subprocess.Popen(argv, start_new_session=True)
+    try:
+        client = daemon.client()
+        lease = client.call("acquire", {"job": "job-1", "adapter": "sleeper"})
+        root = procs.identify(lease["pid"])
+        assert procs.read_cmdline(root.pid) == procs.read_cmdline(stranger.pid)
+        client.call("release", {"lease": lease["lease"]})
+        assert wait_all_gone({"root": root}, daemon.pid, 1.5) == {}
+        assert daemon.stop() == 0
+        assert stranger.poll() is None, "the daemon signalled a process it did not start"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_release_job_releases_every_lease_of_the_job_and_tells_the_holders(start_daemon, tmp_path: Path) -> None:
+    adapters = tree_adapter("a", pidfile=tmp_path / "a", args=("--no-escapee",), stop_timeout=STOP_TIMEOUT) + tree_adapter(
+        "b", pidfile=tmp_path / "b", args=("--no-escapee",), stop_timeout=STOP_TIMEOUT
+    )
+    daemon = start_daemon(adapters)
+    holder_a, holder_b, orchestrator = daemon.client(), daemon.client(), daemon.client()
+    lease_a = holder_a.call("acquire", {"job": "job-1", "adapter": "a"})
+    holder_b.call("acquire", {"job": "job-1", "adapter": "b"})
+    other_job = holder_b.call("acquire", {"job": "job-2", "adapter": "a"})
+    roles = ("root", "child", "grandchild")
+    members = {f"a-{k}": v for k, v in read_pidfile(tmp_path / "a", roles).items()}
+    members |= {f"b-{k}": v for k, v in read_pidfile(tmp_path / "b", roles).items()}
+    result = orchestrator.call("release_job", {"job": "job-1"})
+    assert result["released"] == 2 and len(result["instances"]) == 2
+    note = holder_a.next_notification()
+    assert note["method"] == "adapter_exited"
+    assert note["params"]["instance"] == lease_a["instance"] and note["params"]["reason"] == "released"
+    job1 = {k: v for k, v in members.items() if v.pid in (lease_a["pid"],) or k.startswith("b-")}
+    assert wait_all_gone(job1, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+    def remaining() -> list[str]:
+        return [i["instance"] for i in orchestrator.call("status")["instances"]]
+
+    assert eventually(lambda: remaining() == [other_job["instance"]], timeout=1.0), remaining()
+
+
+def test_linger_keeps_an_unleased_instance_for_reuse(start_daemon, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    daemon = start_daemon(tree_adapter("slow", pidfile=pidfile, args=("--no-escapee",), linger=0.8, stop_timeout=STOP_TIMEOUT))
+    client = daemon.client()
+    first = client.call("acquire", {"job": "job-1", "adapter": "slow"})
+    assert client.call("release", {"lease": first["lease"]}) == {"refcount": 0, "stopping": False}
+    time.sleep(0.3)
+    again = client.call("acquire", {"job": "job-1", "adapter": "slow"})
+    assert again["instance"] == first["instance"] and again["spawned"] is False
+    members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
+    client.call("release", {"lease": again["lease"]})
+    time.sleep(0.4)
+    assert all(procs.is_running(m) for m in members.values()), "stopped before its linger ran out"
+    assert wait_all_gone(members, daemon.pid, 0.8 + STOP_TIMEOUT + 1.0) == {}
+
+
+def test_an_acquire_during_a_stop_waits_for_the_old_tree_to_be_gone(start_daemon, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    adapter = tree_adapter("stubborn", pidfile=pidfile, args=("--ignore-term", "--no-escapee"), stop_timeout=0.5)
+    daemon = start_daemon(adapter)
+    client = daemon.client()
+    old = client.call("acquire", {"job": "job-1", "adapter": "stubborn"})
+    old_members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
+    client.call("release", {"lease": old["lease"]})
+    new = client.call("acquire", {"job": "job-1", "adapter": "stubborn"})
+    # The answer came only once the old tree (which ignores SIGTERM) was gone.
+    assert all(procs.is_gone(m, our_pid=daemon.pid) for m in old_members.values())
+    assert new["instance"] != old["instance"] and new["spawned"] is True
+    client.call("release", {"lease": new["lease"]})
+
+
+def test_a_client_that_vanishes_right_after_acquiring_leaves_nothing_running(start_daemon, tmp_path: Path, mode: str) -> None:
+    pidfile = tmp_path / "pids"
+    daemon = start_daemon(tree_adapter("tree", pidfile=pidfile, stop_timeout=STOP_TIMEOUT), **daemon_settings(mode))
+    check_mode(daemon, mode)
+    script = (
+        "import socket, sys, os\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "s.sendall(b'{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"acquire\",\"params\":{\"job\":\"j\",\"adapter\":\"tree\"}}\\n')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([PYTHON, "-c", script, daemon.socket], check=True)
+    spawned = daemon.wait_for_event("adapter.spawned")
+    daemon.wait_for_event("tree.reaped", timeout=STOP_TIMEOUT + 1.0, instance=spawned["instance"])
+    leftovers = [s.pid for s in procs.scan_processes() if procs.read_environ_tag(s.pid) == spawned["instance"]]
+    assert leftovers == []
+    client = daemon.client()
+    assert eventually(lambda: client.call("status")["instances"] == [], timeout=1.0)
+    assert client.call("status")["daemon"]["leases"] == 0
+
+
+def test_a_detached_lease_outlives_its_connection(start_daemon, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    daemon = start_daemon(tree_adapter("tree", pidfile=pidfile, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT))
+    with daemon.client() as first:
+        lease = first.call("acquire", {"job": "job-1", "adapter": "tree", "detach": True, "ttl": 60})
+    members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
+    time.sleep(0.2)
+    assert all(procs.is_running(m) for m in members.values())
+    second = daemon.client()
+    assert second.call("release", {"lease": lease["lease"]})["refcount"] == 0
+    assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
