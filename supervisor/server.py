@@ -57,14 +57,17 @@ class Connection:
     pid: int
     uid: int
     gid: int
-    nursery: trio.Nursery
+    # Where notification sends run: the server's nursery, which outlives every
+    # connection (a connection's own nursery may already be closing when some
+    # other request's outcome concerns it).
+    notify_nursery: trio.Nursery
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     closed: bool = False
 
     def notify(self, method: str, params: object) -> None:
         """Queue a notification; never blocks, never raises."""
         if not self.closed:
-            self.nursery.start_soon(self.send, protocol.encode_notification(method, params))
+            self.notify_nursery.start_soon(self.send, protocol.encode_notification(method, params))
 
     async def send(self, line: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send one whole line (with fds on its first byte). A peer that went away
@@ -120,7 +123,7 @@ class ControlServer:
                             await trio.sleep(0.1)
                             continue
                         raise
-                    nursery.start_soon(self._serve_connection, sock)
+                    nursery.start_soon(self._serve_connection, sock, nursery)
             listener.close()
             await trio.sleep_forever()
 
@@ -128,7 +131,7 @@ class ControlServer:
         if self._listen_scope is not None:
             self._listen_scope.cancel()
 
-    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
+    async def _serve_connection(self, sock: trio.socket.SocketType, server_nursery: trio.Nursery) -> None:
         pid, uid, gid = _UCRED.unpack(sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size))
         refusal: SupervisorError | None = None
         if not self._allowed(uid, gid):
@@ -151,7 +154,9 @@ class ControlServer:
         connection: Connection | None = None
         try:
             async with trio.open_nursery() as nursery:
-                connection = Connection(id=next(self._ids), sock=sock, pid=pid, uid=uid, gid=gid, nursery=nursery)
+                connection = Connection(
+                    id=next(self._ids), sock=sock, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery
+                )
                 self.connections[connection.id] = connection
                 self.supervisor.connected(connection)
                 log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
