@@ -28,6 +28,7 @@ from supervisor.config import AdapterConfig, Config
 from supervisor.errors import (
     Conflict,
     InvalidParams,
+    MethodNotFound,
     ShuttingDown,
     SpawnFailed,
     SupervisorError,
@@ -359,7 +360,9 @@ class Supervisor:
         """Run one request. Calls `started()` once every state change the request
         makes is done (so pipelined requests change state in arrival order), then
         may wait (for a spawn) before returning the result. Raises SupervisorError."""
-        handler = getattr(self, f"_handle_{request.method}")
+        handler = getattr(self, f"_handle_{request.method}", None)
+        if handler is None:
+            raise MethodNotFound(f"method {request.method!r} is not served by this daemon version")
         if self.shutting_down and request.method not in ("hello", "status", "logs", "release", "release_job"):
             raise ShuttingDown("the daemon is shutting down; retry against its next run")
         return await handler(peer, request.params, started)
