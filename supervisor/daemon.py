@@ -234,18 +234,20 @@ class Supervisor:
                 os.close(cgroup_fd)
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.add(root.id)
-        self.running[instance_id] = RunningInstance(adapter=adapter, root=root, tree=tree)
+        running = RunningInstance(adapter=adapter, root=root, tree=tree)
+        self.running[instance_id] = running
         self._roots[root.pid] = instance_id
         assert self._nursery is not None
-        self._nursery.start_soon(self._watch_root, instance_id)
-        self._nursery.start_soon(self._capture_stderr, instance_id)
+        # The tasks get the object, not the id: the instance may be stopped and
+        # forgotten before they first run.
+        self._nursery.start_soon(self._watch_root, instance_id, running)
+        self._nursery.start_soon(self._capture_stderr, instance_id, running)
         log.info(
             "adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid
         )
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
 
-    async def _watch_root(self, instance_id: str) -> None:
-        running = self.running[instance_id]
+    async def _watch_root(self, instance_id: str, running: RunningInstance) -> None:
         # The reaper may have missed nothing, but a root that died before the
         # SIGCHLD receiver ran is caught here too.
         self.reap_children()
@@ -254,8 +256,7 @@ class Supervisor:
         log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=returncode)
         self.execute(self.registry.root_exited(instance_id, returncode=returncode, now=self.now()))
 
-    async def _capture_stderr(self, instance_id: str) -> None:
-        running = self.running[instance_id]
+    async def _capture_stderr(self, instance_id: str, running: RunningInstance) -> None:
         stream = trio.lowlevel.FdStream(running.root.stderr_fd)
         buffer = b""
         async with stream:
@@ -515,6 +516,15 @@ class Supervisor:
     def reload(self, config: Config) -> None:
         """Adopt a new config: changed adapters apply to new instances only."""
         self.config = config
+
+    def kill_everything_now(self) -> None:
+        """Last resort when the daemon is dying of a bug: SIGKILL every tracked
+        tree at once, synchronously, so that no adapter outlives its owner."""
+        for instance_id, running in self.running.items():
+            if self.cgroups is not None:
+                self.cgroups.kill(instance_id)
+            for member in running.tree.known:
+                procs.signal_process(member, signal.SIGKILL)
 
     async def shutdown(self) -> None:
         """Stop every tree (SPEC rule 2 each) and wait for them, bounded by the

@@ -121,6 +121,12 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                     server.stop_accepting()
                     await supervisor.shutdown()
                     nursery.cancel_scope.cancel()
+            except BaseException:
+                # Only a bug gets here (clients cannot crash the daemon): take
+                # the trees down rather than leave them without an owner.
+                log.critical("daemon.crashed", exc_info=True)
+                supervisor.kill_everything_now()
+                raise
             finally:
                 _unlink_socket(config.daemon.socket)
     log.info("daemon.stopped")

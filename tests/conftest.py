@@ -140,20 +140,21 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
             handle.popen.kill()
             handle.popen.wait()
             leftovers.append(f"daemon {handle.pid} ignored SIGTERM")
-        leftovers += kill_tagged_leftovers(handle.state_dir)
+        leftovers += kill_tagged_leftovers(handle)
     assert not leftovers, leftovers
 
 
-def kill_tagged_leftovers(state_dir: Path) -> list[str]:
-    """SIGKILL processes tagged by daemons of this test (their tags are in no other
-    test's daemon); returns a description of each, so the test can fail on them."""
-    del state_dir  # tags are per instance; any tagged process left now is a leak
+def kill_tagged_leftovers(daemon: DaemonProcess) -> list[str]:
+    """SIGKILL live processes tagged with an instance this daemon spawned (per its
+    log); returns a description of each, so the test fails on them. Processes of
+    other daemons on the host are none of this test's business."""
+    instances = {e["instance"] for e in daemon.log_events() if e.get("event") == "adapter.spawned"}
     found = []
     for stat in procs.scan_processes():
         if stat.state in ("Z", "X") or stat.pid == os.getpid():
             continue
         tag = procs.read_environ_tag(stat.pid)
-        if tag is None:
+        if tag is None or tag not in instances:
             continue
         found.append(f"pid {stat.pid} (instance {tag}) {procs.read_cmdline(stat.pid)}")
         os.kill(stat.pid, signal.SIGKILL)
