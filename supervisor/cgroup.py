@@ -389,6 +389,19 @@ class CgroupManager:
         """
         return _remove_tree(self._path(instance_id))
 
+    def remove_base(self) -> bool:
+        """Remove `base` if no instance cgroup is left in it (at daemon exit).
+        Returns whether it is gone; never raises for a busy or missing base."""
+        try:
+            self.base.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                return False
+            raise
+        return True
+
     def instances(self) -> list[str]:
         """Names of the instance cgroups under `base`, sorted (for start-up sweeps)."""
         try:

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     release_job = commands.add_parser("release-job", help="release every lease of a job")
     release_job.add_argument("job")
 
+    sweep = commands.add_parser("sweep", help="run an orphan sweep now and show its report")
+    sweep.add_argument("--deep", action="store_true", help="also scan the whole process table for our tag")
+
+    reports = commands.add_parser("reports", help="recent sweep reports, newest first")
+    reports.add_argument("--limit", type=int, default=10)
+
     logs = commands.add_parser("logs", help="tail of an instance's stderr")
     logs.add_argument("instance")
     logs.add_argument("--lines", type=int, default=100)
@@ -125,6 +131,11 @@ def _run_client_command(args: argparse.Namespace) -> int:
         elif args.command == "release-job":
             _output(args, client.call("release_job", {"job": args.job}),
                     lambda r: f"released {r['released']} leases on {len(r['instances'])} instances")
+        elif args.command == "sweep":
+            _output(args, client.call("sweep", {"deep": True} if args.deep else {}), _render_report)
+        elif args.command == "reports":
+            _output(args, client.call("reports", {"limit": args.limit}),
+                    lambda r: _render_reports(r["reports"]))
         elif args.command == "logs":
             _output(args, client.call("logs", {"instance": args.instance, "lines": args.lines}),
                     lambda r: "\n".join(r["lines"]))
@@ -184,11 +195,48 @@ def _render_status(result: dict[str, Any]) -> str:
             human_age(now - inst["started_at"]) if inst["started_at"] else "-",
             human_bytes(inst["rss_bytes"]),
         ))
-    if len(rows) == 1:
-        lines.append("no instances")
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += ["no instances"] if len(rows) == 1 else _render_table(rows)
+    return "\n".join(lines)
+
+
+def _render_table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _render_reports(items: list[dict[str, Any]]) -> str:
+    if not items:
+        return "no sweep reports yet"
+    rows = [("WHEN", "KIND", "DURATION", "SCANNED", "ORPHANS", "EXPIRED", "OVER MEM", "RECLAIMED", "ERRORS")]
+    for report in items:
+        rows.append((
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report["started_at"])),
+            report["kind"],
+            f"{report['duration_ms']:.1f} ms",
+            str(report["scanned"]),
+            str(len(report["orphans"])),
+            str(len(report["expired_leases"])),
+            str(len(report["over_memory"])),
+            human_bytes(report["reclaimed_rss_bytes"]),
+            str(len(report["errors"])),
+        ))
+    return "\n".join(_render_table(rows))
+
+
+def _render_report(report: dict[str, Any]) -> str:
+    lines = [_render_reports([report])]
+    if report["orphans"]:
+        rows = [("PID", "PPID", "INSTANCE", "JOB", "ADAPTER", "AGE", "RSS", "ACTION", "RESULT", "COMMAND")]
+        for orphan in report["orphans"]:
+            rows.append((
+                str(orphan["pid"]), str(orphan["ppid"]), orphan["instance"] or "-", orphan["job"] or "-",
+                orphan["adapter"] or "-", human_age(orphan["age_s"]), human_bytes(orphan["rss_bytes"]),
+                orphan["action"], orphan["result"], " ".join(orphan["cmdline"])[:60],
+            ))
+        lines += ["", *_render_table(rows)]
+    for label, key in (("expired leases", "expired_leases"), ("over memory_limit", "over_memory"), ("errors", "errors")):
+        if report[key]:
+            lines.append(f"{label}: {', '.join(report[key])}")
     return "\n".join(lines)
 
 

@@ -316,6 +316,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     # "auto": use a writable cgroup v2 hierarchy if one is found; "off": the
     # process-table fallback; or the absolute path of a cgroup v2 directory.
     cgroup: str = "auto"
+    # Bound of state_dir/reports.jsonl; one rotated generation is kept beside it.
+    reports_max_bytes: int = 1024 * 1024
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -350,6 +352,12 @@ class _NonZeroSize(_Size):
 
 class _MessageSize(_Size):
     MINIMUM = MIN_MESSAGE_BYTES
+
+
+class _ReportsSize(_Size):
+    # Room for a few reports at least; below that rotation would discard the
+    # report it was just given.
+    MINIMUM = 4096
 
 
 class _StopSignal(int):
@@ -452,6 +460,7 @@ class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sweep_interval: Annotated[float, Meta(gt=0, le=MAX_SWEEP_INTERVAL)] | UnsetType = UNSET
     max_connections: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     max_message_bytes: _MessageSize | UnsetType = UNSET
+    reports_max_bytes: _ReportsSize | UnsetType = UNSET
     memory_budget: _NonZeroSize | UnsetType = UNSET
     allowed_uids: tuple[_Id, ...] | UnsetType = UNSET
     allowed_gids: tuple[_Id, ...] | UnsetType = UNSET

@@ -1,11 +1,11 @@
 """The supervisor service: carries out what the registry decides.
 
 `Supervisor` owns the registry, the spawned roots and every task that touches a
-process: spawning, watching roots, stopping trees, reaping adopted children,
-expiring leases. All of it runs on the trio thread; blocking scans go to worker
-threads and only return data. The socket server (`supervisor.server`) turns
-requests into calls of the `handle_*` methods and never touches the registry
-itself.
+process: spawning, watching roots, stopping trees, sweeping orphans, expiring
+leases, keeping the durable record. All of it runs on the trio thread; blocking
+scans go to worker threads with immutable snapshots and only return data. The
+request handlers (`supervisor.api`) call the public methods here and never
+touch the registry themselves.
 """
 
 from __future__ import annotations
@@ -15,26 +15,17 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 import trio
 
-from supervisor import __version__, procs, protocol, subreaper
+from supervisor import procs, reports, staterecord, sweep
 from supervisor.cgroup import CgroupManager
 from supervisor.config import AdapterConfig, Config
-from supervisor.errors import (
-    Conflict,
-    InvalidParams,
-    MethodNotFound,
-    ShuttingDown,
-    SpawnFailed,
-    SupervisorError,
-    UnknownAdapter,
-    UnknownLease,
-)
+from supervisor.errors import InvalidParams, LimitReached, SpawnFailed, SupervisorError, UnknownAdapter
 from supervisor.registry import (
     Action,
     InstanceSettled,
@@ -46,16 +37,27 @@ from supervisor.registry import (
     StopTree,
 )
 from supervisor.spawner import STDERR_LINE_BYTES, RootProcess, spawn_root
-from supervisor.tree import InstanceTree, StopOutcome, stop_tree
+from supervisor.subreaper import ChildReaper
+from supervisor.tree import InstanceTree, StopOutcome, daemon_tags, stop_tree
 
 log = structlog.get_logger()
-
-SERVER_NAME = "adapter-supervisor"
 
 # The stderr tails of this many finished instances stay readable through `logs`
 # after their tree is gone: enough to debug a crash, bounded for a long-lived
 # daemon.
 FINISHED_LOGS_KEPT = 64
+
+# Longest grace a sweep gives an orphan between SIGTERM and SIGKILL. An orphan
+# of a known adapter gets that adapter's stop_timeout if it is shorter.
+ORPHAN_GRACE_S = 5.0
+
+# The durable record is rewritten at most this often: a burst of spawns costs
+# one write, and a kill -9 loses at most this much (the tag and cgroup scans
+# of the next start still find those processes).
+RECORD_WRITE_INTERVAL_S = 0.2
+
+# A budget check reuses a tree-RSS total this fresh instead of rescanning.
+RSS_CACHE_S = 1.0
 
 
 class Peer(Protocol):
@@ -69,7 +71,7 @@ class Peer(Protocol):
 
 @dataclass
 class RunningInstance:
-    """The shell's side of one spawned instance."""
+    """The shell's side of one spawned instance, until its tree is gone."""
 
     adapter: AdapterConfig
     root: RootProcess
@@ -77,6 +79,7 @@ class RunningInstance:
     root_reaped: trio.Event = field(default_factory=trio.Event)
     returncode: int | None = None
     stopped: trio.Event = field(default_factory=trio.Event)
+    rss_bytes: int = 0
 
 
 @dataclass
@@ -94,19 +97,28 @@ class Supervisor:
         self.config = config
         self.cgroups = cgroups
         self.registry = Registry()
+        self.reaper = ChildReaper()
         self.run_id = secrets.token_hex(8)
         self.pid = os.getpid()
         self.started_at = time.time()
+        self.state_dir = config.daemon.state_dir
+        self.daemon_key = staterecord.daemon_key(self.state_dir)
+        self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
         self.peers: dict[int, Peer] = {}
         self.running: dict[str, RunningInstance] = {}
         self.finished_logs: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+        self.shutting_down = False
         self._pending: dict[str, PendingSpawn] = {}
-        self._roots: dict[int, str] = {}  # root pid -> instance id, until reaped
-        self._child_exited = trio.Event()
+        self._expired_unreported: list[str] = []
+        self._sweep_lock = trio.Lock()
         self._deadline_changed = trio.Event()
+        self._record_dirty = trio.Event()
+        # Writes of the record are serialized so an older snapshot never lands
+        # after a newer one.
+        self._record_lock = trio.Lock()
+        self._rss_total = (0, -RSS_CACHE_S)  # (bytes, trio time measured)
         self._nursery: trio.Nursery | None = None
         self._clock_offset = 0.0
-        self.shutting_down = False
 
     # -- clock ---------------------------------------------------------------
 
@@ -117,51 +129,21 @@ class Supervisor:
     # -- running -------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled. Owns every process task; on cancellation the
-        caller should have called `shutdown` first, or trees are left to the next
-        start's sweep."""
+        """Reap what a previous run left (a `startup` sweep), then serve until
+        cancelled. Owns every process task; the caller should call `shutdown`
+        before cancelling, or trees are left for the next start's sweep."""
         self._clock_offset = time.time() - trio.current_time()
+        await trio.to_thread.run_sync(self.reports.load)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(self._reap_children)
+            await nursery.start(self.reaper.run)
+            previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
+            await self.sweep("startup", deep=True, recorded=_recorded_processes(previous))
+            self._record_dirty.set()
             nursery.start_soon(self._expire_deadlines)
+            nursery.start_soon(self._sweep_periodically)
+            nursery.start_soon(self._keep_record)
             task_status.started()
-
-    async def _reap_children(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
-            self.reap_children()
-            task_status.started()
-            async for _ in sigchld:
-                self.reap_children()
-
-    def reap_children(self) -> None:
-        """Reap every waitable child by pid; route roots' statuses to their instance."""
-        reaped = False
-        while True:
-            waitable = subreaper.waitable_children()
-            if not waitable:
-                break
-            for pid in waitable:
-                returncode = subreaper.reap_pid(pid)
-                if returncode is None:
-                    continue
-                reaped = True
-                instance_id = self._roots.pop(pid, None)
-                if instance_id is None:
-                    log.debug("child.reaped", pid=pid, returncode=returncode)
-                    continue
-                running = self.running.get(instance_id)
-                if running is not None:
-                    running.returncode = returncode
-                    # Tell subprocess the child is gone, so it never waits for it.
-                    running.root.popen.returncode = returncode
-                    running.root_reaped.set()
-        if reaped:
-            self._child_exited.set()
-            self._child_exited = trio.Event()
-
-    async def _wait_child_exited(self) -> None:
-        await self._child_exited.wait()
 
     async def _expire_deadlines(self) -> None:
         """Release expired detached leases and end lingering instances on time."""
@@ -173,14 +155,53 @@ class Supervisor:
             else:
                 with trio.move_on_at(deadline - self._clock_offset):
                     await changed.wait()
-            ticked = self.registry.tick(self.now())
-            for token in ticked.expired_leases:
-                log.info("lease.expired", lease=token[:8])
-            self.execute(ticked.actions)
+            self._tick()
+
+    def _tick(self) -> None:
+        ticked = self.registry.tick(self.now())
+        for token in ticked.expired_leases:
+            log.info("lease.expired", lease=token[:8])
+        self._expired_unreported += ticked.expired_leases
+        self.execute(ticked.actions)
 
     def _deadlines_may_have_changed(self) -> None:
         self._deadline_changed.set()
         self._deadline_changed = trio.Event()
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.config.daemon.sweep_interval)
+            await self.sweep("periodic")
+
+    async def _keep_record(self) -> None:
+        """Rewrite the durable record whenever instances change, coalescing bursts."""
+        while True:
+            await self._record_dirty.wait()
+            self._record_dirty = trio.Event()
+            await self._write_record()
+            await trio.sleep(RECORD_WRITE_INTERVAL_S)
+
+    async def _write_record(self) -> None:
+        async with self._record_lock:
+            # Snapshot taken under the lock, on the trio thread.
+            record = self._record_snapshot()
+            try:
+                await trio.to_thread.run_sync(staterecord.write_record, self.state_dir, record)
+            except OSError as exc:
+                log.error("state.record_failed", error=str(exc), state_dir=self.state_dir)
+
+    def _record_snapshot(self) -> staterecord.StateRecord:
+        instances = []
+        for instance_id, running in self.running.items():
+            instance = self.registry.instances.get(instance_id)
+            members = {running.root.id, *running.tree.known}
+            instances.append(staterecord.RecordedInstance(
+                instance=instance_id,
+                job=instance.job if instance else "",
+                adapter=running.adapter.name,
+                processes=[staterecord.RecordedProcess(m.pid, m.start_time) for m in members],
+            ))
+        return staterecord.StateRecord(daemon_pid=self.pid, daemon_key=self.daemon_key, instances=instances)
 
     # -- carrying out actions ------------------------------------------------
 
@@ -194,7 +215,8 @@ class Supervisor:
             if isinstance(action, Spawn):
                 queue.extend(self._spawn(action.instance_id))
             elif isinstance(action, StopTree):
-                self._start_stop(action.instance_id, action.reason)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._stop, action.instance_id, action.reason)
             elif isinstance(action, NotifyExited):
                 self._notify_exited(action)
             elif isinstance(action, InstanceSettled):
@@ -217,16 +239,15 @@ class Supervisor:
                 self.cgroups.create(instance_id)
                 cgroup_fd = self.cgroups.join_fd(instance_id)
             root = spawn_root(
-                adapter, instance_id=instance_id, job=instance.job, params=dict(instance.params), cgroup_fd=cgroup_fd
+                adapter, instance_id=instance_id, job=instance.job, params=dict(instance.params),
+                daemon_key=self.daemon_key, cgroup_fd=cgroup_fd,
             )
-        except (SpawnFailed, InvalidParams) as exc:
+        except (SpawnFailed, InvalidParams, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
             pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
-            log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job, adapter=instance.adapter, error=exc.message)
-            self._remove_cgroup(instance_id)
-            return self.registry.spawn_failed(instance_id)
-        except OSError as exc:
-            pending.error = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
-            log.error("adapter.spawn_failed", instance=instance_id, error=str(exc))
+            log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
+                        adapter=instance.adapter, error=pending.error.message)
             self._remove_cgroup(instance_id)
             return self.registry.spawn_failed(instance_id)
         finally:
@@ -236,21 +257,26 @@ class Supervisor:
         tree.known.add(root.id)
         running = RunningInstance(adapter=adapter, root=root, tree=tree)
         self.running[instance_id] = running
-        self._roots[root.pid] = instance_id
+        self.reaper.watch_root(root.pid, lambda returncode: self._root_reaped(running, returncode))
         assert self._nursery is not None
         # The tasks get the object, not the id: the instance may be stopped and
         # forgotten before they first run.
         self._nursery.start_soon(self._watch_root, instance_id, running)
         self._nursery.start_soon(self._capture_stderr, instance_id, running)
-        log.info(
-            "adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid
-        )
+        self._record_dirty.set()
+        log.info("adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
 
+    @staticmethod
+    def _root_reaped(running: RunningInstance, returncode: int) -> None:
+        running.returncode = returncode
+        # Tell subprocess the child is gone, so it never waits for it itself.
+        running.root.popen.returncode = returncode
+        running.root_reaped.set()
+
     async def _watch_root(self, instance_id: str, running: RunningInstance) -> None:
-        # The reaper may have missed nothing, but a root that died before the
-        # SIGCHLD receiver ran is caught here too.
-        self.reap_children()
+        # A root that died before the SIGCHLD receiver ran is caught here too.
+        self.reaper.reap()
         await running.root_reaped.wait()
         returncode = running.returncode if running.returncode is not None else -1
         log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=returncode)
@@ -283,10 +309,6 @@ class Supervisor:
         running.root.stderr_tail.append(line)
         log.info("adapter.stderr", instance=instance_id, line=line)
 
-    def _start_stop(self, instance_id: str, reason: Reason) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(self._stop, instance_id, reason)
-
     async def _stop(self, instance_id: str, reason: Reason) -> None:
         running = self.running.get(instance_id)
         outcome = StopOutcome()
@@ -300,8 +322,8 @@ class Supervisor:
                         running.tree,
                         stop_signal=int(adapter.stop_signal),
                         stop_timeout=adapter.stop_timeout,
-                        reap=self.reap_children,
-                        child_exited=self._wait_child_exited,
+                        reap=self.reaper.reap,
+                        child_exited=self.reaper.child_exited,
                     )
                     if not running.root_reaped.is_set():
                         with trio.move_on_after(1):
@@ -313,9 +335,9 @@ class Supervisor:
                 self.finished_logs.popitem(last=False)
             del self.running[instance_id]
             running.stopped.set()
-        event = "tree.reaped" if outcome.clean else "tree.reap_incomplete"
+            self._record_dirty.set()
         log.info(
-            event,
+            "tree.reaped" if outcome.clean else "tree.reap_incomplete",
             instance=instance_id,
             reason=reason.value,
             signalled=len(outcome.signalled),
@@ -326,7 +348,10 @@ class Supervisor:
 
     def _remove_cgroup(self, instance_id: str) -> None:
         if self.cgroups is not None:
-            self.cgroups.remove(instance_id)
+            try:
+                self.cgroups.remove(instance_id)
+            except OSError as exc:
+                log.warning("cgroup.remove_failed", instance=instance_id, error=str(exc))
 
     def _notify_exited(self, action: NotifyExited) -> None:
         if action.reason is Reason.SHUTDOWN:
@@ -345,7 +370,7 @@ class Supervisor:
             if peer is not None:
                 peer.notify("adapter_exited", params)
 
-    # -- connections ---------------------------------------------------------
+    # -- operations for the request handlers ---------------------------------
 
     def connected(self, peer: Peer) -> None:
         self.peers[peer.id] = peer
@@ -355,161 +380,137 @@ class Supervisor:
         self.peers.pop(peer.id, None)
         self.execute(self.registry.connection_closed(peer.id, now=self.now()))
 
-    # -- request handlers ----------------------------------------------------
+    def pending_spawn(self, instance_id: str) -> PendingSpawn:
+        """What acquires parked on a STARTING instance wait for."""
+        return self._pending.setdefault(instance_id, PendingSpawn())
 
-    async def handle(self, peer: Peer, request: protocol.Request, started: Callable[[], None]) -> object:
-        """Run one request. Calls `started()` once every state change the request
-        makes is done (so pipelined requests change state in arrival order), then
-        may wait (for a spawn) before returning the result. Raises SupervisorError."""
-        handler = getattr(self, f"_handle_{request.method}", None)
-        if handler is None:
-            raise MethodNotFound(f"method {request.method!r} is not served by this daemon version")
-        if self.shutting_down and request.method not in ("hello", "status", "logs", "release", "release_job"):
-            raise ShuttingDown("the daemon is shutting down; retry against its next run")
-        return await handler(peer, request.params, started)
+    async def check_memory_budget(self, adapter: str) -> None:
+        """Raise LimitReached if the trees' total RSS is over `daemon.memory_budget`.
+        Cancellation: may be cancelled while scanning; changes nothing."""
+        budget = self.config.daemon.memory_budget
+        if budget is None:
+            return
+        total, measured = self._rss_total
+        if trio.current_time() - measured > RSS_CACHE_S:
+            total = sum(sum(s.rss_bytes for s in stats) for stats in (await self.scan_trees()).values())
+        if total > budget:
+            raise LimitReached(
+                f"the adapter trees use {_mib(total)} of RSS, over the memory_budget of {_mib(budget)}; "
+                f"no new instance of {adapter!r} starts until some are released"
+            )
 
-    async def _handle_hello(self, peer: Peer, params: protocol.HelloParams, started: Callable[[], None]) -> object:
-        return {
-            "server": SERVER_NAME,
-            "version": __version__,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "pid": self.pid,
-            "instance_id": self.run_id,
-        }
-
-    async def _handle_acquire(self, peer: Peer, params: protocol.AcquireParams, started: Callable[[], None]) -> object:
-        adapter = self.config.adapters.get(params.adapter)
-        if adapter is None:
-            known = ", ".join(sorted(self.config.adapters)) or "none"
-            raise UnknownAdapter(f"no adapter named {params.adapter!r} is configured (known: {known})")
-        if params.fds and adapter.stdio != "pipe":
-            raise Conflict(f"adapter {adapter.name!r} has stdio = {adapter.stdio!r}; fds need stdio = \"pipe\"")
-        # Validate params before any state changes (render raises InvalidParams).
-        adapter.render_argv(params.job, params.params)
-        acquired = self.registry.acquire(
-            job=params.job,
-            adapter=params.adapter,
-            connection=peer.id,
-            uid=peer.uid,
-            now=self.now(),
-            params=params.params,
-            detach=params.detach,
-            ttl=params.ttl,
-            linger=adapter.linger,
-            max_instances=adapter.max_instances,
-        )
-        lease = acquired.lease
-        if acquired.instance.state is State.STARTING:
-            self._pending.setdefault(acquired.instance.id, PendingSpawn())
-        self.execute(acquired.actions)
-        started()
-        pending = self._pending.get(acquired.instance.id)
-        if pending is not None:
-            await pending.settled.wait()
-        if self.registry.lease(lease.token) is None:
-            if pending is not None and pending.error is not None:
-                raise pending.error
-            raise UnknownLease("the lease was released (release_job or disconnect) before its adapter started")
-        instance = self.registry.instances[lease.instance_id]
-        log.info(
-            "lease.acquired", lease=lease.token[:8], instance=instance.id, job=instance.job,
-            adapter=instance.adapter, refcount=instance.refcount, detached=lease.detached,
-        )
-        result: dict[str, Any] = {
-            "lease": lease.token,
-            "instance": instance.id,
-            "job": instance.job,
-            "adapter": instance.adapter,
-            "pid": instance.pid,
-            "refcount": instance.refcount,
-            "spawned": acquired.spawned,
-            "started_at": instance.started_at,
-        }
-        if lease.expires_at is not None:
-            result["expires_at"] = lease.expires_at
-        if params.fds:
-            running = self.running.get(instance.id)
-            if running is None or running.root.stdin_fd is None or running.root.stdout_fd is None:
-                raise Conflict(f"instance {instance.id} has no pipes to pass (it is stopping)")
-            return FdsResult(result, (running.root.stdin_fd, running.root.stdout_fd))
-        return result
-
-    async def _handle_release(self, peer: Peer, params: protocol.ReleaseParams, started: Callable[[], None]) -> object:
-        lease = self.registry.lease(params.lease)
-        released = self.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=self.now())
-        self.execute(released.actions)
-        if lease is not None:
-            log.info("lease.released", lease=params.lease[:8], instance=lease.instance_id, refcount=released.refcount)
-        return {"refcount": released.refcount, "stopping": released.stopping}
-
-    async def _handle_renew(self, peer: Peer, params: protocol.RenewParams, started: Callable[[], None]) -> object:
-        expires_at = self.registry.renew(params.lease, uid=peer.uid, now=self.now(), ttl=params.ttl)
-        self._deadlines_may_have_changed()
-        return {"expires_at": expires_at}
-
-    async def _handle_release_job(self, peer: Peer, params: protocol.ReleaseJobParams, started: Callable[[], None]) -> object:
-        released = self.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=self.now())
-        self.execute(released.actions)
-        log.info("job.released", job=params.job, released=released.released, instances=released.instances)
-        return {"released": released.released, "instances": released.instances}
-
-    async def _handle_status(self, peer: Peer, params: protocol.StatusParams, started: Callable[[], None]) -> object:
-        started()
-        instances = [i for i in self.registry.instances.values() if params.job is None or i.job == params.job]
-        trees = {i.id: self.running[i.id].tree for i in instances if i.id in self.running}
-        snapshots = {instance_id: (tree, frozenset(tree.known)) for instance_id, tree in trees.items()}
+    async def scan_trees(self, instance_ids: Iterable[str] | None = None) -> dict[str, list[procs.ProcStat]]:
+        """Members of the given (default: all) running trees, scanned in a worker
+        thread from snapshots; updates known members and RSS on the trio thread."""
+        ids = list(self.running) if instance_ids is None else [i for i in instance_ids if i in self.running]
+        snapshots = {i: (self.running[i].tree, frozenset(self.running[i].tree.known)) for i in ids}
         members = await trio.to_thread.run_sync(_scan_trees, snapshots)
-        for instance_id, stats in members.items():
-            trees[instance_id].remember(stats)
-        rows = []
-        for instance in instances:
-            stats = members.get(instance.id, [])
-            rows.append({
-                "instance": instance.id,
-                "job": instance.job,
-                "adapter": instance.adapter,
-                "state": instance.state.value,
-                "pid": instance.pid,
-                "pids": sorted(s.pid for s in stats),
-                "refcount": instance.refcount,
-                "started_at": instance.started_at,
-                "rss_bytes": sum(s.rss_bytes for s in stats),
-            })
-        return {
-            "daemon": {
-                "pid": self.pid,
-                "version": __version__,
-                "instance_id": self.run_id,
-                "started_at": self.started_at,
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "instances": len(self.registry.instances),
-                "leases": len(self.registry.leases),
-                "connections": len(self.peers),
-                "cgroup_mode": self.cgroups is not None,
-                "shutting_down": self.shutting_down,
-                "rss_bytes": sum(r["rss_bytes"] for r in rows),
-            },
-            "instances": rows,
-        }
+        self._remember(members)
+        if instance_ids is None:
+            self._rss_total = (sum(r.rss_bytes for r in self.running.values()), trio.current_time())
+        return members
 
-    async def _handle_logs(self, peer: Peer, params: protocol.LogsParams, started: Callable[[], None]) -> object:
-        instance_id = params.instance
-        if params.lease is not None:
-            lease = self.registry.lease(params.lease)
-            if lease is None:
-                raise UnknownLease("no such lease: it was never issued, was already released, or expired")
-            instance_id = lease.instance_id
-        assert instance_id is not None
-        running = self.running.get(instance_id)
-        if running is not None:
-            lines = list(running.root.stderr_tail)
-        elif instance_id in self.finished_logs:
-            lines = self.finished_logs[instance_id]
-        elif instance_id in self.registry.instances:
-            lines = []
-        else:
-            raise InvalidParams(f"no instance {instance_id!r} is running or finished recently")
-        return {"lines": lines[-params.lines:]}
+    def _remember(self, members: dict[str, list[procs.ProcStat]]) -> None:
+        for instance_id, stats in members.items():
+            running = self.running.get(instance_id)
+            if running is not None:
+                running.tree.remember(stats)
+                running.rss_bytes = sum(s.rss_bytes for s in stats)
+
+    # -- the sweep -------------------------------------------------------------
+
+    async def sweep(
+        self, kind: str, *, deep: bool = False, recorded: Iterable[procs.ProcessId] = ()
+    ) -> reports.SweepReport:
+        """Find and reap orphans, enforce memory limits, settle state that
+        disagrees with reality; report it all. One sweep at a time.
+        Cancellation: shielded once reaping starts, so a report is always written."""
+        async with self._sweep_lock:
+            started_at = time.time()
+            started = trio.current_time()
+            errors: list[str] = []
+            self.reaper.reap()
+            self._tick()
+            snapshots = {i: (r.tree, frozenset(r.tree.known)) for i, r in self.running.items()}
+            recorded = list(recorded)
+            result = await trio.to_thread.run_sync(lambda: sweep.scan(
+                trees=snapshots, cgroups=self.cgroups, daemon_pid=self.pid,
+                daemon_key=self.daemon_key, deep=deep, recorded=recorded,
+            ))
+            with trio.CancelScope(shield=True):
+                self._remember(result.members)
+                self._rss_total = (sum(r.rss_bytes for r in self.running.values()), trio.current_time())
+                over_memory = self._enforce_memory_limits()
+                self._settle_vanished_roots()
+                orphans = await sweep.reap_candidates(
+                    result.candidates,
+                    our_pid=self.pid,
+                    grace=self._orphan_grace(result.candidates),
+                    reap=self.reaper.reap,
+                    child_exited=self.reaper.child_exited,
+                    kill_cgroup=self.cgroups.kill if self.cgroups is not None else None,
+                )
+                orphans += [sweep.zombie_orphan(pid, self.pid) for pid, _ in self.reaper.take_adopted()]
+                for name in result.stale_cgroups:
+                    if name not in self.running:
+                        self._remove_cgroup(name)
+                errors += [f"pid {o.pid} survived SIGKILL" for o in orphans if o.result == "failed"]
+                expired, self._expired_unreported = self._expired_unreported, []
+                report = reports.SweepReport(
+                    id=secrets.token_hex(6),
+                    kind=kind,
+                    started_at=started_at,
+                    duration_ms=round((trio.current_time() - started) * 1000, 3),
+                    scanned=result.scanned,
+                    orphans=orphans,
+                    expired_leases=[token[:8] for token in expired],
+                    over_memory=over_memory,
+                    reclaimed_rss_bytes=sum(o.rss_bytes for o in orphans if o.result == "gone"),
+                    errors=errors,
+                )
+                await self._file_report(report)
+            return report
+
+    def _enforce_memory_limits(self) -> list[str]:
+        over = []
+        for instance_id, running in list(self.running.items()):
+            limit = running.adapter.memory_limit
+            if limit is None or running.rss_bytes <= limit:
+                continue
+            instance = self.registry.instances.get(instance_id)
+            if instance is None or instance.state not in (State.RUNNING, State.LINGERING):
+                continue
+            over.append(instance_id)
+            log.warning("adapter.over_memory", instance=instance_id, rss_bytes=running.rss_bytes, memory_limit=limit)
+            self.execute(self.registry.terminate(instance_id, reason=Reason.MEMORY_LIMIT))
+        return over
+
+    def _settle_vanished_roots(self) -> None:
+        """A root that is gone although its watcher never heard of it (state that
+        disagrees with reality) is treated as having exited."""
+        for instance_id, running in list(self.running.items()):
+            if running.root_reaped.is_set() or procs.is_running(running.root.id):
+                continue
+            self.reaper.reap()
+            if not running.root_reaped.is_set() and procs.is_gone(running.root.id, our_pid=self.pid):
+                log.warning("adapter.root_vanished", instance=instance_id, pid=running.root.pid)
+                self._root_reaped(running, -1)
+
+    def _orphan_grace(self, candidates: list[sweep.Candidate]) -> float:
+        timeouts = [
+            self.config.adapters[c.adapter].stop_timeout
+            for c in candidates
+            if c.adapter in self.config.adapters
+        ]
+        return min([ORPHAN_GRACE_S, *timeouts])
+
+    async def _file_report(self, report: reports.SweepReport) -> None:
+        self.reports.remember(report)
+        log.info("sweep.report", **reports.to_builtins(report))
+        try:
+            await trio.to_thread.run_sync(self.reports.append_to_file, report)
+        except OSError as exc:
+            log.error("sweep.report_not_saved", error=str(exc), path=str(self.reports.path))
 
     # -- reload and shutdown ---------------------------------------------------
 
@@ -538,19 +539,32 @@ class Supervisor:
             with trio.move_on_after(max(timeouts) + 6):
                 for running in list(self.running.values()):
                     await running.stopped.wait()
+            await self._write_record()
+        if self.cgroups is not None and not self.running:
+            self.cgroups.remove_base()
         log.info("daemon.trees_stopped", left=len(self.running))
-
-
-@dataclass(frozen=True)
-class FdsResult:
-    """A result whose response line carries file descriptors (SCM_RIGHTS)."""
-
-    result: dict[str, Any]
-    fds: tuple[int, ...]
 
 
 def _scan_trees(
     snapshots: dict[str, tuple[InstanceTree, frozenset[procs.ProcessId]]],
 ) -> dict[str, list[procs.ProcStat]]:
     """Blocking: members of each tree. Runs in a worker thread; returns data only."""
-    return {instance_id: tree.scan(known) for instance_id, (tree, known) in snapshots.items()}
+    if not snapshots:
+        return {}
+    first_tree = next(iter(snapshots.values()))[0]
+    if first_tree.cgroup is not None:
+        return {instance_id: tree.scan(known) for instance_id, (tree, known) in snapshots.items()}
+    # One process-table scan serves every tree.
+    table = procs.scan_processes()
+    tags = daemon_tags(first_tree.daemon_pid, table)
+    return {instance_id: tree.members_in(table, known, tags) for instance_id, (tree, known) in snapshots.items()}
+
+
+def _recorded_processes(record: staterecord.StateRecord | None) -> list[procs.ProcessId]:
+    if record is None:
+        return []
+    return [procs.ProcessId(p.pid, p.start_time) for i in record.instances for p in i.processes]
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.1f} MiB"

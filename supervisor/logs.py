@@ -3,29 +3,56 @@
 Library code only calls `structlog.get_logger()` and logs one event per thing
 that happened, with ids as key-values. This module decides how those events are
 rendered: JSON lines for services (and journald), a console renderer on a
-terminal.
+terminal. Under journald every line also starts with its syslog priority as
+``<N>`` (sd-daemon(3)), which journald strips and records as PRIORITY=, so that
+`journalctl -p warning` shows warnings and worse.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
+from supervisor.systemd import under_journald
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+# syslog(3) priorities of structlog's method names: the numbers journald and
+# `journalctl -p` use (2 crit, 3 err, 4 warning, 6 info, 7 debug).
+SYSLOG_PRIORITIES = {
+    "debug": 7,
+    "info": 6,
+    "msg": 6,
+    "warning": 4,
+    "warn": 4,
+    "error": 3,
+    "exception": 3,
+    "critical": 2,
+    "fatal": 2,
+}
+# A method name not in the table (none today) is logged as info, never dropped.
+DEFAULT_PRIORITY = 6
 
-def configure_logging(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+
+def configure_logging(
+    log_format: str = "auto", level: str = "info", stream: TextIO | None = None, *, journald: bool | None = None
+) -> None:
     """Configure structlog for the whole process.
 
-    `log_format` is "json", "console" or "auto" (console on a terminal, JSON
-    otherwise). Events go to `stream` (default stderr).
+    `log_format` is "json", "console" or "auto" (JSON under journald or when
+    `stream` is not a terminal, console on a terminal). Events go to `stream`
+    (default stderr). `journald` says whether `stream` is the journal (None:
+    detect it from $JOURNAL_STREAM); when it is, each line gets its `<N>`
+    priority prefix whatever the format.
     """
     out = stream if stream is not None else sys.stderr
+    if journald is None:
+        journald = under_journald(out)
     if log_format == "auto":
-        log_format = "console" if out.isatty() else "json"
+        log_format = "json" if journald or not out.isatty() else "console"
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -36,10 +63,24 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Tex
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty() and not journald)
+    rendering: list[structlog.types.Processor] = [renderer]
+    if journald:
+        rendering.append(add_priority_prefix)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, *rendering],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
+
+
+def add_priority_prefix(logger: Any, method_name: str, rendered: Any) -> str:
+    """Prefix every line of a rendered event with its `<N>` syslog priority.
+
+    Runs after the renderer, so `rendered` is the finished text. Every line of
+    a multi-line event (a console-rendered traceback) gets the prefix, since
+    journald makes each line its own entry.
+    """
+    prefix = f"<{SYSLOG_PRIORITIES.get(method_name, DEFAULT_PRIORITY)}>"
+    return "\n".join(prefix + line for line in str(rendered).split("\n"))

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 INSTANCE_ENV = "ADAPTER_SUPERVISOR_INSTANCE"
 JOB_ENV = "ADAPTER_SUPERVISOR_JOB"
 ADAPTER_ENV = "ADAPTER_SUPERVISOR_ADAPTER"
-SUPERVISOR_ENVS = (INSTANCE_ENV, JOB_ENV, ADAPTER_ENV)
+# Names the daemon (by its state directory) that started the process, so a
+# start-up sweep reaps what its own previous run left and never what another
+# daemon on the same host runs.
+DAEMON_ENV = "ADAPTER_SUPERVISOR_DAEMON"
+SUPERVISOR_ENVS = (INSTANCE_ENV, JOB_ENV, ADAPTER_ENV, DAEMON_ENV)
 
 # /proc/<pid>/stat reports resident set size in pages.
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

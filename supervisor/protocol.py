@@ -160,7 +160,10 @@ class StatusParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class SweepParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """`sweep` takes no params."""
+    """`sweep`: `deep` also scans the whole process table for the daemon's tag
+    (costs time in proportion to the host's processes)."""
+
+    deep: bool = False
 
 
 class ReportsParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

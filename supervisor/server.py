@@ -21,9 +21,9 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import protocol
+from supervisor import api, protocol
 from supervisor.config import DaemonConfig
-from supervisor.daemon import FdsResult, Supervisor
+from supervisor.daemon import Supervisor
 from supervisor.errors import (
     LimitReached,
     PermissionDenied,
@@ -206,8 +206,8 @@ class ControlServer:
 
         fds: tuple[int, ...] = ()
         try:
-            result: Any = await self.supervisor.handle(connection, request, mark_started)
-            if isinstance(result, FdsResult):
+            result: Any = await api.handle(self.supervisor, connection, request, mark_started)
+            if isinstance(result, api.FdsResult):
                 result, fds = result.result, result.fds
             line = protocol.encode_result(request.id, result)
         except SupervisorError as exc:

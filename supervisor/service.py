@@ -19,12 +19,14 @@ from contextlib import contextmanager
 import structlog
 import trio
 
-from supervisor import subreaper
+from supervisor import subreaper, systemd
 from supervisor.cgroup import CgroupManager, CgroupUnavailable
 from supervisor.config import Config, load_config
 from supervisor.daemon import Supervisor
 from supervisor.errors import ConfigError
 from supervisor.logs import configure_logging
+from supervisor.staterecord import daemon_key
+from supervisor.registry import LIVE_STATES
 from supervisor.server import ControlServer, bind_control_socket
 
 log = structlog.get_logger()
@@ -82,7 +84,12 @@ def detect_cgroups(config: Config) -> CgroupManager | None:
         log.info("daemon.mode", mode="process-table", reason="cgroup = \"off\" in the config")
         return None
     try:
-        manager = CgroupManager.detect(explicit_root=None if setting == "auto" else setting)
+        # Named after the state directory: two daemons on one host never see
+        # each other's instance cgroups as orphans.
+        manager = CgroupManager.detect(
+            explicit_root=None if setting == "auto" else setting,
+            name=f"adapter-supervisor-{daemon_key(config.daemon.state_dir)}",
+        )
     except CgroupUnavailable as exc:
         log.info("daemon.mode", mode="process-table", reason=str(exc))
         return None
@@ -91,16 +98,29 @@ def detect_cgroups(config: Config) -> CgroupManager | None:
 
 
 async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGTERM/SIGINT. Raises StartupError if the socket or state dir is taken."""
+    """Serve until SIGTERM/SIGINT. Raises StartupError if the socket or state dir is taken.
+
+    Under systemd: serves on a socket passed by socket activation instead of
+    binding one (and leaves its file alone), and speaks sd_notify.
+    """
+    notifier = systemd.Notifier.from_environ()
+    try:
+        activated = systemd.activated_listener()
+    except systemd.ActivationError as exc:
+        raise StartupError(str(exc)) from None
     subreaper.become_child_subreaper()
     with state_dir_lock(config.daemon.state_dir):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            try:
-                listener = await bind_control_socket(config.daemon.socket, config.daemon.socket_mode)
-            except OSError as exc:
-                if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
-                    raise StartupError(str(exc.strerror or exc)) from None
-                raise StartupError(f"cannot bind {config.daemon.socket}: {exc}") from None
+            if activated is not None:
+                listener = trio.socket.from_stdlib_socket(activated)
+            else:
+                try:
+                    listener = await bind_control_socket(config.daemon.socket, config.daemon.socket_mode)
+                except OSError as exc:
+                    if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+                        raise StartupError(str(exc.strerror or exc)) from None
+                    raise StartupError(f"cannot bind {config.daemon.socket}: {exc}") from None
+            socket_path = listener.getsockname() if activated is not None else config.daemon.socket
             supervisor = Supervisor(config, cgroups=detect_cgroups(config))
             server = ControlServer(supervisor)
             try:
@@ -108,15 +128,22 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                     await nursery.start(supervisor.run)
                     await nursery.start(server.serve, listener)
                     log.info(
-                        "daemon.ready", pid=os.getpid(), socket=config.daemon.socket,
+                        "daemon.ready", pid=os.getpid(), socket=socket_path,
                         adapters=sorted(config.adapters), config=config.path,
+                        socket_activated=activated is not None,
                     )
+                    notifier.ready(status=_status_text(supervisor))
+                    await nursery.start(systemd.watchdog, notifier)
+                    await nursery.start(systemd.report_status, notifier, lambda: _status_text(supervisor))
                     task_status.started()
                     async for signum in signals:
                         if signum == signal.SIGHUP:
+                            notifier.reloading()
                             await _reload(supervisor)
+                            notifier.ready(status=_status_text(supervisor))
                             continue
                         log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                        notifier.stopping(status="stopping every adapter tree")
                         break
                     server.stop_accepting()
                     await supervisor.shutdown()
@@ -128,7 +155,9 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                 supervisor.kill_everything_now()
                 raise
             finally:
-                _unlink_socket(config.daemon.socket)
+                # A passed socket belongs to the socket unit: its file stays.
+                if activated is None:
+                    _unlink_socket(config.daemon.socket)
     log.info("daemon.stopped")
 
 
@@ -143,6 +172,13 @@ async def _reload(supervisor: Supervisor) -> None:
         log.warning("config.reload_partial", note="socket and state_dir changes apply on restart only")
     supervisor.reload(config)
     log.info("config.reloaded", config=path, adapters=sorted(config.adapters))
+
+
+def _status_text(supervisor: Supervisor) -> str:
+    """The STATUS= line `systemctl status` shows: live instances and leases."""
+    registry = supervisor.registry
+    live = sum(1 for instance in registry.instances.values() if instance.state in LIVE_STATES)
+    return f"{live} live instances, {len(registry.leases)} leases"
 
 
 def _unlink_socket(path: str) -> None:

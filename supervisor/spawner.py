@@ -58,7 +58,12 @@ class RootProcess:
 
 
 def instance_environment(
-    adapter: AdapterConfig, *, instance_id: str, job: str, base: Mapping[str, str] | None = None
+    adapter: AdapterConfig,
+    *,
+    instance_id: str,
+    job: str,
+    daemon_key: str,
+    base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of a root: the daemon's, then the adapter's `env`, then the tags."""
     env = dict(os.environ if base is None else base)
@@ -66,6 +71,7 @@ def instance_environment(
     env[procs.INSTANCE_ENV] = instance_id
     env[procs.JOB_ENV] = job
     env[procs.ADAPTER_ENV] = adapter.name
+    env[procs.DAEMON_ENV] = daemon_key
     return env
 
 
@@ -75,6 +81,7 @@ def spawn_root(
     instance_id: str,
     job: str,
     params: Mapping[str, str],
+    daemon_key: str,
     cgroup_fd: int | None = None,
 ) -> RootProcess:
     """Start the adapter's root for one instance.
@@ -84,7 +91,7 @@ def spawn_root(
     left open or running.
     """
     argv = adapter.render_argv(job, params)
-    env = instance_environment(adapter, instance_id=instance_id, job=job)
+    env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key)
     parent_fds: list[int] = []
     child_fds: list[int] = []
 

@@ -8,7 +8,8 @@ collect their zombies immediately instead of waiting for init.
 Reaping is always by pid. Nothing here calls waitpid(-1) or waitid(P_ALL) without
 WNOWAIT, because that would silently steal the exit status of a child some other part
 of the program (subprocess, trio) is waiting for. Linux only; no module state apart
-from the cached handle on libc.
+from the cached handle on libc. `ChildReaper` is the daemon's single owner of
+child statuses.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import signal
+from collections.abc import Callable
+
+import trio
 
 # From <linux/prctl.h>.
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
+
+# Adopted children remembered for the next sweep report; past this the oldest
+# are dropped (they were logged when reaped).
+ADOPTED_KEPT = 1000
 
 
 @functools.cache
@@ -95,3 +104,61 @@ def waitable_children() -> list[int]:
     if result is None:
         return []
     return [result.si_pid]
+
+
+class ChildReaper:
+    """The one place in the daemon that waits for children.
+
+    Every waitable child is reaped by pid. A root's status goes to the callback
+    registered for its pid; any other child (an adopted escapee) is counted and
+    recorded for the next sweep report. Runs only on the trio thread.
+    """
+
+    def __init__(self) -> None:
+        self._roots: dict[int, Callable[[int], None]] = {}
+        self._exited = trio.Event()
+        # Non-root children reaped since the last `take_adopted`: (pid, returncode).
+        self._adopted: list[tuple[int, int]] = []
+
+    def watch_root(self, pid: int, on_exit: Callable[[int], None]) -> None:
+        """Call `on_exit(returncode)` once `pid` (our child) is reaped."""
+        self._roots[pid] = on_exit
+
+    def reap(self) -> None:
+        """Reap every waitable child now; never blocks."""
+        reaped = False
+        while True:
+            waitable = waitable_children()
+            if not waitable:
+                break
+            for pid in waitable:
+                returncode = reap_pid(pid)
+                if returncode is None:
+                    continue
+                reaped = True
+                on_exit = self._roots.pop(pid, None)
+                if on_exit is not None:
+                    on_exit(returncode)
+                else:
+                    self._adopted.append((pid, returncode))
+                    del self._adopted[:-ADOPTED_KEPT]
+        if reaped:
+            self._exited.set()
+            self._exited = trio.Event()
+
+    async def child_exited(self) -> None:
+        """Wait until the next time `reap` reaps something."""
+        await self._exited.wait()
+
+    def take_adopted(self) -> list[tuple[int, int]]:
+        """Adopted children reaped since the last call, oldest first."""
+        adopted, self._adopted = self._adopted, []
+        return adopted
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reap on every SIGCHLD until cancelled. Started before the first spawn."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+            self.reap()
+            task_status.started()
+            async for _ in sigchld:
+                self.reap()

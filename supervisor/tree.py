@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -61,15 +61,28 @@ class InstanceTree:
         """
         if self.cgroup is not None:
             return [s for s in map(procs.read_stat, self.cgroup.pids(self.instance_id)) if s]
-        table = procs.scan_processes()
+        return self.members_in(procs.scan_processes(), known)
+
+    def members_in(
+        self,
+        table: list[procs.ProcStat],
+        known: frozenset[procs.ProcessId],
+        tags: Mapping[int, str | None] | None = None,
+    ) -> list[procs.ProcStat]:
+        """Blocking (may read environments): the members found in a scanned
+        `table`: descendants of the root, the root, descendants of the daemon
+        carrying the instance tag, and known members still alive. `tags` (from
+        `daemon_tags`) may be passed when scanning many trees in one table."""
         by_pid = {s.pid: s for s in table}
         members = {s.pid: s for s in procs.descendants(self.root.pid, table)}
         root = by_pid.get(self.root.pid)
         if root is not None and root.start_time == self.root.start_time:
             members[root.pid] = root
-        for stat in procs.descendants(self.daemon_pid, table):
-            if stat.pid not in members and procs.read_environ_tag(stat.pid) == self.instance_id:
-                members[stat.pid] = stat
+        if tags is None:
+            tags = daemon_tags(self.daemon_pid, table)
+        for pid, tag in tags.items():
+            if tag == self.instance_id and pid not in members and pid in by_pid:
+                members[pid] = by_pid[pid]
         for member in known:
             stat = by_pid.get(member.pid)
             if stat is not None and stat.start_time == member.start_time:
@@ -90,6 +103,12 @@ class InstanceTree:
             stats = await trio.to_thread.run_sync(self.scan, known)
         self.remember(stats)
         return stats
+
+
+def daemon_tags(daemon_pid: int, table: list[procs.ProcStat]) -> dict[int, str | None]:
+    """Blocking: the instance tag of every descendant of the daemon in `table`,
+    read once so that many trees can be matched against one scan."""
+    return {s.pid: procs.read_environ_tag(s.pid) for s in procs.descendants(daemon_pid, table)}
 
 
 @dataclass
@@ -136,8 +155,16 @@ async def stop_tree(
             if procs.signal_process(member, sig):
                 (outcome.killed if sig == signal.SIGKILL else outcome.signalled).append(member)
 
+    rescan_interval = 0.0 if tree.cgroup is not None else FALLBACK_RESCAN_S
+
+    async def wait(timeout: float, sig: int) -> bool:
+        return await wait_gone(
+            tracked, our_pid=tree.daemon_pid, timeout=timeout, reap=reap, child_exited=child_exited,
+            rescan=lambda: rescan(sig), rescan_interval=rescan_interval,
+        )
+
     await rescan(stop_signal)
-    if not await _wait_gone(tree, tracked, stop_timeout, reap, child_exited, rescan, stop_signal):
+    if not await wait(stop_timeout, stop_signal):
         alive = [m for m in tracked if procs.is_running(m)]
         if tree.cgroup is not None:
             tree.cgroup.kill(tree.instance_id)
@@ -145,36 +172,46 @@ async def stop_tree(
             procs.signal_process(member, signal.SIGKILL)
         outcome.killed.extend(alive)
         await rescan(signal.SIGKILL)
-        await _wait_gone(tree, tracked, KILL_GRACE_S, reap, child_exited, rescan, signal.SIGKILL)
+        await wait(KILL_GRACE_S, signal.SIGKILL)
     reap()
     outcome.survivors = [m for m in tracked if not procs.is_gone(m, our_pid=tree.daemon_pid)]
     return outcome
 
 
-async def _wait_gone(
-    tree: InstanceTree,
+async def wait_gone(
     tracked: set[procs.ProcessId],
+    *,
+    our_pid: int,
     timeout: float,
     reap: Callable[[], None],
     child_exited: Callable[[], Awaitable[None]],
-    rescan: Callable[[int], Awaitable[None]],
-    sig: int,
+    rescan: Callable[[], Awaitable[None]] | None = None,
+    rescan_interval: float = 0.0,
 ) -> bool:
-    """Wait up to `timeout` for every tracked member (and any newcomer) to be gone."""
+    """Wait up to `timeout` for every process in `tracked` to be gone (a zombie
+    child of `our_pid` is not gone until reaped). `rescan`, if given, may add
+    newcomers to `tracked`; it runs at most every `rescan_interval` seconds and
+    once more when everything looks gone (a member may have forked just before
+    dying). Returns whether all are gone. Cancellation: returns nothing, raises."""
     poll = FIRST_POLL_S
     last_rescan = trio.current_time()
+
+    def all_gone() -> bool:
+        return all(procs.is_gone(m, our_pid=our_pid) for m in tracked)
+
     with trio.move_on_after(timeout):
         while True:
             reap()
-            if all(procs.is_gone(m, our_pid=tree.daemon_pid) for m in tracked):
-                # A member may have forked just before dying: look once more.
-                await rescan(sig)
-                if all(procs.is_gone(m, our_pid=tree.daemon_pid) for m in tracked):
+            if all_gone():
+                if rescan is None:
+                    return True
+                await rescan()
+                if all_gone():
                     return True
             now = trio.current_time()
-            if tree.cgroup is not None or now - last_rescan >= FALLBACK_RESCAN_S:
+            if rescan is not None and now - last_rescan >= rescan_interval:
                 last_rescan = now
-                await rescan(sig)
+                await rescan()
             with trio.move_on_after(poll):
                 await child_exited()
             poll = min(poll * 2, MAX_POLL_S)

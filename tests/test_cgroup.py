@@ -286,3 +286,16 @@ def test_parse_mountinfo_and_cgroup_lines() -> None:
     assert cgroup._directory_of("/docker/ab/svc", mount) == pathlib.Path("/sys/fs/cgroup/svc")
     assert cgroup._directory_of("/docker/ab", mount) == pathlib.Path("/sys/fs/cgroup")
     assert cgroup._directory_of("/docker/abc", mount) is None
+
+
+def test_remove_base_removes_an_empty_base_and_keeps_a_busy_one(tmp_path) -> None:
+    manager = CgroupManager.detect(name=f"test-remove-base-{os.getpid()}")
+    try:
+        manager.create("busy")
+        assert manager.remove_base() is False and manager.base.exists()
+        assert manager.remove("busy")
+        assert manager.remove_base() is True and not manager.base.exists()
+        assert manager.remove_base() is True
+    finally:
+        manager.remove("busy")
+        manager.remove_base()

@@ -354,6 +354,7 @@ ACCEPTED = [
     ("status", {"job": "j"}, StatusParams(job="j")),
     ("status", {"job": None}, StatusParams()),
     ("sweep", {}, SweepParams()),
+    ("sweep", {"deep": True}, SweepParams(deep=True)),
     ("reports", {}, ReportsParams(limit=10)),
     ("reports", {"limit": 1}, ReportsParams(limit=1)),
     ("reports", {"limit": 1000}, ReportsParams(limit=1000)),

@@ -7,7 +7,9 @@ for the root with --echo).
 
 Options: --ignore-term (every process ignores SIGTERM), --exit-after S (the
 root exits on its own after S seconds, leaving the others), --echo (root copies
-stdin to stdout line by line), --no-escapee.
+stdin to stdout line by line), --no-escapee, --untagged-escapee (the escapee
+also execs `sleep` with an empty environment, so no tag betrays it),
+--allocate MIB (the root holds that much resident memory).
 """
 
 import argparse
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--exit-after", type=float)
     parser.add_argument("--echo", action="store_true")
     parser.add_argument("--no-escapee", action="store_true")
+    parser.add_argument("--untagged-escapee", action="store_true")
+    parser.add_argument("--allocate", type=int, default=0)
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -52,9 +56,14 @@ def main() -> None:
         os.setsid()
         if os.fork() == 0:  # the escapee: its parent exits, it is re-parented
             record(args.pidfile, "escapee")
+            if args.untagged_escapee:
+                os.execve("/bin/sleep", ["sleep", "3600"], {})
             idle()
         os._exit(0)
 
+    ballast = bytearray(args.allocate * 2**20)
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1  # touch every page so it is resident
     record(args.pidfile, "root")
     print("root ready", file=sys.stderr, flush=True)
     if args.exit_after is not None:

@@ -1,0 +1,232 @@
+"""The control methods: validated requests in, results out.
+
+One function per method of SPEC section 5. Each takes the service, the peer
+and the typed params, makes its state changes synchronously, calls `started()`
+(so pipelined requests change state in arrival order), may then wait, and
+returns a JSON-ready result. Errors are raised as `SupervisorError`s; the
+server turns them into wire errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from supervisor import __version__, protocol, reports
+from supervisor.daemon import Peer, Supervisor
+from supervisor.errors import (
+    Conflict,
+    InvalidParams,
+    MethodNotFound,
+    ShuttingDown,
+    UnknownAdapter,
+    UnknownLease,
+)
+from supervisor.registry import State
+
+log = structlog.get_logger()
+
+SERVER_NAME = "adapter-supervisor"
+
+# Methods still served while the daemon shuts down: they read state or give
+# leases back, and start nothing.
+SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "release", "release_job"})
+
+
+@dataclass(frozen=True)
+class FdsResult:
+    """A result whose response line carries file descriptors (SCM_RIGHTS)."""
+
+    result: dict[str, Any]
+    fds: tuple[int, ...]
+
+
+Started = Callable[[], None]
+Handler = Callable[[Supervisor, Peer, Any, Started], Awaitable[object]]
+
+
+async def handle(service: Supervisor, peer: Peer, request: protocol.Request, started: Started) -> object:
+    """Run one request. Raises SupervisorError."""
+    handler = HANDLERS.get(request.method)
+    if handler is None:
+        raise MethodNotFound(f"method {request.method!r} is not served by this daemon version")
+    if service.shutting_down and request.method not in SERVED_WHILE_STOPPING:
+        raise ShuttingDown("the daemon is shutting down; retry against its next run")
+    return await handler(service, peer, request.params, started)
+
+
+async def hello(service: Supervisor, peer: Peer, params: protocol.HelloParams, started: Started) -> object:
+    return {
+        "server": SERVER_NAME,
+        "version": __version__,
+        "protocol": protocol.PROTOCOL_VERSION,
+        "pid": service.pid,
+        "instance_id": service.run_id,
+    }
+
+
+async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParams, started: Started) -> object:
+    adapter = service.config.adapters.get(params.adapter)
+    if adapter is None:
+        known = ", ".join(sorted(service.config.adapters)) or "none"
+        raise UnknownAdapter(f"no adapter named {params.adapter!r} is configured (known: {known})")
+    if params.fds and adapter.stdio != "pipe":
+        raise Conflict(f'adapter {adapter.name!r} has stdio = "{adapter.stdio}"; fds need stdio = "pipe"')
+    # Checked before any state changes: bad params (InvalidParams) and a spawn
+    # over the memory budget (LimitReached) leave nothing behind.
+    adapter.render_argv(params.job, params.params)
+    if service.registry.live_instance(params.job, params.adapter) is None:
+        await service.check_memory_budget(params.adapter)
+    acquired = service.registry.acquire(
+        job=params.job,
+        adapter=params.adapter,
+        connection=peer.id,
+        uid=peer.uid,
+        now=service.now(),
+        params=params.params,
+        detach=params.detach,
+        ttl=params.ttl,
+        linger=adapter.linger,
+        max_instances=adapter.max_instances,
+    )
+    lease = acquired.lease
+    pending = service.pending_spawn(acquired.instance.id) if acquired.instance.state is State.STARTING else None
+    service.execute(acquired.actions)
+    started()
+    if pending is not None:
+        await pending.settled.wait()
+    if service.registry.lease(lease.token) is None:
+        if pending is not None and pending.error is not None:
+            raise pending.error
+        raise UnknownLease("the lease was released (release_job or disconnect) before its adapter started")
+    instance = service.registry.instances[lease.instance_id]
+    log.info(
+        "lease.acquired", lease=lease.token[:8], instance=instance.id, job=instance.job,
+        adapter=instance.adapter, refcount=instance.refcount, detached=lease.detached,
+    )
+    result: dict[str, Any] = {
+        "lease": lease.token,
+        "instance": instance.id,
+        "job": instance.job,
+        "adapter": instance.adapter,
+        "pid": instance.pid,
+        "refcount": instance.refcount,
+        "spawned": acquired.spawned,
+        "started_at": instance.started_at,
+    }
+    if lease.expires_at is not None:
+        result["expires_at"] = lease.expires_at
+    if params.fds:
+        running = service.running.get(instance.id)
+        if running is None or running.root.stdin_fd is None or running.root.stdout_fd is None:
+            raise Conflict(f"instance {instance.id} has no pipes to pass (it is stopping)")
+        return FdsResult(result, (running.root.stdin_fd, running.root.stdout_fd))
+    return result
+
+
+async def release(service: Supervisor, peer: Peer, params: protocol.ReleaseParams, started: Started) -> object:
+    lease = service.registry.lease(params.lease)
+    released = service.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=service.now())
+    service.execute(released.actions)
+    if lease is not None:
+        log.info("lease.released", lease=params.lease[:8], instance=lease.instance_id, refcount=released.refcount)
+    return {"refcount": released.refcount, "stopping": released.stopping}
+
+
+async def renew(service: Supervisor, peer: Peer, params: protocol.RenewParams, started: Started) -> object:
+    expires_at = service.registry.renew(params.lease, uid=peer.uid, now=service.now(), ttl=params.ttl)
+    service.execute([])  # the expiry timer re-reads its deadline
+    return {"expires_at": expires_at}
+
+
+async def release_job(service: Supervisor, peer: Peer, params: protocol.ReleaseJobParams, started: Started) -> object:
+    released = service.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=service.now())
+    service.execute(released.actions)
+    log.info("job.released", job=params.job, released=released.released, instances=released.instances)
+    return {"released": released.released, "instances": released.instances}
+
+
+async def status(service: Supervisor, peer: Peer, params: protocol.StatusParams, started: Started) -> object:
+    started()
+    instances = [i for i in service.registry.instances.values() if params.job is None or i.job == params.job]
+    members = await service.scan_trees(i.id for i in instances)
+    rows = []
+    for instance in instances:
+        stats = members.get(instance.id, [])
+        rows.append({
+            "instance": instance.id,
+            "job": instance.job,
+            "adapter": instance.adapter,
+            "state": instance.state.value,
+            "pid": instance.pid,
+            "pids": sorted(s.pid for s in stats),
+            "refcount": instance.refcount,
+            "started_at": instance.started_at,
+            "rss_bytes": sum(s.rss_bytes for s in stats),
+        })
+    daemon = service.config.daemon
+    return {
+        "daemon": {
+            "pid": service.pid,
+            "version": __version__,
+            "instance_id": service.run_id,
+            "started_at": service.started_at,
+            "uptime_s": round(time.time() - service.started_at, 3),
+            "instances": len(service.registry.instances),
+            "leases": len(service.registry.leases),
+            "connections": len(service.peers),
+            "cgroup_mode": service.cgroups is not None,
+            "shutting_down": service.shutting_down,
+            "rss_bytes": sum(r["rss_bytes"] for r in rows),
+            "memory_budget": daemon.memory_budget,
+            "sweep_interval": daemon.sweep_interval,
+        },
+        "instances": rows,
+    }
+
+
+async def logs(service: Supervisor, peer: Peer, params: protocol.LogsParams, started: Started) -> object:
+    instance_id = params.instance
+    if params.lease is not None:
+        lease = service.registry.lease(params.lease)
+        if lease is None:
+            raise UnknownLease("no such lease: it was never issued, was already released, or expired")
+        instance_id = lease.instance_id
+    assert instance_id is not None
+    running = service.running.get(instance_id)
+    if running is not None:
+        lines = list(running.root.stderr_tail)
+    elif instance_id in service.finished_logs:
+        lines = service.finished_logs[instance_id]
+    elif instance_id in service.registry.instances:
+        lines = []
+    else:
+        raise InvalidParams(f"no instance {instance_id!r} is running or finished recently")
+    return {"lines": lines[-params.lines:]}
+
+
+async def sweep(service: Supervisor, peer: Peer, params: protocol.SweepParams, started: Started) -> object:
+    started()
+    report = await service.sweep("manual", deep=params.deep)
+    return reports.to_builtins(report)
+
+
+async def reports_(service: Supervisor, peer: Peer, params: protocol.ReportsParams, started: Started) -> object:
+    return {"reports": [reports.to_builtins(r) for r in service.reports.latest(params.limit)]}
+
+
+HANDLERS: dict[str, Handler] = {
+    "hello": hello,
+    "acquire": acquire,
+    "release": release,
+    "renew": renew,
+    "release_job": release_job,
+    "status": status,
+    "logs": logs,
+    "sweep": sweep,
+    "reports": reports_,
+}

@@ -1,0 +1,109 @@
+"""Sweep reports: their shape (SPEC section 4) and where they are kept.
+
+A report is kept three ways: logged as one `sweep.report` event, held in a
+bounded in-memory history served by the `reports` method, and appended to
+`state_dir/reports.jsonl`, which is rotated once it passes its size bound
+(one previous generation, `reports.jsonl.1`, is kept), so the files never
+take more than twice the bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import msgspec
+
+# Reports held in memory for the `reports` method: a day of sweeps at the
+# default 30 s interval would be 2880; the last few hundred are what an operator
+# looks at, and each is small.
+MEMORY_REPORTS = 500
+
+REPORTS_FILE = "reports.jsonl"
+
+
+class Orphan(msgspec.Struct, kw_only=True):
+    """One process a sweep found without a live instance, and what it did about it."""
+
+    pid: int
+    ppid: int
+    cmdline: list[str]
+    instance: str | None
+    job: str | None
+    adapter: str | None
+    age_s: float
+    rss_bytes: int
+    action: str  # terminated | killed | reaped_zombie
+    result: str  # gone | failed
+
+
+class SweepReport(msgspec.Struct, kw_only=True):
+    id: str
+    kind: str  # periodic | startup | manual
+    started_at: float
+    duration_ms: float
+    scanned: int
+    orphans: list[Orphan] = []
+    expired_leases: list[str] = []
+    over_memory: list[str] = []
+    reclaimed_rss_bytes: int = 0
+    errors: list[str] = []
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(SweepReport)
+
+
+class ReportStore:
+    """The bounded history of reports, in memory and on disk.
+
+    `remember` runs on the trio thread; `append_to_file` does blocking I/O and is
+    meant for a worker thread (it touches nothing but the file).
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, max_file_bytes: int) -> None:
+        self.path = Path(state_dir) / REPORTS_FILE
+        self.max_file_bytes = max_file_bytes
+        self.recent: collections.deque[SweepReport] = collections.deque(maxlen=MEMORY_REPORTS)
+
+    def load(self) -> None:
+        """Blocking: fill the in-memory history from the files of earlier runs.
+        Lines that do not parse (a torn last write) are skipped."""
+        for path in (self.path.with_name(REPORTS_FILE + ".1"), self.path):
+            try:
+                lines = path.read_bytes().splitlines()
+            except FileNotFoundError:
+                continue
+            for line in lines[-MEMORY_REPORTS:]:
+                try:
+                    self.recent.append(_decoder.decode(line))
+                except msgspec.DecodeError:
+                    continue
+
+    def remember(self, report: SweepReport) -> None:
+        self.recent.append(report)
+
+    def latest(self, limit: int) -> list[SweepReport]:
+        """Up to `limit` reports, newest first."""
+        return list(reversed(self.recent))[:limit]
+
+    def append_to_file(self, report: SweepReport) -> None:
+        """Blocking: append one line, rotating first if the file would pass its bound."""
+        line = _encoder.encode(report) + b"\n"
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(line) > self.max_file_bytes:
+            os.replace(self.path, self.path.with_name(REPORTS_FILE + ".1"))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def to_builtins(report: SweepReport) -> dict[str, object]:
+    """The report as plain JSON-ready values (for the wire and the log)."""
+    return msgspec.to_builtins(report)
