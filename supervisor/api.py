@@ -34,7 +34,7 @@ SERVER_NAME = "adapter-supervisor"
 
 # Methods still served while the daemon shuts down: they read state or give
 # leases back, and start nothing.
-SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "release", "release_job"})
+SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "release_job"})
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ async def release(service: Supervisor, peer: Peer, params: protocol.ReleaseParam
     lease = service.registry.lease(params.lease)
     released = service.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=service.now())
     service.execute(released.actions)
+    service.metrics.releases.labels("release").inc()
     if lease is not None:
         log.info("lease.released", lease=params.lease[:8], instance=lease.instance_id, refcount=released.refcount)
     return {"refcount": released.refcount, "stopping": released.stopping}
@@ -146,6 +147,7 @@ async def renew(service: Supervisor, peer: Peer, params: protocol.RenewParams, s
 async def release_job(service: Supervisor, peer: Peer, params: protocol.ReleaseJobParams, started: Started) -> object:
     released = service.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=service.now())
     service.execute(released.actions)
+    service.metrics.releases.labels("release_job").inc(released.released)
     log.info("job.released", job=params.job, released=released.released, instances=released.instances)
     return {"released": released.released, "instances": released.instances}
 
@@ -219,6 +221,10 @@ async def reports_(service: Supervisor, peer: Peer, params: protocol.ReportsPara
     return {"reports": [reports.to_builtins(r) for r in service.reports.latest(params.limit)]}
 
 
+async def metrics(service: Supervisor, peer: Peer, params: protocol.MetricsParams, started: Started) -> object:
+    return {"text": service.metrics.exposition()}
+
+
 HANDLERS: dict[str, Handler] = {
     "hello": hello,
     "acquire": acquire,
@@ -229,4 +235,5 @@ HANDLERS: dict[str, Handler] = {
     "logs": logs,
     "sweep": sweep,
     "reports": reports_,
+    "metrics": metrics,
 }

@@ -318,6 +318,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     cgroup: str = "auto"
     # Bound of state_dir/reports.jsonl; one rotated generation is kept beside it.
     reports_max_bytes: int = 1024 * 1024
+    # Where to keep a Prometheus text file for node_exporter (unset: none).
+    metrics_textfile: str | None = None
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -461,6 +463,7 @@ class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     max_message_bytes: _MessageSize | UnsetType = UNSET
     reports_max_bytes: _ReportsSize | UnsetType = UNSET
+    metrics_textfile: str | UnsetType = UNSET
     memory_budget: _NonZeroSize | UnsetType = UNSET
     allowed_uids: tuple[_Id, ...] | UnsetType = UNSET
     allowed_gids: tuple[_Id, ...] | UnsetType = UNSET
@@ -564,7 +567,7 @@ def _build_adapter(name: str, raw: _RawAdapter, path: str, base_dir: str) -> Ada
 def _build_daemon(raw: _RawDaemon, path: str, base_dir: str) -> DaemonConfig:
     """The public DaemonConfig for `raw`, after the checks a schema cannot express."""
     fields = _given_fields(raw)
-    for name in ("socket", "state_dir"):
+    for name in ("socket", "state_dir", "metrics_textfile"):
         if name in fields:
             fields[name] = _resolve_path(fields[name], base_dir, path, ("daemon", name))
     cgroup = fields.get("cgroup", "auto")

@@ -22,7 +22,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from supervisor import procs, reports, staterecord, sweep
+from supervisor import metrics, procs, reports, staterecord, sweep
 from supervisor.cgroup import CgroupManager
 from supervisor.config import AdapterConfig, Config
 from supervisor.errors import InvalidParams, LimitReached, SpawnFailed, SupervisorError, UnknownAdapter
@@ -119,6 +119,8 @@ class Supervisor:
         self._rss_total = (0, -RSS_CACHE_S)  # (bytes, trio time measured)
         self._nursery: trio.Nursery | None = None
         self._clock_offset = 0.0
+        # Last: registering the live-state collector reads the fields above.
+        self.metrics = metrics.Metrics(self._live_state)
 
     # -- clock ---------------------------------------------------------------
 
@@ -161,6 +163,8 @@ class Supervisor:
         ticked = self.registry.tick(self.now())
         for token in ticked.expired_leases:
             log.info("lease.expired", lease=token[:8])
+        if ticked.expired_leases:
+            self.metrics.releases.labels("expired").inc(len(ticked.expired_leases))
         self._expired_unreported += ticked.expired_leases
         self.execute(ticked.actions)
 
@@ -248,6 +252,7 @@ class Supervisor:
             pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
             log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
                         adapter=instance.adapter, error=pending.error.message)
+            self.metrics.spawn_failures.labels(instance.adapter).inc()
             self._remove_cgroup(instance_id)
             return self.registry.spawn_failed(instance_id)
         finally:
@@ -264,6 +269,7 @@ class Supervisor:
         self._nursery.start_soon(self._watch_root, instance_id, running)
         self._nursery.start_soon(self._capture_stderr, instance_id, running)
         self._record_dirty.set()
+        self.metrics.spawns.labels(adapter.name).inc()
         log.info("adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
 
@@ -336,6 +342,7 @@ class Supervisor:
             del self.running[instance_id]
             running.stopped.set()
             self._record_dirty.set()
+            self.metrics.reaps.labels(adapter.name, reason.value).inc()
         log.info(
             "tree.reaped" if outcome.clean else "tree.reap_incomplete",
             instance=instance_id,
@@ -378,7 +385,10 @@ class Supervisor:
     def disconnected(self, peer: Peer) -> None:
         """Release every lease bound to the connection. Synchronous, so it is safe in `finally`."""
         self.peers.pop(peer.id, None)
+        before = len(self.registry.leases)
         self.execute(self.registry.connection_closed(peer.id, now=self.now()))
+        if len(self.registry.leases) < before:
+            self.metrics.releases.labels("disconnect").inc(before - len(self.registry.leases))
 
     def pending_spawn(self, instance_id: str) -> PendingSpawn:
         """What acquires parked on a STARTING instance wait for."""
@@ -507,10 +517,31 @@ class Supervisor:
     async def _file_report(self, report: reports.SweepReport) -> None:
         self.reports.remember(report)
         log.info("sweep.report", **reports.to_builtins(report))
+        self.metrics.sweep_duration.labels(report.kind).observe(report.duration_ms / 1000)
+        for orphan in report.orphans:
+            self.metrics.orphans.labels(orphan.action).inc()
         try:
             await trio.to_thread.run_sync(self.reports.append_to_file, report)
         except OSError as exc:
             log.error("sweep.report_not_saved", error=str(exc), path=str(self.reports.path))
+        textfile = self.config.daemon.metrics_textfile
+        if textfile is not None:
+            try:
+                await trio.to_thread.run_sync(metrics.write_textfile, textfile, self.metrics.exposition())
+            except OSError as exc:
+                log.error("metrics.textfile_failed", error=str(exc), path=textfile)
+
+    def _live_state(self) -> metrics.LiveState:
+        instances: collections.Counter[str] = collections.Counter()
+        leases: collections.Counter[str] = collections.Counter()
+        rss: collections.Counter[str] = collections.Counter()
+        for instance in self.registry.instances.values():
+            if not instance.tree_gone:
+                instances[instance.adapter] += 1
+            leases[instance.adapter] += instance.refcount
+        for running in self.running.values():
+            rss[running.adapter.name] += running.rss_bytes
+        return metrics.LiveState(instances=instances, leases=leases, rss_bytes=rss)
 
     # -- reload and shutdown ---------------------------------------------------
 

@@ -199,6 +199,10 @@ Params = (
     | LogsParams
 )
 
+class MetricsParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`metrics` takes no params."""
+
+
 METHOD_PARAMS: dict[str, type] = {
     "hello": HelloParams,
     "acquire": AcquireParams,
@@ -209,6 +213,7 @@ METHOD_PARAMS: dict[str, type] = {
     "sweep": SweepParams,
     "reports": ReportsParams,
     "logs": LogsParams,
+    "metrics": MetricsParams,
 }
 
 

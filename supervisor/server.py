@@ -185,6 +185,7 @@ class ControlServer:
                 return True
             for message in decoder.feed(data):
                 if isinstance(message, protocol.BadMessage):
+                    self.supervisor.metrics.protocol_errors.labels(str(message.error.code)).inc()
                     log.info("request.rejected", connection=connection.id, code=message.error.code, reason=message.error.message)
                     await connection.send(protocol.encode_error(message.id, message.error))
                     if message.fatal:
@@ -211,6 +212,7 @@ class ControlServer:
                 result, fds = result.result, result.fds
             line = protocol.encode_result(request.id, result)
         except SupervisorError as exc:
+            self.supervisor.metrics.protocol_errors.labels(str(exc.code)).inc()
             log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
             line = protocol.encode_error(request.id, exc)
         except Exception:
