@@ -335,6 +335,10 @@ class Supervisor:
                         with trio.move_on_after(1):
                             await running.root_reaped.wait()
             running.root.close_stdio()
+            if running.root.popen.returncode is None:
+                # The root outlived its stop (the report says so). subprocess must
+                # never poll it on its own: the reaper still owns its status.
+                running.root.popen.returncode = -signal.SIGKILL
             self._remove_cgroup(instance_id)
             self.finished_logs[instance_id] = list(running.root.stderr_tail)
             while len(self.finished_logs) > FINISHED_LOGS_KEPT:
