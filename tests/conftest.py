@@ -111,6 +111,7 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
         sock = str(tmp_path / f"d{index}.sock")
         state = state_dir or tmp_path / f"state{index}"
         settings = {"socket": sock, "state_dir": str(state), "log_format": "json", "log_level": "debug", **daemon}
+        sock = str(settings["socket"])
         config_path = tmp_path / f"supervisor{index}.toml"
         config_path.write_text(
             "[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()) + "\n" + textwrap.dedent(adapters)
@@ -141,6 +142,9 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
             handle.popen.wait()
             leftovers.append(f"daemon {handle.pid} ignored SIGTERM")
         leftovers += kill_tagged_leftovers(handle)
+        text = handle.log_path.read_text()
+        if "Traceback" in text or '"request.crashed"' in text or '"daemon.crashed"' in text:
+            leftovers.append(f"daemon {handle.pid} logged a crash:\n{text[-4000:]}")
     assert not leftovers, leftovers
 
 
