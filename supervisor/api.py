@@ -94,6 +94,8 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
         max_instances=adapter.max_instances,
     )
     lease = acquired.lease
+    # The refcount this acquire made, not whatever it is once a spawn is awaited.
+    refcount = acquired.instance.refcount
     pending = service.pending_spawn(acquired.instance.id) if acquired.instance.state is State.STARTING else None
     service.execute(acquired.actions)
     started()
@@ -106,7 +108,7 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
     instance = service.registry.instances[lease.instance_id]
     log.info(
         "lease.acquired", lease=lease.token[:8], instance=instance.id, job=instance.job,
-        adapter=instance.adapter, refcount=instance.refcount, detached=lease.detached,
+        adapter=instance.adapter, refcount=refcount, detached=lease.detached,
     )
     result: dict[str, Any] = {
         "lease": lease.token,
@@ -114,7 +116,7 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
         "job": instance.job,
         "adapter": instance.adapter,
         "pid": instance.pid,
-        "refcount": instance.refcount,
+        "refcount": refcount,
         "spawned": acquired.spawned,
         "started_at": instance.started_at,
     }

@@ -25,9 +25,9 @@ from supervisor.config import Config, load_config
 from supervisor.daemon import Supervisor
 from supervisor.errors import ConfigError
 from supervisor.logs import configure_logging
-from supervisor.staterecord import daemon_key
 from supervisor.registry import LIVE_STATES
 from supervisor.server import ControlServer, bind_control_socket
+from supervisor.staterecord import daemon_key
 
 log = structlog.get_logger()
 
@@ -178,7 +178,7 @@ def _status_text(supervisor: Supervisor) -> str:
     """The STATUS= line `systemctl status` shows: live instances and leases."""
     registry = supervisor.registry
     live = sum(1 for instance in registry.instances.values() if instance.state in LIVE_STATES)
-    return f"{live} live instances, {len(registry.leases)} leases"
+    return f"live instances: {live}, leases: {len(registry.leases)}"
 
 
 def _unlink_socket(path: str) -> None:
