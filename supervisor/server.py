@@ -47,6 +47,15 @@ REFUSE_TIMEOUT_S = 1.0
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
+# SO_PEERGROUPS (Linux >= 4.13, <asm-generic/socket.h>): the peer's supplementary
+# groups as of connect(). Python does not export the constant.
+SO_PEERGROUPS = getattr(stdlib_socket, "SO_PEERGROUPS", 59)
+
+# Room for this many supplementary groups: CPython's getsockopt takes at most
+# 1024 bytes. A peer in more groups is judged by uid and primary gid only (the
+# kernel answers ERANGE rather than a partial list).
+MAX_PEER_GROUPS = 256
+
 
 @dataclass
 class Connection:
@@ -134,7 +143,7 @@ class ControlServer:
     async def _serve_connection(self, sock: trio.socket.SocketType, server_nursery: trio.Nursery) -> None:
         pid, uid, gid = _UCRED.unpack(sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size))
         refusal: SupervisorError | None = None
-        if not self._allowed(uid, gid):
+        if not self._allowed(uid, {gid, *_peer_groups(sock)}):
             refusal = PermissionDenied(
                 f"uid {uid} / gid {gid} may not use this daemon; add it to allowed_uids or allowed_gids"
             )
@@ -227,12 +236,21 @@ class ControlServer:
         """The daemon section in force (a reload may replace it)."""
         return self.supervisor.config.daemon
 
-    def _allowed(self, uid: int, gid: int) -> bool:
+    def _allowed(self, uid: int, gids: set[int]) -> bool:
         return (
             uid in (ROOT_UID, os.geteuid())
             or uid in self.config.allowed_uids
-            or gid in self.config.allowed_gids
+            or not gids.isdisjoint(self.config.allowed_gids)
         )
+
+
+def _peer_groups(sock: trio.socket.SocketType) -> list[int]:
+    """The peer's supplementary groups (empty where the kernel cannot tell)."""
+    try:
+        raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+    except OSError:
+        return []
+    return list(array.array("I", raw[: len(raw) - len(raw) % 4]))
 
 
 async def bind_control_socket(path: str, mode: int) -> trio.socket.SocketType:

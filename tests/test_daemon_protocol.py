@@ -675,8 +675,8 @@ def test_a_connection_over_max_connections_gets_1004_and_is_closed(start_daemon)
 # /root), then drops privileges, connects, and sends each request in turn.
 PEER_SCRIPT = r"""
 import json, os, socket, sys
-path, requests = sys.argv[1], json.loads(sys.argv[2])
-os.setgroups([])
+path, requests, groups = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+os.setgroups(groups)
 os.setgid(65534)
 os.setuid(65534)
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -716,10 +716,14 @@ print(json.dumps({"uid": os.getuid(), "responses": responses, "closed": closed})
 """
 
 
-def run_as_nobody(path: str, requests: list[tuple[str, dict[str, object]]]) -> dict[str, Any]:
-    """Send `requests` over one connection as uid 65534; the responses and whether the daemon hung up."""
+def run_as_nobody(
+    path: str, requests: list[tuple[str, dict[str, object]]], groups: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """Send `requests` over one connection as uid 65534 (with supplementary
+    `groups`); the responses and whether the daemon hung up."""
     completed = subprocess.run(
-        [PYTHON, "-c", PEER_SCRIPT, path, json.dumps(requests)], check=False, capture_output=True, text=True, timeout=30
+        [PYTHON, "-c", PEER_SCRIPT, path, json.dumps(requests), json.dumps(list(groups))],
+        check=False, capture_output=True, text=True, timeout=30,
     )
     assert completed.returncode == 0, completed.stderr
     outcome = json.loads(completed.stdout)
@@ -769,6 +773,14 @@ def test_a_peer_in_allowed_uids_or_gids_is_served(start_daemon, public_dir: Path
     hello, status = outcome["responses"]
     assert hello["result"]["protocol"] == 1
     assert status["result"]["daemon"]["pid"] == daemon.pid
+
+
+def test_a_peer_is_served_through_a_supplementary_group_in_allowed_gids(start_daemon, public_dir: Path) -> None:
+    daemon = start_public_daemon(start_daemon, public_dir, allowed_gids=[4242])
+    refused = run_as_nobody(daemon.socket, [("hello", {})])
+    assert refused["responses"][0]["error"]["code"] == 1005
+    served = run_as_nobody(daemon.socket, [("hello", {})], groups=(4242,))
+    assert served["closed"] is False and served["responses"][0]["result"]["protocol"] == 1
 
 
 def test_another_uid_cannot_release_renew_or_release_the_job_of_roots_lease(
