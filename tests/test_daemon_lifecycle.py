@@ -347,3 +347,27 @@ def test_a_detached_lease_outlives_its_connection(start_daemon, tmp_path: Path) 
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_in_cgroup_mode_each_instance_tree_lives_in_its_own_cgroup(start_daemon, tmp_path: Path) -> None:
+    adapters = tree_adapter("a", pidfile=tmp_path / "a", stop_timeout=STOP_TIMEOUT) + tree_adapter(
+        "b", pidfile=tmp_path / "b", stop_timeout=STOP_TIMEOUT
+    )
+    daemon = start_daemon(adapters, cgroup="auto")
+    check_mode(daemon, "cgroup")
+    client = daemon.client()
+    mode = daemon.wait_for_event("daemon.mode")
+    base = Path(mode["base"])
+    leases = {name: client.call("acquire", {"job": "job-1", "adapter": name}) for name in ("a", "b")}
+    for name, lease in leases.items():
+        members = read_pidfile(tmp_path / name)
+        in_cgroup = {int(pid) for pid in (base / lease["instance"] / "cgroup.procs").read_text().split()}
+        # The setsid double-fork escapee is in its instance's cgroup like the rest.
+        assert {m.pid for m in members.values()} <= in_cgroup
+        assert all(
+            (base / lease["instance"]).name in Path(f"/proc/{m.pid}/cgroup").read_text() for m in members.values()
+        )
+    assert set(os.listdir(base)) >= {lease["instance"] for lease in leases.values()}
+    for lease in leases.values():
+        client.call("release", {"lease": lease["lease"]})
+    assert eventually(lambda: not any((base / lease["instance"]).exists() for lease in leases.values()), timeout=3.0)
