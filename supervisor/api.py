@@ -9,6 +9,7 @@ server turns them into wire errors.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "metric
 
 @dataclass(frozen=True)
 class FdsResult:
-    """A result whose response line carries file descriptors (SCM_RIGHTS)."""
+    """A result whose response line carries file descriptors (SCM_RIGHTS).
+    The fds belong to the result: the server closes them once it is sent."""
 
     result: dict[str, Any]
     fds: tuple[int, ...]
@@ -126,7 +128,10 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
         running = service.running.get(instance.id)
         if running is None or running.root.stdin_fd is None or running.root.stdout_fd is None:
             raise Conflict(f"instance {instance.id} has no pipes to pass (it is stopping)")
-        return FdsResult(result, (running.root.stdin_fd, running.root.stdout_fd))
+        # Duplicates, owned by this response: the instance may stop (closing its
+        # own ends, whose numbers the kernel may then reuse for another client's
+        # socket) while the response waits to be sent.
+        return FdsResult(result, (os.dup(running.root.stdin_fd), os.dup(running.root.stdout_fd)))
     return result
 
 

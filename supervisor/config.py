@@ -320,6 +320,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     reports_max_bytes: int = 1024 * 1024
     # Where to keep a Prometheus text file for node_exporter (unset: none).
     metrics_textfile: str | None = None
+    # A client that does not read what the daemon sends for this long is dropped.
+    send_timeout: float = 10.0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -464,6 +466,7 @@ class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: _MessageSize | UnsetType = UNSET
     reports_max_bytes: _ReportsSize | UnsetType = UNSET
     metrics_textfile: str | UnsetType = UNSET
+    send_timeout: Annotated[float, Meta(gt=0, le=3600)] | UnsetType = UNSET
     memory_budget: _NonZeroSize | UnsetType = UNSET
     allowed_uids: tuple[_Id, ...] | UnsetType = UNSET
     allowed_gids: tuple[_Id, ...] | UnsetType = UNSET

@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +38,7 @@ from supervisor.registry import (
 )
 from supervisor.spawner import STDERR_LINE_BYTES, RootProcess, spawn_root
 from supervisor.subreaper import ChildReaper
-from supervisor.tree import InstanceTree, StopOutcome, daemon_tags, stop_tree
+from supervisor.tree import InstanceTree, StopOutcome, daemon_tags, signal_member, stop_tree
 
 log = structlog.get_logger()
 
@@ -55,6 +55,14 @@ ORPHAN_GRACE_S = 5.0
 # one write, and a kill -9 loses at most this much (the tag and cgroup scans
 # of the next start still find those processes).
 RECORD_WRITE_INTERVAL_S = 0.2
+
+# A stop is bounded by the adapter's stop_timeout plus this: the SIGKILL grace,
+# waiting for the root's status, and slack for a busy host.
+STOP_MARGIN_S = 5.0
+
+# Writes of reports and the record run shielded (they must not be lost to a
+# cancel) but bounded: a hung state_dir disk must not hang the daemon.
+FILE_WRITE_TIMEOUT_S = 5.0
 
 # A budget check reuses a tree-RSS total this fresh instead of rescanning.
 RSS_CACHE_S = 1.0
@@ -135,7 +143,8 @@ class Supervisor:
         cancelled. Owns every process task; the caller should call `shutdown`
         before cancelling, or trees are left for the next start's sweep."""
         self._clock_offset = time.time() - trio.current_time()
-        await trio.to_thread.run_sync(self.reports.load)
+        for report in await trio.to_thread.run_sync(self.reports.read_history):
+            self.reports.remember(report)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.reaper.run)
@@ -189,10 +198,7 @@ class Supervisor:
         async with self._record_lock:
             # Snapshot taken under the lock, on the trio thread.
             record = self._record_snapshot()
-            try:
-                await trio.to_thread.run_sync(staterecord.write_record, self.state_dir, record)
-            except OSError as exc:
-                log.error("state.record_failed", error=str(exc), state_dir=self.state_dir)
+            await _write_bounded("state.record_failed", staterecord.write_record, self.state_dir, record)
 
     def _record_snapshot(self) -> staterecord.StateRecord:
         instances = []
@@ -323,17 +329,25 @@ class Supervisor:
             # Bounded and shielded: a stop that was begun is always finished,
             # even while the daemon shuts down.
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(adapter.stop_timeout + 5):
-                    outcome = await stop_tree(
-                        running.tree,
-                        stop_signal=int(adapter.stop_signal),
-                        stop_timeout=adapter.stop_timeout,
-                        reap=self.reaper.reap,
-                        child_exited=self.reaper.child_exited,
-                    )
+                with trio.move_on_after(adapter.stop_timeout + STOP_MARGIN_S) as bound:
+                    try:
+                        outcome = await stop_tree(
+                            running.tree,
+                            stop_signal=int(adapter.stop_signal),
+                            stop_timeout=adapter.stop_timeout,
+                            reap=self.reaper.reap,
+                            child_exited=self.reaper.child_exited,
+                        )
+                    except OSError as exc:
+                        log.error("tree.stop_failed", instance=instance_id, error=str(exc))
+                        outcome = self._kill_now(instance_id, running)
                     if not running.root_reaped.is_set():
                         with trio.move_on_after(1):
                             await running.root_reaped.wait()
+                if bound.cancelled_caught:
+                    # The stop overran its bound (a starved worker thread, a
+                    # process stuck in the kernel): never forget a tree alive.
+                    outcome = self._kill_now(instance_id, running)
             running.root.close_stdio()
             if running.root.popen.returncode is None:
                 # The root outlived its stop (the report says so). subprocess must
@@ -419,16 +433,20 @@ class Supervisor:
         ids = list(self.running) if instance_ids is None else [i for i in instance_ids if i in self.running]
         snapshots = {i: (self.running[i].tree, frozenset(self.running[i].tree.known)) for i in ids}
         members = await trio.to_thread.run_sync(_scan_trees, snapshots)
-        self._remember(members)
+        self._remember(members, snapshots)
         if instance_ids is None:
             self._rss_total = (sum(r.rss_bytes for r in self.running.values()), trio.current_time())
         return members
 
-    def _remember(self, members: dict[str, list[procs.ProcStat]]) -> None:
+    def _remember(
+        self,
+        members: dict[str, list[procs.ProcStat]],
+        snapshots: dict[str, tuple[InstanceTree, frozenset[procs.ProcessId]]],
+    ) -> None:
         for instance_id, stats in members.items():
             running = self.running.get(instance_id)
             if running is not None:
-                running.tree.remember(stats)
+                running.tree.remember(stats, snapshots[instance_id][1])
                 running.rss_bytes = sum(s.rss_bytes for s in stats)
 
     # -- the sweep -------------------------------------------------------------
@@ -443,28 +461,37 @@ class Supervisor:
             started_at = time.time()
             started = trio.current_time()
             errors: list[str] = []
+            self.reaper.take_adopted()  # reaped on SIGCHLD already: not orphans
             self.reaper.reap()
+            zombies = self.reaper.take_adopted()
             self._tick()
             snapshots = {i: (r.tree, frozenset(r.tree.known)) for i, r in self.running.items()}
             recorded = list(recorded)
-            result = await trio.to_thread.run_sync(lambda: sweep.scan(
-                trees=snapshots, cgroups=self.cgroups, daemon_pid=self.pid,
-                daemon_key=self.daemon_key, deep=deep, recorded=recorded,
-            ))
+            born_before = procs.uptime_ticks()
+            try:
+                result = await trio.to_thread.run_sync(lambda: sweep.scan(
+                    trees=snapshots, cgroups=self.cgroups, daemon_pid=self.pid,
+                    daemon_key=self.daemon_key, deep=deep, recorded=recorded,
+                ))
+            except OSError as exc:
+                log.error("sweep.scan_failed", error=str(exc))
+                errors.append(f"scan failed: {exc}")
+                result = sweep.ScanResult()
             with trio.CancelScope(shield=True):
-                self._remember(result.members)
+                self._remember(result.members, snapshots)
                 self._rss_total = (sum(r.rss_bytes for r in self.running.values()), trio.current_time())
                 over_memory = self._enforce_memory_limits()
                 self._settle_vanished_roots()
+                candidates = self._still_orphaned(result.candidates, born_before)
                 orphans = await sweep.reap_candidates(
-                    result.candidates,
+                    candidates,
                     our_pid=self.pid,
-                    grace=self._orphan_grace(result.candidates),
+                    grace=self._orphan_grace(candidates),
                     reap=self.reaper.reap,
                     child_exited=self.reaper.child_exited,
                     kill_cgroup=self.cgroups.kill if self.cgroups is not None else None,
                 )
-                orphans += [sweep.zombie_orphan(pid, self.pid) for pid, _ in self.reaper.take_adopted()]
+                orphans += [sweep.zombie_orphan(pid, self.pid) for pid, _ in zombies]
                 for name in result.stale_cgroups:
                     if name not in self.running:
                         self._remove_cgroup(name)
@@ -484,6 +511,18 @@ class Supervisor:
                 )
                 await self._file_report(report)
             return report
+
+    def _still_orphaned(self, candidates: list[sweep.Candidate], born_before: int) -> list[sweep.Candidate]:
+        """Drop candidates that became accounted for while the scan ran in its
+        thread: members of instances spawned meanwhile, and anything born after
+        the snapshot (judged by the next sweep, never killed on a stale view)."""
+        known = set().union(*(r.tree.known for r in self.running.values()))
+        return [
+            c for c in candidates
+            if c.instance not in self.running
+            and c.stat.process_id not in known
+            and c.stat.start_time < born_before
+        ]
 
     def _enforce_memory_limits(self) -> list[str]:
         over = []
@@ -524,16 +563,10 @@ class Supervisor:
         self.metrics.sweep_duration.labels(report.kind).observe(report.duration_ms / 1000)
         for orphan in report.orphans:
             self.metrics.orphans.labels(orphan.action).inc()
-        try:
-            await trio.to_thread.run_sync(self.reports.append_to_file, report)
-        except OSError as exc:
-            log.error("sweep.report_not_saved", error=str(exc), path=str(self.reports.path))
+        await _write_bounded("sweep.report_not_saved", self.reports.append_to_file, report)
         textfile = self.config.daemon.metrics_textfile
         if textfile is not None:
-            try:
-                await trio.to_thread.run_sync(metrics.write_textfile, textfile, self.metrics.exposition())
-            except OSError as exc:
-                log.error("metrics.textfile_failed", error=str(exc), path=textfile)
+            await _write_bounded("metrics.textfile_failed", metrics.write_textfile, textfile, self.metrics.exposition())
 
     def _live_state(self) -> metrics.LiveState:
         instances: collections.Counter[str] = collections.Counter()
@@ -553,14 +586,22 @@ class Supervisor:
         """Adopt a new config: changed adapters apply to new instances only."""
         self.config = config
 
+    def _kill_now(self, instance_id: str, running: RunningInstance) -> StopOutcome:
+        """SIGKILL a tree at once, synchronously; the members still there are survivors."""
+        if self.cgroups is not None:
+            try:
+                self.cgroups.kill(instance_id)
+            except OSError as exc:
+                log.error("cgroup.kill_failed", instance=instance_id, error=str(exc))
+        members = {running.root.id, *running.tree.known}
+        killed = [m for m in members if signal_member(m, signal.SIGKILL)]
+        return StopOutcome(killed=killed, survivors=[m for m in members if not _surely_gone(m, self.pid)])
+
     def kill_everything_now(self) -> None:
         """Last resort when the daemon is dying of a bug: SIGKILL every tracked
         tree at once, synchronously, so that no adapter outlives its owner."""
         for instance_id, running in self.running.items():
-            if self.cgroups is not None:
-                self.cgroups.kill(instance_id)
-            for member in running.tree.known:
-                procs.signal_process(member, signal.SIGKILL)
+            self._kill_now(instance_id, running)
 
     async def shutdown(self) -> None:
         """Stop every tree (SPEC rule 2 each) and wait for them, bounded by the
@@ -593,6 +634,28 @@ def _scan_trees(
     table = procs.scan_processes()
     tags = daemon_tags(first_tree.daemon_pid, table)
     return {instance_id: tree.members_in(table, known, tags) for instance_id, (tree, known) in snapshots.items()}
+
+
+async def _write_bounded(failure_event: str, write: Callable[..., None], *args: object) -> None:
+    """Run a blocking file write in a worker thread, at most FILE_WRITE_TIMEOUT_S
+    (then abandoned: the thread finishes or fails on its own). Failures are
+    logged as `failure_event`, never raised."""
+    with trio.move_on_after(FILE_WRITE_TIMEOUT_S) as scope:
+        try:
+            await trio.to_thread.run_sync(write, *args, abandon_on_cancel=True)
+        except OSError as exc:
+            log.error(failure_event, error=str(exc))
+    if scope.cancelled_caught:
+        log.error(failure_event, error=f"no answer from the disk within {FILE_WRITE_TIMEOUT_S}s")
+
+
+def _surely_gone(member: procs.ProcessId, our_pid: int) -> bool:
+    """`procs.is_gone`, where a process that cannot be looked at (EMFILE) counts
+    as still there: a sweep will look again."""
+    try:
+        return procs.is_gone(member, our_pid=our_pid)
+    except OSError:
+        return False
 
 
 def _recorded_processes(record: staterecord.StateRecord | None) -> list[procs.ProcessId]:

@@ -222,6 +222,15 @@ def signal_process(proc: ProcessId, sig: int) -> bool:
         os.close(pidfd)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def uptime_ticks() -> int:
+    """Clock ticks since boot now, comparable with `ProcStat.start_time`."""
+    with open("/proc/uptime") as uptime:
+        return int(float(uptime.read().split()[0]) * CLOCK_TICKS)
+
+
 def scan_processes() -> list[ProcStat]:
     """Return the stat of every process (not thread) in /proc at about this moment.
 

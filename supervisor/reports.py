@@ -67,9 +67,11 @@ class ReportStore:
         self.max_file_bytes = max_file_bytes
         self.recent: collections.deque[SweepReport] = collections.deque(maxlen=MEMORY_REPORTS)
 
-    def load(self) -> None:
-        """Blocking: fill the in-memory history from the files of earlier runs.
-        Lines that do not parse (a torn last write) are skipped."""
+    def read_history(self) -> list[SweepReport]:
+        """Blocking, changes nothing: the reports earlier runs left on disk,
+        oldest first (for `remember`). Lines that do not parse (a torn last
+        write) are skipped."""
+        history: collections.deque[SweepReport] = collections.deque(maxlen=MEMORY_REPORTS)
         for path in (self.path.with_name(REPORTS_FILE + ".1"), self.path):
             try:
                 lines = path.read_bytes().splitlines()
@@ -77,9 +79,10 @@ class ReportStore:
                 continue
             for line in lines[-MEMORY_REPORTS:]:
                 try:
-                    self.recent.append(_decoder.decode(line))
+                    history.append(_decoder.decode(line))
                 except msgspec.DecodeError:
                     continue
+        return list(history)
 
     def remember(self, report: SweepReport) -> None:
         self.recent.append(report)

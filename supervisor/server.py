@@ -12,6 +12,7 @@ import array
 import errno
 import itertools
 import os
+import resource
 import socket as stdlib_socket
 import stat
 import struct
@@ -36,13 +37,14 @@ log = structlog.get_logger()
 # Bytes read from a client per receive call.
 RECEIVE_BYTES = 65536
 
-# A client that does not read what we send for this long is dropped: one stuck
-# peer must not pin tasks and memory forever.
-SEND_TIMEOUT_S = 10.0
-
 # A refused peer gets its error line, then the socket is closed after at most
 # this long even if it never reads.
 REFUSE_TIMEOUT_S = 1.0
+
+# Requests one connection may have in flight; past it the daemon stops reading
+# that connection until one finishes, so a pipelining peer cannot queue
+# unbounded work (each `status` or `sweep` costs a scan).
+MAX_IN_FLIGHT = 64
 
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -70,7 +72,11 @@ class Connection:
     # connection (a connection's own nursery may already be closing when some
     # other request's outcome concerns it).
     notify_nursery: trio.Nursery
+    # A peer that does not read for this long is dropped: one stuck peer must
+    # not pin tasks and memory forever (daemon.send_timeout).
+    send_timeout: float = 10.0
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    in_flight: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
     closed: bool = False
 
     def notify(self, method: str, params: object) -> None:
@@ -84,7 +90,7 @@ class Connection:
         if self.closed:
             return
         async with self.send_lock:
-            with trio.move_on_after(SEND_TIMEOUT_S) as scope:
+            with trio.move_on_after(self.send_timeout) as scope:
                 try:
                     view = memoryview(line)
                     if fds:
@@ -101,9 +107,15 @@ class Connection:
                 self.close()
 
     def close(self) -> None:
+        """Stop talking to the peer. The fd itself is closed by the connection's
+        own task when it ends: closing it here, under a reader blocked in recv,
+        would hand that task a ClosedResourceError instead of an end of input."""
         if not self.closed:
             self.closed = True
-            self.sock.close()
+            try:
+                self.sock.shutdown(stdlib_socket.SHUT_RDWR)
+            except OSError:
+                pass  # already disconnected
 
 
 class ControlServer:
@@ -149,8 +161,11 @@ class ControlServer:
             )
         elif self.supervisor.shutting_down:
             refusal = ShuttingDown("the daemon is shutting down")
-        elif len(self.connections) >= self.config.max_connections:
-            refusal = LimitReached(f"the daemon already serves {self.config.max_connections} connections (max_connections)")
+        elif len(self.connections) >= self._connection_limit():
+            refusal = LimitReached(
+                f"the daemon already serves {len(self.connections)} connections "
+                f"(max_connections {self.config.max_connections}, or half its open-file limit)"
+            )
         if refusal is not None:
             log.warning("connection.refused", pid=pid, uid=uid, gid=gid, code=refusal.code, reason=refusal.message)
             with trio.move_on_after(REFUSE_TIMEOUT_S):
@@ -164,7 +179,8 @@ class ControlServer:
         try:
             async with trio.open_nursery() as nursery:
                 connection = Connection(
-                    id=next(self._ids), sock=sock, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery
+                    id=next(self._ids), sock=sock, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery,
+                    send_timeout=self.config.send_timeout,
                 )
                 self.connections[connection.id] = connection
                 self.supervisor.connected(connection)
@@ -188,7 +204,7 @@ class ControlServer:
         while not connection.closed:
             try:
                 data = await connection.sock.recv(RECEIVE_BYTES)
-            except OSError:
+            except (OSError, trio.ClosedResourceError):
                 return False
             if not data:
                 return True
@@ -200,6 +216,9 @@ class ControlServer:
                     if message.fatal:
                         return False
                     continue
+                # Backpressure: a peer cannot have more than this many
+                # requests in flight; the next line waits to be read.
+                await connection.in_flight.acquire()
                 await nursery.start(self._serve_request, connection, message)
         return False
 
@@ -216,20 +235,35 @@ class ControlServer:
 
         fds: tuple[int, ...] = ()
         try:
-            result: Any = await api.handle(self.supervisor, connection, request, mark_started)
-            if isinstance(result, api.FdsResult):
-                result, fds = result.result, result.fds
-            line = protocol.encode_result(request.id, result)
-        except SupervisorError as exc:
-            self.supervisor.metrics.protocol_errors.labels(str(exc.code)).inc()
-            log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
-            line = protocol.encode_error(request.id, exc)
-        except Exception:
-            # A bug, not a client's mistake: log it whole, answer without details.
-            log.exception("request.crashed", connection=connection.id, method=request.method)
-            line = protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
-        mark_started()
-        await connection.send(line, fds)
+            try:
+                result: Any = await api.handle(self.supervisor, connection, request, mark_started)
+                if isinstance(result, api.FdsResult):
+                    result, fds = result.result, result.fds
+                line = protocol.encode_result(request.id, result)
+            except SupervisorError as exc:
+                self.supervisor.metrics.protocol_errors.labels(str(exc.code)).inc()
+                log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
+                line = protocol.encode_error(request.id, exc)
+            except Exception:
+                # A bug, not a client's mistake: log it whole, answer without details.
+                log.exception("request.crashed", connection=connection.id, method=request.method)
+                line = protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
+            mark_started()
+            await connection.send(line, fds)
+        finally:
+            # The fds of an FdsResult are duplicates made for this one response.
+            for fd in fds:
+                os.close(fd)
+            connection.in_flight.release()
+
+    def _connection_limit(self) -> int:
+        """max_connections, but never more than half the open-file limit: the
+        other half stays for pipes, pidfds and /proc reads, without which trees
+        cannot be stopped."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.config.max_connections
+        return min(self.config.max_connections, soft // 2)
 
     @property
     def config(self) -> DaemonConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,6 +110,7 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
     except systemd.ActivationError as exc:
         raise StartupError(str(exc)) from None
     subreaper.become_child_subreaper()
+    raise_fd_limit()
     with state_dir_lock(config.daemon.state_dir):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             if activated is not None:
@@ -121,6 +123,9 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                         raise StartupError(str(exc.strerror or exc)) from None
                     raise StartupError(f"cannot bind {config.daemon.socket}: {exc}") from None
             socket_path = listener.getsockname() if activated is not None else config.daemon.socket
+            # The file we bound, by inode: at exit we remove it only if it is
+            # still ours (a later daemon may have bound the path since).
+            bound_inode = os.stat(config.daemon.socket).st_ino if activated is None else None
             supervisor = Supervisor(config, cgroups=detect_cgroups(config))
             server = ControlServer(supervisor)
             try:
@@ -156,8 +161,8 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                 raise
             finally:
                 # A passed socket belongs to the socket unit: its file stays.
-                if activated is None:
-                    _unlink_socket(config.daemon.socket)
+                if bound_inode is not None:
+                    _unlink_socket(config.daemon.socket, bound_inode)
     log.info("daemon.stopped")
 
 
@@ -181,8 +186,24 @@ def _status_text(supervisor: Supervisor) -> str:
     return f"live instances: {live}, leases: {len(registry.leases)}"
 
 
-def _unlink_socket(path: str) -> None:
+def _unlink_socket(path: str, inode: int) -> None:
     try:
-        os.unlink(path)
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard limit.
+
+    Each connection, instance pipe, pidfd and /proc read takes an fd; the
+    common soft default of 1024 is no more than the default max_connections.
+    Running out would turn routine scans into errors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("daemon.fd_limit_unchanged", soft=soft, hard=hard, error=str(exc))

@@ -95,24 +95,25 @@ def spawn_root(
     parent_fds: list[int] = []
     child_fds: list[int] = []
 
-    def pipe() -> tuple[int, int]:
+    def pipe(*, child_reads: bool) -> tuple[int, int]:
+        """A pipe with one end for the child: (parent's end, child's end).
+        Both are recorded the moment they exist, so a failure half-way (EMFILE
+        on the third pipe) still closes everything."""
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        return read_end, write_end
+        parent, child = (write_end, read_end) if child_reads else (read_end, write_end)
+        parent_fds.append(parent)
+        child_fds.append(child)
+        return parent, child
 
+    stdin_w: int | None = None
+    stdout_r: int | None = None
+    stdin: int = subprocess.DEVNULL
+    stdout: int = subprocess.DEVNULL
     try:
-        stderr_r, stderr_w = pipe()
-        parent_fds.append(stderr_r)
-        child_fds.append(stderr_w)
+        stderr_r, stderr_w = pipe(child_reads=False)
         if adapter.stdio == "pipe":
-            stdin_r, stdin_w = pipe()
-            stdout_r, stdout_w = pipe()
-            parent_fds += [stdin_w, stdout_r]
-            child_fds += [stdin_r, stdout_w]
-            stdin: int = stdin_r
-            stdout: int = stdout_w
-        else:
-            stdin_w = stdout_r = None
-            stdin = stdout = subprocess.DEVNULL
+            stdin_w, stdin = pipe(child_reads=True)
+            stdout_r, stdout = pipe(child_reads=False)
         preexec: Callable[[], None] | None = None
         if cgroup_fd is not None:
             fd = cgroup_fd

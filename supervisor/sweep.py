@@ -17,7 +17,6 @@ The process-table fallback, and any `deep` sweep, read every /proc entry once
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,10 +24,8 @@ from dataclasses import dataclass, field
 from supervisor import procs
 from supervisor.cgroup import CgroupManager
 from supervisor.reports import Orphan
-from supervisor.tree import KILL_GRACE_S, InstanceTree, daemon_tags, wait_gone
+from supervisor.tree import KILL_GRACE_S, InstanceTree, daemon_tags, signal_member, wait_gone
 
-# Clock ticks per second, to turn /proc start times into ages.
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -129,9 +126,7 @@ def _candidate(stat: procs.ProcStat, proof: str, instance: str | None = None) ->
 
 def age_seconds(start_time_ticks: int) -> float:
     """Seconds since a process started, from its /proc start time."""
-    with open("/proc/uptime") as uptime:
-        now = float(uptime.read().split()[0])
-    return max(0.0, now - start_time_ticks / CLOCK_TICKS)
+    return max(0.0, (procs.uptime_ticks() - start_time_ticks) / procs.CLOCK_TICKS)
 
 
 async def reap_candidates(
@@ -151,7 +146,7 @@ async def reap_candidates(
     """
     tracked = {c.stat.process_id for c in candidates}
     for candidate in candidates:
-        procs.signal_process(candidate.stat.process_id, signal.SIGTERM)
+        signal_member(candidate.stat.process_id, signal.SIGTERM)
     gone = await wait_gone(tracked, our_pid=our_pid, timeout=grace, reap=reap, child_exited=child_exited)
     killed: set[procs.ProcessId] = set()
     if not gone:
@@ -161,7 +156,7 @@ async def reap_candidates(
                 killed.add(member)
                 if kill_cgroup is not None and candidate.proof == "cgroup" and candidate.instance:
                     kill_cgroup(candidate.instance)
-                procs.signal_process(member, signal.SIGKILL)
+                signal_member(member, signal.SIGKILL)
         await wait_gone(tracked, our_pid=our_pid, timeout=KILL_GRACE_S, reap=reap, child_exited=child_exited)
     now_ages = {c.stat.pid: age_seconds(c.stat.start_time) for c in candidates}
     return [

@@ -60,7 +60,12 @@ class InstanceTree:
         passes the result to `remember`.
         """
         if self.cgroup is not None:
-            return [s for s in map(procs.read_stat, self.cgroup.pids(self.instance_id)) if s]
+            listed = self.cgroup.pids(self.instance_id)
+            stats = [s for s in map(procs.read_stat, listed) if s]
+            # A pid listed, then freed and reused by a stranger before its stat
+            # was read, is not in the cgroup any more: keep only pids still listed.
+            still = set(self.cgroup.pids(self.instance_id)) if stats else set()
+            return [s for s in stats if s.pid in still]
         return self.members_in(procs.scan_processes(), known)
 
     def members_in(
@@ -89,9 +94,13 @@ class InstanceTree:
                 members[stat.pid] = stat
         return list(members.values())
 
-    def remember(self, stats: list[procs.ProcStat]) -> None:
-        """Record members seen by a scan. Trio thread only."""
-        self.known.update(procs.ProcessId(s.pid, s.start_time) for s in stats)
+    def remember(self, stats: list[procs.ProcStat], snapshot: frozenset[procs.ProcessId] = frozenset()) -> None:
+        """Record members seen by a scan made from `snapshot`. Members of the
+        snapshot the scan no longer found are gone and forgotten, so `known`
+        tracks the live tree instead of growing for weeks. Trio thread only."""
+        seen = {procs.ProcessId(s.pid, s.start_time) for s in stats}
+        self.known -= snapshot - seen
+        self.known |= seen
 
     async def members(self) -> list[procs.ProcStat]:
         """The live members now. A cgroup read is cheap enough for the trio
@@ -101,8 +110,19 @@ class InstanceTree:
             stats = self.scan(known)
         else:
             stats = await trio.to_thread.run_sync(self.scan, known)
-        self.remember(stats)
+        self.remember(stats, known)
         return stats
+
+
+def signal_member(member: procs.ProcessId, sig: int) -> bool:
+    """`procs.signal_process`, with a refusal (EPERM: an adapter that became
+    another user; EMFILE: no fd for the pidfd) logged and counted as not
+    delivered, so one such process never aborts a stop or a sweep."""
+    try:
+        return procs.signal_process(member, sig)
+    except OSError as exc:
+        log.warning("process.signal_failed", pid=member.pid, signal=signal.Signals(sig).name, error=str(exc))
+        return False
 
 
 def daemon_tags(daemon_pid: int, table: list[procs.ProcStat]) -> dict[int, str | None]:
@@ -152,7 +172,7 @@ async def stop_tree(
             if member in tracked:
                 continue
             tracked.add(member)
-            if procs.signal_process(member, sig):
+            if signal_member(member, sig):
                 (outcome.killed if sig == signal.SIGKILL else outcome.signalled).append(member)
 
     rescan_interval = 0.0 if tree.cgroup is not None else FALLBACK_RESCAN_S
@@ -169,7 +189,7 @@ async def stop_tree(
         if tree.cgroup is not None:
             tree.cgroup.kill(tree.instance_id)
         for member in alive:
-            procs.signal_process(member, signal.SIGKILL)
+            signal_member(member, signal.SIGKILL)
         outcome.killed.extend(alive)
         await rescan(signal.SIGKILL)
         await wait(KILL_GRACE_S, signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -106,7 +107,14 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
     is stopped at teardown, and no process it started may outlive it."""
     started: list[DaemonProcess] = []
 
-    def start(adapters: str = "", *, wait: bool = True, state_dir: Path | None = None, **daemon: object) -> DaemonProcess:
+    def start(
+        adapters: str = "",
+        *,
+        wait: bool = True,
+        state_dir: Path | None = None,
+        nofile: int | None = None,
+        **daemon: object,
+    ) -> DaemonProcess:
         index = len(started)
         sock = str(tmp_path / f"d{index}.sock")
         state = state_dir or tmp_path / f"state{index}"
@@ -122,6 +130,8 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
                 [PYTHON, "-m", "supervisor", "serve", "--config", str(config_path)],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                # `nofile`: a hard limit on open files, to test running out of fds.
+                preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None,
             )
         handle = DaemonProcess(popen, sock, state, config_path, log_path)
         started.append(handle)

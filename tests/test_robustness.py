@@ -1,0 +1,129 @@
+"""What a production daemon must survive: peers that never read, fd numbers
+reused under its feet, sweeps racing spawns, running out of file descriptors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+
+import trio
+
+from supervisor import procs
+from tests.conftest import eventually, read_pidfile, tree_adapter, wait_all_gone
+
+STOP_TIMEOUT = 0.5
+
+
+def test_a_peer_that_never_reads_is_dropped_and_the_daemon_lives_on(start_daemon) -> None:
+    daemon = start_daemon(send_timeout=0.5)
+    hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hog.connect(daemon.socket)
+    hog.setblocking(False)
+    line = b'{"jsonrpc":"2.0","id":1,"method":"hello","params":{}}\n'
+    sent = 0
+    deadline = time.monotonic() + 10
+    # Pipeline requests without ever reading until the daemon stops taking them.
+    while time.monotonic() < deadline:
+        try:
+            sent += hog.send(line * 200)
+        except BlockingIOError:
+            time.sleep(0.05)
+            try:
+                hog.send(line)
+            except BlockingIOError:
+                break
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    daemon.wait_for_event("connection.send_timeout", timeout=5.0)
+    assert daemon.popen.poll() is None, "the daemon died of a slow reader"
+    assert daemon.client().call("hello")["pid"] == daemon.pid
+    hog.close()
+    assert sent > 0
+
+
+def test_fds_passed_with_a_lease_are_pipes_and_the_daemon_keeps_none(start_daemon) -> None:
+    adapter = '[adapters.echo]\ncommand = ["/bin/cat"]\nstdio = "pipe"\nstop_timeout = 0.5\n'
+    daemon = start_daemon(adapter)
+    client = daemon.client()
+    client.call("hello")
+    baseline = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+    for round_ in range(20):
+        result, fds = client.call_with_fds("acquire", {"job": f"job-{round_}", "adapter": "echo", "fds": True})
+        assert [stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in fds] == [True, True]
+        client.call("release_job", {"job": f"job-{round_}"})
+        for fd in fds:
+            os.close(fd)
+    assert eventually(lambda: client.call("status")["instances"] == [], timeout=3.0)
+    # Each response's duplicates were closed after sending; each instance's
+    # pipes with its tree.
+    assert eventually(lambda: len(os.listdir(f"/proc/{daemon.pid}/fd")) <= baseline, timeout=3.0)
+
+
+async def test_sweeps_racing_spawns_never_kill_a_live_instance(start_daemon) -> None:
+    adapter = '[adapters.sleeper]\ncommand = ["/bin/sleep", "3600"]\nstop_timeout = 0.5\nmax_instances = 200\n'
+    daemon = start_daemon(adapter, cgroup="off", sweep_interval=0.05)
+    stream = await trio.open_unix_socket(daemon.socket)
+    buffer = b""
+
+    async def call(request_id: int, method: str, params: dict) -> None:
+        line = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        await stream.send_all(json.dumps(line).encode() + b"\n")
+
+    # Sixty spawns pipelined on one connection while periodic and deep sweeps run.
+    for number in range(60):
+        await call(number, "acquire", {"job": f"job-{number}", "adapter": "sleeper"})
+        if number % 10 == 0:
+            await call(1000 + number, "sweep", {"deep": True})
+    answers: dict[int, dict] = {}
+    notifications = []
+    with trio.fail_after(30):
+        while len(answers) < 66:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "the daemon closed the connection"
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                message = json.loads(line)
+                if "id" in message:
+                    answers[message["id"]] = message
+                else:
+                    notifications.append(message)
+    await trio.sleep(0.5)  # several more periodic sweeps
+    assert all("result" in answers[n] for n in range(60)), [answers[n] for n in range(60) if "error" in answers[n]]
+    killed = [n for n in notifications if n.get("method") == "adapter_exited"]
+    assert killed == [], "a sweep killed instances it saw being born"
+    roots = [procs.identify(answers[n]["result"]["pid"]) for n in range(60)]
+    assert all(root is not None and procs.is_running(root) for root in roots)
+    for report_id in range(1000, 1060, 10):
+        assert answers[report_id]["result"]["orphans"] == []
+    await stream.aclose()
+
+
+def test_running_out_of_file_descriptors_does_not_crash_the_daemon(start_daemon, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    daemon = start_daemon(
+        tree_adapter("tree", pidfile=pidfile, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT),
+        nofile=64, cgroup="off",
+    )
+    client = daemon.client()
+    lease = client.call("acquire", {"job": "job-1", "adapter": "tree"})
+    members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
+    # Use up the daemon's file descriptors with idle connections.
+    hogs = []
+    for _ in range(80):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(daemon.socket)
+        hogs.append(sock)
+    time.sleep(0.3)
+    try:
+        client.call("release", {"lease": lease["lease"]})
+        client.call("sweep")
+    finally:
+        for sock in hogs:
+            sock.close()
+    assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 3.0) == {}
+    assert eventually(lambda: daemon.popen.poll() is None and client.call("hello")["pid"] == daemon.pid, timeout=3.0)
