@@ -189,6 +189,12 @@ def _pids_under(path: pathlib.Path) -> list[int]:
             text = _read_text(os.path.join(dirpath, "cgroup.procs"))
         except FileNotFoundError:
             continue
+        except OSError as exc:
+            # A cgroup removed between open and read answers ENODEV: it is
+            # gone, and so are its processes.
+            if exc.errno == errno.ENODEV:
+                continue
+            raise
         found.update(int(line) for line in text.split())
     return sorted(found)
 

@@ -3,7 +3,9 @@
 `serve` and `check-config` work on config files; every other command is a
 client of a running daemon. Human output by default, `--json` for scripts.
 Exit status: 0 on success, 78 for a bad config, 69 when the daemon cannot be
-reached, and 1 (with the daemon's message) when it answers with an error.
+reached (or goes away, e.g. during `status --watch`), 1 (with the daemon's
+message, error name and code) when it answers with an error, 130 on Ctrl-C
+(except for `status --watch`, which Ctrl-C ends normally).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from supervisor import __version__
 from supervisor.client import Client, ConnectionLost, DaemonError, default_socket
+from supervisor.client_protocol import acquire_params
 from supervisor.config import bundled_config_path, load_config
 from supervisor.errors import ConfigError
 
@@ -25,12 +28,23 @@ EX_ERROR = 1
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
+# Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+EX_INTERRUPTED = 130
+
+# Default seconds between `status --watch` refreshes: often enough to follow a
+# job, rarely enough that the tree scans cost the daemon nothing noticeable.
+WATCH_INTERVAL_S = 2.0
+
+# Cursor home, then clear to the end of the screen: redraws a terminal in place.
+CLEAR_SCREEN = "\x1b[H\x1b[J"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adapter-supervisor",
         description="Owns adapter process trees: leases over a Unix socket, whole-tree reaping, orphan sweeps.",
+        epilog="exit status: 0 ok, 1 the daemon answered with an error, 69 the daemon cannot be reached, "
+        "78 bad config, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--socket", help="control socket (default: $ADAPTER_SUPERVISOR_SOCKET or the per-user default)")
@@ -45,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show instances and leases")
     status.add_argument("--job")
+    status.add_argument(
+        "--watch", type=_positive_seconds, nargs="?", const=WATCH_INTERVAL_S, metavar="SECONDS",
+        help=f"refresh every SECONDS (default {WATCH_INTERVAL_S:g}) until Ctrl-C; with --json, one JSON line per refresh",
+    )
 
     acquire = commands.add_parser("acquire", help="acquire a lease (detached leases outlive this command)")
     acquire.add_argument("job")
@@ -75,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -86,11 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_client_command(args)
     except DaemonError as exc:
-        _print_error(args, exc.code, exc.message)
+        _print_error(args, exc.code, f"{exc.message} ({type(exc).__name__}, error {exc.code})")
         return EX_ERROR
     except (ConnectionLost, OSError) as exc:
         _print_error(args, None, f"cannot talk to the daemon at {args.socket or default_socket()}: {exc}")
         return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EX_INTERRUPTED
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -109,37 +140,55 @@ def _check_config(args: argparse.Namespace) -> int:
 def _run_client_command(args: argparse.Namespace) -> int:
     with Client(args.socket) as client:
         if args.command == "status":
-            result = client.call("status", {"job": args.job} if args.job else {})
-            _output(args, result, _render_status)
+            if args.watch is not None:
+                return _watch_status(client, args)
+            _output(args, client.status(args.job), lambda r: render_status(r, time.time()))
         elif args.command == "acquire":
-            params: dict[str, Any] = {"job": args.job, "adapter": args.adapter}
-            if args.param:
-                params["params"] = dict(_split_param(p) for p in args.param)
-            if args.detach:
-                params["detach"] = True
-            if args.ttl is not None:
-                params["ttl"] = args.ttl
-            result = client.call("acquire", params)
+            params = dict(_split_param(p) for p in args.param)
+            result = client.call("acquire", acquire_params(
+                args.job, args.adapter, params=params, fds=False, detach=args.detach, ttl=args.ttl,
+            ))
             _output(args, result, _render_acquire)
         elif args.command == "release":
-            _output(args, client.call("release", {"lease": args.lease}),
+            _output(args, client.release(args.lease),
                     lambda r: f"released; refcount now {r['refcount']}{' (stopping the tree)' if r['stopping'] else ''}")
         elif args.command == "renew":
-            params = {"lease": args.lease} | ({"ttl": args.ttl} if args.ttl is not None else {})
-            _output(args, client.call("renew", params),
+            _output(args, {"expires_at": client.renew(args.lease, args.ttl)},
                     lambda r: f"renewed; expires at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['expires_at']))}")
         elif args.command == "release-job":
-            _output(args, client.call("release_job", {"job": args.job}),
+            _output(args, client.release_job(args.job),
                     lambda r: f"released {r['released']} leases on {len(r['instances'])} instances")
         elif args.command == "sweep":
-            _output(args, client.call("sweep", {"deep": True} if args.deep else {}), _render_report)
+            _output(args, client.sweep(deep=args.deep), _render_report)
         elif args.command == "reports":
-            _output(args, client.call("reports", {"limit": args.limit}),
-                    lambda r: _render_reports(r["reports"]))
+            _output(args, {"reports": client.reports(args.limit)}, lambda r: render_reports(r["reports"]))
         elif args.command == "logs":
-            _output(args, client.call("logs", {"instance": args.instance, "lines": args.lines}),
-                    lambda r: "\n".join(r["lines"]))
+            _output(args, {"lines": client.logs(args.instance, lines=args.lines)}, lambda r: "\n".join(r["lines"]))
     return EX_OK
+
+
+def _watch_status(client: Client, args: argparse.Namespace) -> int:
+    """Print the status every `args.watch` seconds until Ctrl-C (exit 0). Raises
+    ConnectionLost when the daemon goes away meanwhile."""
+    in_place = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            result = client.status(args.job)
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                sys.stdout.write(watch_frame(render_status(result, time.time()), args.watch, time.time(), in_place=in_place))
+                sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+def watch_frame(text: str, interval: float, now: float, *, in_place: bool) -> str:
+    """One refresh of `status --watch`: on a terminal it redraws the screen, in a
+    pipe or file frames follow each other, separated by a blank line."""
+    title = f"every {interval:g}s  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}"
+    return f"{CLEAR_SCREEN}{title}\n\n{text}\n" if in_place else f"{title}\n{text}\n\n"
 
 
 def _split_param(text: str) -> tuple[str, str]:
@@ -161,6 +210,7 @@ def _print_error(args: argparse.Namespace, code: int | None, message: str) -> No
 
 
 def human_bytes(value: float) -> str:
+    """`value` bytes in binary units: "512 B", "1.5 MiB", "2.0 GiB"."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(value) < 1024 or unit == "GiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
@@ -169,6 +219,7 @@ def human_bytes(value: float) -> str:
 
 
 def human_age(seconds: float | None) -> str:
+    """A duration as "42s", "3m07s" or "5h02m"; "-" for None."""
     if seconds is None:
         return "-"
     seconds = max(0, int(seconds))
@@ -179,15 +230,19 @@ def human_age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _render_status(result: dict[str, Any]) -> str:
+def render_status(result: Mapping[str, Any], now: float) -> str:
+    """The status as a summary line and a table: one row per instance with its
+    job, adapter, state, root pid, process count, refcount, age and tree RSS."""
     daemon = result["daemon"]
     lines = [
         f"daemon pid {daemon['pid']}  up {human_age(daemon['uptime_s'])}  "
         f"{daemon['instances']} instances  {daemon['leases']} leases  {daemon['connections']} connections  "
-        f"mode {'cgroup' if daemon['cgroup_mode'] else 'process-table'}"
+        f"RSS {human_bytes(daemon.get('rss_bytes', 0))}"
+        + (f" of {human_bytes(daemon['memory_budget'])} budget" if daemon.get("memory_budget") else "")
+        + f"  mode {'cgroup' if daemon['cgroup_mode'] else 'process-table'}"
+        + ("  SHUTTING DOWN" if daemon.get("shutting_down") else "")
     ]
-    rows = [("INSTANCE", "JOB", "ADAPTER", "STATE", "PID", "PROCS", "LEASES", "AGE", "RSS")]
-    now = time.time()
+    rows = [("INSTANCE", "JOB", "ADAPTER", "STATE", "PID", "PROCS", "REFCOUNT", "AGE", "RSS")]
     for inst in result["instances"]:
         rows.append((
             inst["instance"], inst["job"], inst["adapter"], inst["state"], str(inst["pid"] or "-"),
@@ -199,12 +254,13 @@ def _render_status(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _render_table(rows: list[tuple[str, ...]]) -> list[str]:
+def _render_table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
-def _render_reports(items: list[dict[str, Any]]) -> str:
+def render_reports(items: list[dict[str, Any]]) -> str:
+    """Sweep reports as a table, one row per sweep."""
     if not items:
         return "no sweep reports yet"
     rows = [("WHEN", "KIND", "DURATION", "SCANNED", "ORPHANS", "EXPIRED", "OVER MEM", "RECLAIMED", "ERRORS")]
@@ -224,7 +280,7 @@ def _render_reports(items: list[dict[str, Any]]) -> str:
 
 
 def _render_report(report: dict[str, Any]) -> str:
-    lines = [_render_reports([report])]
+    lines = [render_reports([report])]
     if report["orphans"]:
         rows = [("PID", "PPID", "INSTANCE", "JOB", "ADAPTER", "AGE", "RSS", "ACTION", "RESULT", "COMMAND")]
         for orphan in report["orphans"]:

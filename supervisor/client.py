@@ -1,39 +1,122 @@
-"""A small blocking client for the control socket.
+"""The Python client of adapter-supervisor (the wire protocol is docs/protocol.md).
 
-One request at a time per `Client`; notifications that arrive while waiting
-for a response are kept in `notifications`. Errors from the daemon are raised
-as `DaemonError` carrying the daemon's code and message.
+Two clients with one API:
+
+* `Client`: blocking, on a plain socket. One instance may be shared by any number
+  of threads (a thread pool, a sync web framework): requests are pipelined and
+  their answers matched by id by one reader thread per client.
+* `AsyncClient` (in `supervisor.aio`, importable from here): the same for asyncio
+  and Trio, written once on anyio. ``async with AsyncClient(path) as client:``.
+
+Leases are taken in a ``with`` block so that no exit path can forget them::
+
+    with Client() as client, client.lease("job-1", "claude-acp", fds=True) as lease:
+        lease.stdin.write(b"...\\n"); lease.stdin.flush()
+        reply = lease.stdout.readline()
+
+The lease is released when the block exits for any reason: normal exit, an
+exception, Ctrl-C, cancellation (async). `release_job(job)` releases every lease
+of a job, whoever holds it; call it from the one place where an orchestrator
+handles a job's terminal transitions.
+
+Notifications reach the lease they concern: ``lease.wait_exited()`` returns an
+`AdapterExited` once the daemon says the adapter's tree is gone (or, after
+`shutting_down`, that it is going), and ``lease.on_end(callback)`` runs a
+callback then (on the reader thread or task: keep it short, do not block). Every
+notification is also kept for `next_notification()`.
+
+Errors the daemon answers with are raised as `DaemonError` subclasses named for
+what happened (`UnknownAdapter`, `LimitReached`, `SpawnFailed`, ...), carrying the
+daemon's `code` and `message`. A request that gets no answer within the client's
+`timeout` raises `TimeoutError`.
+
+Connection loss, and why there is no reconnect: a lease that is not detached
+belongs to its connection. When the connection ends (the daemon stopped or
+restarted, the socket broke, `close()`), the daemon releases those leases and
+stops their trees. A client that quietly reconnected and re-acquired would hand
+the caller a new process that lost the old one's state, so instead: every later
+call raises `ConnectionLost`; each bound lease is marked `lost`; `wait_exited()`
+raises `LeaseLost`; and a `lease()` block whose body finished normally raises
+`LeaseLost` on exit, so the job is not reported as done on a dead adapter. To
+carry on, open a new client and acquire again. Detached leases (``detach=True``
+with a ``ttl``) survive their connection and can be renewed or released by token
+from any client of the same uid.
 """
 
 from __future__ import annotations
 
-import array
-import itertools
-import json
+import collections
+import contextlib
+import functools
 import os
 import socket
-from typing import Any
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from supervisor import config as config_module
+from supervisor.client_protocol import (
+    FDS_PER_LEASE,
+    SHUTDOWN_REASON,
+    AdapterExited,
+    Conflict,
+    ConnectionLost,
+    DaemonError,
+    DaemonStatus,
+    HelloResult,
+    InstanceStatus,
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    LeaseInfo,
+    LeaseLost,
+    LimitReached,
+    MethodNotFound,
+    Notice,
+    PermissionDenied,
+    Refusal,
+    ReleaseJobResult,
+    ReleaseResult,
+    Reply,
+    Session,
+    ShuttingDown,
+    SpawnFailed,
+    Status,
+    Stray,
+    UnknownAdapter,
+    UnknownLease,
+    acquire_params,
+    close_fds,
+    describe,
+    fresh_error,
+    logs_params,
+    receive_with_fds,
+    run_callback,
+)
 
-# Largest number of file descriptors one response may carry (stdin + stdout).
-MAX_FDS = 4
+if TYPE_CHECKING:
+    from supervisor.aio import AsyncClient, AsyncLease
 
-RECEIVE_BYTES = 65536
+__all__ = [
+    "AdapterExited", "AsyncClient", "AsyncLease", "Client", "Conflict", "ConnectionLost",
+    "DaemonError", "DaemonStatus", "HelloResult", "InstanceStatus", "InternalError", "InvalidParams",
+    "InvalidRequest", "Lease", "LeaseInfo", "LeaseLost", "LimitReached", "MethodNotFound",
+    "PermissionDenied", "ReleaseJobResult", "ReleaseResult", "ShuttingDown", "SpawnFailed", "Status",
+    "UnknownAdapter", "UnknownLease", "default_socket",
+]
 
+# Seconds to wait for an answer: acquire waits for the spawn, status for a scan of
+# the trees, a sweep for a scan of the process table; all are well under this.
+DEFAULT_TIMEOUT_S = 30.0
 
-class DaemonError(Exception):
-    """The daemon answered a request with an error."""
+# Notifications kept for `next_notification()`; older ones are dropped, so a
+# client that never asks does not grow without bound.
+NOTIFICATION_BACKLOG = 1024
 
-    def __init__(self, code: int, message: str, data: object = None) -> None:
-        super().__init__(f"{message} (error {code})")
-        self.code = code
-        self.message = message
-        self.data = data
-
-
-class ConnectionLost(Exception):
-    """The daemon closed the connection before answering."""
+# After a failed send, how long to let the reader pick up the reason the daemon
+# gave for closing (a refusal is sent just before the close).
+REFUSAL_GRACE_S = 1.0
 
 
 def default_socket() -> str:
@@ -41,85 +124,437 @@ def default_socket() -> str:
     return os.environ.get("ADAPTER_SUPERVISOR_SOCKET") or config_module.default_socket_path()
 
 
-class Client:
-    """A connection to the daemon. Use as a context manager or call `close`."""
+# -- leases -----------------------------------------------------------------------
 
-    def __init__(self, path: str | None = None, *, timeout: float | None = 30.0) -> None:
+
+class Lease(LeaseInfo):
+    """A lease held through a `Client`. With ``fds=True``, `stdin` and `stdout` are
+    the adapter's pipes as buffered binary files (flush after writing); they are
+    closed when the lease is released."""
+
+    def __init__(self, client: Client, result: Mapping[str, Any], *, detached: bool, fds: Sequence[int]) -> None:
+        super().__init__(result, detached=detached)
+        self._client = client
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._callbacks: list[Callable[[Lease], None]] = []
+        self.stdin: IO[bytes] | None = None
+        self.stdout: IO[bytes] | None = None
+        if len(fds) == FDS_PER_LEASE:
+            # Owned by the lease and closed by `release`, so no `with` here.
+            self.stdin = open(fds[0], "wb")  # noqa: SIM115
+            self.stdout = open(fds[1], "rb")  # noqa: SIM115
+
+    def wait_exited(self, timeout: float | None = None) -> AdapterExited:
+        """Block until the adapter is gone (or going, on shutdown) and say how.
+
+        Raises TimeoutError after `timeout` seconds; LeaseLost if the connection
+        ended first (ConnectionLost for a detached lease, which lives on).
+        """
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"the adapter of lease {self.token[:8]} did not exit within {timeout} s")
+        if self.exited is None:
+            if self.detached:
+                raise ConnectionLost(f"the connection ended; detached {describe(self)} lives on, unobserved")
+            raise LeaseLost(f"the connection ended while {describe(self)} was held", self)
+        return self.exited
+
+    def on_end(self, callback: Callable[[Lease], None]) -> None:
+        """Call `callback(lease)` once the adapter exited or the connection ended
+        (at once if that already happened). It runs on the client's reader thread."""
+        with self._lock:
+            if not self._ended.is_set():
+                self._callbacks.append(callback)
+                return
+        run_callback(callback, self)
+
+    def release(self) -> ReleaseResult | None:
+        """Give the lease back and close its pipes; None if the daemon had already
+        let it go (release_job, expiry) or it was released before. Raises
+        ConnectionLost if the connection is gone (a bound lease went with it),
+        TimeoutError if the daemon does not answer."""
+        if self.released:
+            return None
+        self.close_stdio()
+        try:
+            result: ReleaseResult | None = self._client.release(self.token)
+        except UnknownLease:
+            result = None
+        except ConnectionLost:
+            if not self.detached:
+                self._mark_released()
+            raise
+        self._mark_released()
+        return result
+
+    def _mark_released(self) -> None:
+        self.released = True
+        self._client._forget(self)
+
+    def renew(self, ttl: float | None = None) -> float:
+        """Extend a detached lease by `ttl` (default: its own); returns the new expiry."""
+        self.expires_at = self._client.renew(self.token, ttl)
+        return self.expires_at
+
+    def logs(self, lines: int = 100) -> list[str]:
+        """The tail of the adapter's stderr."""
+        return self._client.logs(lease=self.token, lines=lines)
+
+    def close_stdio(self) -> None:
+        """Close this lease's ends of the adapter's pipes (the adapter keeps running)."""
+        for stream in (self.stdin, self.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):  # a pipe whose reader is gone cannot flush
+                    stream.close()
+
+    def _end(self, exited: AdapterExited | None) -> None:
+        """The adapter exited (`exited`) or the connection ended (None)."""
+        with self._lock:
+            if exited is None:
+                self.lost = not self.detached
+            elif self.exited is None:
+                self.exited = exited
+            if self._ended.is_set():
+                return
+            self._ended.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            run_callback(callback, self)
+
+
+class _LeaseScope:
+    """``with client.lease(...)``: acquires on entry, releases on every exit."""
+
+    def __init__(self, client: Client, request: dict[str, Any]) -> None:
+        self._client = client
+        self._request = request
+        self._lease: Lease | None = None
+
+    def __enter__(self) -> Lease:
+        self._lease = self._client._acquire(self._request)
+        return self._lease
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        assert self._lease is not None
+        lease = self._lease
+        try:
+            lease.release()
+        except (ConnectionLost, TimeoutError, DaemonError) as failure:
+            if exc is not None:
+                exc.add_note(f"releasing lease {lease.token[:8]} on the way out failed too: {failure!r}")
+                return
+            if isinstance(failure, ConnectionLost):
+                raise LeaseLost(f"{describe(lease)} was lost with its connection: {failure}", lease) from failure
+            raise
+        if exc is None and lease.lost:
+            raise LeaseLost(f"{describe(lease)} was lost with its connection", lease)
+
+
+# -- the blocking client ---------------------------------------------------------
+
+
+class _ClientSocket(socket.socket):
+    """A socket whose `close` shuts it down first. Closing alone would leave the
+    reader thread blocked in recvmsg, holding the connection open, so neither the
+    reader nor the daemon would see it end."""
+
+    def close(self) -> None:
+        if self.fileno() != -1:
+            with contextlib.suppress(OSError):  # not connected any more
+                self.shutdown(socket.SHUT_RDWR)
+        super().close()
+
+
+class _Waiter:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Reply | None = None
+
+
+class Client:
+    """A blocking connection to the daemon, safe to share between threads.
+
+    Raises OSError if the socket cannot be connected. Use as a context manager or
+    call `close`. `timeout` bounds each wait for an answer (None: wait forever).
+    """
+
+    def __init__(self, path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
         self.path = path or default_socket()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.timeout = timeout
+        self.sock = _ClientSocket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
         except OSError:
             self.sock.close()
             raise
-        self._ids = itertools.count(1)
-        self._buffer = b""
-        self._fds: list[int] = []
-        self.notifications: list[dict[str, Any]] = []
+        self.sock.settimeout(None)  # the reader waits as long as the connection lives
+        # Guards everything below: the session, waiters, leases, notifications.
+        self._lock = threading.Lock()
+        self._notified = threading.Condition(self._lock)
+        self._send_lock = threading.Lock()
+        self._session = Session()
+        self._pending: dict[int, _Waiter] = {}
+        self._leases: dict[str, Lease] = {}
+        self._notifications: collections.deque[dict[str, Any]] = collections.deque(maxlen=NOTIFICATION_BACKLOG)
+        self._refusal: DaemonError | None = None
+        self._failure: Exception | None = None
+        self._closing = False
+        self.shutting_down = False
+        self._reader = threading.Thread(target=self._read_loop, name=f"adapter-supervisor-client {self.path}", daemon=True)
+        self._reader.start()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """End the connection: the daemon releases its bound leases. Idempotent."""
+        self._closing = True
         self.sock.close()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        if threading.current_thread() is not self._reader:
+            self._reader.join()
 
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and return its result; raises DaemonError or ConnectionLost."""
-        result, _ = self.call_with_fds(method, params)
+    @property
+    def lost(self) -> bool:
+        """True once the connection ended (for any reason)."""
+        return self._failure is not None
+
+    # -- raw requests --
+
+    def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Send one request and return its result. Raises DaemonError (a subclass
+        named for the error), ConnectionLost, or TimeoutError."""
+        result, fds = self.call_with_fds(method, params)
+        close_fds(fds)
         return result
 
-    def call_with_fds(self, method: str, params: dict[str, Any] | None = None) -> tuple[Any, list[int]]:
-        """Like `call`, also returning file descriptors passed with the response
-        (the caller owns and must close them)."""
-        request_id = next(self._ids)
-        line = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}})
-        self.sock.sendall(line.encode() + b"\n")
-        while True:
-            message = self._next_message()
-            if "id" not in message:
-                self.notifications.append(message)
-                continue
-            if message.get("id") not in (request_id, None):
-                continue
-            fds, self._fds = self._fds, []
-            if "error" in message:
-                for fd in fds:
-                    os.close(fd)
-                error = message["error"]
-                raise DaemonError(error.get("code", 0), error.get("message", ""), error.get("data"))
-            return message.get("result"), fds
+    def call_with_fds(self, method: str, params: Mapping[str, Any] | None = None) -> tuple[Any, list[int]]:
+        """Like `call`, also returning the fds passed with the answer (the caller
+        owns and must close them). If the wait ends without the answer (timeout,
+        KeyboardInterrupt), a lease it grants later is released by the client."""
+        with self._lock:
+            if self._failure is not None:
+                raise fresh_error(self._failure)
+            request_id, line = self._session.request(method, params)
+            waiter = self._pending[request_id] = _Waiter()
+        answered = False
+        try:
+            self._send(line)
+            if not waiter.event.wait(self.timeout):
+                raise TimeoutError(f"the daemon did not answer {method!r} within {self.timeout} s")
+            answered = True
+        finally:
+            if not answered:
+                self._give_up(request_id, waiter)
+        reply = waiter.reply
+        assert reply is not None
+        if reply.error is not None:
+            raise reply.error
+        return reply.result, list(reply.fds)
 
-    def next_notification(self) -> dict[str, Any]:
-        """Block until the daemon sends a notification (or return a queued one)."""
-        if self.notifications:
-            return self.notifications.pop(0)
-        while True:
-            message = self._next_message()
-            if "id" not in message:
-                return message
+    def next_notification(self, timeout: float | None = None) -> dict[str, Any]:
+        """The oldest notification not yet taken (the whole JSON object), waiting
+        up to `timeout` (default: the client's). Raises TimeoutError, or
+        ConnectionLost once the connection ended and none are left."""
+        timeout = self.timeout if timeout is None else timeout
+        with self._notified:
+            if not self._notified.wait_for(lambda: self._notifications or self._failure is not None, timeout):
+                raise TimeoutError(f"no notification within {timeout} s")
+            if self._notifications:
+                return self._notifications.popleft()
+            assert self._failure is not None
+            raise fresh_error(self._failure)
 
-    def _next_message(self) -> dict[str, Any]:
-        while b"\n" not in self._buffer:
-            fds = array.array("i")
-            data, ancillary, _flags, _addr = self.sock.recvmsg(
-                RECEIVE_BYTES, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-            )
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(payload) - len(payload) % fds.itemsize
-                    fds.frombytes(payload[:usable])
-            for fd in fds:
-                os.set_inheritable(fd, False)
-            self._fds.extend(fds)
-            if not data:
-                raise ConnectionLost("the daemon closed the connection")
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+    # -- the API --
+
+    def hello(self) -> HelloResult:
+        return self.call("hello")  # type: ignore[no-any-return]
+
+    def acquire(
+        self, job: str, adapter: str, *, params: Mapping[str, str] | None = None, fds: bool = False,
+        detach: bool = False, ttl: float | None = None,
+    ) -> Lease:
+        """Take a lease on the (job, adapter) instance, spawning it if needed. The
+        caller must `release()` it; prefer `lease()`, which cannot forget.
+
+        `params` fills the adapter's {param:NAME} placeholders; `fds` asks for its
+        stdin/stdout; `detach` with `ttl` makes a lease that outlives this
+        connection until it expires. Raises UnknownAdapter, InvalidParams,
+        Conflict, LimitReached, SpawnFailed, ShuttingDown, ConnectionLost.
+        """
+        return self._acquire(acquire_params(job, adapter, params=params, fds=fds, detach=detach, ttl=ttl))
+
+    def lease(self, job: str, adapter: str, *, params: Mapping[str, str] | None = None, fds: bool = False) -> contextlib.AbstractContextManager[Lease]:
+        """``with client.lease(job, adapter) as lease:`` a bound lease, released when
+        the block exits however it exits. Raises what `acquire` raises on entry,
+        and `LeaseLost` on a normal exit if the connection ended meanwhile."""
+        return _LeaseScope(self, acquire_params(job, adapter, params=params, fds=fds, detach=False, ttl=None))
+
+    def release(self, lease: Lease | str) -> ReleaseResult:
+        """Release a lease by object or token. Raises UnknownLease, PermissionDenied."""
+        token = lease.token if isinstance(lease, LeaseInfo) else lease
+        return self.call("release", {"lease": token})  # type: ignore[no-any-return]
+
+    def renew(self, lease: Lease | str, ttl: float | None = None) -> float:
+        """Extend a detached lease; returns its new expiry (Unix time)."""
+        token = lease.token if isinstance(lease, LeaseInfo) else lease
+        params: dict[str, Any] = {"lease": token} | ({"ttl": ttl} if ttl is not None else {})
+        return float(self.call("renew", params)["expires_at"])
+
+    def release_job(self, job: str) -> ReleaseJobResult:
+        """Release every lease of `job`, whichever connection holds it (same uid or
+        root); their holders get `adapter_exited` with reason "released"."""
+        return self.call("release_job", {"job": job})  # type: ignore[no-any-return]
+
+    def status(self, job: str | None = None) -> Status:
+        return self.call("status", {"job": job} if job is not None else {})  # type: ignore[no-any-return]
+
+    def sweep(self, *, deep: bool = False) -> dict[str, Any]:
+        """Run an orphan sweep now; returns its report."""
+        return self.call("sweep", {"deep": True} if deep else {})  # type: ignore[no-any-return]
+
+    def reports(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The most recent sweep reports, newest first."""
+        return self.call("reports", {"limit": limit})["reports"]  # type: ignore[no-any-return]
+
+    def logs(self, instance: str | None = None, *, lease: str | None = None, lines: int = 100) -> list[str]:
+        """The tail of an instance's stderr, named by instance id or by lease token."""
+        return self.call("logs", logs_params(instance, lease, lines))["lines"]  # type: ignore[no-any-return]
+
+    # -- internals --
+
+    def _acquire(self, request: dict[str, Any]) -> Lease:
+        result, fds = self.call_with_fds("acquire", request)
+        lease = Lease(self, result, detached=bool(request.get("detach")), fds=fds)
+        with self._lock:
+            self._leases[lease.token] = lease
+            lost = self._failure is not None
+        if lost:
+            lease._end(None)
+        return lease
+
+    def _forget(self, lease: LeaseInfo) -> None:
+        with self._lock:
+            self._leases.pop(lease.token, None)
+
+    def _send(self, line: bytes) -> None:
+        try:
+            with self._send_lock:
+                self.sock.sendall(line)
+        except OSError as exc:
+            # The daemon may have said why it closed (a refusal) just before.
+            self._reader.join(REFUSAL_GRACE_S)
+            with self._lock:
+                failure = self._failure
+            if failure is not None:
+                raise fresh_error(failure) from exc
+            raise ConnectionLost(f"cannot send to the daemon: {exc}") from exc
+
+    def _give_up(self, request_id: int, waiter: _Waiter) -> None:
+        """The caller stops waiting for `request_id`: its answer, if it ever comes
+        or came meanwhile, is disposed of (fds closed, a granted lease released)."""
+        with self._lock:
+            if self._pending.pop(request_id, None) is not None:
+                self._session.abandon(request_id)
+                return
+        reply = waiter.reply
+        if reply is not None and reply.error is None:
+            lease = reply.result.get("lease") if reply.method == "acquire" and isinstance(reply.result, dict) else None
+            self._dispose(Stray(lease, reply.fds))
+
+    def _dispose(self, stray: Stray) -> None:
+        close_fds(stray.fds)
+        if stray.lease is None:
+            return
+        with self._lock:
+            if self._failure is not None:
+                return  # a bound lease went with the connection
+            request_id, line = self._session.request("release", {"lease": stray.lease})
+            self._session.abandon(request_id)
+        with contextlib.suppress(ConnectionLost):  # then the daemon released it anyway
+            self._send(line)
+
+    def _read_loop(self) -> None:
+        reason = ConnectionLost("the daemon closed the connection")
+        try:
+            while True:
+                data, fds = receive_with_fds(self.sock)
+                if not data:
+                    close_fds(fds)
+                    break
+                self._dispatch(data, fds)
+        except ConnectionLost as exc:
+            reason = exc
+        except OSError as exc:
+            reason = ConnectionLost(f"the connection to the daemon failed: {exc}")
+        finally:
+            if self._closing:
+                reason = ConnectionLost("this client was closed")
+            self._connection_ended(reason)
+
+    def _dispatch(self, data: bytes, fds: list[int]) -> None:
+        """Route what one read completed; callbacks and releases run after the lock."""
+        later: list[Callable[[], None]] = []
+        with self._lock:
+            for incoming in self._session.receive(data, fds):
+                if isinstance(incoming, Reply):
+                    waiter = self._pending.pop(incoming.id, None)
+                    if waiter is None:
+                        close_fds(incoming.fds)
+                        continue
+                    waiter.reply = incoming
+                    waiter.event.set()
+                elif isinstance(incoming, Notice):
+                    self._notifications.append(incoming.message)
+                    self._notified.notify_all()
+                    later += self._route_notice(incoming)
+                elif isinstance(incoming, Refusal):
+                    self._refusal = incoming.error
+                    for request_id, waiter in list(self._pending.items()):
+                        waiter.reply = Reply(request_id, "", error=fresh_error(incoming.error))
+                        waiter.event.set()
+                    self._pending.clear()
+                else:
+                    later.append(functools.partial(self._dispose, incoming))
+        for action in later:
+            action()
+
+    def _route_notice(self, notice: Notice) -> list[Callable[[], None]]:
+        if notice.method == "adapter_exited":
+            exited = AdapterExited.from_params(notice.params)
+            return [functools.partial(lease._end, exited) for lease in self._leases.values() if lease.instance == exited.instance]
+        if notice.method == "shutting_down":
+            self.shutting_down = True
+            return [
+                functools.partial(lease._end, AdapterExited(lease.instance, lease.job, lease.adapter, lease.pid, None, SHUTDOWN_REASON))
+                for lease in self._leases.values()
+            ]
+        return []
+
+    def _connection_ended(self, reason: ConnectionLost) -> None:
+        with self._lock:
+            failure: Exception = self._refusal or reason
+            self._failure = failure
+            for request_id, waiter in self._pending.items():
+                waiter.reply = Reply(request_id, "", error=fresh_error(failure))
+                waiter.event.set()
+            self._pending.clear()
+            leases = list(self._leases.values())
+            self._notified.notify_all()
+            close_fds(self._session.leftover_fds())
+        for lease in leases:
+            lease._end(None)
+
+
+def __getattr__(name: str) -> Any:
+    # The async client needs anyio; it is imported only by those who use it.
+    if name in ("AsyncClient", "AsyncLease"):
+        from supervisor import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

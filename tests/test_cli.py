@@ -1,0 +1,149 @@
+"""The command line as a client: tables a person can read, `status --watch`,
+JSON for scripts, and exit codes. (acquire/release/logs round trips, exit 1 on
+an error and exit 69 with no daemon are in test_service.py.)"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import signal
+import subprocess
+import time
+
+from supervisor import cli
+from tests.conftest import PYTHON
+
+SLEEPER = '[adapters.sleeper]\ncommand = ["/bin/sh", "-c", "(sleep 3600 & wait) & exec sleep 3600"]\nstop_timeout = 0.5\n'
+NOW = 1_800_000_000.0
+
+
+def status_result(instances: list[dict[str, object]]) -> dict[str, object]:
+    daemon = {
+        "pid": 4242, "uptime_s": 3725.0, "instances": len(instances), "leases": 3, "connections": 2,
+        "cgroup_mode": True, "shutting_down": False, "rss_bytes": 3 * 2**30 // 2, "memory_budget": 4 * 2**30,
+    }
+    return {"daemon": daemon, "instances": instances}
+
+
+def instance_row(**fields: object) -> dict[str, object]:
+    row = {
+        "instance": "a1b2c3d4e5f6", "job": "job-7", "adapter": "claude-acp", "state": "running", "pid": 31337,
+        "pids": [31337, 31338, 31339], "refcount": 2, "started_at": NOW - 65, "rss_bytes": 512 * 2**20 + 2**19,
+    }
+    return row | fields
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "supervisor", *args], check=False, capture_output=True, text=True, timeout=20)
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([PYTHON, "-m", "supervisor", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_lines(proc: subprocess.Popen[str], wanted: int, timeout: float = 10.0) -> list[str]:
+    """The next `wanted` lines of `proc`'s stdout, failing after `timeout`."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while len(lines) < wanted:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and selector.select(remaining), f"only {lines} within {timeout}s"
+            line = proc.stdout.readline()
+            assert line, f"stdout ended after {lines}"
+            lines.append(line)
+    return lines
+
+
+# -- rendering -------------------------------------------------------------------
+
+
+def test_status_table_shows_job_adapter_pid_refcount_age_and_rss_in_human_units() -> None:
+    text = cli.render_status(status_result([instance_row(), instance_row(instance="ffff00001111", pid=None, pids=[], state="starting", started_at=None, rss_bytes=0)]), NOW)
+    summary, header, first, second = text.splitlines()
+    assert "up 1h02m" in summary and "RSS 1.5 GiB of 4.0 GiB budget" in summary and "mode cgroup" in summary
+    assert header.split() == ["INSTANCE", "JOB", "ADAPTER", "STATE", "PID", "PROCS", "REFCOUNT", "AGE", "RSS"]
+    assert first.split() == ["a1b2c3d4e5f6", "job-7", "claude-acp", "running", "31337", "3", "2", "1m05s", "512.5", "MiB"]
+    assert second.split() == ["ffff00001111", "job-7", "claude-acp", "starting", "-", "0", "2", "-", "0", "B"]
+    # Columns line up: every row starts each column where the header does.
+    assert first.index("job-7") == header.index("JOB") and second.index("2 ") >= header.index("REFCOUNT")
+
+
+def test_status_without_instances_and_while_shutting_down() -> None:
+    result = status_result([])
+    result["daemon"]["shutting_down"] = True  # type: ignore[index]
+    summary, body = cli.render_status(result, NOW).splitlines()
+    assert summary.endswith("SHUTTING DOWN") and body == "no instances"
+
+
+def test_human_units() -> None:
+    assert [cli.human_bytes(v) for v in (0, 1023, 1024, 5 * 2**20 + 2**19, 3 * 2**30)] == ["0 B", "1023 B", "1.0 KiB", "5.5 MiB", "3.0 GiB"]
+    assert [cli.human_age(s) for s in (None, -3, 59, 60, 3599, 3600, 90061)] == ["-", "0s", "59s", "1m00s", "59m59s", "1h00m", "25h01m"]
+
+
+def test_a_watch_frame_redraws_a_terminal_and_appends_in_a_pipe() -> None:
+    on_terminal = cli.watch_frame("TABLE", 2.0, NOW, in_place=True)
+    assert on_terminal.startswith(cli.CLEAR_SCREEN) and on_terminal.endswith("TABLE\n") and "every 2s" in on_terminal
+    in_pipe = cli.watch_frame("TABLE", 0.5, NOW, in_place=False)
+    assert cli.CLEAR_SCREEN not in in_pipe and in_pipe.startswith("every 0.5s") and in_pipe.endswith("TABLE\n\n")
+
+
+# -- against the daemon ------------------------------------------------------------
+
+
+def test_status_watch_refreshes_until_ctrl_c_and_exits_0(start_daemon) -> None:
+    daemon = start_daemon(SLEEPER)
+    assert run_cli("--socket", daemon.socket, "acquire", "job-w", "sleeper", "--detach", "--ttl", "30").returncode == 0
+    watcher = start_cli("--socket", daemon.socket, "status", "--watch", "0.1")
+    try:
+        lines = read_lines(watcher, 10)
+        titles = [line for line in lines if line.startswith("every 0.1s")]
+        rows = [line.split() for line in lines if line.split()[1:3] == ["job-w", "sleeper"]]
+        assert len(titles) >= 2 and len(rows) >= 2, lines
+        assert rows[0][3:7] == ["running", rows[0][4], "3", "1"]
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=10)
+    assert watcher.returncode == 0 and "Traceback" not in stderr
+
+
+def test_status_watch_json_is_one_document_per_refresh_and_exits_69_when_the_daemon_goes(start_daemon) -> None:
+    daemon = start_daemon(SLEEPER)
+    watcher = start_cli("--socket", daemon.socket, "--json", "status", "--watch", "0.1")
+    try:
+        documents = [json.loads(line) for line in read_lines(watcher, 3)]
+        assert all(d["daemon"]["pid"] == daemon.pid and d["instances"] == [] for d in documents)
+        daemon.stop()
+        stdout, stderr = watcher.communicate(timeout=10)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == cli.EX_UNAVAILABLE, stderr
+    error = json.loads(stdout.splitlines()[-1])["error"]
+    assert daemon.socket in error["message"] and "Traceback" not in stderr
+
+
+def test_sweep_and_reports_render_tables_and_json(start_daemon) -> None:
+    daemon = start_daemon(SLEEPER)
+    sock = ("--socket", daemon.socket)
+    swept = run_cli(*sock, "sweep")
+    assert swept.returncode == 0, swept.stderr
+    assert swept.stdout.split()[:4] == ["WHEN", "KIND", "DURATION", "SCANNED"]
+    human = run_cli(*sock, "reports", "--limit", "5")
+    assert human.returncode == 0, human.stderr
+    header, *rows = human.stdout.splitlines()
+    assert header.split()[:2] == ["WHEN", "KIND"] and [row.split()[2] for row in rows] == ["manual", "startup"]
+    as_json = json.loads(run_cli(*sock, "--json", "reports", "--limit", "1").stdout)
+    assert [report["kind"] for report in as_json["reports"]] == ["manual"]
+
+
+def test_a_daemon_error_names_the_error_and_its_code(start_daemon) -> None:
+    daemon = start_daemon(SLEEPER)
+    completed = run_cli("--socket", daemon.socket, "logs", "no-such-instance")
+    assert completed.returncode == cli.EX_ERROR
+    assert "no instance 'no-such-instance'" in completed.stderr and "(InvalidParams, error -32602)" in completed.stderr
+    as_json = run_cli("--socket", daemon.socket, "--json", "logs", "no-such-instance")
+    assert as_json.returncode == cli.EX_ERROR and json.loads(as_json.stdout)["error"]["code"] == -32602
