@@ -15,17 +15,25 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import structlog
 import trio
 
 from supervisor import metrics, procs, reports, staterecord, sweep
+from supervisor.blocking import write_bounded
 from supervisor.cgroup import CgroupManager
 from supervisor.config import AdapterConfig, Config
-from supervisor.errors import InvalidParams, LimitReached, SpawnFailed, SupervisorError, UnknownAdapter
+from supervisor.errors import (
+    InvalidParams,
+    LimitReached,
+    SpawnFailed,
+    SupervisorError,
+    UnknownAdapter,
+)
 from supervisor.registry import (
     Action,
     InstanceSettled,
@@ -36,9 +44,15 @@ from supervisor.registry import (
     State,
     StopTree,
 )
-from supervisor.spawner import STDERR_LINE_BYTES, RootProcess, spawn_root
+from supervisor.spawner import RootProcess, capture_stderr, spawn_root
 from supervisor.subreaper import ChildReaper
-from supervisor.tree import InstanceTree, StopOutcome, daemon_tags, signal_member, stop_tree
+from supervisor.tree import (
+    InstanceTree,
+    StopOutcome,
+    scan_trees,
+    signal_member,
+    stop_tree,
+)
 
 log = structlog.get_logger()
 
@@ -51,18 +65,9 @@ FINISHED_LOGS_KEPT = 64
 # of a known adapter gets that adapter's stop_timeout if it is shorter.
 ORPHAN_GRACE_S = 5.0
 
-# The durable record is rewritten at most this often: a burst of spawns costs
-# one write, and a kill -9 loses at most this much (the tag and cgroup scans
-# of the next start still find those processes).
-RECORD_WRITE_INTERVAL_S = 0.2
-
 # A stop is bounded by the adapter's stop_timeout plus this: the SIGKILL grace,
 # waiting for the root's status, and slack for a busy host.
 STOP_MARGIN_S = 5.0
-
-# Writes of reports and the record run shielded (they must not be lost to a
-# cancel) but bounded: a hung state_dir disk must not hang the daemon.
-FILE_WRITE_TIMEOUT_S = 5.0
 
 # A budget check reuses a tree-RSS total this fresh instead of rescanning.
 RSS_CACHE_S = 1.0
@@ -120,10 +125,7 @@ class Supervisor:
         self._expired_unreported: list[str] = []
         self._sweep_lock = trio.Lock()
         self._deadline_changed = trio.Event()
-        self._record_dirty = trio.Event()
-        # Writes of the record are serialized so an older snapshot never lands
-        # after a newer one.
-        self._record_lock = trio.Lock()
+        self.record = staterecord.RecordKeeper(self.state_dir, self._record_snapshot)
         self._rss_total = (0, -RSS_CACHE_S)  # (bytes, trio time measured)
         self._nursery: trio.Nursery | None = None
         self._clock_offset = 0.0
@@ -149,11 +151,11 @@ class Supervisor:
             self._nursery = nursery
             await nursery.start(self.reaper.run)
             previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
-            await self.sweep("startup", deep=True, recorded=_recorded_processes(previous))
-            self._record_dirty.set()
+            await self.sweep("startup", deep=True, recorded=staterecord.recorded_processes(previous))
+            self.record.mark_dirty()
             nursery.start_soon(self._expire_deadlines)
             nursery.start_soon(self._sweep_periodically)
-            nursery.start_soon(self._keep_record)
+            nursery.start_soon(self.record.run)
             task_status.started()
 
     async def _expire_deadlines(self) -> None:
@@ -185,20 +187,6 @@ class Supervisor:
         while True:
             await trio.sleep(self.config.daemon.sweep_interval)
             await self.sweep("periodic")
-
-    async def _keep_record(self) -> None:
-        """Rewrite the durable record whenever instances change, coalescing bursts."""
-        while True:
-            await self._record_dirty.wait()
-            self._record_dirty = trio.Event()
-            await self._write_record()
-            await trio.sleep(RECORD_WRITE_INTERVAL_S)
-
-    async def _write_record(self) -> None:
-        async with self._record_lock:
-            # Snapshot taken under the lock, on the trio thread.
-            record = self._record_snapshot()
-            await _write_bounded("state.record_failed", staterecord.write_record, self.state_dir, record)
 
     def _record_snapshot(self) -> staterecord.StateRecord:
         instances = []
@@ -273,8 +261,8 @@ class Supervisor:
         # The tasks get the object, not the id: the instance may be stopped and
         # forgotten before they first run.
         self._nursery.start_soon(self._watch_root, instance_id, running)
-        self._nursery.start_soon(self._capture_stderr, instance_id, running)
-        self._record_dirty.set()
+        self._nursery.start_soon(capture_stderr, root, partial(self._stderr_line, instance_id))
+        self.record.mark_dirty()
         self.metrics.spawns.labels(adapter.name).inc()
         log.info("adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
@@ -294,31 +282,8 @@ class Supervisor:
         log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=returncode)
         self.execute(self.registry.root_exited(instance_id, returncode=returncode, now=self.now()))
 
-    async def _capture_stderr(self, instance_id: str, running: RunningInstance) -> None:
-        stream = trio.lowlevel.FdStream(running.root.stderr_fd)
-        buffer = b""
-        async with stream:
-            while True:
-                try:
-                    chunk = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                if not chunk:
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                if len(buffer) > STDERR_LINE_BYTES:
-                    lines.append(buffer)
-                    buffer = b""
-                for raw in lines:
-                    self._stderr_line(instance_id, running, raw)
-            if buffer:
-                self._stderr_line(instance_id, running, buffer)
-
     @staticmethod
-    def _stderr_line(instance_id: str, running: RunningInstance, raw: bytes) -> None:
-        line = raw[:STDERR_LINE_BYTES].decode("utf-8", "replace").rstrip("\r")
-        running.root.stderr_tail.append(line)
+    def _stderr_line(instance_id: str, line: str) -> None:
         log.info("adapter.stderr", instance=instance_id, line=line)
 
     async def _stop(self, instance_id: str, reason: Reason) -> None:
@@ -359,7 +324,7 @@ class Supervisor:
                 self.finished_logs.popitem(last=False)
             del self.running[instance_id]
             running.stopped.set()
-            self._record_dirty.set()
+            self.record.mark_dirty()
             self.metrics.reaps.labels(adapter.name, reason.value).inc()
         log.info(
             "tree.reaped" if outcome.clean else "tree.reap_incomplete",
@@ -432,7 +397,7 @@ class Supervisor:
         thread from snapshots; updates known members and RSS on the trio thread."""
         ids = list(self.running) if instance_ids is None else [i for i in instance_ids if i in self.running]
         snapshots = {i: (self.running[i].tree, frozenset(self.running[i].tree.known)) for i in ids}
-        members = await trio.to_thread.run_sync(_scan_trees, snapshots)
+        members = await trio.to_thread.run_sync(scan_trees, snapshots)
         self._remember(members, snapshots)
         if instance_ids is None:
             self._rss_total = (sum(r.rss_bytes for r in self.running.values()), trio.current_time())
@@ -563,10 +528,10 @@ class Supervisor:
         self.metrics.sweep_duration.labels(report.kind).observe(report.duration_ms / 1000)
         for orphan in report.orphans:
             self.metrics.orphans.labels(orphan.action).inc()
-        await _write_bounded("sweep.report_not_saved", self.reports.append_to_file, report)
+        await write_bounded("sweep.report_not_saved", self.reports.append_to_file, report)
         textfile = self.config.daemon.metrics_textfile
         if textfile is not None:
-            await _write_bounded("metrics.textfile_failed", metrics.write_textfile, textfile, self.metrics.exposition())
+            await write_bounded("metrics.textfile_failed", metrics.write_textfile, textfile, self.metrics.exposition())
 
     def _live_state(self) -> metrics.LiveState:
         instances: collections.Counter[str] = collections.Counter()
@@ -615,38 +580,10 @@ class Supervisor:
             with trio.move_on_after(max(timeouts) + 6):
                 for running in list(self.running.values()):
                     await running.stopped.wait()
-            await self._write_record()
+            await self.record.write_now()
         if self.cgroups is not None and not self.running:
             self.cgroups.remove_base()
         log.info("daemon.trees_stopped", left=len(self.running))
-
-
-def _scan_trees(
-    snapshots: dict[str, tuple[InstanceTree, frozenset[procs.ProcessId]]],
-) -> dict[str, list[procs.ProcStat]]:
-    """Blocking: members of each tree. Runs in a worker thread; returns data only."""
-    if not snapshots:
-        return {}
-    first_tree = next(iter(snapshots.values()))[0]
-    if first_tree.cgroup is not None:
-        return {instance_id: tree.scan(known) for instance_id, (tree, known) in snapshots.items()}
-    # One process-table scan serves every tree.
-    table = procs.scan_processes()
-    tags = daemon_tags(first_tree.daemon_pid, table)
-    return {instance_id: tree.members_in(table, known, tags) for instance_id, (tree, known) in snapshots.items()}
-
-
-async def _write_bounded(failure_event: str, write: Callable[..., None], *args: object) -> None:
-    """Run a blocking file write in a worker thread, at most FILE_WRITE_TIMEOUT_S
-    (then abandoned: the thread finishes or fails on its own). Failures are
-    logged as `failure_event`, never raised."""
-    with trio.move_on_after(FILE_WRITE_TIMEOUT_S) as scope:
-        try:
-            await trio.to_thread.run_sync(write, *args, abandon_on_cancel=True)
-        except OSError as exc:
-            log.error(failure_event, error=str(exc))
-    if scope.cancelled_caught:
-        log.error(failure_event, error=f"no answer from the disk within {FILE_WRITE_TIMEOUT_S}s")
 
 
 def _surely_gone(member: procs.ProcessId, our_pid: int) -> bool:
@@ -656,12 +593,6 @@ def _surely_gone(member: procs.ProcessId, our_pid: int) -> bool:
         return procs.is_gone(member, our_pid=our_pid)
     except OSError:
         return False
-
-
-def _recorded_processes(record: staterecord.StateRecord | None) -> list[procs.ProcessId]:
-    if record is None:
-        return []
-    return [procs.ProcessId(p.pid, p.start_time) for i in record.instances for p in i.processes]
 
 
 def _mib(value: int) -> str:

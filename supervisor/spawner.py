@@ -21,6 +21,8 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import trio
+
 from supervisor import procs
 from supervisor.config import AdapterConfig
 from supervisor.errors import SpawnFailed
@@ -29,7 +31,7 @@ from supervisor.errors import SpawnFailed
 # stack trace or two; bounded so a chatty adapter cannot grow the daemon.
 STDERR_LINES = 1000
 
-# Longest stderr line kept; the rest of a longer line is dropped.
+# Longest stderr line kept as one; a longer line is cut into pieces this long.
 STDERR_LINE_BYTES = 4096
 
 
@@ -147,6 +149,39 @@ def spawn_root(
             os.close(fd)
     identity = procs.identify(popen.pid) or procs.ProcessId(popen.pid, 0)
     return RootProcess(popen=popen, id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r)
+
+
+async def capture_stderr(root: RootProcess, on_line: Callable[[str], None]) -> None:
+    """Read the root's stderr pipe (which every descendant inherits) until all
+    writers are gone, keeping the tail in `root.stderr_tail` and passing each
+    line to `on_line`. A line longer than STDERR_LINE_BYTES is cut into pieces.
+    Cancellation: stops reading; the pipe is closed either way."""
+    stream = trio.lowlevel.FdStream(root.stderr_fd)
+    buffer = b""
+
+    def emit(raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        root.stderr_tail.append(line)
+        on_line(line)
+
+    async with stream:
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            while len(buffer) > STDERR_LINE_BYTES:
+                lines.append(buffer[:STDERR_LINE_BYTES])
+                buffer = buffer[STDERR_LINE_BYTES:]
+            for raw in lines:
+                for start in range(0, max(len(raw), 1), STDERR_LINE_BYTES):
+                    emit(raw[start:start + STDERR_LINE_BYTES])
+        if buffer:
+            emit(buffer)
 
 
 def _describe_spawn_error(adapter: AdapterConfig, argv: list[str], exc: OSError) -> str:

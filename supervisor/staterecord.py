@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import trio
+
+from supervisor import procs
+from supervisor.blocking import write_bounded
 
 RECORD_FILE = "instances.json"
+
+# The record is rewritten at most this often: a burst of spawns costs one
+# write, and a kill -9 loses at most this much (the tag and cgroup scans of
+# the next start still find those processes).
+RECORD_WRITE_INTERVAL_S = 0.2
 
 
 class RecordedProcess(msgspec.Struct, frozen=True):
@@ -92,3 +102,40 @@ def read_record(state_dir: str) -> StateRecord | None:
         # Written before a reboot: its (pid, start time) pairs may name strangers now.
         return None
     return record
+
+
+def recorded_processes(record: StateRecord | None) -> list[procs.ProcessId]:
+    """Every (pid, start time) a record names."""
+    if record is None:
+        return []
+    return [procs.ProcessId(p.pid, p.start_time) for i in record.instances for p in i.processes]
+
+
+class RecordKeeper:
+    """Keeps the record in step with the daemon: `mark_dirty` after a change,
+    and `run` rewrites it soon after, coalescing bursts. Trio thread only;
+    `snapshot` is called on the trio thread and must return a fresh record."""
+
+    def __init__(self, state_dir: str, snapshot: Callable[[], StateRecord]) -> None:
+        self.state_dir = state_dir
+        self._snapshot = snapshot
+        self._dirty = trio.Event()
+        # Writes are serialized so an older snapshot never lands after a newer one.
+        self._lock = trio.Lock()
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Rewrite on every change until cancelled."""
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            await self.write_now()
+            await trio.sleep(RECORD_WRITE_INTERVAL_S)
+
+    async def write_now(self) -> None:
+        """Write the current snapshot (bounded; failures are logged)."""
+        async with self._lock:
+            record = self._snapshot()
+            await write_bounded("state.record_failed", write_record, self.state_dir, record)

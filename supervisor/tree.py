@@ -114,6 +114,22 @@ class InstanceTree:
         return stats
 
 
+def scan_trees(
+    snapshots: dict[str, tuple[InstanceTree, frozenset[procs.ProcessId]]],
+) -> dict[str, list[procs.ProcStat]]:
+    """Blocking: members of many trees, from (tree, known-members snapshot)
+    pairs. For a worker thread: reads only, returns data. In process-table mode
+    one scan of /proc serves every tree."""
+    if not snapshots:
+        return {}
+    first_tree = next(iter(snapshots.values()))[0]
+    if first_tree.cgroup is not None:
+        return {instance_id: tree.scan(known) for instance_id, (tree, known) in snapshots.items()}
+    table = procs.scan_processes()
+    tags = daemon_tags(first_tree.daemon_pid, table)
+    return {instance_id: tree.members_in(table, known, tags) for instance_id, (tree, known) in snapshots.items()}
+
+
 def signal_member(member: procs.ProcessId, sig: int) -> bool:
     """`procs.signal_process`, with a refusal (EPERM: an adapter that became
     another user; EMFILE: no fd for the pidfd) logged and counted as not

@@ -1,0 +1,76 @@
+"""Spawning a root: environment tags, session, spawn errors, stderr capture."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import trio
+
+from supervisor import procs
+from supervisor.config import parse_config
+from supervisor.errors import SpawnFailed
+from supervisor.spawner import STDERR_LINE_BYTES, capture_stderr, spawn_root
+
+
+def adapter(command: list[str], **extra: str) -> object:
+    lines = [f"command = {json.dumps(command)}"] + [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    return parse_config("[adapters.a]\n" + "\n".join(lines) + "\n").adapters["a"]
+
+
+async def test_a_root_runs_in_its_own_session_with_the_tags_and_its_stderr_is_captured() -> None:
+    script = (
+        "import os, sys\n"
+        "sys.stderr.write('x' * 10000 + '\\n')\n"
+        "sys.stderr.write(os.environ['ADAPTER_SUPERVISOR_INSTANCE'] + ' ' + str(os.getsid(0) == os.getpid()) + '\\n')\n"
+        "sys.stderr.write('no newline at the end')\n"
+    )
+    root = spawn_root(adapter([sys.executable, "-c", script]), instance_id="inst-1", job="j", params={}, daemon_key="k")
+    lines: list[str] = []
+    try:
+        with trio.fail_after(10):
+            await capture_stderr(root, lines.append)
+    finally:
+        root.popen.wait()
+        root.close_stdio()
+    long_pieces = [line for line in lines if set(line) == {"x"}]
+    assert [len(piece) for piece in long_pieces] == [STDERR_LINE_BYTES, STDERR_LINE_BYTES, 10000 - 2 * STDERR_LINE_BYTES]
+    assert lines[-2:] == ["inst-1 True", "no newline at the end"]
+    assert list(root.stderr_tail) == lines
+
+
+@pytest.mark.parametrize(
+    "command, extra, reason",
+    [
+        (["/nonexistent/binary"], {}, "not found"),
+        (["/bin/true"], {"cwd": "/nonexistent/dir"}, "does not exist"),
+        (["/etc/passwd"], {}, "permission denied"),
+    ],
+)
+def test_spawn_failures_name_the_os_reason_and_leave_no_fd_open(command, extra, reason) -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(SpawnFailed) as error:
+        spawn_root(adapter(command, **extra), instance_id="i", job="j", params={}, daemon_key="k")
+    assert reason in error.value.message
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_the_daemon_tag_is_in_the_environment() -> None:
+    root = spawn_root(adapter(["/bin/sleep", "5"]), instance_id="inst-2", job="j", params={}, daemon_key="key-7")
+    try:
+        env = {}
+        for _ in range(200):
+            env = procs.read_supervisor_env(root.pid)
+            if env:
+                break
+            time.sleep(0.01)
+        assert env == {
+            procs.INSTANCE_ENV: "inst-2", procs.JOB_ENV: "j", procs.ADAPTER_ENV: "a", procs.DAEMON_ENV: "key-7",
+        }
+    finally:
+        root.popen.kill()
+        root.popen.wait()
+        os.close(root.stderr_fd)
