@@ -1,0 +1,1 @@
+"""Benchmark suite: adapter-supervisor against supervisord and circus (see README.md)."""

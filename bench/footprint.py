@@ -1,0 +1,63 @@
+"""Our daemon's resident memory: idle, and with 1000 open client connections.
+
+(RSS with 1000 live instances comes from the sweep workload, which holds them.)
+Every connection sends `hello` and reads the answer before the measurement, so
+the daemon has accepted and registered each one.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from bench import procwatch, systems, wire
+from bench.session import Session
+
+CONNECTIONS = 1000
+
+# Let the daemon's allocator settle after the connections are served.
+SETTLE_S = 0.5
+
+
+def run(session: Session, system: systems.Ours, connections: int = CONNECTIONS) -> dict[str, Any]:
+    client = wire.OursClient(system.endpoint)
+    client.call("status")
+    client.close()
+    time.sleep(SETTLE_S)
+    idle = procwatch.rss_bytes(system.pid)
+    session.log(f"footprint: {connections} open connections")
+    socks = []
+    try:
+        hello = wire.ours_request(1, "hello")
+        for _ in range(connections):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(system.endpoint)
+            sock.sendall(hello)
+            socks.append(sock)
+        for sock in socks:
+            framer = wire.LineFramer()
+            while True:
+                data = sock.recv(wire.RECEIVE_BYTES)
+                if not data:
+                    raise RuntimeError("the daemon closed a connection during the footprint workload")
+                if framer.feed(data):
+                    break
+        time.sleep(SETTLE_S)
+        with_connections = procwatch.rss_bytes(system.pid)
+        probe = wire.OursClient(system.endpoint)
+        try:
+            status = probe.call("status")
+        finally:
+            probe.close()
+    finally:
+        for sock in socks:
+            sock.close()
+    return {
+        "idle_rss_bytes": idle,
+        "connections": connections,
+        "connections_seen_by_daemon": status["daemon"]["connections"],
+        "rss_with_connections_bytes": with_connections,
+        "per_connection_bytes": round((with_connections - idle) / connections),
+    }

@@ -1,0 +1,118 @@
+"""The issue's targets, judged against one run's results. Pure.
+
+Each target yields PASS, FAIL, or MISSING (its workload did not run or produced
+no sample: never counted as a pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Control round trip: ours at least this many times faster than each peer.
+CONTROL_VS_SUPERVISORD_X = 5.0
+CONTROL_VS_CIRCUS_X = 2.0
+STATUS_OPS_32_CLIENTS = 15_000.0
+# Cold acquire at most this many times the raw posix_spawn floor.
+START_VS_FLOOR_X = 3.0
+STOP_GONE_MS = 20.0
+SWEEP_1000_MS = 10.0
+SWEEP_HOST_RATIO = 1.5
+# "80 MB", read as decimal megabytes (the stricter reading).
+RSS_1000_INSTANCES_BYTES = 80_000_000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    measured: str
+    limit: str
+    status: str  # PASS | FAIL | MISSING
+
+    def to_json(self) -> dict[str, str]:
+        return {"target": self.name, "measured": self.measured, "limit": self.limit, "status": self.status}
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _at_least(name: str, value: float | None, limit: float, unit: str) -> Verdict:
+    if value is None:
+        return Verdict(name, "n/a", f">= {limit:g}{unit}", "MISSING")
+    return Verdict(name, f"{value:,.2f}{unit}", f">= {limit:g}{unit}", "PASS" if value >= limit else "FAIL")
+
+
+def _at_most(name: str, value: float | None, limit: float, unit: str) -> Verdict:
+    if value is None:
+        return Verdict(name, "n/a", f"<= {limit:g}{unit}", "MISSING")
+    return Verdict(name, f"{value:,.2f}{unit}", f"<= {limit:g}{unit}", "PASS" if value <= limit else "FAIL")
+
+
+def judge(results: dict[str, Any]) -> list[Verdict]:
+    verdicts = []
+    control = results.get("control", {})
+    for peer, limit in (("supervisord", CONTROL_VS_SUPERVISORD_X), ("circus", CONTROL_VS_CIRCUS_X)):
+        verdicts.append(_at_least(
+            f"control round trip, 1 client: ours status vs {peer} (median latency ratio)",
+            _get(control, "ratios", peer, "single_latency_x"), limit, "x",
+        ))
+        verdicts.append(_at_least(
+            f"control round trip, 32 clients: ours status vs {peer} (throughput ratio)",
+            _get(control, "ratios", peer, "concurrent_throughput_x"), limit, "x",
+        ))
+    verdicts.append(_at_least(
+        "status ops/s with 32 clients", _get(control, "concurrent", "ours", "ops_per_s"), STATUS_OPS_32_CLIENTS, " ops/s",
+    ))
+
+    lifecycle = results.get("lifecycle", {})
+    for metric, label in (("start_call", "until the reply"), ("start_ready", "until the tree is up")):
+        verdicts.append(_at_most(
+            f"cold acquire vs raw posix_spawn floor, {label} (median ratio)",
+            _get(lifecycle, "ratios", "ours", f"{metric}_vs_raw_x"), START_VS_FLOOR_X, "x",
+        ))
+        for peer in ("supervisord", "circus"):
+            ours = _get(lifecycle, "ours", metric, "median_ms")
+            theirs = _get(lifecycle, peer, metric, "median_ms")
+            name = f"cold acquire faster than {peer} start, {label} (median ms, ours vs theirs)"
+            if ours is None or theirs is None:
+                verdicts.append(Verdict(name, "n/a", "ours < theirs", "MISSING"))
+            else:
+                verdicts.append(Verdict(name, f"{ours:.2f} vs {theirs:.2f} ms", "ours < theirs",
+                                        "PASS" if ours < theirs else "FAIL"))
+    verdicts.append(_at_most(
+        "last release -> whole tree gone (median)", _get(lifecycle, "ours", "stop_gone", "median_ms"), STOP_GONE_MS, " ms",
+    ))
+    gone_trials = _get(lifecycle, "ours", "trees_fully_gone")
+    trials = _get(lifecycle, "ours", "trials")
+    if trials is not None and gone_trials is not None and gone_trials < trials:
+        verdicts[-1] = Verdict(verdicts[-1].name, f"tree gone in only {gone_trials}/{trials} trials",
+                               verdicts[-1].limit, "FAIL")
+
+    leaks = results.get("leaks_ours")
+    if leaks is None:
+        verdicts.append(Verdict("zero leaked processes (ours, every run)", "n/a", "0", "MISSING"))
+    else:
+        total = sum(leaks.values())
+        detail = ", ".join(f"{k}: {v}" for k, v in leaks.items())
+        verdicts.append(Verdict("zero leaked processes (ours, every run)", f"{total} ({detail})", "0",
+                                "PASS" if total == 0 else "FAIL"))
+
+    sweep = _get(results, "sweep", "cgroup")
+    verdicts.append(_at_most(
+        "periodic sweep, 1000 tracked instances, cgroup mode (median duration)",
+        _get(sweep or {}, "levels", "1000", "duration", "median_ms"), SWEEP_1000_MS, " ms",
+    ))
+    verdicts.append(_at_most(
+        "sweep with 2000 vs 100 unrelated host processes, cgroup mode (median ratio)",
+        _get(sweep or {}, "host_ratio"), SWEEP_HOST_RATIO, "x",
+    ))
+    rss = _get(sweep or {}, "levels", "1000", "rss_bytes")
+    verdicts.append(_at_most(
+        "daemon RSS with 1000 live instances", None if rss is None else rss / 1e6, RSS_1000_INSTANCES_BYTES / 1e6, " MB",
+    ))
+    return verdicts
