@@ -37,6 +37,12 @@ SERVER_NAME = "adapter-supervisor"
 # leases back, and start nothing.
 SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "release_job"})
 
+# Methods answered in the connection's reader, without a task of their own:
+# they never wait for anything but, at most, a shared scan of a few ms.
+# `acquire` (may wait for a predecessor's stop) and `sweep` get a task, so
+# later requests on the connection are not held up.
+INLINE = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "renew", "release_job"})
+
 
 @dataclass(frozen=True)
 class FdsResult:
@@ -160,9 +166,8 @@ async def release_job(service: Supervisor, peer: Peer, params: protocol.ReleaseJ
 
 
 async def status(service: Supervisor, peer: Peer, params: protocol.StatusParams, started: Started) -> object:
-    started()
     instances = [i for i in service.registry.instances.values() if params.job is None or i.job == params.job]
-    members = await service.scan_trees(i.id for i in instances)
+    members = await service.tree_members()
     rows = []
     for instance in instances:
         stats = members.get(instance.id, [])

@@ -69,8 +69,10 @@ ORPHAN_GRACE_S = 5.0
 # waiting for the root's status, and slack for a busy host.
 STOP_MARGIN_S = 5.0
 
-# A budget check reuses a tree-RSS total this fresh instead of rescanning.
-RSS_CACHE_S = 1.0
+# `status` and budget checks reuse a tree scan this fresh (unless a tree was
+# spawned or stopped since): under load, scans stay a few per second however
+# many requests ask.
+SCAN_CACHE_S = 0.25
 
 
 class Peer(Protocol):
@@ -126,7 +128,12 @@ class Supervisor:
         self._sweep_lock = trio.Lock()
         self._deadline_changed = trio.Event()
         self.record = staterecord.RecordKeeper(self.state_dir, self._record_snapshot)
-        self._rss_total = (0, -RSS_CACHE_S)  # (bytes, trio time measured)
+        # The shared tree scan (see `tree_members`).
+        self._scan_cache: dict[str, list[procs.ProcStat]] = {}
+        self._scanned_at = float("-inf")
+        self._generation = 0
+        self._scanned_generation = -1
+        self._scan_in_flight: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._clock_offset = 0.0
         # Last: registering the live-state collector reads the fields above.
@@ -159,15 +166,17 @@ class Supervisor:
             task_status.started()
 
     async def _expire_deadlines(self) -> None:
-        """Release expired detached leases and end lingering instances on time."""
+        """Release expired detached leases and end lingering instances on time.
+        Wakes at the registry's next deadline, or when deadlines may have moved."""
         while True:
             deadline = self.registry.next_deadline()
             changed = self._deadline_changed
             if deadline is None:
                 await changed.wait()
-            else:
-                with trio.move_on_at(deadline - self._clock_offset):
-                    await changed.wait()
+                continue
+            with trio.move_on_at(deadline - self._clock_offset):
+                await changed.wait()
+                continue
             self._tick()
 
     def _tick(self) -> None:
@@ -263,6 +272,7 @@ class Supervisor:
         self._nursery.start_soon(self._watch_root, instance_id, running)
         self._nursery.start_soon(capture_stderr, root, partial(self._stderr_line, instance_id))
         self.record.mark_dirty()
+        self._trees_changed()
         self.metrics.spawns.labels(adapter.name).inc()
         log.info("adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
@@ -325,6 +335,7 @@ class Supervisor:
             del self.running[instance_id]
             running.stopped.set()
             self.record.mark_dirty()
+            self._trees_changed()
             self.metrics.reaps.labels(adapter.name, reason.value).inc()
         log.info(
             "tree.reaped" if outcome.clean else "tree.reap_incomplete",
@@ -383,25 +394,49 @@ class Supervisor:
         budget = self.config.daemon.memory_budget
         if budget is None:
             return
-        total, measured = self._rss_total
-        if trio.current_time() - measured > RSS_CACHE_S:
-            total = sum(sum(s.rss_bytes for s in stats) for stats in (await self.scan_trees()).values())
+        members = await self.tree_members()
+        total = sum(sum(s.rss_bytes for s in stats) for stats in members.values())
         if total > budget:
             raise LimitReached(
                 f"the adapter trees use {_mib(total)} of RSS, over the memory_budget of {_mib(budget)}; "
                 f"no new instance of {adapter!r} starts until some are released"
             )
 
-    async def scan_trees(self, instance_ids: Iterable[str] | None = None) -> dict[str, list[procs.ProcStat]]:
-        """Members of the given (default: all) running trees, scanned in a worker
-        thread from snapshots; updates known members and RSS on the trio thread."""
-        ids = list(self.running) if instance_ids is None else [i for i in instance_ids if i in self.running]
-        snapshots = {i: (self.running[i].tree, frozenset(self.running[i].tree.known)) for i in ids}
-        members = await trio.to_thread.run_sync(scan_trees, snapshots)
-        self._remember(members, snapshots)
-        if instance_ids is None:
-            self._rss_total = (sum(r.rss_bytes for r in self.running.values()), trio.current_time())
-        return members
+    async def tree_members(self) -> dict[str, list[procs.ProcStat]]:
+        """The members of every running tree, from a scan at most SCAN_CACHE_S
+        old and newer than the last spawn or stop. One scan (in a worker thread)
+        serves every caller that asks meanwhile, so a burst of `status` calls
+        costs one scan, not one each. Cancellation: the scan goes on for the
+        other callers."""
+        while not self._scan_is_fresh():
+            if self._scan_in_flight is None:
+                self._scan_in_flight = trio.Event()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._refresh_scan, self._scan_in_flight)
+            await self._scan_in_flight.wait()
+        return self._scan_cache
+
+    def _scan_is_fresh(self) -> bool:
+        age = trio.current_time() - self._scanned_at
+        return self._scanned_generation == self._generation and age <= SCAN_CACHE_S
+
+    async def _refresh_scan(self, done: trio.Event) -> None:
+        generation = self._generation
+        try:
+            ids = list(self.running)
+            snapshots = {i: (self.running[i].tree, frozenset(self.running[i].tree.known)) for i in ids}
+            members = await trio.to_thread.run_sync(scan_trees, snapshots)
+            self._remember(members, snapshots)
+            self._scan_cache = members
+            self._scanned_at = trio.current_time()
+            self._scanned_generation = generation
+        finally:
+            self._scan_in_flight = None
+            done.set()
+
+    def _trees_changed(self) -> None:
+        """A tree was spawned or stopped: cached scans are out of date."""
+        self._generation += 1
 
     def _remember(
         self,
@@ -430,12 +465,20 @@ class Supervisor:
             self.reaper.reap()
             zombies = self.reaper.take_adopted()
             self._tick()
-            snapshots = {i: (r.tree, frozenset(r.tree.known)) for i, r in self.running.items()}
+            # In cgroup mode a periodic sweep reads only the trees it must
+            # measure (adapters with a memory_limit): orphans show up as
+            # instance cgroups of no live instance, found by one listing.
+            wanted = {
+                i: r for i, r in self.running.items()
+                if deep or self.cgroups is None or r.adapter.memory_limit is not None
+            }
+            snapshots = {i: (r.tree, frozenset(r.tree.known)) for i, r in wanted.items()}
+            live = frozenset(self.running)
             recorded = list(recorded)
             born_before = procs.uptime_ticks()
             try:
                 result = await trio.to_thread.run_sync(lambda: sweep.scan(
-                    trees=snapshots, cgroups=self.cgroups, daemon_pid=self.pid,
+                    trees=snapshots, live=live, cgroups=self.cgroups, daemon_pid=self.pid,
                     daemon_key=self.daemon_key, deep=deep, recorded=recorded,
                 ))
             except OSError as exc:
@@ -444,9 +487,9 @@ class Supervisor:
                 result = sweep.ScanResult()
             with trio.CancelScope(shield=True):
                 self._remember(result.members, snapshots)
-                self._rss_total = (sum(r.rss_bytes for r in self.running.values()), trio.current_time())
-                over_memory = self._enforce_memory_limits()
-                self._settle_vanished_roots()
+                over_memory = self._enforce_memory_limits(result.members)
+                if deep:
+                    self._settle_vanished_roots()
                 candidates = self._still_orphaned(result.candidates, born_before)
                 orphans = await sweep.reap_candidates(
                     candidates,
@@ -489,9 +532,13 @@ class Supervisor:
             and c.stat.start_time < born_before
         ]
 
-    def _enforce_memory_limits(self) -> list[str]:
+    def _enforce_memory_limits(self, measured: Iterable[str]) -> list[str]:
+        """Terminate the measured instances whose tree is over its memory_limit."""
         over = []
-        for instance_id, running in list(self.running.items()):
+        for instance_id in measured:
+            running = self.running.get(instance_id)
+            if running is None:
+                continue
             limit = running.adapter.memory_limit
             if limit is None or running.rss_bytes <= limit:
                 continue
@@ -505,7 +552,8 @@ class Supervisor:
 
     def _settle_vanished_roots(self) -> None:
         """A root that is gone although its watcher never heard of it (state that
-        disagrees with reality) is treated as having exited."""
+        disagrees with reality) is treated as having exited. The reaper sees
+        every root's exit, so this is a deep sweep's double check only."""
         for instance_id, running in list(self.running.items()):
             if running.root_reaped.is_set() or procs.is_running(running.root.id):
                 continue

@@ -221,6 +221,10 @@ class Registry:
         self._dying: dict[tuple[str, str], str] = {}
         # Set by `shutdown`: no new instance starts after it.
         self.closed = False
+        # What has a deadline, so `next_deadline` and `tick` cost what is timed,
+        # not what is held: detached lease tokens, and LINGERING instance ids.
+        self._expiring: set[str] = set()
+        self._lingering: set[str] = set()
 
     # -- queries -------------------------------------------------------------
 
@@ -241,13 +245,9 @@ class Registry:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which `tick` has something to do, or None."""
-        deadlines = [lease.expires_at for lease in self.leases.values() if lease.expires_at is not None]
-        deadlines.extend(
-            instance.linger_until
-            for instance in self.instances.values()
-            if instance.state is State.LINGERING and instance.linger_until is not None
-        )
-        return min(deadlines, default=None)
+        deadlines = [self.leases[token].expires_at for token in self._expiring]
+        deadlines.extend(self.instances[instance_id].linger_until for instance_id in self._lingering)
+        return min((d for d in deadlines if d is not None), default=None)
 
     # -- client operations ---------------------------------------------------
 
@@ -288,6 +288,7 @@ class Registry:
             if instance.state is State.LINGERING:
                 instance.state = State.RUNNING
                 instance.linger_until = None
+                self._lingering.discard(instance.id)
         else:
             if max_instances is not None and self.count_instances(adapter) >= max_instances:
                 raise LimitReached(
@@ -321,6 +322,8 @@ class Registry:
         )
         self.leases[lease.token] = lease
         instance.leases.add(lease.token)
+        if lease.expires_at is not None:
+            self._expiring.add(lease.token)
         return Acquired(lease=lease, instance=instance, spawned=spawned, actions=actions)
 
     def release(self, token: str, *, connection: int, uid: int, now: float) -> Released:
@@ -407,9 +410,7 @@ class Registry:
         """The root of a STARTING instance could not be started: forget it and its leases."""
         instance = self.instances[instance_id]
         assert instance.state is State.STARTING, instance.state
-        for token in instance.leases:
-            del self.leases[token]
-        instance.leases.clear()
+        self._discard_leases(instance)
         self._forget(instance)
         return [InstanceSettled(instance_id, running=False)]
 
@@ -456,13 +457,16 @@ class Registry:
         """Expire detached leases and end lingering past their linger."""
         expired: list[str] = []
         actions: list[Action] = []
-        for lease in list(self.leases.values()):
-            if lease.expires_at is not None and lease.expires_at <= now:
+        for token in sorted(self._expiring, key=lambda t: self.leases[t].expires_at or 0.0):
+            lease = self.leases.get(token)
+            if lease is not None and lease.expires_at is not None and lease.expires_at <= now:
                 expired.append(lease.token)
                 actions += self._drop_lease(lease, now, by_other=True, reason=Reason.LEASE_EXPIRED)
-        for instance in list(self.instances.values()):
+        for instance_id in sorted(self._lingering):
+            instance = self.instances.get(instance_id)
             if (
-                instance.state is State.LINGERING
+                instance is not None
+                and instance.state is State.LINGERING
                 and instance.linger_until is not None
                 and instance.linger_until <= now
             ):
@@ -479,9 +483,7 @@ class Registry:
         for instance in list(self.instances.values()):
             if instance.state is State.STARTING and instance.waiting_for is not None:
                 # Never spawned: nothing to stop.
-                for token in instance.leases:
-                    del self.leases[token]
-                instance.leases.clear()
+                self._discard_leases(instance)
                 self._forget(instance)
                 actions.append(InstanceSettled(instance.id, running=False))
             elif instance.state in (State.RUNNING, State.LINGERING):
@@ -513,6 +515,7 @@ class Registry:
 
     def _drop_lease(self, lease: Lease, now: float, *, by_other: bool, reason: Reason) -> list[Action]:
         del self.leases[lease.token]
+        self._expiring.discard(lease.token)
         instance = self.instances[lease.instance_id]
         instance.leases.discard(lease.token)
         if by_other and lease.owner is not None:
@@ -532,6 +535,7 @@ class Registry:
             if instance.linger > 0:
                 instance.state = State.LINGERING
                 instance.linger_until = now + instance.linger
+                self._lingering.add(instance.id)
                 return []
             return self._stop(instance, reason)
         if instance.state is State.EXITED and instance.tree_gone:
@@ -544,6 +548,7 @@ class Registry:
         instance.state = State.STOPPING
         instance.stop_reason = reason
         instance.linger_until = None
+        self._lingering.discard(instance.id)
         self._dying[instance.key] = instance.id
         actions: list[Action] = [StopTree(instance.id, reason)]
         if instance.watchers:
@@ -556,6 +561,7 @@ class Registry:
         instance.state = State.EXITED
         instance.stop_reason = reason
         instance.linger_until = None
+        self._lingering.discard(instance.id)
         self._dying[instance.key] = instance.id
         holders = {self.leases[token].owner for token in instance.leases} | instance.watchers
         connections = {c for c in holders if c is not None}
@@ -579,6 +585,12 @@ class Registry:
     def _release_key(self, instance: Instance) -> None:
         if self._live.get(instance.key) == instance.id:
             del self._live[instance.key]
+
+    def _discard_leases(self, instance: Instance) -> None:
+        for token in instance.leases:
+            del self.leases[token]
+            self._expiring.discard(token)
+        instance.leases.clear()
 
     def _forget(self, instance: Instance) -> None:
         self._release_key(instance)

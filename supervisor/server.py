@@ -219,7 +219,10 @@ class ControlServer:
                 # Backpressure: a peer cannot have more than this many
                 # requests in flight; the next line waits to be read.
                 await connection.in_flight.acquire()
-                await nursery.start(self._serve_request, connection, message)
+                if message.method in api.INLINE:
+                    await self._serve_request(connection, message)
+                else:
+                    await nursery.start(self._serve_request, connection, message)
         return False
 
     async def _serve_request(

@@ -53,6 +53,7 @@ class ScanResult:
 def scan(
     *,
     trees: dict[str, tuple[InstanceTree, frozenset[procs.ProcessId]]],
+    live: frozenset[str],
     cgroups: CgroupManager | None,
     daemon_pid: int,
     daemon_key: str,
@@ -61,8 +62,10 @@ def scan(
 ) -> ScanResult:
     """Blocking: members of every tracked tree and the orphans around them.
 
-    `trees` maps each instance the daemon still owns (running or stopping) to
-    its tree and a snapshot of its known members. Changes nothing.
+    `live` names every instance the daemon still owns (running or stopping);
+    `trees` maps those whose members are wanted (all of them in process-table
+    mode, where members are what accounts for the daemon's descendants) to the
+    tree and a snapshot of its known members. Changes nothing.
     """
     result = ScanResult()
     accounted: set[int] = set()
@@ -73,7 +76,7 @@ def scan(
             accounted.update(s.pid for s in stats)
             result.scanned += len(stats)
         for name in cgroups.instances():
-            if name in trees:
+            if name in live:
                 continue
             result.stale_cgroups.append(name)
             for stat in filter(None, map(procs.read_stat, cgroups.pids(name))):
