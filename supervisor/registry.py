@@ -542,14 +542,19 @@ class Registry:
             del self.instances[instance.id]
         return []
 
-    def _stop(self, instance: Instance, reason: Reason) -> list[Action]:
-        """RUNNING/LINGERING with no leases -> STOPPING."""
+    def _begin_dying(self, instance: Instance, state: State, reason: Reason) -> None:
+        """Leave the live states for STOPPING or EXITED: the pair is free for a
+        successor, which waits until this tree is gone."""
         self._release_key(instance)
-        instance.state = State.STOPPING
+        instance.state = state
         instance.stop_reason = reason
         instance.linger_until = None
         self._lingering.discard(instance.id)
         self._dying[instance.key] = instance.id
+
+    def _stop(self, instance: Instance, reason: Reason) -> list[Action]:
+        """RUNNING/LINGERING with no leases -> STOPPING."""
+        self._begin_dying(instance, State.STOPPING, reason)
         actions: list[Action] = [StopTree(instance.id, reason)]
         if instance.watchers:
             actions.append(self._notify(instance, instance.watchers, reason))
@@ -557,12 +562,7 @@ class Registry:
 
     def _end(self, instance: Instance, reason: Reason) -> list[Action]:
         """RUNNING/LINGERING -> EXITED: the tree goes, leases stay until released."""
-        self._release_key(instance)
-        instance.state = State.EXITED
-        instance.stop_reason = reason
-        instance.linger_until = None
-        self._lingering.discard(instance.id)
-        self._dying[instance.key] = instance.id
+        self._begin_dying(instance, State.EXITED, reason)
         holders = {self.leases[token].owner for token in instance.leases} | instance.watchers
         connections = {c for c in holders if c is not None}
         actions: list[Action] = [StopTree(instance.id, reason)]
