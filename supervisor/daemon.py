@@ -124,6 +124,8 @@ class Supervisor:
         self.finished_logs: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
         self.shutting_down = False
         self._pending: dict[str, PendingSpawn] = {}
+        # Spawns in flight (a worker thread is forking): shutdown waits for them.
+        self._spawning: dict[str, trio.Event] = {}
         self._expired_unreported: list[str] = []
         self._sweep_lock = trio.Lock()
         self._deadline_changed = trio.Event()
@@ -213,14 +215,15 @@ class Supervisor:
     # -- carrying out actions ------------------------------------------------
 
     def execute(self, actions: Iterable[Action]) -> None:
-        """Carry out registry actions. Synchronous: spawns happen now, stops and
-        notifications are started as tasks. Feedback may yield more actions,
-        which are carried out in turn."""
+        """Carry out registry actions. Synchronous: spawns and stops are started
+        as tasks (they report back to the registry themselves), notifications
+        are queued, parked acquires are woken."""
         queue = collections.deque(actions)
         while queue:
             action = queue.popleft()
             if isinstance(action, Spawn):
-                queue.extend(self._spawn(action.instance_id))
+                assert self._nursery is not None
+                self._nursery.start_soon(self._spawn, action.instance_id)
             elif isinstance(action, StopTree):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._stop, action.instance_id, action.reason)
@@ -232,7 +235,21 @@ class Supervisor:
                     pending.settled.set()
         self._deadlines_may_have_changed()
 
-    def _spawn(self, instance_id: str) -> list[Action]:
+    async def _spawn(self, instance_id: str) -> None:
+        """Start an instance's root in a worker thread (fork, the cgroup join and
+        exec take milliseconds the event loop should not spend), then report to
+        the registry on the trio thread. Cancellation: the thread always runs to
+        completion and its root is always registered, so it is never lost."""
+        done = self._spawning[instance_id] = trio.Event()
+        self.reaper.spawns_in_flight += 1
+        try:
+            self.execute(await self._start_root(instance_id))
+        finally:
+            self.reaper.spawn_settled()
+            del self._spawning[instance_id]
+            done.set()
+
+    async def _start_root(self, instance_id: str) -> list[Action]:
         instance = self.registry.instances[instance_id]
         adapter = self.config.adapters.get(instance.adapter)
         pending = self._pending.setdefault(instance_id, PendingSpawn())
@@ -240,15 +257,12 @@ class Supervisor:
             # Removed by a reload while this instance waited for its predecessor.
             pending.error = UnknownAdapter(f"adapter {instance.adapter!r} is no longer configured")
             return self.registry.spawn_failed(instance_id)
-        cgroup_fd = None
+        spawned_after = trio.current_time()
         try:
-            if self.cgroups is not None:
-                self.cgroups.create(instance_id)
-                cgroup_fd = self.cgroups.join_fd(instance_id)
-            root = spawn_root(
-                adapter, instance_id=instance_id, job=instance.job, params=dict(instance.params),
-                daemon_key=self.daemon_key, cgroup_fd=cgroup_fd,
-            )
+            root = await trio.to_thread.run_sync(partial(
+                _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=instance.job,
+                params=dict(instance.params), daemon_key=self.daemon_key,
+            ))
         except (SpawnFailed, InvalidParams, OSError) as exc:
             if isinstance(exc, OSError):
                 exc = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
@@ -258,14 +272,15 @@ class Supervisor:
             self.metrics.spawn_failures.labels(instance.adapter).inc()
             self._remove_cgroup(instance_id)
             return self.registry.spawn_failed(instance_id)
-        finally:
-            if cgroup_fd is not None:
-                os.close(cgroup_fd)
+        # From here to the end, nothing waits: the root is registered before any
+        # other task can run.
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.add(root.id)
         running = RunningInstance(adapter=adapter, root=root, tree=tree)
         self.running[instance_id] = running
-        self.reaper.watch_root(root.pid, lambda returncode: self._root_reaped(running, returncode))
+        self.reaper.watch_root(
+            root.pid, lambda returncode: self._root_reaped(running, returncode), spawned_after=spawned_after
+        )
         assert self._nursery is not None
         # The tasks get the object, not the id: the instance may be stopped and
         # forgotten before they first run.
@@ -623,15 +638,34 @@ class Supervisor:
         for peer in list(self.peers.values()):
             peer.notify("shutting_down", {})
         self.execute(self.registry.shutdown())
-        timeouts = [r.adapter.stop_timeout for r in self.running.values()] or [0.0]
+        timeouts = [a.stop_timeout for a in self.config.adapters.values()] or [0.0]
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(max(timeouts) + 6):
+            with trio.move_on_after(max(timeouts) + STOP_MARGIN_S + 1):
+                # A root still being spawned is ended by the registry when it
+                # reports in; wait for that, then for every stop.
+                for spawning in list(self._spawning.values()):
+                    await spawning.wait()
                 for running in list(self.running.values()):
                     await running.stopped.wait()
             await self.record.write_now()
         if self.cgroups is not None and not self.running:
             self.cgroups.remove_base()
         log.info("daemon.trees_stopped", left=len(self.running))
+
+
+def _spawn_in_cgroup(cgroups: CgroupManager | None, adapter: AdapterConfig, *, instance_id: str, **spawn: object) -> RootProcess:
+    """Blocking, for a worker thread: create the instance's cgroup (if any) and
+    spawn the root into it. Touches no daemon state. Raises SpawnFailed,
+    InvalidParams, or OSError for the cgroup."""
+    cgroup_fd = None
+    try:
+        if cgroups is not None:
+            cgroups.create(instance_id)
+            cgroup_fd = cgroups.join_fd(instance_id)
+        return spawn_root(adapter, instance_id=instance_id, cgroup_fd=cgroup_fd, **spawn)  # type: ignore[arg-type]
+    finally:
+        if cgroup_fd is not None:
+            os.close(cgroup_fd)
 
 
 def _surely_gone(member: procs.ProcessId, our_pid: int) -> bool:

@@ -119,10 +119,27 @@ class ChildReaper:
         self._exited = trio.Event()
         # Non-root children reaped since the last `take_adopted`: (pid, returncode).
         self._adopted: list[tuple[int, int]] = []
+        # Children reaped before anyone watched them, while spawns were in
+        # flight (a root spawned in a worker thread can exit and be reaped
+        # before `watch_root`): pid -> (returncode, trio time reaped).
+        self._unclaimed: dict[int, tuple[int, float]] = {}
+        self.spawns_in_flight = 0
 
-    def watch_root(self, pid: int, on_exit: Callable[[int], None]) -> None:
-        """Call `on_exit(returncode)` once `pid` (our child) is reaped."""
+    def watch_root(self, pid: int, on_exit: Callable[[int], None], *, spawned_after: float) -> None:
+        """Call `on_exit(returncode)` once `pid` (our child) is reaped, at once if
+        it already was. `spawned_after` is a trio time before the fork: a status
+        reaped earlier belonged to another process that had the same pid."""
+        unclaimed = self._unclaimed.pop(pid, None)
+        if unclaimed is not None and unclaimed[1] >= spawned_after:
+            on_exit(unclaimed[0])
+            return
         self._roots[pid] = on_exit
+
+    def spawn_settled(self) -> None:
+        """A spawn in flight has finished (and its root, if any, is watched)."""
+        self.spawns_in_flight -= 1
+        if self.spawns_in_flight == 0:
+            self._unclaimed.clear()
 
     def reap(self) -> None:
         """Reap every waitable child now; never blocks."""
@@ -142,6 +159,8 @@ class ChildReaper:
                 else:
                     self._adopted.append((pid, returncode))
                     del self._adopted[:-ADOPTED_KEPT]
+                    if self.spawns_in_flight:
+                        self._unclaimed[pid] = (returncode, trio.current_time())
         if reaped:
             self._exited.set()
             self._exited = trio.Event()

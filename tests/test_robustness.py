@@ -127,3 +127,18 @@ def test_running_out_of_file_descriptors_does_not_crash_the_daemon(start_daemon,
             sock.close()
     assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 3.0) == {}
     assert eventually(lambda: daemon.popen.poll() is None and client.call("hello")["pid"] == daemon.pid, timeout=3.0)
+
+
+def test_roots_that_exit_at_once_are_always_seen_exiting(start_daemon) -> None:
+    # The root is spawned in a worker thread; /bin/true may exit, and be reaped,
+    # before the daemon watches it. Its status must still reach the instance.
+    daemon = start_daemon('[adapters.brief]\ncommand = ["/bin/true"]\nstop_timeout = 0.5\n')
+    client = daemon.client()
+    for round_ in range(25):
+        lease = client.call("acquire", {"job": f"job-{round_}", "adapter": "brief"})
+        note = client.next_notification()
+        assert note["method"] == "adapter_exited"
+        assert note["params"]["instance"] == lease["instance"]
+        assert note["params"]["returncode"] == 0 and note["params"]["reason"] == "exited"
+        client.call("release", {"lease": lease["lease"]})
+    assert eventually(lambda: client.call("status")["instances"] == [], timeout=3.0)
