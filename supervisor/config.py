@@ -17,15 +17,20 @@ import pathlib
 import re
 import signal
 import tomllib
-import unicodedata
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Any, NamedTuple, Self
+from typing import Annotated, Any, Self
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from supervisor.errors import ConfigError, InvalidParams
+from supervisor.errors import ConfigError
+from supervisor.template import (
+    PARAM_NAME,
+    Placeholder,
+    parse_template,
+    render,
+)
 
 # Size suffixes. SI and IEC units mean what they say; the bare letters follow systemd
 # (MemoryMax=512M is 512 MiB), the convention an operator of a Linux host knows.
@@ -42,17 +47,12 @@ _SIZE_TEXT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 # Adapter names appear in instance ids, logs and CLI arguments: keep them to
 # characters that need no quoting anywhere, and short enough to read.
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Parameter names are identifiers so that `{param:NAME}` can never be ambiguous.
-PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The portable POSIX environment name: every shell and runtime can read it back.
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The daemon tags every process with variables under this prefix (SPEC 3.7); a
 # config that set them could make the daemon lose track of, or claim, a tree.
 RESERVED_ENV_PREFIX = "ADAPTER_SUPERVISOR_"
 
-# A parameter value is a path, an id or a short option: 4096 is PATH_MAX, ample for
-# those and far below ARG_MAX however many parameters an adapter declares.
-MAX_PARAM_CHARS = 4096
 # An adapter that needs more than an hour to stop is hung; waiting longer only
 # delays the SIGKILL that will end it anyway.
 MAX_STOP_TIMEOUT = 3600.0
@@ -182,63 +182,6 @@ def bundled_config_path() -> pathlib.Path:
     return package / "_bundled" / "supervisor.toml"
 
 
-class _Placeholder(NamedTuple):
-    """`{job}` (param is None) or `{param:NAME}` inside a command element."""
-
-    param: str | None
-
-
-_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{[^{}]*\}|[{}]")
-
-
-def _parse_template(element: str) -> tuple[str | _Placeholder, ...]:
-    """Split one argv element into literal text and placeholders.
-
-    `{{` and `}}` stand for literal braces. Raises ValueError naming the offending
-    text for an unknown placeholder or an unmatched brace.
-    """
-    pieces: list[str | _Placeholder] = []
-    literal: list[str] = []
-    position = 0
-    for match in _TEMPLATE_TOKEN.finditer(element):
-        literal.append(element[position : match.start()])
-        position = match.end()
-        token = match.group()
-        if token in ("{{", "}}"):
-            literal.append(token[0])
-            continue
-        if token in ("{", "}"):
-            raise ValueError(f'unmatched "{token}" (write "{token}{token}" for a literal brace)')
-        inner = token[1:-1]
-        if inner == "job":
-            placeholder = _Placeholder(None)
-        elif inner.startswith("param:") and PARAM_NAME.fullmatch(inner[6:]):
-            placeholder = _Placeholder(inner[6:])
-        else:
-            raise ValueError(f'unknown placeholder "{token}" (known: {{job}}, {{param:NAME}})')
-        pieces.extend(["".join(literal), placeholder])
-        literal = []
-    pieces.append("".join(literal + [element[position:]]))
-    return tuple(piece for piece in pieces if piece != "")
-
-
-def _value_problem(value: object) -> str | None:
-    """Why `value` cannot go into an argv element, or None if it can."""
-    if not isinstance(value, str):
-        return "is not a string"
-    if not value:
-        return "is empty"
-    if len(value) > MAX_PARAM_CHARS:
-        return f"is {len(value)} characters long, the limit is {MAX_PARAM_CHARS}"
-    for char in value:
-        category = unicodedata.category(char)
-        if category == "Cc":
-            return f"contains the control character U+{ord(char):04X}"
-        if category == "Cs":
-            return f"contains the unpaired surrogate U+{ord(char):04X}"
-    return None
-
-
 class AdapterConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One adapter: the template of the process tree the daemon runs per job."""
 
@@ -265,38 +208,7 @@ class AdapterConfig(msgspec.Struct, frozen=True, kw_only=True):
         Raises ValueError if `command` is not a valid template, which only an
         AdapterConfig built by hand rather than by the loader can be.
         """
-        undeclared = sorted(set(params) - set(self.params))
-        if undeclared:
-            declared = ", ".join(self.params) or "none"
-            raise InvalidParams(
-                f'adapter "{self.name}" does not declare param "{undeclared[0]}"'
-                f" (declared: {declared})",
-                data={"param": undeclared[0]},
-            )
-        for name, value in params.items():
-            problem = _value_problem(value)
-            if problem is not None:
-                raise InvalidParams(f'param "{name}" {problem}', data={"param": name})
-        problem = _value_problem(job)
-        if problem is not None:
-            raise InvalidParams(f"job {problem}")
-        argv = []
-        for element in self.command:
-            parts = []
-            for piece in _parse_template(element):
-                if isinstance(piece, str):
-                    parts.append(piece)
-                elif piece.param is None:
-                    parts.append(job)
-                elif piece.param in params:
-                    parts.append(params[piece.param])
-                else:
-                    raise InvalidParams(
-                        f'adapter "{self.name}" needs param "{piece.param}", which was not given',
-                        data={"param": piece.param},
-                    )
-            argv.append("".join(parts))
-        return argv
+        return render(self.command, job, params, adapter=self.name, declared=self.params)
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -542,15 +454,15 @@ def _build_adapter(name: str, raw: _RawAdapter, path: str, base_dir: str) -> Ada
         if "\0" in element:
             raise ConfigError(path, command_key, f"{where}: expected no NUL character")
         try:
-            pieces = _parse_template(element)
+            pieces = parse_template(element)
         except ValueError as exc:
             raise ConfigError(path, command_key, f"{where}: {exc}") from None
-        if index == 0 and (not element or any(isinstance(p, _Placeholder) for p in pieces)):
+        if index == 0 and (not element or any(isinstance(p, Placeholder) for p in pieces)):
             raise ConfigError(
                 path, command_key, f"{where}: expected a fixed, non-empty program (no placeholders)"
             )
         for piece in pieces:
-            if isinstance(piece, _Placeholder) and piece.param is not None and piece.param not in params:
+            if isinstance(piece, Placeholder) and piece.param is not None and piece.param not in params:
                 raise ConfigError(
                     path, command_key, f'{where}: param "{piece.param}" is not declared in params'
                 )

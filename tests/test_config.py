@@ -12,7 +12,7 @@ import hypothesis.strategies as st
 import msgspec
 import pytest
 
-from supervisor import config
+from supervisor import template
 from supervisor.config import (
     AdapterConfig,
     Config,
@@ -523,7 +523,7 @@ def test_render_argv_does_not_touch_a_command_without_placeholders():
 
 
 def test_render_argv_accepts_declared_unused_params_and_longest_value(templated):
-    long_value = "v" * config.MAX_PARAM_CHARS
+    long_value = "v" * template.MAX_PARAM_CHARS
     argv = templated.render_argv("j", {"workdir": long_value, "model": "m", "unused": "u"})
     assert argv[3] == f"--cwd={long_value}"
 
@@ -664,8 +664,8 @@ def test_any_document_gives_a_config_or_a_config_error(daemon, adapter, name):
 
 @pytest.mark.parametrize("value", ["auto", "off", "/sys/fs/cgroup/unified"])
 def test_cgroup_setting_accepts_auto_off_and_absolute_paths(value: str) -> None:
-    config = parse_config(f'[daemon]\ncgroup = "{value}"\n', "/etc/x.toml")
-    assert config.daemon.cgroup == value
+    loaded = parse_config(f"[daemon]\ncgroup = \"{value}\"\n", "/etc/x.toml")
+    assert loaded.daemon.cgroup == value
 
 
 def test_cgroup_setting_refuses_relative_paths() -> None:
