@@ -23,7 +23,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from supervisor import metrics, procs, reports, staterecord, sweep
+from supervisor import metrics, procs, reports, staterecord, subreaper, sweep
 from supervisor.blocking import write_bounded
 from supervisor.cgroup import CgroupManager
 from supervisor.config import AdapterConfig, Config
@@ -504,6 +504,8 @@ class Supervisor:
                 self._remember(result.members, snapshots)
                 over_memory = self._enforce_memory_limits(result.members)
                 if deep:
+                    # Every sweep's reap() above already routes a root that
+                    # exited unnoticed; this also catches one reaped elsewhere.
                     self._settle_vanished_roots()
                 candidates = self._still_orphaned(result.candidates, born_before)
                 orphans = await sweep.reap_candidates(
@@ -566,14 +568,14 @@ class Supervisor:
         return over
 
     def _settle_vanished_roots(self) -> None:
-        """A root that is gone although its watcher never heard of it (state that
-        disagrees with reality) is treated as having exited. The reaper sees
-        every root's exit, so this is a deep sweep's double check only."""
+        """State that disagrees with reality: a root that has exited although its
+        watcher never heard of it. The reaper normally sees every root's exit;
+        this double check (one WNOWAIT peek per root) runs in deep sweeps."""
         for instance_id, running in list(self.running.items()):
-            if running.root_reaped.is_set() or procs.is_running(running.root.id):
+            if running.root_reaped.is_set() or not subreaper.child_has_exited(running.root.pid):
                 continue
             self.reaper.reap()
-            if not running.root_reaped.is_set() and procs.is_gone(running.root.id, our_pid=self.pid):
+            if not running.root_reaped.is_set():
                 log.warning("adapter.root_vanished", instance=instance_id, pid=running.root.pid)
                 self._root_reaped(running, -1)
 

@@ -162,3 +162,23 @@ def test_popen_copes_when_reap_pid_took_its_child() -> None:
 def test_reap_pid_of_a_process_that_is_not_our_child() -> None:
     assert subreaper.reap_pid(1) is None
     assert subreaper.reap_pid(os.getpid()) is None
+
+
+def test_child_has_exited_peeks_without_reaping() -> None:
+    child = subprocess.Popen(["/bin/sleep", "5"])
+    try:
+        assert subreaper.child_has_exited(child.pid) is False
+        child.kill()
+        deadline = time.monotonic() + 5
+        while not subreaper.child_has_exited(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        # Peeked, not reaped: the status is still there to collect.
+        assert subreaper.reap_pid(child.pid) == -signal.SIGKILL
+        child.returncode = -signal.SIGKILL
+        # Reaped: gone counts as exited too.
+        assert subreaper.child_has_exited(child.pid) is True
+    finally:
+        if child.returncode is None:
+            child.kill()
+            child.wait()
