@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from supervisor import cgroup, procs
 from supervisor.cgroup import CgroupManager, CgroupUnavailable, Mount
+from tests.conftest import eventually
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,14 +44,6 @@ time.sleep(60)
 """
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
 
 def v2_mount_points() -> set[str]:
     with open("/proc/self/mountinfo") as f:
@@ -62,7 +55,7 @@ def remove_base(manager: CgroupManager) -> None:
     """Kill whatever is left under `manager.base`, then remove it all."""
     for instance_id in manager.instances():
         manager.kill(instance_id)
-        wait_until(lambda: not manager.populated(instance_id))
+        eventually(lambda: not manager.populated(instance_id))
         manager.remove(instance_id)
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(manager.base)
@@ -199,7 +192,7 @@ def adapter(manager: CgroupManager) -> Iterator[tuple[str, subprocess.Popen[str]
         root.stdout.close()
         if grandchild is not None:
             # PID 1 collects the grandchild's zombie; make sure it has before we end.
-            wait_until(lambda: procs.read_stat(grandchild) is None or procs.read_stat(grandchild).state != "Z")
+            eventually(lambda: procs.read_stat(grandchild) is None or procs.read_stat(grandchild).state != "Z")
 
 
 def test_a_joined_tree_is_listed_killed_and_removed(manager: CgroupManager, adapter) -> None:
@@ -225,10 +218,10 @@ def test_a_joined_tree_is_listed_killed_and_removed(manager: CgroupManager, adap
 
     manager.kill(instance_id)
     assert root.wait(timeout=5) == -signal.SIGKILL
-    assert wait_until(lambda: procs.is_gone(grandchild_id, our_pid=os.getpid()))
+    assert eventually(lambda: procs.is_gone(grandchild_id, our_pid=os.getpid()))
     assert procs.is_gone(root_id)
     assert manager.pids(instance_id) == []
-    assert wait_until(lambda: not manager.populated(instance_id))
+    assert eventually(lambda: not manager.populated(instance_id))
     assert manager.remove(instance_id) is True
     assert not (manager.base / instance_id).exists()
     assert manager.instances() == []

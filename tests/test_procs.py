@@ -19,17 +19,10 @@ import pytest
 
 from supervisor import procs
 from supervisor.procs import ProcessId, ProcStat
+from tests.conftest import eventually
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
@@ -68,7 +61,7 @@ def test_read_stat_of_a_process_whose_name_has_spaces_and_parentheses(spawn, tmp
     odd = tmp_path / "x) y (z"
     odd.symlink_to(shutil.which("sleep"))
     child = spawn([str(odd), "30"])
-    assert wait_until(lambda: procs.read_cmdline(child.pid))
+    assert eventually(lambda: procs.read_cmdline(child.pid))
     with open(f"/proc/{child.pid}/comm") as f:
         assert f.read() == "x) y (z\n"
     stat = procs.read_stat(child.pid)
@@ -112,7 +105,7 @@ def test_a_zombie_child_of_ours_is_not_gone_until_we_reap_it(spawn) -> None:
     child = spawn(["sleep", "0"])
     ident = procs.identify(child.pid)
     assert ident is not None
-    assert wait_until(lambda: procs.read_stat(child.pid).state == "Z")
+    assert eventually(lambda: procs.read_stat(child.pid).state == "Z")
     assert not procs.is_running(ident)
     assert not procs.is_gone(ident, our_pid=os.getpid())
     # For anyone who is not its parent a zombie is simply dead.
@@ -173,7 +166,7 @@ def test_environment_tags(spawn) -> None:
     tagged_child = spawn(["sleep", "30"], env=env)
     plain_child = spawn(["sleep", "30"], env=env_plain)
     # Right after exec the kernel may not have set up the new image's arguments yet.
-    assert wait_until(lambda: procs.read_cmdline(tagged_child.pid) and procs.read_cmdline(plain_child.pid))
+    assert eventually(lambda: procs.read_cmdline(tagged_child.pid) and procs.read_cmdline(plain_child.pid))
     assert procs.read_environ_tag(tagged_child.pid) == "inst-1"
     assert procs.read_supervisor_env(tagged_child.pid) == {
         procs.INSTANCE_ENV: "inst-1",
@@ -197,7 +190,7 @@ def test_environment_tags(spawn) -> None:
 def test_read_cmdline(spawn) -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(30)", "a b", ""]
     python = spawn(argv)
-    assert wait_until(lambda: procs.read_cmdline(python.pid))
+    assert eventually(lambda: procs.read_cmdline(python.pid))
     assert procs.read_cmdline(python.pid) == argv
     python.kill()
     python.wait(timeout=5)
@@ -230,7 +223,7 @@ def test_descendants_of_a_real_fork_tree() -> None:
             found[:] = procs.descendants(root.pid, procs.scan_processes())
             return len(found) == 2 and procs.read_cmdline(found[1].pid) == ["sleep", "30"]
 
-        assert wait_until(tree_complete)
+        assert eventually(tree_complete)
         middle, leaf = found
         assert middle.ppid == root.pid
         assert leaf.ppid == middle.pid
