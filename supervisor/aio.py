@@ -232,10 +232,7 @@ class AsyncLease(LeaseInfo):
         self._client._forget(self)
 
     def _end(self, exited: AdapterExited | None) -> None:
-        if exited is None:
-            self.lost = not self.detached
-        elif self.exited is None:
-            self.exited = exited
+        self._note_end(exited)
         if self._ended.is_set():
             return
         self._ended.set()

@@ -210,10 +210,7 @@ class Lease(LeaseInfo):
     def _end(self, exited: AdapterExited | None) -> None:
         """The adapter exited (`exited`) or the connection ended (None)."""
         with self._lock:
-            if exited is None:
-                self.lost = not self.detached
-            elif self.exited is None:
-                self.exited = exited
+            self._note_end(exited)
             if self._ended.is_set():
                 return
             self._ended.set()

@@ -431,6 +431,14 @@ class LeaseInfo:
         # True once this client released the lease (or learnt it was gone).
         self.released = False
 
+    def _note_end(self, exited: AdapterExited | None) -> None:
+        """Record how the lease ended: the adapter exited (`exited`) or the
+        connection ended (None; a detached lease survives that)."""
+        if exited is None:
+            self.lost = not self.detached
+        elif self.exited is None:
+            self.exited = exited
+
     def __repr__(self) -> str:
         state = "released" if self.released else "lost" if self.lost else "exited" if self.exited else "held"
         return f"<{type(self).__name__} {self.token[:8]} job={self.job!r} adapter={self.adapter!r} pid={self.pid} {state}>"
