@@ -349,6 +349,13 @@ class CgroupManager:
         """
         return os.open(self._path(instance_id) / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
 
+    def dir_fd(self, instance_id: str) -> int:
+        """Open the instance's cgroup directory and return the fd (close-on-exec),
+        for clone3's CLONE_INTO_CGROUP: a child created with it is born in the
+        cgroup. The caller closes it. Raises FileNotFoundError if the cgroup was
+        not created."""
+        return os.open(self._path(instance_id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
     def add(self, instance_id: str, pid: int) -> None:
         """Move process `pid` (all its threads) into the instance's cgroup.
 

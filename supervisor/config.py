@@ -79,6 +79,9 @@ NON_TERMINATING_SIGNALS = frozenset(
 STDIO_MODES = ("pipe", "null")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# How roots are started: "auto" uses the clone3 spawner when it was built (and
+# the kernel allows clone3), else subprocess; "subprocess" always uses subprocess.
+SPAWNERS = ("auto", "subprocess")
 # Longest value shown back in an error message; a pasted blob must not flood a log.
 _SHOW_LIMIT = 60
 
@@ -228,6 +231,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     # "auto": use a writable cgroup v2 hierarchy if one is found; "off": the
     # process-table fallback; or the absolute path of a cgroup v2 directory.
     cgroup: str = "auto"
+    spawner: str = "auto"
     # Bound of state_dir/reports.jsonl; one rotated generation is kept beside it.
     reports_max_bytes: int = 1024 * 1024
     # Where to keep a Prometheus text file for node_exporter (unset: none).
@@ -332,6 +336,10 @@ class _LogLevel(_Choice):
     CHOICES = LOG_LEVELS
 
 
+class _Spawner(_Choice):
+    CHOICES = SPAWNERS
+
+
 class _ParamName(str):
     """A name a client may fill in."""
 
@@ -385,6 +393,7 @@ class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_format: _LogFormat | UnsetType = UNSET
     log_level: _LogLevel | UnsetType = UNSET
     cgroup: str | UnsetType = UNSET
+    spawner: _Spawner | UnsetType = UNSET
 
 
 class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

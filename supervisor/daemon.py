@@ -23,7 +23,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from supervisor import metrics, procs, reports, staterecord, subreaper, sweep
+from supervisor import clonespawn, metrics, procs, reports, staterecord, subreaper, sweep
 from supervisor.blocking import write_bounded
 from supervisor.cgroup import CgroupManager
 from supervisor.config import AdapterConfig, Config
@@ -138,6 +138,8 @@ class Supervisor:
         self._scan_in_flight: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._clock_offset = 0.0
+        # clone3 was refused once (seccomp, old kernel): subprocess from then on.
+        self._clone3_refused = False
         # Last: registering the live-state collector reads the fields above.
         self.metrics = metrics.Metrics(self._live_state)
 
@@ -259,10 +261,7 @@ class Supervisor:
             return self.registry.spawn_failed(instance_id)
         spawned_after = trio.current_time()
         try:
-            root = await trio.to_thread.run_sync(partial(
-                _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=instance.job,
-                params=dict(instance.params), daemon_key=self.daemon_key,
-            ))
+            root = await self._spawn_root(instance_id, adapter, instance.job, dict(instance.params))
         except (SpawnFailed, InvalidParams, OSError) as exc:
             if isinstance(exc, OSError):
                 exc = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
@@ -292,11 +291,32 @@ class Supervisor:
         log.info("adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
 
+    async def _spawn_root(self, instance_id: str, adapter: AdapterConfig, job: str, params: dict[str, str]) -> RootProcess:
+        """Start the root: with the clone3 spawner on this thread (it costs what
+        an exec costs), else with subprocess in a worker thread (a fork of the
+        daemon, and in cgroup mode the join's RCU wait, take milliseconds)."""
+        spawn = partial(
+            _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=job, params=params,
+            daemon_key=self.daemon_key,
+        )
+        if self.uses_clone3:
+            try:
+                return spawn(clone3=True)
+            except clonespawn.Unsupported as exc:
+                self._clone3_refused = True
+                log.warning("spawner.clone3_refused", error=exc.strerror, using="subprocess")
+        return await trio.to_thread.run_sync(partial(spawn, clone3=False))
+
+    @property
+    def uses_clone3(self) -> bool:
+        """Whether roots are started by the clone3 spawner (daemon.spawner)."""
+        return self.config.daemon.spawner == "auto" and not self._clone3_refused and clonespawn.load() is not None
+
     @staticmethod
     def _root_reaped(running: RunningInstance, returncode: int) -> None:
         running.returncode = returncode
         # Tell subprocess the child is gone, so it never waits for it itself.
-        running.root.popen.returncode = returncode
+        running.root.reaped(returncode)
         running.root_reaped.set()
 
     async def _watch_root(self, instance_id: str, running: RunningInstance) -> None:
@@ -339,10 +359,10 @@ class Supervisor:
                     # process stuck in the kernel): never forget a tree alive.
                     outcome = self._kill_now(instance_id, running)
             running.root.close_stdio()
-            if running.root.popen.returncode is None:
+            if not running.root_reaped.is_set():
                 # The root outlived its stop (the report says so). subprocess must
                 # never poll it on its own: the reaper still owns its status.
-                running.root.popen.returncode = -signal.SIGKILL
+                running.root.reaped(-signal.SIGKILL)
             self._remove_cgroup(instance_id)
             self.finished_logs[instance_id] = list(running.root.stderr_tail)
             while len(self.finished_logs) > FINISHED_LOGS_KEPT:
@@ -655,16 +675,19 @@ class Supervisor:
         log.info("daemon.trees_stopped", left=len(self.running))
 
 
-def _spawn_in_cgroup(cgroups: CgroupManager | None, adapter: AdapterConfig, *, instance_id: str, **spawn: object) -> RootProcess:
-    """Blocking, for a worker thread: create the instance's cgroup (if any) and
-    spawn the root into it. Touches no daemon state. Raises SpawnFailed,
-    InvalidParams, or OSError for the cgroup."""
+def _spawn_in_cgroup(
+    cgroups: CgroupManager | None, adapter: AdapterConfig, *, instance_id: str, clone3: bool, **spawn: object
+) -> RootProcess:
+    """Blocking: create the instance's cgroup (if any) and spawn the root into
+    it. Touches no daemon state, so it may run in a worker thread. Raises
+    SpawnFailed, InvalidParams, clonespawn.Unsupported, or OSError for the
+    cgroup."""
     cgroup_fd = None
     try:
         if cgroups is not None:
             cgroups.create(instance_id)
-            cgroup_fd = cgroups.join_fd(instance_id)
-        return spawn_root(adapter, instance_id=instance_id, cgroup_fd=cgroup_fd, **spawn)  # type: ignore[arg-type]
+            cgroup_fd = cgroups.dir_fd(instance_id) if clone3 else cgroups.join_fd(instance_id)
+        return spawn_root(adapter, instance_id=instance_id, cgroup_fd=cgroup_fd, clone3=clone3, **spawn)  # type: ignore[arg-type]
     finally:
         if cgroup_fd is not None:
             os.close(cgroup_fd)

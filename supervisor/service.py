@@ -136,6 +136,8 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                         "daemon.ready", pid=os.getpid(), socket=socket_path,
                         adapters=sorted(config.adapters), config=config.path,
                         socket_activated=activated is not None,
+                        cgroup_mode=supervisor.cgroups is not None,
+                        spawner="clone3" if supervisor.uses_clone3 else "subprocess",
                     )
                     notifier.ready(status=_status_text(supervisor))
                     await nursery.start(systemd.watchdog, notifier)

@@ -1,15 +1,22 @@
 """Starting the root process of an instance.
 
 The root starts in a new session with the instance tag in its environment and,
-in cgroup mode, inside the instance's cgroup before it execs, so every
-descendant is born there. Spawning is synchronous on the trio thread (fork and
-exec take about a millisecond), which means no other task can observe a child
-the daemon does not yet know about.
+in cgroup mode, inside the instance's cgroup before it runs one instruction of
+its own, so every descendant is born there. There are two ways to start it:
 
-The daemon does all waiting itself (see `supervisor.subreaper`); the `Popen`
-object is kept only so that its pipes and pid stay together, and it is told
-the root's return code when the daemon reaps it, so `subprocess` never waits
-for the child on its own.
+* the clone3 spawner (`supervisor.clonespawn`), when it was built: the root is
+  created like posix_spawn creates a child, and in cgroup mode it is born in
+  the instance cgroup (CLONE_INTO_CGROUP). It takes about as long as exec,
+  so the daemon calls it on the trio thread.
+* `subprocess.Popen`, everywhere else: in cgroup mode a `preexec_fn` joins the
+  cgroup between fork and exec (a fork of the whole daemon plus an RCU grace
+  period in the kernel: milliseconds), so the daemon calls it in a worker
+  thread.
+
+The daemon does all waiting itself (see `supervisor.subreaper`). A `Popen`
+object is kept only so that its pid and pipes stay together, and it is told the
+root's return code when the daemon reaps it, so `subprocess` never waits for
+the child on its own.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from supervisor import procs
+from supervisor import clonespawn, procs
 from supervisor.config import AdapterConfig
 from supervisor.errors import SpawnFailed
 
@@ -39,16 +46,22 @@ STDERR_LINE_BYTES = 4096
 class RootProcess:
     """A spawned root with the daemon's ends of its pipes."""
 
-    popen: subprocess.Popen[bytes]
     id: procs.ProcessId
     stdin_fd: int | None
     stdout_fd: int | None
     stderr_fd: int
+    # Only when subprocess started it.
+    popen: subprocess.Popen[bytes] | None = None
     stderr_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=STDERR_LINES))
 
     @property
     def pid(self) -> int:
         return self.id.pid
+
+    def reaped(self, returncode: int) -> None:
+        """The daemon reaped the root: a Popen must not wait for it itself."""
+        if self.popen is not None and self.popen.returncode is None:
+            self.popen.returncode = returncode
 
     def close_stdio(self) -> None:
         """Close the daemon's stdin/stdout ends (clients hold their own duplicates)."""
@@ -85,12 +98,17 @@ def spawn_root(
     params: Mapping[str, str],
     daemon_key: str,
     cgroup_fd: int | None = None,
+    clone3: bool = False,
 ) -> RootProcess:
     """Start the adapter's root for one instance.
 
-    Raises `InvalidParams` (from rendering the command) or `SpawnFailed` with the
-    OS reason (missing executable, bad cwd, permission). On failure nothing is
-    left open or running.
+    With `clone3`, the clone3 spawner starts it and `cgroup_fd` is the instance's
+    cgroup directory (`CgroupManager.dir_fd`); without, subprocess does and
+    `cgroup_fd` is its cgroup.procs (`CgroupManager.join_fd`). Raises
+    `InvalidParams` (from rendering the command), `SpawnFailed` with the OS
+    reason (missing executable, bad cwd, permission), or
+    `clonespawn.Unsupported` (nothing was started; subprocess will work). On
+    failure nothing is left open or running.
     """
     argv = adapter.render_argv(job, params)
     env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key)
@@ -116,39 +134,57 @@ def spawn_root(
         if adapter.stdio == "pipe":
             stdin_w, stdin = pipe(child_reads=True)
             stdout_r, stdout = pipe(child_reads=False)
-        preexec: Callable[[], None] | None = None
-        if cgroup_fd is not None:
-            fd = cgroup_fd
-
-            def preexec() -> None:
-                # Runs in the child between fork and exec: join the instance's
-                # cgroup so that everything it will ever fork is born inside.
-                os.write(fd, b"0")
-
-        popen = subprocess.Popen(
-            argv,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr_w,
-            cwd=adapter.cwd,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-            preexec_fn=preexec,
-        )
-    except OSError as exc:
+        if clone3:
+            if stdin == subprocess.DEVNULL or stdout == subprocess.DEVNULL:
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                child_fds.append(null)
+                stdin = null if stdin == subprocess.DEVNULL else stdin
+                stdout = null if stdout == subprocess.DEVNULL else stdout
+            popen = None
+            pid = clonespawn.spawn(
+                argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_fd=cgroup_fd,
+            )
+        else:
+            popen = _popen(argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_procs_fd=cgroup_fd)
+            pid = popen.pid
+    except BaseException as exc:
         for fd in parent_fds:
             os.close(fd)
-        raise SpawnFailed(_describe_spawn_error(adapter, argv, exc)) from exc
-    except subprocess.SubprocessError as exc:
-        for fd in parent_fds:
-            os.close(fd)
-        raise SpawnFailed(f"adapter {adapter.name!r} could not be started: {exc}") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, clonespawn.Unsupported):
+            raise SpawnFailed(_describe_spawn_error(adapter, argv, exc)) from exc
+        if isinstance(exc, subprocess.SubprocessError):
+            raise SpawnFailed(f"adapter {adapter.name!r} could not be started: {exc}") from exc
+        raise
     finally:
         for fd in child_fds:
             os.close(fd)
-    identity = procs.identify(popen.pid) or procs.ProcessId(popen.pid, 0)
-    return RootProcess(popen=popen, id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r)
+    identity = procs.identify(pid) or procs.ProcessId(pid, 0)
+    return RootProcess(id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r, popen=popen)
+
+
+def _popen(
+    argv: list[str], *, env: dict[str, str], cwd: str | None, stdio: tuple[int, int, int], cgroup_procs_fd: int | None
+) -> subprocess.Popen[bytes]:
+    preexec: Callable[[], None] | None = None
+    if cgroup_procs_fd is not None:
+        fd = cgroup_procs_fd
+
+        def preexec() -> None:
+            # Runs in the child between fork and exec: join the instance's
+            # cgroup so that everything it will ever fork is born inside.
+            os.write(fd, b"0")
+
+    return subprocess.Popen(
+        argv,
+        stdin=stdio[0],
+        stdout=stdio[1],
+        stderr=stdio[2],
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+        preexec_fn=preexec,
+    )
 
 
 async def capture_stderr(root: RootProcess, on_line: Callable[[str], None]) -> None:

@@ -106,6 +106,7 @@ def test_empty_document_gives_daemon_defaults_and_no_adapters():
         ("allowed_uids", ()),
         ("allowed_gids", ()),
         ("log_format", "auto"),
+        ("spawner", "auto"),
         ("log_level", "info"),
     ],
 )
@@ -385,6 +386,7 @@ def test_unknown_key_message_reads_as_documented():
         ("[daemon]\nallowed_uids = [0, -1]", "daemon.allowed_uids[1]", "expected an integer >= 0, got -1"),
         ("[daemon]\nallowed_gids = [4294967295]", "daemon.allowed_gids[0]", "<= 4294967294"),
         ('[daemon]\nlog_format = "xml"', "daemon.log_format", 'expected one of "auto", "json", "console", got "xml"'),
+        ('[daemon]\nspawner = "fork"', "daemon.spawner", 'expected one of "auto", "subprocess", got "fork"'),
         ('[daemon]\nlog_level = "loud"', "daemon.log_level", 'got "loud"'),
         ("[daemon]\nsocket = 1", "daemon.socket", "expected a string, got 1"),
         ('[daemon]\nsocket = ""', "daemon.socket", "expected a path"),

@@ -1,7 +1,9 @@
 """Lease lifecycle against the real daemon, with real process trees.
 
-Every tree test runs twice: with per-instance cgroups (the writable cgroup v2
-hierarchy of this host) and with the process-table fallback (`cgroup = "off"`).
+Every tree test runs three times: with per-instance cgroups (the writable
+cgroup v2 hierarchy of this host) and roots born in them by the clone3 spawner;
+with cgroups and the subprocess spawner (the root joins its cgroup between fork
+and exec); and with the process-table fallback (`cgroup = "off"`).
 """
 
 from __future__ import annotations
@@ -22,20 +24,24 @@ from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_
 STOP_TIMEOUT = 1.0
 
 
-@pytest.fixture(params=["cgroup", "process-table"])
+@pytest.fixture(params=["cgroup", "cgroup-subprocess", "process-table"])
 def mode(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 def daemon_settings(mode: str) -> dict[str, object]:
-    return {"cgroup": "auto" if mode == "cgroup" else "off"}
+    return {
+        "cgroup": "off" if mode == "process-table" else "auto",
+        "spawner": "subprocess" if mode == "cgroup-subprocess" else "auto",
+    }
 
 
 def check_mode(daemon, mode: str) -> None:
-    cgroup_mode = daemon.client().call("status")["daemon"]["cgroup_mode"]
-    if mode == "cgroup" and not cgroup_mode:
+    settings = daemon.client().call("status")["daemon"]
+    if mode != "process-table" and not settings["cgroup_mode"]:
         pytest.skip("this host has no writable cgroup v2 hierarchy")
-    assert cgroup_mode == (mode == "cgroup")
+    assert settings["cgroup_mode"] == (mode != "process-table")
+    assert settings["spawner"] == ("subprocess" if mode == "cgroup-subprocess" else "clone3")
 
 
 class AsyncConn:

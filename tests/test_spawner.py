@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
 import pytest
 import trio
 
-from supervisor import procs
+from supervisor import clonespawn, procs
 from supervisor.config import parse_config
 from supervisor.errors import SpawnFailed
 from supervisor.spawner import STDERR_LINE_BYTES, capture_stderr, spawn_root
+
+
+# Both ways of starting a root: subprocess, and the clone3 spawner where built.
+SPAWNERS = [pytest.param(False, id="subprocess"), pytest.param(
+    True, id="clone3", marks=pytest.mark.skipif(clonespawn.load() is None, reason="the clone3 spawner was not built"),
+)]
+
+
+def wait_for(root) -> int:
+    """Reap a root spawned by either spawner and return its exit status."""
+    _, status = os.waitpid(root.pid, 0)
+    root.reaped(os.waitstatus_to_exitcode(status))
+    return os.waitstatus_to_exitcode(status)
 
 
 def adapter(command: list[str], **extra: str) -> object:
@@ -21,20 +35,23 @@ def adapter(command: list[str], **extra: str) -> object:
     return parse_config("[adapters.a]\n" + "\n".join(lines) + "\n").adapters["a"]
 
 
-async def test_a_root_runs_in_its_own_session_with_the_tags_and_its_stderr_is_captured() -> None:
+@pytest.mark.parametrize("clone3", SPAWNERS)
+async def test_a_root_runs_in_its_own_session_with_the_tags_and_its_stderr_is_captured(clone3: bool) -> None:
     script = (
         "import os, sys\n"
         "sys.stderr.write('x' * 10000 + '\\n')\n"
         "sys.stderr.write(os.environ['ADAPTER_SUPERVISOR_INSTANCE'] + ' ' + str(os.getsid(0) == os.getpid()) + '\\n')\n"
         "sys.stderr.write('no newline at the end')\n"
     )
-    root = spawn_root(adapter([sys.executable, "-c", script]), instance_id="inst-1", job="j", params={}, daemon_key="k")
+    root = spawn_root(
+        adapter([sys.executable, "-c", script]), instance_id="inst-1", job="j", params={}, daemon_key="k", clone3=clone3,
+    )
     lines: list[str] = []
     try:
         with trio.fail_after(10):
             await capture_stderr(root, lines.append)
     finally:
-        root.popen.wait()
+        assert wait_for(root) == 0
         root.close_stdio()
     long_pieces = [line for line in lines if set(line) == {"x"}]
     assert [len(piece) for piece in long_pieces] == [STDERR_LINE_BYTES, STDERR_LINE_BYTES, 10000 - 2 * STDERR_LINE_BYTES]
@@ -50,16 +67,20 @@ async def test_a_root_runs_in_its_own_session_with_the_tags_and_its_stderr_is_ca
         (["/etc/passwd"], {}, "permission denied"),
     ],
 )
-def test_spawn_failures_name_the_os_reason_and_leave_no_fd_open(command, extra, reason) -> None:
+@pytest.mark.parametrize("clone3", SPAWNERS)
+def test_spawn_failures_name_the_os_reason_and_leave_no_fd_open(command, extra, reason, clone3: bool) -> None:
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(SpawnFailed) as error:
-        spawn_root(adapter(command, **extra), instance_id="i", job="j", params={}, daemon_key="k")
+        spawn_root(adapter(command, **extra), instance_id="i", job="j", params={}, daemon_key="k", clone3=clone3)
     assert reason in error.value.message
     assert set(os.listdir("/proc/self/fd")) <= before
 
 
-def test_the_daemon_tag_is_in_the_environment() -> None:
-    root = spawn_root(adapter(["/bin/sleep", "5"]), instance_id="inst-2", job="j", params={}, daemon_key="key-7")
+@pytest.mark.parametrize("clone3", SPAWNERS)
+def test_the_daemon_tag_is_in_the_environment(clone3: bool) -> None:
+    root = spawn_root(
+        adapter(["/bin/sleep", "5"]), instance_id="inst-2", job="j", params={}, daemon_key="key-7", clone3=clone3,
+    )
     try:
         env = {}
         for _ in range(200):
@@ -71,6 +92,6 @@ def test_the_daemon_tag_is_in_the_environment() -> None:
             procs.INSTANCE_ENV: "inst-2", procs.JOB_ENV: "j", procs.ADAPTER_ENV: "a", procs.DAEMON_ENV: "key-7",
         }
     finally:
-        root.popen.kill()
-        root.popen.wait()
+        os.kill(root.pid, signal.SIGKILL)
+        wait_for(root)
         os.close(root.stderr_fd)

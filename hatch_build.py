@@ -1,0 +1,46 @@
+"""Build hook: compile supervisor/_clonespawn.c into a shared library.
+
+The library makes spawning fast in cgroup mode (see the C file). It is
+optional: without a C compiler (or off Linux) the build goes on without it and
+the daemon spawns with `subprocess` instead, which it says in its log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+
+SOURCE = Path("supervisor", "_clonespawn.c")
+LIBRARY = Path("supervisor", "_clonespawn.so")
+
+
+class CloneSpawnHook(BuildHookInterface):
+    PLUGIN_NAME = "custom"
+
+    def initialize(self, version: str, build_data: dict[str, Any]) -> None:
+        if self.target_name != "wheel":
+            return
+        root = Path(self.root)
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not sys.platform.startswith("linux") or compiler is None:
+            self.app.display_warning("no C compiler: building without the clone3 spawner (spawning falls back to subprocess)")
+            return
+        partial = root / LIBRARY.with_suffix(".so.partial")
+        command = [compiler, "-O2", "-Wall", "-Wextra", "-fPIC", "-shared", "-o", str(partial), str(root / SOURCE)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            self.app.display_warning(f"the clone3 spawner did not compile; spawning falls back to subprocess:\n{result.stderr}")
+            return
+        os.replace(partial, root / LIBRARY)
+        if version != "editable":
+            # An editable install finds the library in the source tree itself.
+            build_data["force_include"][str(root / LIBRARY)] = str(LIBRARY)
+            build_data["pure_python"] = False
+            build_data["infer_tag"] = True

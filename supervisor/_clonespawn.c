@@ -1,0 +1,249 @@
+/*
+ * Start a process the way posix_spawn does, but born inside a cgroup.
+ *
+ * The child is created with clone3(CLONE_VM | CLONE_VFORK): it runs on a
+ * stack of its own in the parent's memory, so nothing is copied, and the
+ * calling thread sleeps until the child has exec'd or died. With
+ * CLONE_INTO_CGROUP (Linux >= 5.7) the kernel places the child in the cgroup
+ * at creation. Joining a cgroup afterwards (writing cgroup.procs) waits for an
+ * RCU grace period, milliseconds on an idle host; being born there does not.
+ *
+ * Between clone and exec the child only calls async-signal-safe functions and
+ * touches no memory but the `spawn_job` the parent prepared. Loaded with
+ * ctypes by supervisor/clonespawn.py; built by hatch_build.py.
+ */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* <linux/sched.h>, spelled out so the build needs no kernel headers. */
+#define SPAWN_CLONE_VM 0x00000100ULL
+#define SPAWN_CLONE_VFORK 0x00004000ULL
+#define SPAWN_CLONE_INTO_CGROUP 0x200000000ULL
+#define SPAWN_SYS_CLONE3 435
+#define SPAWN_SYS_CLOSE_RANGE 436
+
+#define CHILD_STACK_BYTES (128 * 1024)
+
+/* Where a failed spawn failed; mirrored in clonespawn.py. */
+enum spawn_stage {
+    STAGE_NONE = 0,
+    STAGE_CLONE = 1,
+    STAGE_SESSION = 2,
+    STAGE_STDIO = 3,
+    STAGE_CLOSE_FDS = 4,
+    STAGE_CWD = 5,
+    STAGE_EXEC = 6,
+};
+
+struct clone_args_v2 {
+    uint64_t flags;
+    uint64_t pidfd;
+    uint64_t child_tid;
+    uint64_t parent_tid;
+    uint64_t exit_signal;
+    uint64_t stack;
+    uint64_t stack_size;
+    uint64_t tls;
+    uint64_t set_tid;
+    uint64_t set_tid_size;
+    uint64_t cgroup;
+};
+
+struct spawn_job {
+    char *const *paths; /* executable candidates, in order, NULL-terminated */
+    char *const *argv;
+    char *const *envp;
+    const char *cwd; /* NULL: the parent's */
+    int stdio[3];
+    int new_session;
+    /* Written by the child when it fails; read by the parent once it wakes. */
+    int error;
+    int stage;
+};
+
+static void child_fail(struct spawn_job *job, int stage, int error) {
+    job->error = error;
+    job->stage = stage;
+    _exit(127);
+}
+
+static int child_main(void *arg) {
+    struct spawn_job *job = arg;
+    sigset_t none;
+    int source[3];
+    int error = 0;
+
+    /* A caught signal must not run the parent's handler in this child, which
+       shares the parent's memory: back to the default action before signals
+       are unblocked. SIGPIPE and SIGXFSZ, which Python ignores, are restored
+       too, as subprocess does. */
+    for (int sig = 1; sig < NSIG; sig++) {
+        struct sigaction action;
+        if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &action) != 0) {
+            continue;
+        }
+        if (action.sa_handler == SIG_DFL) {
+            continue;
+        }
+        if (action.sa_handler == SIG_IGN && sig != SIGPIPE && sig != SIGXFSZ) {
+            continue;
+        }
+        struct sigaction reset = {0};
+        reset.sa_handler = SIG_DFL;
+        sigaction(sig, &reset, NULL);
+    }
+
+    if (job->new_session && setsid() < 0) {
+        child_fail(job, STAGE_SESSION, errno);
+    }
+
+    /* Sources below 3 would be overwritten by the dup2 of another: move them up. */
+    for (int i = 0; i < 3; i++) {
+        source[i] = job->stdio[i];
+        if (source[i] >= 0 && source[i] < 3) {
+            source[i] = fcntl(source[i], F_DUPFD_CLOEXEC, 3);
+            if (source[i] < 0) {
+                child_fail(job, STAGE_STDIO, errno);
+            }
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        if (source[i] >= 0 && dup2(source[i], i) < 0) {
+            child_fail(job, STAGE_STDIO, errno);
+        }
+    }
+    if (syscall(SPAWN_SYS_CLOSE_RANGE, 3U, ~0U, 0U) != 0) {
+        child_fail(job, STAGE_CLOSE_FDS, errno);
+    }
+    if (job->cwd != NULL && chdir(job->cwd) != 0) {
+        child_fail(job, STAGE_CWD, errno);
+    }
+
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+
+    /* Like execvpe: the first failure that is not "no such file here" wins. */
+    for (char *const *path = job->paths; *path != NULL; path++) {
+        execve(*path, job->argv, job->envp);
+        if (errno != ENOENT && errno != ENOTDIR && error == 0) {
+            error = errno;
+        }
+    }
+    child_fail(job, STAGE_EXEC, error != 0 ? error : ENOENT);
+    return 127;
+}
+
+/* clone3 with a child that runs fn(arg) on its own stack. No C library wraps
+   clone3 (glibc 2.36), and a child on a new stack cannot return through the
+   parent's frames, so the child's first steps are written out per machine. */
+static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg) {
+#if defined(__x86_64__)
+    long result;
+    register void *function __asm__("r12") = (void *)fn;
+    register void *argument __asm__("r13") = arg;
+    __asm__ volatile(
+        "syscall\n\t"
+        "testq %%rax, %%rax\n\t"
+        "jnz 1f\n\t"
+        /* The child: a fresh, 16-byte aligned stack; no frame to return to. */
+        "xorl %%ebp, %%ebp\n\t"
+        "movq %%r13, %%rdi\n\t"
+        "callq *%%r12\n\t"
+        "movl %%eax, %%edi\n\t"
+        "movl $60, %%eax\n\t" /* SYS_exit */
+        "syscall\n\t"
+        "hlt\n"
+        "1:\n\t"
+        : "=a"(result)
+        : "0"((long)SPAWN_SYS_CLONE3), "D"(args), "S"(sizeof *args), "r"(function), "r"(argument)
+        : "rcx", "r11", "memory");
+    if (result < 0) {
+        errno = (int)-result;
+        return -1;
+    }
+    return result;
+#else
+    (void)args;
+    (void)fn;
+    (void)arg;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/*
+ * Spawn argv with envp, trying each of `paths` as the executable. stdio[i] is
+ * dup'ed onto fd i (-1: left as inherited); every other fd is closed in the
+ * child. cgroup_fd >= 0 is an O_DIRECTORY fd of the cgroup to be born in.
+ *
+ * Returns the child's pid once it has exec'd. On failure returns -1 with
+ * *stage and *error set; a child that failed before exec has been reaped.
+ * STAGE_CLONE means no child ever existed (ENOSYS, EPERM from a seccomp
+ * filter, EINVAL from an old kernel: the caller may fall back).
+ */
+long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, const char *cwd, const int *stdio,
+                   int cgroup_fd, int new_session, int *stage, int *error) {
+    struct spawn_job job = {
+        .paths = paths,
+        .argv = argv,
+        .envp = envp,
+        .cwd = cwd,
+        .stdio = {stdio[0], stdio[1], stdio[2]},
+        .new_session = new_session,
+        .error = 0,
+        .stage = STAGE_NONE,
+    };
+    struct clone_args_v2 args = {0};
+    sigset_t all, previous;
+    long pid;
+    int clone_error;
+
+    void *stack = mmap(NULL, CHILD_STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) {
+        *stage = STAGE_CLONE;
+        *error = errno;
+        return -1;
+    }
+    args.flags = SPAWN_CLONE_VM | SPAWN_CLONE_VFORK;
+    if (cgroup_fd >= 0) {
+        args.flags |= SPAWN_CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)cgroup_fd;
+    }
+    args.exit_signal = SIGCHLD;
+    args.stack = (uint64_t)(uintptr_t)stack;
+    args.stack_size = CHILD_STACK_BYTES;
+
+    /* No handler may run in the child before it has reset them all. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pid = clone3_run(&args, child_main, &job);
+    clone_error = errno;
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    munmap(stack, CHILD_STACK_BYTES);
+
+    if (pid < 0) {
+        *stage = STAGE_CLONE;
+        *error = clone_error;
+        return -1;
+    }
+    if (job.stage != STAGE_NONE) {
+        /* The child exited before exec (CLONE_VFORK woke us on its exit). */
+        while (waitpid((pid_t)pid, NULL, __WALL) < 0 && errno == EINTR) {
+        }
+        *stage = job.stage;
+        *error = job.error;
+        return -1;
+    }
+    *stage = STAGE_NONE;
+    *error = 0;
+    return pid;
+}

@@ -1,0 +1,121 @@
+"""Spawning a root straight into its cgroup: the clone3 spawner.
+
+A thin ctypes binding of `_clonespawn.c`. The child is created like
+posix_spawn creates it (shared memory, the caller sleeps until exec), so a
+spawn costs what a posix_spawn costs, and with a cgroup fd it is born inside
+the instance cgroup instead of joining it from a forked copy of the daemon
+(which copies the daemon's page tables and then waits for an RCU grace
+period). The library is optional: `load()` returns None when it was not built,
+and the daemon then uses `subprocess`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+LIBRARY = Path(__file__).with_name("_clonespawn.so")
+
+# enum spawn_stage in _clonespawn.c.
+STAGE_CLONE = 1
+STAGE_SESSION = 2
+STAGE_STDIO = 3
+STAGE_CLOSE_FDS = 4
+STAGE_CWD = 5
+STAGE_EXEC = 6
+
+_STAGE_NAMES = {
+    STAGE_CLONE: "clone3",
+    STAGE_SESSION: "setsid",
+    STAGE_STDIO: "redirecting stdio",
+    STAGE_CLOSE_FDS: "closing inherited fds",
+    STAGE_CWD: "chdir",
+    STAGE_EXEC: "exec",
+}
+
+
+# clone3 failing with these means "not here" (no syscall, a seccomp filter,
+# flags the kernel does not know), not "not now" (EAGAIN, ENOMEM).
+UNSUPPORTED_ERRNOS = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL})
+
+
+class Unsupported(OSError):
+    """clone3 itself was refused (old kernel, seccomp, another architecture):
+    no child was created, and spawning with subprocess will work instead."""
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The built library, or None if there is none (or it does not load)."""
+    try:
+        library = ctypes.CDLL(str(LIBRARY), use_errno=True)
+    except OSError:
+        return None
+    function = library.adapter_spawn
+    function.restype = ctypes.c_long
+    function.argtypes = [
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_int),
+    ]
+    return library
+
+
+def _strings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
+    """A NULL-terminated char*[]; the caller keeps it alive across the call."""
+    return (ctypes.c_char_p * (len(items) + 1))(*items, None)
+
+
+def executable_candidates(program: str, env: Mapping[str, str]) -> list[bytes]:
+    """Where exec looks for `program`: itself if it names a path, else each
+    directory of the child's PATH in turn (as subprocess and execvpe do)."""
+    if os.path.dirname(program):
+        return [os.fsencode(program)]
+    return [os.path.join(os.fsencode(directory), os.fsencode(program)) for directory in os.get_exec_path(env)]
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None,
+    stdio: tuple[int, int, int],
+    cgroup_fd: int | None,
+    new_session: bool = True,
+) -> int:
+    """Start `argv` and return its pid once it has exec'd. `stdio` are the fds
+    for the child's 0, 1 and 2; every other fd is closed in the child; signal
+    handlers and the signal mask start out default. Raises `Unsupported` (no
+    child was created) or OSError with the errno of the failed step, naming
+    `cwd` or the program as its filename; a child that failed is reaped.
+    Blocks for as long as exec takes, like posix_spawn."""
+    library = load()
+    if library is None:
+        raise Unsupported(errno.ENOSYS, "the clone3 spawner is not built")
+    paths = _strings(executable_candidates(argv[0], env))
+    arguments = _strings([os.fsencode(arg) for arg in argv])
+    environment = _strings([os.fsencode(key) + b"=" + os.fsencode(value) for key, value in env.items()])
+    fds = (ctypes.c_int * 3)(*stdio)
+    stage = ctypes.c_int(0)
+    error = ctypes.c_int(0)
+    pid = library.adapter_spawn(
+        paths, arguments, environment, None if cwd is None else os.fsencode(cwd), fds,
+        -1 if cgroup_fd is None else cgroup_fd, int(new_session), ctypes.byref(stage), ctypes.byref(error),
+    )
+    if pid > 0:
+        return pid
+    reason = os.strerror(error.value)
+    if stage.value == STAGE_CLONE and error.value in UNSUPPORTED_ERRNOS:
+        raise Unsupported(error.value, f"clone3 refused: {reason}")
+    filename = cwd if stage.value == STAGE_CWD else argv[0] if stage.value == STAGE_EXEC else None
+    raise OSError(error.value, f"{reason} ({_STAGE_NAMES.get(stage.value, 'spawning')})", filename)
