@@ -107,7 +107,9 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
     pending = service.pending_spawn(acquired.instance.id) if acquired.instance.state is State.STARTING else None
     service.execute(acquired.actions)
     started()
-    if pending is not None:
+    if pending is not None and not pending.settled.is_set():
+        # (A clone3 spawn has settled already, inside execute: answering
+        # without a checkpoint sends the reply before other tasks run.)
         await pending.settled.wait()
     if service.registry.lease(lease.token) is None:
         if pending is not None and pending.error is not None:
@@ -194,6 +196,7 @@ async def status(service: Supervisor, peer: Peer, params: protocol.StatusParams,
             "leases": len(service.registry.leases),
             "connections": len(service.peers),
             "cgroup_mode": service.cgroups is not None,
+            "cgroup_base": None if service.cgroups is None else str(service.cgroups.base),
             "spawner": "clone3" if service.uses_clone3 else "subprocess",
             "shutting_down": service.shutting_down,
             "rss_bytes": sum(r["rss_bytes"] for r in rows),

@@ -15,10 +15,12 @@ import ctypes
 import errno
 import functools
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 LIBRARY = Path(__file__).with_name("_clonespawn.so")
+_FS_ENCODING = sys.getfilesystemencoding()
 
 # enum spawn_stage in _clonespawn.c.
 STAGE_CLONE = 1
@@ -79,9 +81,21 @@ def _strings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
 def executable_candidates(program: str, env: Mapping[str, str]) -> list[bytes]:
     """Where exec looks for `program`: itself if it names a path, else each
     directory of the child's PATH in turn (as subprocess and execvpe do)."""
+    return list(_candidates(program, env.get("PATH")))
+
+
+@functools.lru_cache(maxsize=256)
+def _candidates(program: str, path: str | None) -> tuple[bytes, ...]:
     if os.path.dirname(program):
-        return [os.fsencode(program)]
-    return [os.path.join(os.fsencode(directory), os.fsencode(program)) for directory in os.get_exec_path(env)]
+        return (os.fsencode(program),)
+    directories = os.get_exec_path({} if path is None else {"PATH": path})
+    return tuple(os.path.join(os.fsencode(directory), os.fsencode(program)) for directory in directories)
+
+
+def _encode(text: str) -> bytes:
+    # What os.fsencode does, without its per-call type checks: environments
+    # have dozens of entries and every spawn encodes them all.
+    return text.encode(_FS_ENCODING, "surrogateescape")
 
 
 def spawn(
@@ -102,9 +116,9 @@ def spawn(
     library = load()
     if library is None:
         raise Unsupported(errno.ENOSYS, "the clone3 spawner is not built")
-    paths = _strings(executable_candidates(argv[0], env))
-    arguments = _strings([os.fsencode(arg) for arg in argv])
-    environment = _strings([os.fsencode(key) + b"=" + os.fsencode(value) for key, value in env.items()])
+    paths = _strings(_candidates(argv[0], env.get("PATH")))
+    arguments = _strings([_encode(arg) for arg in argv])
+    environment = _strings([_encode(f"{key}={value}") for key, value in env.items()])
     fds = (ctypes.c_int * 3)(*stdio)
     stage = ctypes.c_int(0)
     error = ctypes.c_int(0)

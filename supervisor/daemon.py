@@ -36,6 +36,7 @@ from supervisor.errors import (
 )
 from supervisor.registry import (
     Action,
+    Instance,
     InstanceSettled,
     NotifyExited,
     Reason,
@@ -43,7 +44,9 @@ from supervisor.registry import (
     Spawn,
     State,
     StopTree,
+    new_instance_id,
 )
+from supervisor.sparecgroups import SpareCgroups
 from supervisor.spawner import RootProcess, capture_stderr, spawn_root
 from supervisor.subreaper import ChildReaper
 from supervisor.tree import (
@@ -111,7 +114,8 @@ class Supervisor:
     def __init__(self, config: Config, *, cgroups: CgroupManager | None = None) -> None:
         self.config = config
         self.cgroups = cgroups
-        self.registry = Registry()
+        self.registry = Registry(new_instance_id=self._new_instance_id)
+        self.spares = SpareCgroups(cgroups, new_instance_id) if cgroups is not None else None
         self.reaper = ChildReaper()
         self.run_id = secrets.token_hex(8)
         self.pid = os.getpid()
@@ -164,6 +168,8 @@ class Supervisor:
             previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
             await self.sweep("startup", deep=True, recorded=staterecord.recorded_processes(previous))
             self.record.mark_dirty()
+            if self.spares is not None:
+                nursery.start_soon(self.spares.run)
             nursery.start_soon(self._expire_deadlines)
             nursery.start_soon(self._sweep_periodically)
             nursery.start_soon(self.record.run)
@@ -217,15 +223,21 @@ class Supervisor:
     # -- carrying out actions ------------------------------------------------
 
     def execute(self, actions: Iterable[Action]) -> None:
-        """Carry out registry actions. Synchronous: spawns and stops are started
-        as tasks (they report back to the registry themselves), notifications
-        are queued, parked acquires are woken."""
+        """Carry out registry actions. Synchronous: a spawn with the clone3
+        spawner happens right here (it costs what an exec costs), so the
+        acquire that asked for it is answered without waiting for another
+        task; other spawns and every stop are started as tasks (they report
+        back to the registry themselves); notifications are queued, parked
+        acquires are woken."""
         queue = collections.deque(actions)
         while queue:
             action = queue.popleft()
             if isinstance(action, Spawn):
-                assert self._nursery is not None
-                self._nursery.start_soon(self._spawn, action.instance_id)
+                if self.uses_clone3:
+                    queue.extend(self._spawn_now(action.instance_id))
+                else:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._spawn, action.instance_id)
             elif isinstance(action, StopTree):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._stop, action.instance_id, action.reason)
@@ -237,42 +249,94 @@ class Supervisor:
                     pending.settled.set()
         self._deadlines_may_have_changed()
 
+    @property
+    def uses_clone3(self) -> bool:
+        """Whether roots are started by the clone3 spawner (daemon.spawner)."""
+        return self.config.daemon.spawner == "auto" and not self._clone3_refused and clonespawn.load() is not None
+
+    def _spawn_now(self, instance_id: str) -> list[Action]:
+        """Start an instance's root with the clone3 spawner, on this thread, and
+        register it. If clone3 is refused, subprocess takes over from now on."""
+        target = self._spawn_target(instance_id)
+        if isinstance(target, list):
+            return target
+        instance, adapter = target
+        spawned_after = trio.current_time()
+        try:
+            root = _spawn_in_cgroup(
+                self.cgroups, adapter, instance_id=instance_id, clone3=True, job=instance.job,
+                params=dict(instance.params), daemon_key=self.daemon_key,
+            )
+        except clonespawn.Unsupported as exc:
+            self._clone3_refused = True
+            log.warning("spawner.clone3_refused", error=exc.strerror, using="subprocess")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._spawn, instance_id)
+            return []
+        except (SpawnFailed, InvalidParams, OSError) as exc:
+            return self._spawn_failed(instance_id, exc)
+        return self._root_started(instance_id, adapter, root, spawned_after)
+
     async def _spawn(self, instance_id: str) -> None:
-        """Start an instance's root in a worker thread (fork, the cgroup join and
-        exec take milliseconds the event loop should not spend), then report to
-        the registry on the trio thread. Cancellation: the thread always runs to
-        completion and its root is always registered, so it is never lost."""
+        """Start an instance's root with subprocess in a worker thread (a fork
+        of the daemon, and in cgroup mode the join's RCU wait, take milliseconds
+        the event loop should not spend), then report to the registry on the
+        trio thread. Cancellation: the thread always runs to completion and its
+        root is always registered, so it is never lost."""
         done = self._spawning[instance_id] = trio.Event()
         self.reaper.spawns_in_flight += 1
         try:
-            self.execute(await self._start_root(instance_id))
+            self.execute(await self._spawn_in_thread(instance_id))
         finally:
             self.reaper.spawn_settled()
             del self._spawning[instance_id]
             done.set()
 
-    async def _start_root(self, instance_id: str) -> list[Action]:
-        instance = self.registry.instances[instance_id]
-        adapter = self.config.adapters.get(instance.adapter)
-        pending = self._pending.setdefault(instance_id, PendingSpawn())
-        if adapter is None:
-            # Removed by a reload while this instance waited for its predecessor.
-            pending.error = UnknownAdapter(f"adapter {instance.adapter!r} is no longer configured")
-            return self.registry.spawn_failed(instance_id)
+    async def _spawn_in_thread(self, instance_id: str) -> list[Action]:
+        target = self._spawn_target(instance_id)
+        if isinstance(target, list):
+            return target
+        instance, adapter = target
         spawned_after = trio.current_time()
         try:
-            root = await self._spawn_root(instance_id, adapter, instance.job, dict(instance.params))
+            root = await trio.to_thread.run_sync(partial(
+                _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, clone3=False, job=instance.job,
+                params=dict(instance.params), daemon_key=self.daemon_key,
+            ))
         except (SpawnFailed, InvalidParams, OSError) as exc:
-            if isinstance(exc, OSError):
-                exc = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
-            pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
-            log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
-                        adapter=instance.adapter, error=pending.error.message)
-            self.metrics.spawn_failures.labels(instance.adapter).inc()
-            self._remove_cgroup(instance_id)
+            return self._spawn_failed(instance_id, exc)
+        return self._root_started(instance_id, adapter, root, spawned_after)
+
+    def _spawn_target(self, instance_id: str) -> tuple[Instance, AdapterConfig] | list[Action]:
+        """The instance to spawn and its adapter, or the registry's answer to a
+        spawn that cannot even be tried."""
+        instance = self.registry.instances[instance_id]
+        adapter = self.config.adapters.get(instance.adapter)
+        if adapter is None:
+            # Removed by a reload while this instance waited for its predecessor.
+            pending = self._pending.setdefault(instance_id, PendingSpawn())
+            pending.error = UnknownAdapter(f"adapter {instance.adapter!r} is no longer configured")
             return self.registry.spawn_failed(instance_id)
-        # From here to the end, nothing waits: the root is registered before any
-        # other task can run.
+        return instance, adapter
+
+    def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
+        instance = self.registry.instances[instance_id]
+        if isinstance(exc, OSError):
+            exc = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
+        pending = self._pending.setdefault(instance_id, PendingSpawn())
+        pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
+        log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
+                    adapter=instance.adapter, error=pending.error.message)
+        self.metrics.spawn_failures.labels(instance.adapter).inc()
+        self._remove_cgroup(instance_id)
+        return self.registry.spawn_failed(instance_id)
+
+    def _root_started(
+        self, instance_id: str, adapter: AdapterConfig, root: RootProcess, spawned_after: float
+    ) -> list[Action]:
+        """Register a root that was just spawned. Nothing here waits: the root is
+        registered before any other task can run."""
+        instance = self.registry.instances[instance_id]
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.add(root.id)
         running = RunningInstance(adapter=adapter, root=root, tree=tree)
@@ -290,27 +354,6 @@ class Supervisor:
         self.metrics.spawns.labels(adapter.name).inc()
         log.info("adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
-
-    async def _spawn_root(self, instance_id: str, adapter: AdapterConfig, job: str, params: dict[str, str]) -> RootProcess:
-        """Start the root: with the clone3 spawner on this thread (it costs what
-        an exec costs), else with subprocess in a worker thread (a fork of the
-        daemon, and in cgroup mode the join's RCU wait, take milliseconds)."""
-        spawn = partial(
-            _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=job, params=params,
-            daemon_key=self.daemon_key,
-        )
-        if self.uses_clone3:
-            try:
-                return spawn(clone3=True)
-            except clonespawn.Unsupported as exc:
-                self._clone3_refused = True
-                log.warning("spawner.clone3_refused", error=exc.strerror, using="subprocess")
-        return await trio.to_thread.run_sync(partial(spawn, clone3=False))
-
-    @property
-    def uses_clone3(self) -> bool:
-        """Whether roots are started by the clone3 spawner (daemon.spawner)."""
-        return self.config.daemon.spawner == "auto" and not self._clone3_refused and clonespawn.load() is not None
 
     @staticmethod
     def _root_reaped(running: RunningInstance, returncode: int) -> None:
@@ -508,7 +551,7 @@ class Supervisor:
                 if deep or self.cgroups is None or r.adapter.memory_limit is not None
             }
             snapshots = {i: (r.tree, frozenset(r.tree.known)) for i, r in wanted.items()}
-            live = frozenset(self.running)
+            live = self._owned_cgroups()
             recorded = list(recorded)
             born_before = procs.uptime_ticks()
             try:
@@ -537,8 +580,9 @@ class Supervisor:
                     kill_cgroup=self.cgroups.kill if self.cgroups is not None else None,
                 )
                 orphans += [sweep.zombie_orphan(pid, self.pid) for pid, _ in zombies]
+                owned = self._owned_cgroups()
                 for name in result.stale_cgroups:
-                    if name not in self.running:
+                    if name not in owned:
                         self._remove_cgroup(name)
                 errors += [f"pid {o.pid} survived SIGKILL" for o in orphans if o.result == "failed"]
                 expired, self._expired_unreported = self._expired_unreported, []
@@ -556,6 +600,18 @@ class Supervisor:
                 )
                 await self._file_report(report)
             return report
+
+    def _owned_cgroups(self) -> frozenset[str]:
+        """Instance cgroups that are not stale: of a tree not yet gone, of an
+        instance in the registry (one being spawned has no tree yet), or spare."""
+        spares = self.spares.names() if self.spares is not None else frozenset()
+        return frozenset(self.running).union(self.registry.instances, spares)
+
+    def _new_instance_id(self) -> str:
+        """For the registry: a spare cgroup's name when one is ready (its root
+        spawns faster), else a fresh id."""
+        spare = self.spares.take() if self.spares is not None else None
+        return spare if spare is not None else new_instance_id()
 
     def _still_orphaned(self, candidates: list[sweep.Candidate], born_before: int) -> list[sweep.Candidate]:
         """Drop candidates that became accounted for while the scan ran in its
@@ -670,6 +726,8 @@ class Supervisor:
                 for running in list(self.running.values()):
                     await running.stopped.wait()
             await self.record.write_now()
+        if self.spares is not None:
+            self.spares.close()
         if self.cgroups is not None and not self.running:
             self.cgroups.remove_base()
         log.info("daemon.trees_stopped", left=len(self.running))

@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 
 from supervisor.systemd import under_journald
@@ -60,7 +61,7 @@ def configure_logging(
     ]
     renderer: structlog.types.Processor
     if log_format == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=json_line)
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty() and not journald)
@@ -73,6 +74,13 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
+
+
+def json_line(event: dict[str, Any], **_: Any) -> str:
+    """An event as one JSON object: msgspec's encoder, several times faster than
+    json.dumps on the daemon's request path. What JSON cannot hold is logged as
+    its repr()."""
+    return msgspec.json.encode(event, enc_hook=repr).decode()
 
 
 def add_priority_prefix(logger: Any, method_name: str, rendered: Any) -> str:

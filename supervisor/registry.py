@@ -193,7 +193,7 @@ def _new_token() -> str:
     return secrets.token_urlsafe(LEASE_TOKEN_BYTES)
 
 
-def _new_instance_id() -> str:
+def new_instance_id() -> str:
     return secrets.token_hex(INSTANCE_ID_BYTES)
 
 
@@ -209,7 +209,7 @@ class Registry:
         self,
         *,
         new_token: Callable[[], str] = _new_token,
-        new_instance_id: Callable[[], str] = _new_instance_id,
+        new_instance_id: Callable[[], str] = new_instance_id,
     ) -> None:
         self._new_token = new_token
         self._new_instance_id = new_instance_id

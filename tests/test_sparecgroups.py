@@ -1,0 +1,60 @@
+"""Spare instance cgroups: made ahead, handed out oldest first, never mistaken
+for stale ones, gone at shutdown. Real cgroups under a throwaway base."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import trio
+
+from supervisor.cgroup import CgroupManager
+from supervisor.sparecgroups import SPARES, SpareCgroups
+from tests.conftest import eventually, tree_adapter
+from tests.test_cgroup import manager  # noqa: F401  (fixture)
+
+
+async def test_spares_are_kept_topped_up_handed_out_oldest_first_and_removed(manager: CgroupManager) -> None:  # noqa: F811
+    ids = (f"spare{n}" for n in itertools.count())
+    spares = SpareCgroups(manager, lambda: next(ids), spares=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spares.run)
+        with trio.fail_after(5):
+            while len(spares.names()) < 3:
+                await trio.sleep(0.01)
+        assert spares.names() == {"spare0", "spare1", "spare2"}
+        assert set(manager.instances()) == {"spare0", "spare1", "spare2"}
+        assert spares.take() == "spare0"
+        with trio.fail_after(5):
+            while len(spares.names()) < 3:
+                await trio.sleep(0.01)
+        assert spares.names() == {"spare1", "spare2", "spare3"}
+        # A taken spare is the caller's: close() leaves it alone.
+        spares.close()
+        nursery.cancel_scope.cancel()
+    assert manager.instances() == ["spare0"]
+    assert spares.take() is None
+
+
+def test_a_cold_acquire_takes_a_spare_cgroup_and_sweeps_leave_spares_alone(start_daemon, tmp_path: Path) -> None:
+    daemon = start_daemon(tree_adapter("tree", pidfile=tmp_path / "pids"), cgroup="auto")
+    client = daemon.client()
+    base = client.call("status")["daemon"]["cgroup_base"]
+
+    def cgroups() -> set[str]:
+        return {entry.name for entry in os.scandir(base) if entry.is_dir()}
+
+    assert eventually(lambda: len(cgroups()) == SPARES)
+    spares = cgroups()
+    lease = client.call("acquire", {"job": "j", "adapter": "tree"})
+    assert lease["instance"] in spares
+    for deep in (False, True):
+        report = client.call("sweep", {"deep": deep})
+        assert report["orphans"] == []
+    # The spares not taken are still there, and one more was made.
+    assert eventually(lambda: cgroups() > spares)
+    assert len(cgroups()) == SPARES + 1
+    client.call("release", {"lease": lease["lease"]})
+    daemon.stop()
+    assert not os.path.exists(base)
