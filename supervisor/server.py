@@ -42,9 +42,11 @@ RECEIVE_BYTES = 65536
 # this long even if it never reads.
 REFUSE_TIMEOUT_S = 1.0
 
-# Requests one connection may have in flight; past it the daemon stops reading
-# that connection until one finishes, so a pipelining peer cannot queue
-# unbounded work (each `status` or `sweep` costs a scan).
+# Requests with a task of their own (methods not in api.INLINE) one connection
+# may have in flight; past it the daemon stops reading that connection until one
+# finishes, so a pipelining peer cannot queue unbounded work (each `acquire` may
+# spawn, each `sweep` scans). INLINE methods need no bound: the reader answers
+# them one at a time.
 MAX_IN_FLIGHT = 64
 
 # Lines a reader serves from one batch before it lets other connections have a
