@@ -1,7 +1,8 @@
 """The control socket: connections, authorization, and the one error boundary.
 
-Each connection has a reader that feeds bytes to the sans-IO decoder and starts
-one task per request (so responses may come out of order), and a send lock so
+Each connection has a reader that feeds bytes to the sans-IO decoder, answers
+the methods that never wait (api.INLINE) itself and starts one task for each
+other request (so responses may come out of order), and a send lock so
 responses and notifications never interleave within a line. Exceptions become
 wire errors here and nowhere else; tracebacks go to the log.
 """
@@ -41,10 +42,18 @@ RECEIVE_BYTES = 65536
 # this long even if it never reads.
 REFUSE_TIMEOUT_S = 1.0
 
-# Requests one connection may have in flight; past it the daemon stops reading
-# that connection until one finishes, so a pipelining peer cannot queue
-# unbounded work (each `status` or `sweep` costs a scan).
+# Requests with a task of their own (methods not in api.INLINE) one connection
+# may have in flight; past it the daemon stops reading that connection until one
+# finishes, so a pipelining peer cannot queue unbounded work (each `acquire` may
+# spawn, each `sweep` scans). INLINE methods need no bound: the reader answers
+# them one at a time.
 MAX_IN_FLIGHT = 64
+
+# Lines a reader serves from one batch before it lets other connections have a
+# turn: a peer that pipelines a whole receive buffer of cheap requests (a
+# thousand `hello`s) must not hold every other client up for the tens of ms
+# that take, while an ordinary batch costs no yield beyond the read's own.
+ANSWERS_PER_TURN = 32
 
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -59,12 +68,24 @@ SO_PEERGROUPS = getattr(stdlib_socket, "SO_PEERGROUPS", 59)
 MAX_PEER_GROUPS = 256
 
 
+def _no_task_to_start() -> None:
+    """`started` for a request answered in the reader: nobody awaits its start."""
+
+
 @dataclass
 class Connection:
-    """One client connection. Implements `supervisor.daemon.Peer`."""
+    """One client connection. Implements `supervisor.daemon.Peer`.
+
+    `sock` is a plain non-blocking stdlib socket, not a trio socket: the reader
+    and `send` call it directly and wait with `trio.lowlevel.wait_readable` /
+    `wait_writable` only when it would block, so a request that needs no
+    waiting costs one scheduler turn (the reader's wait for its bytes) instead
+    of a checkpoint per socket call, lock and cancel scope. Whoever closes the
+    fd must call `trio.lowlevel.notify_closing` first (see `_serve_connection`).
+    """
 
     id: int
-    sock: trio.socket.SocketType
+    sock: stdlib_socket.socket
     pid: int
     uid: int
     gid: int
@@ -86,30 +107,74 @@ class Connection:
 
     async def send(self, line: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send one whole line (with fds on its first byte). A peer that went away
-        or stopped reading closes the connection; nothing is raised."""
+        or stopped reading closes the connection; nothing is raised.
+
+        When no other send is under way and the socket takes the whole line at
+        once, this returns without a checkpoint. Otherwise it waits for the send
+        lock, then (holding it) up to `send_timeout` for the peer to take the
+        rest. Cancellation: a line not begun is not sent; a line cut off after
+        its first byte closes the connection, since nothing after it could be
+        framed.
+        """
         if self.closed:
             return
-        async with self.send_lock:
-            with trio.move_on_after(self.send_timeout) as scope:
-                try:
-                    view = memoryview(line)
-                    if fds:
-                        ancillary = [(stdlib_socket.SOL_SOCKET, stdlib_socket.SCM_RIGHTS, array.array("i", fds))]
-                        sent = await self.sock.sendmsg([view], ancillary)
-                        view = view[sent:]
-                    while view:
-                        sent = await self.sock.send(view)
-                        view = view[sent:]
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.close()
-            if scope.cancelled_caught:
-                log.warning("connection.send_timeout", connection=self.id)
+        view = memoryview(line)
+        if self.send_lock.locked():
+            await self.send_lock.acquire()
+            sent = 0
+        else:
+            # No checkpoint between this check and the send, so no other task
+            # can start a line in between: a line the socket takes whole needs
+            # no lock at all. (A free trio.Lock has no waiters: release hands
+            # it straight to the next one.)
+            try:
+                sent = self._send_now(view, fds)
+            except OSError:
                 self.close()
+                return
+            if sent == len(view):
+                return
+            self.send_lock.acquire_nowait()
+        try:
+            await self._send_rest(view, sent, fds)
+        except (OSError, trio.ClosedResourceError):
+            self.close()
+        finally:
+            self.send_lock.release()
+
+    async def _send_rest(self, line: memoryview, sent: int, fds: tuple[int, ...]) -> None:
+        """Send `line` from byte `sent` on as the peer makes room; the caller
+        holds the send lock. Closes the connection if the rest is not taken
+        within `send_timeout`, or if the line is left cut off for any reason.
+        Raises OSError, or trio.ClosedResourceError if the fd is closed meanwhile."""
+        with trio.move_on_after(self.send_timeout) as scope:
+            try:
+                while sent < len(line) and not self.closed:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    sent += self._send_now(line[sent:], () if sent else fds)
+            finally:
+                if 0 < sent < len(line):
+                    self.close()
+        if scope.cancelled_caught:
+            log.warning("connection.send_timeout", connection=self.id)
+            self.close()
+
+    def _send_now(self, view: memoryview, fds: tuple[int, ...]) -> int:
+        """Send what the socket takes without blocking; returns the bytes sent
+        (0 if none fit). The fds go with the first byte. Raises OSError."""
+        try:
+            if fds:
+                ancillary = [(stdlib_socket.SOL_SOCKET, stdlib_socket.SCM_RIGHTS, array.array("i", fds))]
+                return self.sock.sendmsg([view], ancillary)
+            return self.sock.send(view)
+        except BlockingIOError:
+            return 0
 
     def close(self) -> None:
         """Stop talking to the peer. The fd itself is closed by the connection's
-        own task when it ends: closing it here, under a reader blocked in recv,
-        would hand that task a ClosedResourceError instead of an end of input."""
+        own task when it ends: closing it here, under a reader waiting for
+        input, would wake that task with a ClosedResourceError instead of an
+        end of input."""
         if not self.closed:
             self.closed = True
             try:
@@ -175,39 +240,58 @@ class ControlServer:
                     pass
             sock.close()
             return
-        connection: Connection | None = None
+        # The connection works on the plain socket under the trio wrapper (see
+        # `Connection`). Detaching, rather than reaching into the wrapper, leaves
+        # one owner of the fd, and that owner closes it below the way trio's own
+        # close does: notify_closing first, so that a task still waiting on the
+        # fd (a notification waiting for room) is woken instead of waiting on a
+        # number the kernel may hand to the next client.
+        plain = stdlib_socket.socket(fileno=sock.detach())
+        plain.setblocking(False)
+        connection = Connection(
+            id=next(self._ids), sock=plain, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery,
+            send_timeout=self.config.send_timeout,
+        )
+        self.connections[connection.id] = connection
+        self.supervisor.connected(connection)
+        log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
         try:
             async with trio.open_nursery() as nursery:
-                connection = Connection(
-                    id=next(self._ids), sock=sock, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery,
-                    send_timeout=self.config.send_timeout,
-                )
-                self.connections[connection.id] = connection
-                self.supervisor.connected(connection)
-                log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
                 if not await self._read_requests(connection, nursery):
                     nursery.cancel_scope.cancel()
                 # On a clean end of input the requests in flight still get their
                 # answers (a client may half-close after its last request).
         finally:
-            sock.close()
-            if connection is not None:
-                connection.close()
-                del self.connections[connection.id]
-                self.supervisor.disconnected(connection)
-                log.info("connection.closed", connection=connection.id)
+            connection.close()
+            trio.lowlevel.notify_closing(plain)
+            plain.close()
+            del self.connections[connection.id]
+            self.supervisor.disconnected(connection)
+            log.info("connection.closed", connection=connection.id)
 
     async def _read_requests(self, connection: Connection, nursery: trio.Nursery) -> bool:
-        """Read and start requests. True on a clean end of input, False when the
-        connection must close at once (reset, fatal protocol error)."""
+        """Read and serve requests. True on a clean end of input, False when the
+        connection must close at once (reset, fatal protocol error).
+
+        Each read waits for the socket to be readable and then takes everything
+        there is, so the reader yields to the scheduler once per batch of lines
+        (which keeps connections taking turns) and not once per socket call.
+        INLINE methods are answered right here, in order, without a task.
+        Cancellation: returns nothing, raises Cancelled.
+        """
         decoder = protocol.Decoder(self.config.max_message_bytes)
+        sock = connection.sock
         while not connection.closed:
             try:
-                data = await connection.sock.recv(RECEIVE_BYTES)
+                await trio.lowlevel.wait_readable(sock)
+                data = sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                continue  # woken without data after all: wait again
             except (OSError, trio.ClosedResourceError):
                 return False
             if not data:
                 return True
+            answered = 0
             for message in decoder.feed(data):
                 if isinstance(message, protocol.BadMessage):
                     self.supervisor.metrics.protocol_errors.labels(str(message.error.code)).inc()
@@ -215,19 +299,29 @@ class ControlServer:
                     await connection.send(protocol.encode_error(message.id, message.error))
                     if message.fatal:
                         return False
-                    continue
-                # Backpressure: a peer cannot have more than this many
-                # requests in flight; the next line waits to be read.
-                await connection.in_flight.acquire()
-                if message.method in api.INLINE:
+                elif message.method in api.INLINE:
+                    # No in-flight slot: the reader reads nothing more until
+                    # this is answered, so these cannot pile up.
                     await self._serve_request(connection, message)
                 else:
-                    await nursery.start(self._serve_request, connection, message)
+                    # Backpressure: a peer cannot have more than MAX_IN_FLIGHT
+                    # of these running; the next line waits to be read.
+                    try:
+                        connection.in_flight.acquire_nowait()
+                    except trio.WouldBlock:
+                        await connection.in_flight.acquire()
+                    await nursery.start(self._serve_in_task, connection, message)
+                answered += 1
+                if answered % ANSWERS_PER_TURN == 0:
+                    await trio.lowlevel.checkpoint()
         return False
 
-    async def _serve_request(
+    async def _serve_in_task(
         self, connection: Connection, request: protocol.Request, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """`_serve_request` in a task of its own, holding one of the connection's
+        in-flight slots until answered. Started once the request's state changes
+        are made, so pipelined requests change state in arrival order."""
         started = False
 
         def mark_started() -> None:
@@ -236,10 +330,23 @@ class ControlServer:
                 started = True
                 task_status.started()
 
+        try:
+            await self._serve_request(connection, request, mark_started)
+        finally:
+            connection.in_flight.release()
+
+    async def _serve_request(
+        self, connection: Connection, request: protocol.Request, started: api.Started = _no_task_to_start
+    ) -> None:
+        """Run `request`'s handler and send its answer: the result, or the wire
+        error for what it raised (the one place exceptions become wire errors).
+        Calls `started` at the latest before sending. Raises nothing but
+        Cancelled; returns without a checkpoint when the handler and the send
+        need no wait."""
         fds: tuple[int, ...] = ()
         try:
             try:
-                result: Any = await api.handle(self.supervisor, connection, request, mark_started)
+                result: Any = await api.handle(self.supervisor, connection, request, started)
                 if isinstance(result, api.FdsResult):
                     result, fds = result.result, result.fds
                 line = protocol.encode_result(request.id, result)
@@ -251,13 +358,12 @@ class ControlServer:
                 # A bug, not a client's mistake: log it whole, answer without details.
                 log.exception("request.crashed", connection=connection.id, method=request.method)
                 line = protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
-            mark_started()
+            started()
             await connection.send(line, fds)
         finally:
             # The fds of an FdsResult are duplicates made for this one response.
             for fd in fds:
                 os.close(fd)
-            connection.in_flight.release()
 
     def _connection_limit(self) -> int:
         """max_connections, but never more than half the open-file limit: the
