@@ -44,6 +44,23 @@ SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "metric
 INLINE = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "renew", "release_job"})
 
 
+def answers_at_once(service: Supervisor, request: protocol.Request) -> bool:
+    """Whether the reader may serve `request` itself: an INLINE method, or an
+    acquire that will not wait (its instance is running; or it spawns with the
+    clone3 spawner, which settles inside the call, with no predecessor still
+    stopping and no memory budget to measure first)."""
+    if request.method in INLINE:
+        return True
+    params = request.params
+    if request.method != "acquire" or not isinstance(params, protocol.AcquireParams):
+        return False
+    if service.registry.acquire_waits(params.job, params.adapter):
+        return False
+    if service.registry.live_instance(params.job, params.adapter) is not None:
+        return True
+    return service.uses_clone3 and service.config.daemon.memory_budget is None
+
+
 @dataclass(frozen=True)
 class FdsResult:
     """A result whose response line carries file descriptors (SCM_RIGHTS).

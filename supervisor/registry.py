@@ -235,6 +235,15 @@ class Registry:
     def lease(self, token: str) -> Lease | None:
         return self.leases.get(token)
 
+    def acquire_waits(self, job: str, adapter: str) -> bool:
+        """Whether an acquire of the pair now would have to wait: for the spawn
+        of its live instance (still STARTING), or, with none live, for the stop
+        of the pair's previous tree."""
+        instance = self.live_instance(job, adapter)
+        if instance is not None:
+            return instance.state is State.STARTING
+        return (job, adapter) in self._dying
+
     def count_instances(self, adapter: str) -> int:
         """Instances of `adapter` that hold or may soon hold processes."""
         return sum(

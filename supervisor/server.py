@@ -1,8 +1,8 @@
 """The control socket: connections, authorization, and the one error boundary.
 
 Each connection has a reader that feeds bytes to the sans-IO decoder, answers
-the methods that never wait (api.INLINE) itself and starts one task for each
-other request (so responses may come out of order), and a send lock so
+the requests that never wait (`api.answers_at_once`: the INLINE methods, and
+acquires that need no wait) itself and starts one task for each other request (so responses may come out of order), and a send lock so
 responses and notifications never interleave within a line. Exceptions become
 wire errors here and nowhere else; tracebacks go to the log.
 """
@@ -42,11 +42,11 @@ RECEIVE_BYTES = 65536
 # this long even if it never reads.
 REFUSE_TIMEOUT_S = 1.0
 
-# Requests with a task of their own (methods not in api.INLINE) one connection
+# Requests with a task of their own (not `api.answers_at_once`) one connection
 # may have in flight; past it the daemon stops reading that connection until one
 # finishes, so a pipelining peer cannot queue unbounded work (each `acquire` may
-# spawn, each `sweep` scans). INLINE methods need no bound: the reader answers
-# them one at a time.
+# spawn, each `sweep` scans). The rest need no bound: the reader answers them
+# one at a time.
 MAX_IN_FLIGHT = 64
 
 # Lines a reader serves from one batch before it lets other connections have a
@@ -276,7 +276,8 @@ class ControlServer:
         Each read waits for the socket to be readable and then takes everything
         there is, so the reader yields to the scheduler once per batch of lines
         (which keeps connections taking turns) and not once per socket call.
-        INLINE methods are answered right here, in order, without a task.
+        Requests that never wait (`api.answers_at_once`) are answered right
+        here, in order, without a task.
         Cancellation: returns nothing, raises Cancelled.
         """
         decoder = protocol.Decoder(self.config.max_message_bytes)
@@ -299,9 +300,10 @@ class ControlServer:
                     await connection.send(protocol.encode_error(message.id, message.error))
                     if message.fatal:
                         return False
-                elif message.method in api.INLINE:
+                elif api.answers_at_once(self.supervisor, message):
                     # No in-flight slot: the reader reads nothing more until
-                    # this is answered, so these cannot pile up.
+                    # this is answered, so these cannot pile up. (INLINE
+                    # methods, and acquires that need not wait.)
                     await self._serve_request(connection, message)
                 else:
                     # Backpressure: a peer cannot have more than MAX_IN_FLIGHT

@@ -402,6 +402,20 @@ def _stopping_instance(registry: Registry) -> Instance:
     return acquired.instance
 
 
+def test_acquire_waits_tells_when_an_acquire_of_the_pair_would_park() -> None:
+    registry = make_registry()
+    assert registry.acquire_waits(JOB, ADAPTER) is False  # nothing: a plain spawn
+    starting = acquire(registry)
+    assert registry.acquire_waits(JOB, ADAPTER) is True  # its spawn is not settled
+    registry.spawned(starting.instance.id, pid=7, now=0.0)
+    assert registry.acquire_waits(JOB, ADAPTER) is False  # running: joins at once
+    registry.release(starting.lease.token, connection=1, uid=UID, now=1.0)
+    assert registry.acquire_waits(JOB, ADAPTER) is True  # the old tree still stops
+    registry.tree_gone(starting.instance.id, now=2.0)
+    assert registry.acquire_waits(JOB, ADAPTER) is False
+    assert registry.acquire_waits(JOB, "other") is False
+
+
 def test_acquire_during_stop_waits_for_the_old_tree() -> None:
     registry = make_registry()
     old = _stopping_instance(registry)
