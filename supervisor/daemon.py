@@ -615,12 +615,15 @@ class Supervisor:
 
     def _still_orphaned(self, candidates: list[sweep.Candidate], born_before: int) -> list[sweep.Candidate]:
         """Drop candidates that became accounted for while the scan ran in its
-        thread: members of instances spawned meanwhile, and anything born after
-        the snapshot (judged by the next sweep, never killed on a stale view)."""
+        thread: members of instances spawned meanwhile, of any instance the
+        registry still knows (a subprocess spawn may still be in its worker
+        thread, its root not yet registered), and anything born after the
+        snapshot (judged by the next sweep, never killed on a stale view)."""
         known = set().union(*(r.tree.known for r in self.running.values()))
         return [
             c for c in candidates
             if c.instance not in self.running
+            and c.instance not in self.registry.instances
             and c.stat.process_id not in known
             and c.stat.start_time < born_before
         ]
