@@ -2,8 +2,9 @@
 
 Each connection has a reader that feeds bytes to the sans-IO decoder, answers
 the requests that never wait (`api.answers_at_once`: the INLINE methods, and
-acquires that need no wait) itself and starts one task for each other request (so responses may come out of order), and a send lock so
-responses and notifications never interleave within a line. Exceptions become
+acquires that need no wait) itself and starts one task for each other request
+(so responses may come out of order), and a send lock so responses and
+notifications never interleave within a line. Exceptions become
 wire errors here and nowhere else; tracebacks go to the log.
 """
 
