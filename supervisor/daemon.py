@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -36,7 +36,6 @@ from supervisor.errors import (
 )
 from supervisor.registry import (
     Action,
-    Instance,
     InstanceSettled,
     NotifyExited,
     Reason,
@@ -260,13 +259,10 @@ class Supervisor:
         target = self._spawn_target(instance_id)
         if isinstance(target, list):
             return target
-        instance, adapter = target
+        adapter, spawn = target
         spawned_after = trio.current_time()
         try:
-            root = _spawn_in_cgroup(
-                self.cgroups, adapter, instance_id=instance_id, clone3=True, job=instance.job,
-                params=dict(instance.params), daemon_key=self.daemon_key,
-            )
+            root = spawn(clone3=True)
         except clonespawn.Unsupported as exc:
             self._clone3_refused = True
             log.warning("spawner.clone3_refused", error=exc.strerror, using="subprocess")
@@ -296,20 +292,17 @@ class Supervisor:
         target = self._spawn_target(instance_id)
         if isinstance(target, list):
             return target
-        instance, adapter = target
+        adapter, spawn = target
         spawned_after = trio.current_time()
         try:
-            root = await trio.to_thread.run_sync(partial(
-                _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, clone3=False, job=instance.job,
-                params=dict(instance.params), daemon_key=self.daemon_key,
-            ))
+            root = await trio.to_thread.run_sync(partial(spawn, clone3=False))
         except (SpawnFailed, InvalidParams, OSError) as exc:
             return self._spawn_failed(instance_id, exc)
         return self._root_started(instance_id, adapter, root, spawned_after)
 
-    def _spawn_target(self, instance_id: str) -> tuple[Instance, AdapterConfig] | list[Action]:
-        """The instance to spawn and its adapter, or the registry's answer to a
-        spawn that cannot even be tried."""
+    def _spawn_target(self, instance_id: str) -> tuple[AdapterConfig, Callable[..., RootProcess]] | list[Action]:
+        """The instance's adapter and its spawn, still to be called with
+        `clone3=`; or the registry's answer to a spawn that cannot be tried."""
         instance = self.registry.instances[instance_id]
         adapter = self.config.adapters.get(instance.adapter)
         if adapter is None:
@@ -317,7 +310,11 @@ class Supervisor:
             pending = self._pending.setdefault(instance_id, PendingSpawn())
             pending.error = UnknownAdapter(f"adapter {instance.adapter!r} is no longer configured")
             return self.registry.spawn_failed(instance_id)
-        return instance, adapter
+        spawn = partial(
+            _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=instance.job,
+            params=dict(instance.params), daemon_key=self.daemon_key,
+        )
+        return adapter, spawn
 
     def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
         instance = self.registry.instances[instance_id]
