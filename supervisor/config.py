@@ -232,6 +232,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     # process-table fallback; or the absolute path of a cgroup v2 directory.
     cgroup: str = "auto"
     spawner: str = "auto"
+    # Time slice the trio thread asks the kernel for, in microseconds (0: the
+    # kernel's default; the kernel raises anything under 100 to 100); see
+    # supervisor/sched.py.
+    latency_slice_us: int = 100
     # Bound of state_dir/reports.jsonl; one rotated generation is kept beside it.
     reports_max_bytes: int = 1024 * 1024
     # Where to keep a Prometheus text file for node_exporter (unset: none).
@@ -394,6 +398,7 @@ class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: _LogLevel | UnsetType = UNSET
     cgroup: str | UnsetType = UNSET
     spawner: _Spawner | UnsetType = UNSET
+    latency_slice_us: Annotated[int, Meta(ge=0, le=100_000)] | UnsetType = UNSET
 
 
 class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
