@@ -68,7 +68,52 @@ struct spawn_job {
     /* Written by the child when it fails; read by the parent once it wakes. */
     int error;
     int stage;
+    /* Written by the child: field 22 of its /proc/self/stat (0: unknown). */
+    unsigned long long start_time;
 };
+
+/* The child's start time in clock ticks after boot, as /proc/<pid>/stat shows
+   it: the second half of the identity the daemon checks before any kill. Read
+   here, while the parent sleeps in clone3 anyway, it costs the parent nothing;
+   0 if it cannot be read (the parent then reads it itself). */
+static unsigned long long read_start_time(void) {
+    char buffer[1024];
+    ssize_t length;
+    ssize_t at;
+    int fields = 0;
+    unsigned long long value = 0;
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+
+    if (fd < 0) {
+        return 0;
+    }
+    length = read(fd, buffer, sizeof buffer);
+    close(fd);
+    if (length <= 0) {
+        return 0;
+    }
+    /* The command name may hold spaces and parentheses: fields start after
+       the last ')'. Then " state ppid ...": starttime is the 20th after it. */
+    at = length - 1;
+    while (at >= 0 && buffer[at] != ')') {
+        at--;
+    }
+    if (at < 0) {
+        return 0;
+    }
+    for (at++; at < length && fields < 20; at++) {
+        if (buffer[at] == ' ') {
+            fields++;
+        }
+    }
+    if (fields != 20) {
+        return 0;
+    }
+    for (; at < length && buffer[at] >= '0' && buffer[at] <= '9'; at++) {
+        value = value * 10 + (unsigned long long)(buffer[at] - '0');
+    }
+    return value;
+}
 
 static void child_fail(struct spawn_job *job, int stage, int error) {
     job->error = error;
@@ -128,6 +173,8 @@ static int child_main(void *arg) {
         child_fail(job, STAGE_CWD, errno);
     }
 
+    job->start_time = read_start_time();
+
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 
@@ -185,13 +232,14 @@ static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg)
  * dup'ed onto fd i (-1: left as inherited); every other fd is closed in the
  * child. cgroup_fd >= 0 is an O_DIRECTORY fd of the cgroup to be born in.
  *
- * Returns the child's pid once it has exec'd. On failure returns -1 with
+ * Returns the child's pid once it has exec'd, with its start time in
+ * *start_time (0 if the child could not read it). On failure returns -1 with
  * *stage and *error set; a child that failed before exec has been reaped.
  * STAGE_CLONE means no child ever existed (ENOSYS, EPERM from a seccomp
  * filter, EINVAL from an old kernel: the caller may fall back).
  */
 long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, const char *cwd, const int *stdio,
-                   int cgroup_fd, int new_session, int *stage, int *error) {
+                   int cgroup_fd, int new_session, int *stage, int *error, unsigned long long *start_time) {
     struct spawn_job job = {
         .paths = paths,
         .argv = argv,
@@ -201,6 +249,7 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
         .new_session = new_session,
         .error = 0,
         .stage = STAGE_NONE,
+        .start_time = 0,
     };
     struct clone_args_v2 args = {0};
     sigset_t all, previous;
@@ -245,5 +294,6 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     }
     *stage = STAGE_NONE;
     *error = 0;
+    *start_time = job.start_time;
     return pid;
 }

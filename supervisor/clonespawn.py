@@ -69,6 +69,7 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int,
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_ulonglong),
     ]
     return library
 
@@ -106,8 +107,10 @@ def spawn(
     stdio: tuple[int, int, int],
     cgroup_fd: int | None,
     new_session: bool = True,
-) -> int:
-    """Start `argv` and return its pid once it has exec'd. `stdio` are the fds
+) -> tuple[int, int]:
+    """Start `argv` and return its pid and start time (clock ticks after boot,
+    as in /proc/<pid>/stat; 0 if the child could not read it) once it has
+    exec'd. `stdio` are the fds
     for the child's 0, 1 and 2; every other fd is closed in the child; signal
     handlers and the signal mask start out default. Raises `Unsupported` (no
     child was created) or OSError with the errno of the failed step, naming
@@ -122,12 +125,14 @@ def spawn(
     fds = (ctypes.c_int * 3)(*stdio)
     stage = ctypes.c_int(0)
     error = ctypes.c_int(0)
+    start_time = ctypes.c_ulonglong(0)
     pid = library.adapter_spawn(
         paths, arguments, environment, None if cwd is None else os.fsencode(cwd), fds,
         -1 if cgroup_fd is None else cgroup_fd, int(new_session), ctypes.byref(stage), ctypes.byref(error),
+        ctypes.byref(start_time),
     )
     if pid > 0:
-        return pid
+        return pid, start_time.value
     reason = os.strerror(error.value)
     if stage.value == STAGE_CLONE and error.value in UNSUPPORTED_ERRNOS:
         raise Unsupported(error.value, f"clone3 refused: {reason}")

@@ -99,19 +99,21 @@ def spawn_root(
     daemon_key: str,
     cgroup_fd: int | None = None,
     clone3: bool = False,
+    base_env: Mapping[str, str] | None = None,
 ) -> RootProcess:
     """Start the adapter's root for one instance.
 
     With `clone3`, the clone3 spawner starts it and `cgroup_fd` is the instance's
     cgroup directory (`CgroupManager.dir_fd`); without, subprocess does and
-    `cgroup_fd` is its cgroup.procs (`CgroupManager.join_fd`). Raises
+    `cgroup_fd` is its cgroup.procs (`CgroupManager.join_fd`). The environment
+    is `base_env` (default: os.environ) with the adapter's and the tags. Raises
     `InvalidParams` (from rendering the command), `SpawnFailed` with the OS
     reason (missing executable, bad cwd, permission), or
     `clonespawn.Unsupported` (nothing was started; subprocess will work). On
     failure nothing is left open or running.
     """
     argv = adapter.render_argv(job, params)
-    env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key)
+    env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key, base=base_env)
     parent_fds: list[int] = []
     child_fds: list[int] = []
 
@@ -141,12 +143,12 @@ def spawn_root(
                 stdin = null if stdin == subprocess.DEVNULL else stdin
                 stdout = null if stdout == subprocess.DEVNULL else stdout
             popen = None
-            pid = clonespawn.spawn(
+            pid, start_time = clonespawn.spawn(
                 argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_fd=cgroup_fd,
             )
         else:
             popen = _popen(argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_procs_fd=cgroup_fd)
-            pid = popen.pid
+            pid, start_time = popen.pid, 0
     except BaseException as exc:
         for fd in parent_fds:
             os.close(fd)
@@ -158,7 +160,8 @@ def spawn_root(
     finally:
         for fd in child_fds:
             os.close(fd)
-    identity = procs.identify(pid) or procs.ProcessId(pid, 0)
+    # Our unreaped child: its pid cannot have been reused in between.
+    identity = procs.ProcessId(pid, start_time) if start_time else procs.identify(pid) or procs.ProcessId(pid, 0)
     return RootProcess(id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r, popen=popen)
 
 

@@ -7,6 +7,7 @@ outside (/proc) or through what they print. Cgroup tests use a throwaway base
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -16,9 +17,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor import clonespawn
+from supervisor import clonespawn, procs
 from supervisor.cgroup import CgroupManager
 from tests.test_cgroup import manager  # noqa: F401  (fixture)
+
+# <linux/prctl.h>
+PR_SET_NAME = 15
 
 pytestmark = pytest.mark.skipif(clonespawn.load() is None, reason="the clone3 spawner was not built (no C compiler)")
 
@@ -35,7 +39,7 @@ def run(argv: list[str], *, null: int, env: dict[str, str] | None = None, cwd: s
     """Spawn `argv`, wait for it, and return (exit status, what it wrote to stdout)."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = clonespawn.spawn(
+        pid, _ = clonespawn.spawn(
             argv, env=dict(os.environ) if env is None else env, cwd=cwd,
             stdio=(null if stdin is None else stdin, write_end, null), cgroup_fd=cgroup_fd,
         )
@@ -109,6 +113,26 @@ def test_a_program_is_looked_up_in_the_childs_path_not_the_daemons(null: int, tm
     assert (status, output) == (0, "found\n")
     with pytest.raises(FileNotFoundError):
         run(["only-here"], null=null, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_the_start_time_reported_is_the_one_proc_shows_even_for_an_odd_name(null: int) -> None:
+    # Until exec the child carries its parent's thread name, and it reads its
+    # own /proc/self/stat then: a name with spaces and parentheses must not
+    # shift the fields.
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = open("/proc/thread-self/comm", "rb").read().strip()
+    assert libc.prctl(PR_SET_NAME, b"a) b (c ) 1 2", 0, 0, 0) == 0
+    try:
+        pid, start_time = clonespawn.spawn(["/bin/sleep", "30"], env={}, cwd=None, stdio=(null, null, null),
+                                           cgroup_fd=None)
+    finally:
+        libc.prctl(PR_SET_NAME, original, 0, 0, 0)
+    try:
+        assert start_time > 0
+        assert procs.identify(pid) == procs.ProcessId(pid, start_time)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 @pytest.mark.parametrize(
