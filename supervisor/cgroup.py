@@ -339,6 +339,23 @@ class CgroupManager:
         path.mkdir(exist_ok=True)
         return path
 
+    def open_dir(self, instance_id: str) -> int:
+        """`create` then `dir_fd`, in one system call when the cgroup exists
+        already (a spare made ahead). The caller closes the fd. Raises
+        NotADirectoryError if a non-directory of that name is in the way,
+        OSError for anything else the kernel refuses."""
+        path = os.fspath(self._path(instance_id))
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass  # made meanwhile; the open says whether it is a directory
+        return os.open(path, flags)
+
     def join_fd(self, instance_id: str) -> int:
         """Open the instance's cgroup.procs for writing and return the fd (close-on-exec).
 

@@ -121,6 +121,9 @@ class Supervisor:
         self.started_at = time.time()
         self.state_dir = config.daemon.state_dir
         self.daemon_key = staterecord.daemon_key(self.state_dir)
+        # Every root's environment starts from this copy of the daemon's: a
+        # copy of os.environ costs more than the rest of a spawn's set-up.
+        self.environ = dict(os.environ)
         self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
         self.peers: dict[int, Peer] = {}
         self.running: dict[str, RunningInstance] = {}
@@ -312,7 +315,7 @@ class Supervisor:
             return self.registry.spawn_failed(instance_id)
         spawn = partial(
             _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=instance.job,
-            params=dict(instance.params), daemon_key=self.daemon_key,
+            params=dict(instance.params), daemon_key=self.daemon_key, base_env=self.environ,
         )
         return adapter, spawn
 
@@ -742,9 +745,11 @@ def _spawn_in_cgroup(
     cgroup."""
     cgroup_fd = None
     try:
-        if cgroups is not None:
+        if cgroups is not None and clone3:
+            cgroup_fd = cgroups.open_dir(instance_id)
+        elif cgroups is not None:
             cgroups.create(instance_id)
-            cgroup_fd = cgroups.dir_fd(instance_id) if clone3 else cgroups.join_fd(instance_id)
+            cgroup_fd = cgroups.join_fd(instance_id)
         return spawn_root(adapter, instance_id=instance_id, cgroup_fd=cgroup_fd, clone3=clone3, **spawn)  # type: ignore[arg-type]
     finally:
         if cgroup_fd is not None:

@@ -7,6 +7,7 @@ inside the one argv element that names it, whatever it holds.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -31,8 +32,10 @@ class Placeholder(NamedTuple):
 _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{[^{}]*\}|[{}]")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_template(element: str) -> tuple[str | Placeholder, ...]:
-    """Split one argv element into literal text and placeholders.
+    """Split one argv element into literal text and placeholders (remembered:
+    every acquire renders its adapter's command).
 
     `{{` and `}}` stand for literal braces. Raises ValueError naming the offending
     text for an unknown placeholder or an unmatched brace.

@@ -162,7 +162,28 @@ def test_instance_ids_must_be_plain_names(manager: CgroupManager) -> None:
             manager.create(bad)
     with pytest.raises(FileExistsError):
         manager.create("cgroup.procs")
+    for bad in ("..", "a/b"):
+        with pytest.raises(ValueError):
+            manager.open_dir(bad)
+    with pytest.raises(NotADirectoryError):
+        manager.open_dir("cgroup.procs")
     assert manager.instances() == []
+
+
+def test_open_dir_makes_a_missing_cgroup_and_opens_an_existing_one(manager: CgroupManager) -> None:
+    fresh = manager.open_dir("made-here")
+    manager.create("made-before")
+    ahead = manager.open_dir("made-before")
+    try:
+        assert sorted(manager.instances()) == ["made-before", "made-here"]
+        for fd, name in ((fresh, "made-here"), (ahead, "made-before")):
+            assert os.path.samestat(os.fstat(fd), os.stat(manager.base / name))
+            assert os.get_inheritable(fd) is False
+    finally:
+        os.close(fresh)
+        os.close(ahead)
+        manager.remove("made-here")
+        manager.remove("made-before")
 
 
 @pytest.fixture
