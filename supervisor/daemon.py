@@ -316,6 +316,7 @@ class Supervisor:
         spawn = partial(
             _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=instance.job,
             params=dict(instance.params), daemon_key=self.daemon_key, base_env=self.environ,
+            open_cgroup=self.spares.claim(instance_id) if self.spares is not None else None,
         )
         return adapter, spawn
 
@@ -335,8 +336,10 @@ class Supervisor:
         self, instance_id: str, adapter: AdapterConfig, root: RootProcess, spawned_after: float
     ) -> list[Action]:
         """Register a root that was just spawned. Nothing here waits: the root is
-        registered before any other task can run."""
-        instance = self.registry.instances[instance_id]
+        registered before any other task can run. What no reply depends on (its
+        watcher tasks, the log line, the state record) is left to
+        `_settle_spawn`, which runs once this turn is over: a cold acquire's
+        reply goes out first."""
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.add(root.id)
         running = RunningInstance(adapter=adapter, root=root, tree=tree)
@@ -344,16 +347,22 @@ class Supervisor:
         self.reaper.watch_root(
             root.pid, lambda returncode: self._root_reaped(running, returncode), spawned_after=spawned_after
         )
-        assert self._nursery is not None
-        # The tasks get the object, not the id: the instance may be stopped and
-        # forgotten before they first run.
-        self._nursery.start_soon(self._watch_root, instance_id, running)
-        self._nursery.start_soon(capture_stderr, root, partial(self._stderr_line, instance_id))
-        self.record.mark_dirty()
         self._trees_changed()
         self.metrics.spawns.labels(adapter.name).inc()
-        log.info("adapter.spawned", instance=instance_id, job=instance.job, adapter=instance.adapter, pid=root.pid)
+        assert self._nursery is not None
+        # The task gets the object, not the id: the instance may be stopped and
+        # forgotten before it first runs.
+        self._nursery.start_soon(self._settle_spawn, instance_id, running)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
+
+    async def _settle_spawn(self, instance_id: str, running: RunningInstance) -> None:
+        instance = self.registry.instances.get(instance_id)
+        log.info("adapter.spawned", instance=instance_id, job=instance.job if instance else None,
+                 adapter=running.adapter.name, pid=running.root.pid)
+        self.record.mark_dirty()
+        assert self._nursery is not None
+        self._nursery.start_soon(capture_stderr, running.root, partial(self._stderr_line, instance_id))
+        await self._watch_root(instance_id, running)
 
     @staticmethod
     def _root_reaped(running: RunningInstance, returncode: int) -> None:
@@ -737,17 +746,28 @@ class Supervisor:
 
 
 def _spawn_in_cgroup(
-    cgroups: CgroupManager | None, adapter: AdapterConfig, *, instance_id: str, clone3: bool, **spawn: object
+    cgroups: CgroupManager | None,
+    adapter: AdapterConfig,
+    *,
+    instance_id: str,
+    clone3: bool,
+    open_cgroup: int | None = None,
+    **spawn: object,
 ) -> RootProcess:
     """Blocking: create the instance's cgroup (if any) and spawn the root into
-    it. Touches no daemon state, so it may run in a worker thread. Raises
-    SpawnFailed, InvalidParams, clonespawn.Unsupported, or OSError for the
-    cgroup."""
-    cgroup_fd = None
+    it. `open_cgroup` is the cgroup's directory already open (a spare's), which
+    this closes in any case. Touches no daemon state, so it may run in a worker
+    thread. Raises SpawnFailed, InvalidParams, clonespawn.Unsupported, or
+    OSError for the cgroup."""
+    cgroup_fd = open_cgroup
     try:
         if cgroups is not None and clone3:
-            cgroup_fd = cgroups.open_dir(instance_id)
+            if cgroup_fd is None:
+                cgroup_fd = cgroups.open_dir(instance_id)
         elif cgroups is not None:
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
+                cgroup_fd = None
             cgroups.create(instance_id)
             cgroup_fd = cgroups.join_fd(instance_id)
         return spawn_root(adapter, instance_id=instance_id, cgroup_fd=cgroup_fd, clone3=clone3, **spawn)  # type: ignore[arg-type]

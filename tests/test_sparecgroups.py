@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from supervisor.cgroup import CgroupManager
-from supervisor.sparecgroups import SPARES, SpareCgroups
+from supervisor.sparecgroups import CLAIMABLE, SPARES, SpareCgroups
 from tests.conftest import eventually, tree_adapter
 from tests.test_cgroup import manager  # noqa: F401  (fixture)
 
@@ -35,6 +35,45 @@ async def test_spares_are_kept_topped_up_handed_out_oldest_first_and_removed(man
         nursery.cancel_scope.cancel()
     assert manager.instances() == ["spare0"]
     assert spares.take() is None
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def test_a_taken_spare_hands_over_its_open_directory_once_and_no_fd_is_left(manager: CgroupManager) -> None:  # noqa: F811
+    before = open_fds()
+    ids = (f"spare{n}" for n in itertools.count())
+    spares = SpareCgroups(manager, lambda: next(ids), spares=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spares.run)
+        with trio.fail_after(5):
+            while len(spares.names()) < 2:
+                await trio.sleep(0.01)
+        name = spares.take()
+        assert name == "spare0"
+        fd = spares.claim(name)
+        assert fd is not None
+        try:
+            assert os.path.samestat(os.fstat(fd), os.stat(manager.base / name))
+        finally:
+            os.close(fd)
+        assert spares.claim(name) is None
+        assert spares.claim("never-a-spare") is None
+        # Taken and never claimed (an instance released before its spawn): only
+        # the newest CLAIMABLE fds are kept, the older ones are closed.
+        taken = []
+        for _ in range(CLAIMABLE + 3):
+            with trio.fail_after(5):
+                while not spares.names():
+                    await trio.sleep(0.01)
+            taken.append(spares.take())
+        assert [spares.claim(n) for n in taken[:3]] == [None, None, None]
+        spares.close()
+        nursery.cancel_scope.cancel()
+    for name in [*taken, "spare0"]:
+        manager.remove(name)
+    assert open_fds() == before
 
 
 def test_a_cold_acquire_takes_a_spare_cgroup_and_sweeps_leave_spares_alone(start_daemon, tmp_path: Path) -> None:
