@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import resource
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,7 +27,7 @@ from supervisor.cgroup import CgroupManager, CgroupUnavailable
 from supervisor.config import Config, load_config
 from supervisor.daemon import Supervisor
 from supervisor.errors import ConfigError
-from supervisor.logs import configure_logging
+from supervisor.logs import TurnWriter, configure_logging
 from supervisor.registry import LIVE_STATES
 from supervisor.server import ControlServer, bind_control_socket
 from supervisor.staterecord import daemon_key
@@ -51,9 +53,11 @@ def serve(config_path: str) -> int:
         configure_logging("auto", "info")
         log.error("config.invalid", error=str(exc))
         return EX_CONFIG
-    configure_logging(config.daemon.log_format, config.daemon.log_level)
+    # Lines logged during a turn of the event loop are written when it ends.
+    writer = TurnWriter(sys.stderr)
+    configure_logging(config.daemon.log_format, config.daemon.log_level, writer)  # type: ignore[arg-type]
     try:
-        trio.run(run_daemon, config)
+        trio.run(run_daemon, config, instruments=[writer])
     except StartupError as exc:
         log.error("daemon.start_failed", error=str(exc))
         return EX_UNAVAILABLE
@@ -96,6 +100,16 @@ def detect_cgroups(config: Config) -> CgroupManager | None:
         return None
     log.info("daemon.mode", mode="cgroup", base=str(manager.base))
     return manager
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up made (modules, classes, the config) out of every
+    later garbage collection. A full collection of the daemon's ~30,000
+    start-up objects takes milliseconds, and the collector runs one whenever
+    requests have allocated enough, in the middle of whichever request that
+    is. Frozen objects live for the whole run anyway."""
+    gc.collect()
+    gc.freeze()
 
 
 def request_latency_slice(slice_us: int) -> None:
@@ -147,6 +161,7 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                 async with trio.open_nursery() as nursery:
                     await nursery.start(supervisor.run)
                     await nursery.start(server.serve, listener)
+                    freeze_startup_objects()
                     log.info(
                         "daemon.ready", pid=os.getpid(), socket=socket_path,
                         adapters=sorted(config.adapters), config=config.path,
