@@ -31,6 +31,16 @@ PEERS = ("supervisord", "circus")
 
 CONCURRENT_CLIENTS = 32
 
+# The single-client round trips are taken in this many rounds, every system
+# in turn (see run_single_interleaved).
+SINGLE_ROUNDS = 10
+
+# Before measuring, wait (at most QUIET_TIMEOUT_S) until the host's CPUs are
+# busy less than this fraction of the time: the daemons just started, and
+# the trees just brought up, settle first.
+QUIET_BUSY_FRACTION = 0.1
+QUIET_TIMEOUT_S = 5.0
+
 # Load generator processes: several, so that the client side is not one GIL;
 # not many more than cores, so that they do not starve the daemon.
 LOAD_PROCESSES = 4
@@ -58,10 +68,28 @@ def start_control_tree(system: systems.System, agent: systems.Agent) -> None:
 
 def run_single(agent: systems.Agent, kind: str, plan: ControlPlan, n: int, job: str | None = None) -> dict[str, Any]:
     agent.request("loop", kind=kind, n=plan.warmup, job=job)
-    samples = agent.request("loop", kind=kind, n=n, job=job)["samples"]
+    return summarize_single(agent.request("loop", kind=kind, n=n, job=job)["samples"])
+
+
+def summarize_single(samples: list[int]) -> dict[str, Any]:
     summary = stats.summarize_ms(samples)
     summary["ops_per_s"] = round(len(samples) / (sum(samples) / 1e9), 1)
     return summary
+
+
+def run_single_interleaved(agents: dict[str, systems.Agent], plan: ControlPlan) -> dict[str, dict[str, Any]]:
+    """One client per system, `plan.single` round trips each, taken in
+    SINGLE_ROUNDS rounds that visit every system in turn: a stretch of a noisy
+    host (another process starting, a slow period of the VM) then falls on
+    every system alike instead of on whichever ran at that moment."""
+    for agent in agents.values():
+        agent.request("loop", kind="status", n=plan.warmup)
+    samples: dict[str, list[int]] = {name: [] for name in agents}
+    per_round = max(1, plan.single // SINGLE_ROUNDS)
+    for _ in range(SINGLE_ROUNDS):
+        for name, agent in agents.items():
+            samples[name] += agent.request("loop", kind="status", n=per_round)["samples"]
+    return {name: summarize_single(values) for name, values in samples.items()}
 
 
 def run_concurrent(session: Session, system: systems.System, plan: ControlPlan) -> dict[str, Any]:
@@ -114,9 +142,11 @@ def run(session: Session, plan: ControlPlan, targets: dict[str, systems.System],
     """`targets` and `agents`: by system name, each system with its tree running
     (the echo floor has none)."""
     result: dict[str, Any] = {"single": {}, "concurrent": {}, "warm_acquire_release": None}
+    session.log(f"control: 1 client each ({', '.join(targets)}), {SINGLE_ROUNDS} interleaved rounds")
+    procwatch.wait_for_quiet_host(QUIET_BUSY_FRACTION, QUIET_TIMEOUT_S)
+    single = run_single_interleaved({name: agents[name] for name in targets}, plan)
     for name, system in targets.items():
-        session.log(f"control: {name} {OPERATION[name]}, 1 client")
-        result["single"][name] = {"operation": OPERATION[name], **run_single(agents[name], "status", plan, plan.single)}
+        result["single"][name] = {"operation": OPERATION[name], **single[name]}
         result["single"][name]["daemon_rss_bytes"] = procwatch.rss_bytes(system.pid)
     if "ours" in targets:
         session.log("control: ours warm acquire + release, 1 client")

@@ -104,10 +104,23 @@ def run_trial(session: Session, agent: systems.Agent, pidfile: str, job: str) ->
 
 def run_system(session: Session, name: str, agent: systems.Agent, pidfile: str, trials: int) -> list[Trial]:
     """`trials` start/stop cycles of one system."""
-    results = []
-    for i in range(trials):
-        results.append(run_trial(session, agent, pidfile, f"cold-{name}-{i}"))
-        session.reap()
+    return run_interleaved(session, {name: (agent, pidfile, trials)})[name]
+
+
+def run_interleaved(
+    session: Session, systems_under_test: dict[str, tuple[systems.Agent, str, int]]
+) -> dict[str, list[Trial]]:
+    """Start/stop trials of several systems, one trial of each in turn
+    (`systems_under_test`: name -> (agent, pid file, trials)) until every
+    system has had its count: a slow stretch of the host falls on all of them
+    alike, and the floor is measured under the same conditions as the rest."""
+    results: dict[str, list[Trial]] = {name: [] for name in systems_under_test}
+    rounds = max(trials for _, _, trials in systems_under_test.values())
+    for i in range(rounds):
+        for name, (agent, pidfile, trials) in systems_under_test.items():
+            if i < trials:
+                results[name].append(run_trial(session, agent, pidfile, f"cold-{name}-{i}"))
+                session.reap()
     return results
 
 

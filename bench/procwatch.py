@@ -219,6 +219,28 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole host since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user/nice
+    return total - idle, total
+
+
+def wait_for_quiet_host(busy_fraction: float, timeout: float, window: float = 0.25) -> bool:
+    """Wait until the host's CPUs were busy less than `busy_fraction` of one
+    `window`; False if that did not happen within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy0, total0 = host_cpu_ticks()
+        time.sleep(window)
+        busy1, total1 = host_cpu_ticks()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_fraction:
+            return True
+    return False
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of `pid` in bytes (0 if it is gone)."""
     try:

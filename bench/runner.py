@@ -64,7 +64,7 @@ QUICK = Plan(
     name="quick",
     control=control.ControlPlan(warmup=100, single=600, pairs=200, load_warmup_s=0.2, load_duration_s=1.0,
                                 load_start_slack_s=0.6),
-    trials={"raw": 4, "ours": 6, "ours-process-table": 3, "supervisord": 2, "circus": 2},
+    trials={"raw": 12, "ours": 12, "ours-process-table": 4, "supervisord": 3, "circus": 3},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=5),
     sweep_process_table=sweepcost.SweepPlan(levels=(10, 100), samples=4),
     budget_s=QUICK_BUDGET_S,
@@ -194,10 +194,10 @@ def run_all(session: Session, plan: Plan, results: dict[str, Any]) -> None:
         ("supervisord", agents["supervisord"], supervisord.pidfile, supervisord.pid),
         ("circus", agents["circus"], circus.pidfile, circus.pid),
     ]
-    trials = {}
-    for name, agent, pidfile, _ in runs:
-        log(f"lifecycle: {name}, {plan.trials[name]} start/stop trials")
-        trials[name] = lifecycle.run_system(session, name, agent, str(pidfile), plan.trials[name])
+    log("lifecycle: " + ", ".join(f"{name} x{plan.trials[name]}" for name, *_ in runs) + " start/stop trials, interleaved")
+    trials = lifecycle.run_interleaved(
+        session, {name: (agent, str(pidfile), plan.trials[name]) for name, agent, pidfile, _ in runs}
+    )
     lifecycle.wait_leak_window([t for ts in trials.values() for t in ts])
     lifecycle_results: dict[str, Any] = {
         name: lifecycle.summarize(trials[name], daemon_pid) for name, _, _, daemon_pid in runs
