@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import subprocess
 from collections.abc import Callable, Mapping
@@ -138,8 +139,7 @@ def spawn_root(
             stdout_r, stdout = pipe(child_reads=False)
         if clone3:
             if stdin == subprocess.DEVNULL or stdout == subprocess.DEVNULL:
-                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                child_fds.append(null)
+                null = _devnull()
                 stdin = null if stdin == subprocess.DEVNULL else stdin
                 stdout = null if stdout == subprocess.DEVNULL else stdout
             popen = None
@@ -163,6 +163,13 @@ def spawn_root(
     # Our unreaped child: its pid cannot have been reused in between.
     identity = procs.ProcessId(pid, start_time) if start_time else procs.identify(pid) or procs.ProcessId(pid, 0)
     return RootProcess(id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r, popen=popen)
+
+
+@functools.cache
+def _devnull() -> int:
+    """/dev/null, opened once (close-on-exec) for every clone3 spawn's stdio:
+    two system calls fewer per spawn."""
+    return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
 
 def _popen(
