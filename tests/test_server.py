@@ -152,6 +152,37 @@ def test_two_hundred_pipelined_status_requests_get_two_hundred_answers_in_order(
     assert client.messages(1)[0]["id"] == "last"
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_clients_in_lockstep_and_one_that_pauses_are_all_answered(start_daemon, raw_clients) -> None:
+    # Eight clients, one request in flight each, for many rounds: the readers
+    # take to reading after the other tasks ran instead of waiting for
+    # readability. Then one client pauses before its next request: its reader
+    # finds nothing there and must go back to waiting, not spin or stall.
+    daemon = start_daemon()
+    clients = [RawClient.connect(daemon.socket) for _ in range(8)]
+    raw_clients.extend(clients)
+    for round_number in range(200):
+        for index, client in enumerate(clients):
+            client.send(request_line(f"{index}-{round_number}", "status"))
+        for index, client in enumerate(clients):
+            assert client.messages(1)[0]["id"] == f"{index}-{round_number}"
+    late = clients[0]
+    cpu_before = cpu_seconds(daemon.pid)
+    time.sleep(0.5)
+    # Waiting, not polling: the idle daemon used (almost) no CPU meanwhile.
+    assert cpu_seconds(daemon.pid) - cpu_before < 0.1
+    late.send(request_line("late", "hello"))
+    assert late.messages(1)[0]["id"] == "late"
+    for index, client in enumerate(clients[1:], start=1):
+        client.send(request_line(f"after-{index}", "status"))
+        assert client.messages(1)[0]["id"] == f"after-{index}"
+
+
 def test_a_peer_that_stops_reading_holds_up_nobody_and_is_dropped_after_send_timeout(start_daemon) -> None:
     send_timeout = 3.0
     daemon = start_daemon(send_timeout=send_timeout)
