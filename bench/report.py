@@ -66,7 +66,7 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
     ]
     control = results.get("control")
     if control:
-        out.append("Control round trip, 1 client (sequential, raw socket)")
+        out.append("Control round trip, 1 client (raw socket; the systems in turn, 10 rounds)")
         rows = []
         for name, s in control["single"].items():
             ratio = control["ratios"].get(name, {}).get("single_latency_x")
