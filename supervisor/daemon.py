@@ -246,6 +246,8 @@ class Supervisor:
             elif isinstance(action, NotifyExited):
                 self._notify_exited(action)
             elif isinstance(action, InstanceSettled):
+                if not action.running and action.instance_id not in self.running:
+                    self._forget_unspawned(action.instance_id)
                 pending = self._pending.pop(action.instance_id, None)
                 if pending is not None:
                     pending.settled.set()
@@ -433,6 +435,16 @@ class Supervisor:
             survivors=[m.pid for m in outcome.survivors],
         )
         self.execute(self.registry.tree_gone(instance_id, now=self.now()))
+
+    def _forget_unspawned(self, instance_id: str) -> None:
+        """An instance that will never have a root (its spawn failed, or it was
+        released or the daemon stopped while it waited for its predecessor):
+        the spare cgroup it may have been named after goes too."""
+        if self.spares is not None:
+            fd = self.spares.claim(instance_id)
+            if fd is not None:
+                os.close(fd)
+        self._remove_cgroup(instance_id)
 
     def _remove_cgroup(self, instance_id: str) -> None:
         if self.cgroups is not None:

@@ -4,14 +4,16 @@ for stale ones, gone at shutdown. Real cgroups under a throwaway base."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import socket
 from pathlib import Path
 
 import trio
 
 from supervisor.cgroup import CgroupManager
 from supervisor.sparecgroups import CLAIMABLE, SPARES, SpareCgroups
-from tests.conftest import eventually, tree_adapter
+from tests.conftest import eventually, read_pidfile, tree_adapter
 from tests.test_cgroup import manager  # noqa: F401  (fixture)
 
 
@@ -95,5 +97,45 @@ def test_a_cold_acquire_takes_a_spare_cgroup_and_sweeps_leave_spares_alone(start
     assert eventually(lambda: cgroups() > spares)
     assert len(cgroups()) == SPARES + 1
     client.call("release", {"lease": lease["lease"]})
+    daemon.stop()
+    assert not os.path.exists(base)
+
+
+
+def test_an_instance_released_before_its_spawn_leaves_no_cgroup(start_daemon, tmp_path: Path) -> None:
+    # The first instance ignores SIGTERM, so after its release it is stopping
+    # for stop_timeout. A second acquire of the same pair makes an instance,
+    # named after a spare cgroup, that waits for it; released (release_job)
+    # before it ever spawned, its cgroup must go with it.
+    adapter = tree_adapter("slow", pidfile=tmp_path / "pids", args=("--ignore-term",), stop_timeout=3.0)
+    daemon = start_daemon(adapter, cgroup="auto")
+    client = daemon.client()
+    base = client.call("status")["daemon"]["cgroup_base"]
+
+    def cgroups() -> set[str]:
+        return {entry.name for entry in os.scandir(base) if entry.is_dir()}
+
+    def waiting_instance() -> str | None:
+        rows = client.call("status", {"job": "j"})["instances"]
+        starting = [row["instance"] for row in rows if row["state"] == "starting"]
+        return starting[0] if starting else None
+
+    first = client.call("acquire", {"job": "j", "adapter": "slow"})
+    read_pidfile(tmp_path / "pids")  # up, and ignoring SIGTERM
+    client.call("release", {"lease": first["lease"]})
+    waiter = socket.socket(socket.AF_UNIX)
+    waiter.connect(daemon.socket)
+    try:
+        waiter.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "acquire", "params": {"job": "j", "adapter": "slow"}}\n')
+        assert eventually(lambda: waiting_instance() is not None)
+        unspawned = waiting_instance()
+        assert unspawned in cgroups()  # named after a spare, whose cgroup exists
+        client.call("release_job", {"job": "j"})
+        answer = json.loads(waiter.makefile("rb").readline())
+        assert answer["error"]["code"] == 1002  # released before its adapter started
+        assert unspawned not in cgroups()
+    finally:
+        waiter.close()
+    client.close()
     daemon.stop()
     assert not os.path.exists(base)
