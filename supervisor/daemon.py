@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -301,11 +301,18 @@ class Supervisor:
         spawned_after = trio.current_time()
         try:
             root = await trio.to_thread.run_sync(partial(spawn, clone3=False))
+        except trio.Cancelled:
+            # Cancelled before the thread started (once started, it is waited
+            # for): nobody else will close the spare's directory.
+            open_cgroup = spawn.keywords.get("open_cgroup")
+            if open_cgroup is not None:
+                os.close(open_cgroup)
+            raise
         except (SpawnFailed, InvalidParams, OSError) as exc:
             return self._spawn_failed(instance_id, exc)
         return self._root_started(instance_id, adapter, root, spawned_after)
 
-    def _spawn_target(self, instance_id: str) -> tuple[AdapterConfig, Callable[..., RootProcess]] | list[Action]:
+    def _spawn_target(self, instance_id: str) -> tuple[AdapterConfig, partial[RootProcess]] | list[Action]:
         """The instance's adapter and its spawn, still to be called with
         `clone3=`; or the registry's answer to a spawn that cannot be tried."""
         instance = self.registry.instances[instance_id]
@@ -339,7 +346,7 @@ class Supervisor:
     ) -> list[Action]:
         """Register a root that was just spawned. Nothing here waits: the root is
         registered before any other task can run. What no reply depends on (its
-        watcher tasks, the log line, the state record) is left to
+        watcher task, the log line, the state record) is left to
         `_settle_spawn`, which runs once this turn is over: a cold acquire's
         reply goes out first."""
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
@@ -352,8 +359,10 @@ class Supervisor:
         self._trees_changed()
         self.metrics.spawns.labels(adapter.name).inc()
         assert self._nursery is not None
-        # The task gets the object, not the id: the instance may be stopped and
-        # forgotten before it first runs.
+        # The tasks get the object, not the id: the instance may be stopped and
+        # forgotten before they first run. Its stderr is read from the next
+        # turn on, so that a tree stopped at once still has its last lines.
+        self._nursery.start_soon(capture_stderr, root, partial(self._stderr_line, instance_id))
         self._nursery.start_soon(self._settle_spawn, instance_id, running)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
 
@@ -362,8 +371,6 @@ class Supervisor:
         log.info("adapter.spawned", instance=instance_id, job=instance.job if instance else None,
                  adapter=running.adapter.name, pid=running.root.pid)
         self.record.mark_dirty()
-        assert self._nursery is not None
-        self._nursery.start_soon(capture_stderr, running.root, partial(self._stderr_line, instance_id))
         await self._watch_root(instance_id, running)
 
     @staticmethod

@@ -39,6 +39,11 @@ SYSLOG_PRIORITIES = {
 DEFAULT_PRIORITY = 6
 
 
+# A turn that has logged this many lines writes them at once: a runaway turn,
+# or one that never ends (a hung exec), still leaves most of its lines behind.
+MAX_HELD_LINES = 64
+
+
 class TurnWriter:
     """Where the daemon's log lines go: `out`, a turn of the event loop later.
 
@@ -49,20 +54,27 @@ class TurnWriter:
     the trio thread during one scheduler turn and writes them in one go when
     the turn ends (`before_io_wait`), after that turn's replies went out; at
     most a turn late, in order. Lines from other threads, or while no trio run
-    is going on, are written at once. A line that cannot be written (stderr
-    closed) is dropped: there is nowhere else to say so.
+    is going on, are written at once; a turn that logs MAX_HELD_LINES lines
+    writes them then. A line that cannot be written (stderr closed) is
+    dropped: there is nowhere else to say so. Lines held when the process is
+    killed outright (SIGKILL, a crash in C) are lost: at most one turn's.
     """
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self._pending: list[str] = []
         self._trio_thread: int | None = None
+        # Writes from the trio thread's drain and from other threads go to one
+        # stream: one at a time.
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> None:
-        if threading.get_ident() == self._trio_thread:
-            self._pending.append(text)
-        else:
+        if threading.get_ident() != self._trio_thread:
             self._write(text)
+            return
+        self._pending.append(text)
+        if len(self._pending) >= MAX_HELD_LINES:
+            self.drain()
 
     def flush(self) -> None:
         if threading.get_ident() != self._trio_thread:
@@ -95,15 +107,20 @@ class TurnWriter:
         self._flush()
 
     def _write(self, text: str) -> None:
+        # Never raises: trio drops an instrument whose hook raises, and a
+        # dropped writer would hold every later line forever.
         try:
-            self.out.write(text)
-        except (OSError, ValueError):
+            with self._lock:
+                self.out.write(text)
+                self.out.flush()
+        except Exception:  # noqa: BLE001 (a closed or broken stream: the line is lost)
             pass
 
     def _flush(self) -> None:
         try:
-            self.out.flush()
-        except (OSError, ValueError):
+            with self._lock:
+                self.out.flush()
+        except Exception:  # noqa: BLE001
             pass
 
 

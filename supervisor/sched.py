@@ -27,7 +27,6 @@ import struct
 # sched_setattr(2) by architecture; there is no libc wrapper.
 SYSCALL_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
 
-SCHED_OTHER = 0
 SCHED_FLAG_RESET_ON_FORK = 0x01
 
 # struct sched_attr up to sched_period (SCHED_ATTR_SIZE_VER0): size, policy,
@@ -40,14 +39,20 @@ MAX_SLICE_US = 100_000
 
 
 def request_slice(slice_us: int) -> None:
-    """Give the calling thread a `slice_us` time slice, nice 0, SCHED_OTHER,
-    reset on fork. Raises OSError with the kernel's errno (EPERM in a
-    container that forbids it, ENOSYS on an unknown architecture)."""
+    """Give the calling thread a `slice_us` time slice, keeping its policy
+    (SCHED_OTHER or SCHED_BATCH) and nice, reset on fork. Raises OSError with
+    the kernel's errno: EPERM in a container that forbids it, ENOSYS on an
+    architecture (or a 32-bit Python) whose syscall number is not known here,
+    EINVAL for a thread an operator put under another policy (idle, real
+    time), which is left as it is."""
     number = SYSCALL_SCHED_SETATTR.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, f"sched_setattr is not known on {platform.machine()}")
+    if number is None or ctypes.sizeof(ctypes.c_void_p) != 8:
+        raise OSError(errno.ENOSYS, f"sched_setattr is not known on {platform.machine()} for this Python")
+    policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+    if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
+        raise OSError(errno.EINVAL, f"the thread runs under scheduling policy {policy}, left as it is")
     attr = _SCHED_ATTR.pack(
-        _SCHED_ATTR.size, SCHED_OTHER, SCHED_FLAG_RESET_ON_FORK, os.getpriority(os.PRIO_PROCESS, 0), 0,
+        _SCHED_ATTR.size, policy, SCHED_FLAG_RESET_ON_FORK, os.getpriority(os.PRIO_PROCESS, 0), 0,
         slice_us * 1000, 0, 0,
     )
     buffer = ctypes.create_string_buffer(attr, len(attr))

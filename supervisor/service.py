@@ -160,8 +160,8 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(supervisor.run)
-                    await nursery.start(server.serve, listener)
                     freeze_startup_objects()
+                    await nursery.start(server.serve, listener)
                     log.info(
                         "daemon.ready", pid=os.getpid(), socket=socket_path,
                         adapters=sorted(config.adapters), config=config.path,

@@ -95,3 +95,25 @@ def test_an_unknown_architecture_is_refused_with_enosys(monkeypatch) -> None:
     with pytest.raises(OSError) as raised:
         sched.request_slice(SLICE_US)
     assert raised.value.errno == errno.ENOSYS
+
+
+def test_a_batch_thread_stays_batch_and_an_idle_one_is_left_alone() -> None:
+    code = (
+        "import json, os\n"
+        "from supervisor import sched\n"
+        "seen = {}\n"
+        "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"
+        f"sched.request_slice({SLICE_US})\n"
+        "policy = lambda: os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK\n"
+        "seen['batch'] = [policy() == os.SCHED_BATCH, sched.thread_slice_ns()]\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "try:\n"
+        "    sched.request_slice(1000)\n"
+        "except OSError as exc:\n"
+        "    seen['idle'] = [exc.errno, policy() == os.SCHED_IDLE]\n"
+        "print(json.dumps(seen))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seen = json.loads(result.stdout)
+    assert seen["batch"] == [True, SLICE_US * 1000]
+    assert seen["idle"] == [errno.EINVAL, True]

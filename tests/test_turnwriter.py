@@ -9,7 +9,7 @@ import threading
 
 import trio
 
-from supervisor.logs import TurnWriter
+from supervisor.logs import MAX_HELD_LINES, TurnWriter
 
 
 class Recording(io.StringIO):
@@ -76,6 +76,37 @@ def test_a_stream_that_fails_drops_the_line_and_the_run_goes_on() -> None:
         writer.write("lost\n")
         out.close()  # writes now raise ValueError
         await trio.sleep(0.01)
+        return "finished"
+
+    assert trio.run(main, instruments=[writer]) == "finished"
+
+
+def test_a_turn_that_logs_many_lines_writes_them_as_it_goes_in_order() -> None:
+    out = Recording()
+    writer = TurnWriter(out)
+    seen: list[int] = []
+
+    async def main() -> None:
+        for n in range(MAX_HELD_LINES * 2 + 5):
+            writer.write(f"{n}\n")
+        seen.append(len(out.getvalue().splitlines()))
+
+    trio.run(main, instruments=[writer])
+    assert seen == [MAX_HELD_LINES * 2]
+    assert out.getvalue().splitlines() == [str(n) for n in range(MAX_HELD_LINES * 2 + 5)]
+
+
+def test_a_hook_never_raises_even_when_the_stream_does() -> None:
+    class Exploding(Recording):
+        def write(self, text: str) -> int:
+            raise RuntimeError("broken stream")
+
+    writer = TurnWriter(Exploding())
+
+    async def main() -> str:
+        writer.write("lost\n")
+        await trio.sleep(0.01)
+        writer.write("also lost\n")
         return "finished"
 
     assert trio.run(main, instruments=[writer]) == "finished"
