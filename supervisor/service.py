@@ -40,6 +40,8 @@ EX_CONFIG = 78  # sysexits: the configuration is unusable
 
 LOCK_FILE = "daemon.lock"
 
+STOP_AND_RELOAD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 class StartupError(Exception):
     """The daemon cannot start for a reason an operator must fix (not the config)."""
@@ -141,7 +143,12 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
     request_latency_slice(config.daemon.latency_slice_us)
     raise_fd_limit()
     with state_dir_lock(config.daemon.state_dir):
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        # What the receiver puts back when it closes: a stop signal that comes
+        # after the shutdown (`timeout` sends SIGTERM to the daemon and then to
+        # its process group) must not kill the process on its way out.
+        for signum in STOP_AND_RELOAD_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        with trio.open_signal_receiver(*STOP_AND_RELOAD_SIGNALS) as signals:
             if activated is not None:
                 listener = trio.socket.from_stdlib_socket(activated)
             else:

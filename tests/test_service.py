@@ -78,6 +78,21 @@ def test_a_stop_signal_tells_clients_stops_every_tree_removes_the_socket_and_exi
         holder.call("hello")
 
 
+def test_stop_signals_that_keep_coming_until_the_exit_still_leave_a_clean_exit(start_daemon, tmp_path: Path) -> None:
+    # `timeout` sends SIGTERM to the daemon, then to its process group; a
+    # supervisor may repeat it. One landing after the shutdown, on a process
+    # on its way out, must not turn exit 0 into death by SIGTERM.
+    daemon = start_daemon(tree_adapter("tree", pidfile=tmp_path / "pids"))
+    daemon.client().call("acquire", {"job": "j", "adapter": "tree"})
+    members = members_of(tmp_path / "pids")
+    while daemon.popen.poll() is None:
+        daemon.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.0005)
+    assert daemon.popen.returncode == 0
+    assert daemon.wait_for_event("daemon.stopped")
+    assert wait_all_gone(members, daemon.pid, 1.0) == {}
+
+
 # -- reload --------------------------------------------------------------------
 
 
