@@ -34,6 +34,13 @@ def task_slice_ns(pid: int, tid: int | None = None) -> int:
     return int(line.split(":")[1])
 
 
+def run_python(code: str) -> dict[str, object]:
+    """Run `code` in a fresh interpreter (its scheduling is its own) and
+    return the JSON object it printed."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
 def custom_slices_supported() -> bool:
     code = (
         "from supervisor import sched\n"
@@ -63,8 +70,7 @@ def test_the_slice_is_the_callers_alone_not_its_threads_or_children() -> None:
         "seen['child'] = int(next(l for l in child.splitlines() if l.startswith('se.slice')).split(':')[1])\n"
         "print(json.dumps(seen))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    seen = json.loads(result.stdout)
+    seen = run_python(code)
     default = default_slice_ns()
     assert seen == {"caller": SLICE_US * 1000, "thread": default, "child": default}
 
@@ -113,7 +119,6 @@ def test_a_batch_thread_stays_batch_and_an_idle_one_is_left_alone() -> None:
         "    seen['idle'] = [exc.errno, policy() == os.SCHED_IDLE]\n"
         "print(json.dumps(seen))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    seen = json.loads(result.stdout)
+    seen = run_python(code)
     assert seen["batch"] == [True, SLICE_US * 1000]
     assert seen["idle"] == [errno.EINVAL, True]

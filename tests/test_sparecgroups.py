@@ -17,14 +17,20 @@ from tests.conftest import eventually, read_pidfile, tree_adapter
 from tests.test_cgroup import manager  # noqa: F401  (fixture)
 
 
-async def test_spares_are_kept_topped_up_handed_out_oldest_first_and_removed(manager: CgroupManager) -> None:  # noqa: F811
+async def ready_spares(manager: CgroupManager, count: int, nursery: trio.Nursery) -> SpareCgroups:  # noqa: F811
+    """Spares named spare0, spare1, ..., running in `nursery`, once `count` are ready."""
     ids = (f"spare{n}" for n in itertools.count())
-    spares = SpareCgroups(manager, lambda: next(ids), spares=3)
+    spares = SpareCgroups(manager, lambda: next(ids), spares=count)
+    nursery.start_soon(spares.run)
+    with trio.fail_after(5):
+        while len(spares.names()) < count:
+            await trio.sleep(0.01)
+    return spares
+
+
+async def test_spares_are_kept_topped_up_handed_out_oldest_first_and_removed(manager: CgroupManager) -> None:  # noqa: F811
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(spares.run)
-        with trio.fail_after(5):
-            while len(spares.names()) < 3:
-                await trio.sleep(0.01)
+        spares = await ready_spares(manager, 3, nursery)
         assert spares.names() == {"spare0", "spare1", "spare2"}
         assert set(manager.instances()) == {"spare0", "spare1", "spare2"}
         assert spares.take() == "spare0"
@@ -45,13 +51,8 @@ def open_fds() -> set[int]:
 
 async def test_a_taken_spare_hands_over_its_open_directory_once_and_no_fd_is_left(manager: CgroupManager) -> None:  # noqa: F811
     before = open_fds()
-    ids = (f"spare{n}" for n in itertools.count())
-    spares = SpareCgroups(manager, lambda: next(ids), spares=2)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(spares.run)
-        with trio.fail_after(5):
-            while len(spares.names()) < 2:
-                await trio.sleep(0.01)
+        spares = await ready_spares(manager, 2, nursery)
         name = spares.take()
         assert name == "spare0"
         fd = spares.claim(name)
