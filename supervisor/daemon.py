@@ -261,13 +261,13 @@ class Supervisor:
     def _spawn_now(self, instance_id: str) -> list[Action]:
         """Start an instance's root with the clone3 spawner, on this thread, and
         register it. If clone3 is refused, subprocess takes over from now on."""
-        target = self._spawn_target(instance_id)
+        target = self._spawn_target(instance_id, clone3=True)
         if isinstance(target, list):
             return target
         adapter, spawn = target
         spawned_after = trio.current_time()
         try:
-            root = spawn(clone3=True)
+            root = spawn()
         except clonespawn.Unsupported as exc:
             self._clone3_refused = True
             log.warning("spawner.clone3_refused", error=exc.strerror, using="subprocess")
@@ -294,27 +294,22 @@ class Supervisor:
             done.set()
 
     async def _spawn_in_thread(self, instance_id: str) -> list[Action]:
-        target = self._spawn_target(instance_id)
+        target = self._spawn_target(instance_id, clone3=False)
         if isinstance(target, list):
             return target
         adapter, spawn = target
         spawned_after = trio.current_time()
         try:
-            root = await trio.to_thread.run_sync(partial(spawn, clone3=False))
-        except trio.Cancelled:
-            # Cancelled before the thread started (once started, it is waited
-            # for): nobody else will close the spare's directory.
-            open_cgroup = spawn.keywords.get("open_cgroup")
-            if open_cgroup is not None:
-                os.close(open_cgroup)
-            raise
+            root = await trio.to_thread.run_sync(spawn)
         except (SpawnFailed, InvalidParams, OSError) as exc:
             return self._spawn_failed(instance_id, exc)
         return self._root_started(instance_id, adapter, root, spawned_after)
 
-    def _spawn_target(self, instance_id: str) -> tuple[AdapterConfig, partial[RootProcess]] | list[Action]:
-        """The instance's adapter and its spawn, still to be called with
-        `clone3=`; or the registry's answer to a spawn that cannot be tried."""
+    def _spawn_target(self, instance_id: str, *, clone3: bool) -> tuple[AdapterConfig, partial[RootProcess]] | list[Action]:
+        """The instance's adapter and its spawn, ready to call; or the
+        registry's answer to a spawn that cannot be tried. A spare cgroup's
+        open directory goes to a clone3 spawn; subprocess joins by path, so
+        the fd is closed here, on the trio thread."""
         instance = self.registry.instances[instance_id]
         adapter = self.config.adapters.get(instance.adapter)
         if adapter is None:
@@ -325,8 +320,10 @@ class Supervisor:
         spawn = partial(
             _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=instance.job,
             params=dict(instance.params), daemon_key=self.daemon_key, base_env=self.environ,
-            open_cgroup=self.spares.claim(instance_id) if self.spares is not None else None,
+            clone3=clone3, open_cgroup=self._claim_spare(instance_id) if clone3 else None,
         )
+        if not clone3:
+            self._close_spare(instance_id)
         return adapter, spawn
 
     def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
@@ -447,11 +444,17 @@ class Supervisor:
         """An instance that will never have a root (its spawn failed, or it was
         released or the daemon stopped while it waited for its predecessor):
         the spare cgroup it may have been named after goes too."""
-        if self.spares is not None:
-            fd = self.spares.claim(instance_id)
-            if fd is not None:
-                os.close(fd)
+        self._close_spare(instance_id)
         self._remove_cgroup(instance_id)
+
+    def _claim_spare(self, instance_id: str) -> int | None:
+        """The open directory of the spare cgroup `instance_id` is named after, if any."""
+        return self.spares.claim(instance_id) if self.spares is not None else None
+
+    def _close_spare(self, instance_id: str) -> None:
+        fd = self._claim_spare(instance_id)
+        if fd is not None:
+            os.close(fd)
 
     def _remove_cgroup(self, instance_id: str) -> None:
         if self.cgroups is not None:
@@ -775,8 +778,8 @@ def _spawn_in_cgroup(
 ) -> RootProcess:
     """Blocking: create the instance's cgroup (if any) and spawn the root into
     it. `open_cgroup` is the cgroup's directory already open (a spare's), which
-    this closes in any case. Touches no daemon state, so it may run in a worker
-    thread. Raises SpawnFailed, InvalidParams, clonespawn.Unsupported, or
+    this closes in any case (only clone3 takes one). Touches no daemon state,
+    so it may run in a worker thread. Raises SpawnFailed, InvalidParams, clonespawn.Unsupported, or
     OSError for the cgroup."""
     cgroup_fd = open_cgroup
     try:
@@ -784,9 +787,6 @@ def _spawn_in_cgroup(
             if cgroup_fd is None:
                 cgroup_fd = cgroups.open_dir(instance_id)
         elif cgroups is not None:
-            if cgroup_fd is not None:
-                os.close(cgroup_fd)
-                cgroup_fd = None
             cgroups.create(instance_id)
             cgroup_fd = cgroups.join_fd(instance_id)
         return spawn_root(adapter, instance_id=instance_id, cgroup_fd=cgroup_fd, clone3=clone3, **spawn)  # type: ignore[arg-type]
