@@ -4,7 +4,10 @@ Two clients with one API:
 
 * `Client`: blocking, on a plain socket. One instance may be shared by any number
   of threads (a thread pool, a sync web framework): requests are pipelined and
-  their answers matched by id by one reader thread per client.
+  their answers matched by id. A caller waiting for an answer reads the socket
+  itself when no other thread does (no hand-over between threads on the common
+  path); a reader thread per client reads while nobody waits, so notifications
+  arrive between calls too.
 * `AsyncClient` (in `supervisor.aio`, importable from here): the same for asyncio
   and Trio, written once on anyio. ``async with AsyncClient(path) as client:``.
 
@@ -22,7 +25,8 @@ handles a job's terminal transitions.
 Notifications reach the lease they concern: ``lease.wait_exited()`` returns an
 `AdapterExited` once the daemon says the adapter's tree is gone (or, after
 `shutting_down`, that it is going), and ``lease.on_end(callback)`` runs a
-callback then (on the reader thread or task: keep it short, do not block). Every
+callback then (on whichever thread or task read the notification: keep it short,
+do not block, do not call the client from it). Every
 notification is also kept for `next_notification()`.
 
 Errors the daemon answers with are raised as `DaemonError` subclasses named for
@@ -48,9 +52,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import math
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
@@ -118,6 +125,10 @@ NOTIFICATION_BACKLOG = 1024
 # gave for closing (a refusal is sent just before the close).
 REFUSAL_GRACE_S = 1.0
 
+# As plain ints: the select and socket modules' constants are enums, slow to combine.
+_READABLE = int(select.EPOLLIN)
+_DONT_WAIT = int(socket.MSG_DONTWAIT)
+
 
 def default_socket() -> str:
     """`$ADAPTER_SUPERVISOR_SOCKET`, else the default socket path for this user."""
@@ -161,7 +172,8 @@ class Lease(LeaseInfo):
 
     def on_end(self, callback: Callable[[Lease], None]) -> None:
         """Call `callback(lease)` once the adapter exited or the connection ended
-        (at once if that already happened). It runs on the client's reader thread."""
+        (at once if that already happened). It runs on the thread that read the
+        notification: the client's reader thread, or a thread waiting in a call."""
         with self._lock:
             if not self._ended.is_set():
                 self._callbacks.append(callback)
@@ -251,9 +263,9 @@ class _LeaseScope:
 
 
 class _ClientSocket(socket.socket):
-    """A socket whose `close` shuts it down first. Closing alone would leave the
-    reader thread blocked in recvmsg, holding the connection open, so neither the
-    reader nor the daemon would see it end."""
+    """A socket whose `close` shuts it down first. Closing alone would leave a
+    thread blocked in recvmsg or epoll holding the connection open, so neither it
+    nor the daemon would see it end; the shutdown wakes both."""
 
     def close(self) -> None:
         if self.fileno() != -1:
@@ -263,11 +275,24 @@ class _ClientSocket(socket.socket):
 
 
 class _Waiter:
-    __slots__ = ("event", "reply")
+    """A caller waiting for the answer to one request. A caller that does not
+    read (`lead` false) sleeps until `wake`: its answer arrived, or the reading
+    role was handed to it. A caller that reads from the start needs no event."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    __slots__ = ("_event", "lead", "reply")
+
+    def __init__(self, *, lead: bool) -> None:
+        self.lead = lead
         self.reply: Reply | None = None
+        self._event = None if lead else threading.Event()
+
+    def wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    def sleep(self, timeout: float | None) -> None:
+        assert self._event is not None, "a caller that reads from the start never sleeps"
+        self._event.wait(timeout)
 
 
 class Client:
@@ -275,6 +300,15 @@ class Client:
 
     Raises OSError if the socket cannot be connected. Use as a context manager or
     call `close`. `timeout` bounds each wait for an answer (None: wait forever).
+
+    Reading: one thread at a time holds the reading role (`_reading`) and is the
+    only one that reads the socket. A caller waiting for an answer takes the role
+    when it is free and reads until its answer came, so a call is one send and
+    one read on the caller's thread, with no wake-up of another thread between.
+    The reader thread waits in epoll while no caller holds the role; a caller
+    taking the role disarms it (so the answer does not wake it too) and re-arms
+    it when it gives the role up. The role goes from a caller that got its answer
+    to another caller still waiting, if any, else back to the reader thread.
     """
 
     def __init__(self, path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
@@ -287,10 +321,23 @@ class Client:
         except OSError:
             self.sock.close()
             raise
-        self.sock.settimeout(None)  # the reader waits as long as the connection lives
-        # Guards everything below: the session, waiters, leases, notifications.
+        self.sock.settimeout(None)  # reads wait as long as the connection lives
+        # Guards everything below: the session, waiters, leases, notifications,
+        # the reading role.
         self._lock = threading.Lock()
         self._notified = threading.Condition(self._lock)
+        self._reading = False
+        self._role_free = threading.Condition(self._lock)
+        self._reader_waits = False  # the reader thread waits on `_role_free`
+        self._reader_poll = select.epoll()
+        self._reader_poll.register(self.sock.fileno(), select.EPOLLIN)
+        # Wakes the reader thread once the connection ended or was closed: the
+        # hang-up alone is lost if the socket is closed while the reader is not
+        # in epoll. Closed by the reader thread as it ends, under the lock.
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._reader_poll.register(self._wake_fd, select.EPOLLIN)
+        self._caller_poll = select.poll()  # used by the role holder only
+        self._caller_poll.register(self.sock.fileno(), select.POLLIN)
         self._send_lock = threading.Lock()
         self._session = Session()
         self._pending: dict[int, _Waiter] = {}
@@ -313,6 +360,8 @@ class Client:
         """End the connection: the daemon releases its bound leases. Idempotent."""
         self._closing = True
         self.sock.close()
+        with self._lock:
+            self._wake_reader()
         if threading.current_thread() is not self._reader:
             self._reader.join()
 
@@ -338,16 +387,23 @@ class Client:
             if self._failure is not None:
                 raise fresh_error(self._failure)
             request_id, line = self._session.request(method, params)
-            waiter = self._pending[request_id] = _Waiter()
+            lead = not self._reading
+            if lead:
+                self._take_role()
+            waiter = self._pending[request_id] = _Waiter(lead=lead)
         answered = False
         try:
-            self._send(line)
-            if not waiter.event.wait(self.timeout):
+            try:
+                self._send(line)
+            except OSError as exc:
+                # The daemon may have said why it closed (a refusal) just before.
+                if not self._wait(waiter, REFUSAL_GRACE_S):
+                    raise ConnectionLost(f"cannot send to the daemon: {exc}") from exc
+            if not self._wait(waiter, self.timeout):
                 raise TimeoutError(f"the daemon did not answer {method!r} within {self.timeout} s")
             answered = True
         finally:
-            if not answered:
-                self._give_up(request_id, waiter)
+            self._give_up(request_id, waiter, answered=answered)
         reply = waiter.reply
         assert reply is not None
         if reply.error is not None:
@@ -440,24 +496,78 @@ class Client:
             self._leases.pop(lease.token, None)
 
     def _send(self, line: bytes) -> None:
-        try:
-            with self._send_lock:
-                self.sock.sendall(line)
-        except OSError as exc:
-            # The daemon may have said why it closed (a refusal) just before.
-            self._reader.join(REFUSAL_GRACE_S)
-            with self._lock:
-                failure = self._failure
-            if failure is not None:
-                raise fresh_error(failure) from exc
-            raise ConnectionLost(f"cannot send to the daemon: {exc}") from exc
+        with self._send_lock:
+            self.sock.sendall(line)
 
-    def _give_up(self, request_id: int, waiter: _Waiter) -> None:
-        """The caller stops waiting for `request_id`: its answer, if it ever comes
-        or came meanwhile, is disposed of (fds closed, a granted lease released)."""
+    # -- reading --
+
+    def _wake_reader(self) -> None:
+        """Called with the lock held."""
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _take_role(self) -> None:
+        """Called with the lock held and the role free."""
+        self._reading = True
+        with contextlib.suppress(OSError, ValueError):  # the socket is closed: nothing to disarm
+            self._reader_poll.modify(self.sock.fileno(), 0)
+
+    def _pass_role(self) -> None:
+        """Called with the lock held by the role's holder: hand the role to a caller
+        still waiting for an answer, else free it and re-arm the reader thread."""
+        for waiter in self._pending.values():
+            waiter.lead = True
+            waiter.wake()
+            return
+        self._reading = False
+        if self._failure is None:
+            with contextlib.suppress(OSError, ValueError):
+                self._reader_poll.modify(self.sock.fileno(), _READABLE)
+        if self._reader_waits:
+            self._role_free.notify_all()
+
+    def _wait(self, waiter: _Waiter, timeout: float | None) -> bool:
+        """Wait up to `timeout` s for `waiter`'s answer, reading the socket while
+        this caller holds the role. False if the time ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while waiter.reply is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if waiter.lead:
+                self._read_as_caller(remaining)
+            else:
+                waiter.sleep(remaining)
+        return True
+
+    def _read_as_caller(self, timeout: float | None) -> None:
+        """One read by the caller holding the role, waiting up to `timeout` s."""
+        if timeout is not None and not self._caller_poll.poll(max(1, math.ceil(timeout * 1000))):
+            return
+        try:
+            data, fds = receive_with_fds(self.sock)
+        except OSError as exc:
+            self._connection_ended(ConnectionLost(f"the connection to the daemon failed: {exc}"))
+            return
+        if not data:
+            close_fds(fds)
+            self._connection_ended(ConnectionLost("the daemon closed the connection"))
+            return
+        self._dispatch(data, fds)
+
+    def _give_up(self, request_id: int, waiter: _Waiter, *, answered: bool) -> None:
+        """The caller is done with `request_id`: it gives up the reading role if it
+        holds it and, unless `answered`, its answer, if it ever comes or came
+        meanwhile, is disposed of (fds closed, a granted lease released)."""
         with self._lock:
-            if self._pending.pop(request_id, None) is not None:
+            # Out of `_pending` first, so that the role is not passed back to it.
+            waiting = not answered and self._pending.pop(request_id, None) is not None
+            if waiting:
                 self._session.abandon(request_id)
+            if waiter.lead:
+                waiter.lead = False
+                self._pass_role()
+            if answered or waiting:
                 return
         reply = waiter.reply
         if reply is not None and reply.error is None:
@@ -473,26 +583,51 @@ class Client:
                 return  # a bound lease went with the connection
             request_id, line = self._session.request("release", {"lease": stray.lease})
             self._session.abandon(request_id)
-        with contextlib.suppress(ConnectionLost):  # then the daemon released it anyway
+        with contextlib.suppress(OSError):  # then the daemon released it anyway
             self._send(line)
 
     def _read_loop(self) -> None:
+        """The reader thread: reads while no caller holds the role."""
         reason = ConnectionLost("the daemon closed the connection")
         try:
             while True:
-                data, fds = receive_with_fds(self.sock)
-                if not data:
+                self._reader_poll.poll()
+                with self._lock:
+                    if self._failure is not None:
+                        return
+                    if self._reading:
+                        # Woken by a hang-up (never masked) while a caller reads:
+                        # that caller will see the end; wait for the role.
+                        self._reader_waits = True
+                        self._role_free.wait_for(lambda: not self._reading or self._failure is not None)
+                        self._reader_waits = False
+                        continue
+                    self._take_role()
+                try:
+                    # A caller may have read what woke us before we took the role.
+                    data, fds = receive_with_fds(self.sock, _DONT_WAIT)
+                except BlockingIOError:
+                    data, fds = None, []
+                except OSError as exc:
+                    reason = ConnectionLost(f"the connection to the daemon failed: {exc}")
+                    break
+                if data == b"":
                     close_fds(fds)
                     break
-                self._dispatch(data, fds)
+                try:
+                    if data:
+                        self._dispatch(data, fds)
+                finally:
+                    with self._lock:
+                        self._pass_role()
         except ConnectionLost as exc:
             reason = exc
-        except OSError as exc:
-            reason = ConnectionLost(f"the connection to the daemon failed: {exc}")
         finally:
-            if self._closing:
-                reason = ConnectionLost("this client was closed")
             self._connection_ended(reason)
+            with self._lock:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
+                self._reader_poll.close()
 
     def _dispatch(self, data: bytes, fds: list[int]) -> None:
         """Route what one read completed; callbacks and releases run after the lock."""
@@ -505,7 +640,7 @@ class Client:
                         close_fds(incoming.fds)
                         continue
                     waiter.reply = incoming
-                    waiter.event.set()
+                    waiter.wake()
                 elif isinstance(incoming, Notice):
                     self._notifications.append(incoming.message)
                     self._notified.notify_all()
@@ -514,7 +649,7 @@ class Client:
                     self._refusal = incoming.error
                     for request_id, waiter in list(self._pending.items()):
                         waiter.reply = Reply(request_id, "", error=fresh_error(incoming.error))
-                        waiter.event.set()
+                        waiter.wake()
                     self._pending.clear()
                 else:
                     later.append(functools.partial(self._dispose, incoming))
@@ -534,15 +669,22 @@ class Client:
         return []
 
     def _connection_ended(self, reason: ConnectionLost) -> None:
+        """Fail every waiting call and every bound lease; the first end counts."""
         with self._lock:
+            if self._failure is not None:
+                return
+            if self._closing:
+                reason = ConnectionLost("this client was closed")
             failure: Exception = self._refusal or reason
             self._failure = failure
             for request_id, waiter in self._pending.items():
                 waiter.reply = Reply(request_id, "", error=fresh_error(failure))
-                waiter.event.set()
+                waiter.wake()
             self._pending.clear()
             leases = list(self._leases.values())
             self._notified.notify_all()
+            self._role_free.notify_all()
+            self._wake_reader()
             close_fds(self._session.leftover_fds())
         for lease in leases:
             lease._end(None)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,76 @@ def test_a_late_answer_to_a_timed_out_acquire_is_released(start_daemon, tmp_path
     daemon.wait_for_event("lease.acquired", timeout=5, job="job-1", refcount=1)
     assert eventually(lambda: len([e for e in daemon.log_events() if e.get("event") == "lease.acquired"]) == 2, timeout=5)
     assert eventually(lambda: settled(client), timeout=5), client.status()
+
+
+def voluntary_switches(thread: threading.Thread) -> int:
+    """How often `thread` went to sleep so far (it slept once per wake-up)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_a_call_reads_its_own_answer_without_waking_the_reader_thread(start_daemon) -> None:
+    # The point of the reading role: a call is a send and a read on the caller's
+    # thread. If answers went through the reader thread, it would wake (and go
+    # back to sleep) once per answer.
+    daemon = start_daemon(SLEEPER)
+    client = daemon.client()
+    client.status()
+    before = voluntary_switches(client._reader)
+    for _ in range(300):
+        assert client.status()["daemon"]["connections"] >= 1
+    assert voluntary_switches(client._reader) - before < 30
+
+    # Between calls, the reader thread reads: a notification arrives with no call.
+    with client.lease("job-1", "sleeper") as lease:
+        daemon.client().release_job("job-1")
+        assert lease.wait_exited(timeout=5).reason == "released"
+    assert voluntary_switches(client._reader) > before
+
+
+def test_a_reading_caller_delivers_the_answers_of_callers_waiting_meanwhile(start_daemon, tmp_path: Path) -> None:
+    # The successor of a stubborn tree waits about stop_timeout for it, and its
+    # caller holds the reading role all that time; other callers' answers must
+    # not wait for it.
+    daemon = start_daemon(tree_adapter("stubborn", pidfile=tmp_path / "s.pids", args=("--ignore-term", "--no-escapee"), stop_timeout=1.5))
+    client = daemon.client()
+    first = client.acquire("job-1", "stubborn")
+    read_pidfile(tmp_path / "s.pids", roles=("root", "child", "grandchild"))  # SIGTERM is ignored from here on
+    first.release()
+    acquired_at: list[float] = []
+
+    def slow_acquire() -> None:
+        client.acquire("job-1", "stubborn").release()
+        acquired_at.append(time.monotonic())
+
+    thread = threading.Thread(target=slow_acquire)
+    thread.start()
+    assert eventually(lambda: client._reading and len(client._pending) == 1, timeout=5)
+    answered_at = []
+    for _ in range(20):
+        assert client.hello()["server"] == "adapter-supervisor"
+        answered_at.append(time.monotonic())
+    thread.join(10)
+    assert len(acquired_at) == 1 and max(answered_at) < acquired_at[0]
+    assert eventually(lambda: settled(client), timeout=5)
+
+
+def test_notifications_still_arrive_after_a_reading_caller_timed_out(start_daemon, tmp_path: Path) -> None:
+    # A caller that gives up while it reads must give the role back (to the
+    # reader thread here), or nothing would read the socket any more.
+    daemon = start_daemon(SLEEPER + tree_adapter("stubborn", pidfile=tmp_path / "s.pids", args=("--ignore-term", "--no-escapee"), stop_timeout=1.0))
+    client = Client(daemon.socket, timeout=0.3)
+    daemon.clients.append(client)
+    held = client.acquire("job-held", "sleeper")
+    first = client.acquire("job-1", "stubborn")
+    read_pidfile(tmp_path / "s.pids", roles=("root", "child", "grandchild"))
+    first.release()
+    with pytest.raises(TimeoutError):
+        client.acquire("job-1", "stubborn")
+    assert not client._reading
+    daemon.client().release_job("job-held")
+    assert held.wait_exited(timeout=5).reason == "released"
+    assert eventually(lambda: settled(client), timeout=5)
 
 
 def test_a_lost_connection_is_loud_and_never_silently_reacquired(start_daemon) -> None:
