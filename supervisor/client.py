@@ -56,6 +56,7 @@ import math
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -124,6 +125,10 @@ NOTIFICATION_BACKLOG = 1024
 # After a failed send, how long to let the reader pick up the reason the daemon
 # gave for closing (a refusal is sent just before the close).
 REFUSAL_GRACE_S = 1.0
+
+# A read whose wait is this close to the client's full timeout relies on the
+# socket's receive timeout (set to it) instead of a poll: at most this late.
+FULL_WAIT_SLACK_S = 0.05
 
 # As plain ints: the select and socket modules' constants are enums, slow to combine.
 _READABLE = int(select.EPOLLIN)
@@ -338,6 +343,11 @@ class Client:
         self._reader_poll.register(self._wake_fd, select.EPOLLIN)
         self._caller_poll = select.poll()  # used by the role holder only
         self._caller_poll.register(self.sock.fileno(), select.POLLIN)
+        if timeout is not None:
+            # A blocking read gives up after `timeout` by itself, so the first
+            # read of a call needs no poll before it (see _read_as_caller).
+            seconds = math.ceil(timeout * 1e6) / 1e6
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", int(seconds), round(seconds % 1 * 1e6)))
         self._send_lock = threading.Lock()
         self._session = Session()
         self._pending: dict[int, _Waiter] = {}
@@ -542,10 +552,14 @@ class Client:
 
     def _read_as_caller(self, timeout: float | None) -> None:
         """One read by the caller holding the role, waiting up to `timeout` s."""
-        if timeout is not None and not self._caller_poll.poll(max(1, math.ceil(timeout * 1000))):
+        # Within FULL_WAIT_SLACK_S of the client's timeout, the socket's own
+        # receive timeout bounds the read; a shorter wait polls first.
+        if timeout is not None and timeout < self.timeout - FULL_WAIT_SLACK_S and not self._caller_poll.poll(max(1, math.ceil(timeout * 1000))):  # type: ignore[operator]
             return
         try:
             data, fds = receive_with_fds(self.sock)
+        except BlockingIOError:
+            return  # the receive timeout: the caller's loop sees the time is up
         except OSError as exc:
             self._connection_ended(ConnectionLost(f"the connection to the daemon failed: {exc}"))
             return
