@@ -12,12 +12,15 @@ Commands (`op`):
   start  {job}                      start the tree ({t0, t1}: before send, after reply)
   stop   {job, pids}                stop it (raw: SIGTERM each of `pids`)
   loop   {kind, n, job}             n sequential round trips, latencies in ns;
-                                    kind is "status" or "acquire_release" (ours)
+                                    kind is "status" (raw socket), "library"
+                                    (the same request through the system's own
+                                    client library) or "acquire_release" (ours)
   exit   {}
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -35,6 +38,13 @@ class Ours:
     def __init__(self, endpoint: str) -> None:
         self.client = wire.OursClient(endpoint)
         self.leases: dict[str, str] = {}
+        self.endpoint = endpoint
+
+    @functools.cached_property
+    def library(self) -> Any:
+        from supervisor.client import Client  # ours: the agent runs in our virtualenv
+
+        return Client(self.endpoint)
 
     def call(self, command: dict[str, Any]) -> Any:
         return self.client.call(command["method"], command.get("params"))
@@ -50,6 +60,8 @@ class Ours:
     def loop(self, kind: str, n: int, job: str | None) -> list[int]:
         stream = self.client.stream
         samples = []
+        if kind == "library":
+            return time_calls(self.library.status, n)
         if kind == "status":
             request = wire.ours_request(1, "status")
             for _ in range(n):
@@ -71,6 +83,17 @@ class Ours:
 class Supervisord:
     def __init__(self, endpoint: str) -> None:
         self.client = wire.SupervisordClient(endpoint)
+        self.endpoint = endpoint
+
+    @functools.cached_property
+    def library(self) -> Any:
+        """What supervisorctl uses: xmlrpc.client over supervisord's Unix-socket
+        transport (this agent runs in supervisord's virtualenv)."""
+        import xmlrpc.client
+
+        from supervisor.xmlrpc import SupervisorTransport
+
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport("", "", "unix://" + self.endpoint))
 
     def call(self, command: dict[str, Any]) -> Any:
         return self.client.call(command["method"], *command.get("params", []))
@@ -82,6 +105,8 @@ class Supervisord:
         return self.client.call("supervisor.stopProcess", TREE_PROGRAM, True)
 
     def loop(self, kind: str, n: int, job: str | None) -> list[int]:
+        if kind == "library":
+            return time_calls(functools.partial(self.library.supervisor.getProcessInfo, TREE_PROGRAM), n)
         if kind != "status":
             raise ValueError(f"no loop {kind!r} for supervisord")
         stream = self.client.stream
@@ -97,6 +122,14 @@ class Supervisord:
 class Circus:
     def __init__(self, endpoint: str) -> None:
         self.client = wire.CircusClient(endpoint)
+        self.endpoint = endpoint
+
+    @functools.cached_property
+    def library(self) -> Any:
+        """circus's own client (what circusctl uses), in circus's virtualenv."""
+        from circus.client import CircusClient
+
+        return CircusClient(endpoint=self.endpoint, timeout=30)
 
     def call(self, command: dict[str, Any]) -> Any:
         return self.client.call(command["method"], command.get("params"))
@@ -108,6 +141,9 @@ class Circus:
         return self.client.call("stop", {"name": TREE_PROGRAM, "waiting": True})
 
     def loop(self, kind: str, n: int, job: str | None) -> list[int]:
+        if kind == "library":
+            command = {"command": "status", "properties": {"name": TREE_PROGRAM}}
+            return time_calls(functools.partial(self.library.call, command), n)
         if kind != "status":
             raise ValueError(f"no loop {kind!r} for circus")
         request = wire.circus_request("s", "status", {"name": TREE_PROGRAM})
@@ -152,6 +188,16 @@ class Raw:
 
     def loop(self, kind: str, n: int, job: str | None) -> list[int]:
         raise ValueError("raw has no control loop")
+
+
+def time_calls(call: Any, n: int) -> list[int]:
+    """`n` sequential calls of `call()`, each one's latency in ns."""
+    samples = []
+    for _ in range(n):
+        t0 = time.monotonic_ns()
+        call()
+        samples.append(time.monotonic_ns() - t0)
+    return samples
 
 
 def _start_time(pid: int) -> int | None:

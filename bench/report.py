@@ -78,6 +78,15 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
                          f"{pair['ops_per_s']:,.0f} pairs", ""])
         out += _table(["system", "operation", "n", "median", "p99", "ops/s", "vs ours"], rows)
         out.append("")
+        if control.get("library"):
+            out.append("Control round trip, 1 client, through each system's own client library (10 rounds)")
+            rows = []
+            for name, s in control["library"].items():
+                ratio = control["ratios"].get(name, {}).get("library_latency_x")
+                rows.append([LABELS[name], s["operation"], s["n"], _ms(s), _ms(s, "p99_ms"), f"{s['ops_per_s']:,.0f}",
+                             _versus(name, ratio, "faster", "")])
+            out += _table(["system", "call", "n", "median", "p99", "ops/s", "vs ours"], rows)
+            out.append("")
         out.append(f"Control round trip, 32 clients ({next(iter(control['concurrent'].values()))['processes']} "
                    "load processes, one request in flight per client)")
         rows = []

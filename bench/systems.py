@@ -17,6 +17,7 @@ environment so the driver can find any leftover at the end.
 from __future__ import annotations
 
 import json
+import sys
 import os
 import signal
 import subprocess
@@ -65,6 +66,16 @@ def client_python(protocol: str) -> list[str]:
     return [envs.base_python(), "-S", "-E"]
 
 
+def agent_python(protocol: str) -> list[str]:
+    """Interpreter for a system's bench/agent.py: the system's own virtualenv,
+    whose client library the agent also measures (ours: this process's)."""
+    if protocol == "ours":
+        return [sys.executable]
+    if protocol == "supervisord":
+        return [str(envs.SUPERVISORD.python)]
+    return client_python(protocol)
+
+
 @dataclass
 class Agent:
     """The driver's end of a bench/agent.py process."""
@@ -74,7 +85,7 @@ class Agent:
     @classmethod
     def start(cls, protocol: str, endpoint: str, env: dict[str, str]) -> Agent:
         popen = subprocess.Popen(
-            [*client_python(protocol), str(AGENT_SCRIPT), protocol, endpoint],
+            [*agent_python(protocol), str(AGENT_SCRIPT), protocol, endpoint],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
         )
         return cls(popen)
