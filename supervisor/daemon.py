@@ -23,7 +23,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from supervisor import clonespawn, metrics, procs, reports, staterecord, subreaper, sweep
+from supervisor import afterreply, clonespawn, metrics, procs, reports, staterecord, subreaper, sweep
 from supervisor.blocking import write_bounded
 from supervisor.cgroup import CgroupManager
 from supervisor.config import AdapterConfig, Config
@@ -342,10 +342,10 @@ class Supervisor:
         self, instance_id: str, adapter: AdapterConfig, root: RootProcess, spawned_after: float
     ) -> list[Action]:
         """Register a root that was just spawned. Nothing here waits: the root is
-        registered before any other task can run. What no reply depends on (its
-        watcher task, the log line, the state record) is left to
-        `_settle_spawn`, which runs once this turn is over: a cold acquire's
-        reply goes out first."""
+        registered, and watched for by the reaper, before any other task can
+        run. Its stderr reader and watcher tasks and its metric are left for
+        after the reply (`afterreply.defer`); the log line and the state record
+        for `_settle_spawn`, a turn later: a cold acquire's reply goes out first."""
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.add(root.id)
         running = RunningInstance(adapter=adapter, root=root, tree=tree)
@@ -354,14 +354,18 @@ class Supervisor:
             root.pid, lambda returncode: self._root_reaped(running, returncode), spawned_after=spawned_after
         )
         self._trees_changed()
-        self.metrics.spawns.labels(adapter.name).inc()
-        assert self._nursery is not None
-        # The tasks get the object, not the id: the instance may be stopped and
-        # forgotten before they first run. Its stderr is read from the next
-        # turn on, so that a tree stopped at once still has its last lines.
-        self._nursery.start_soon(capture_stderr, root, partial(self._stderr_line, instance_id))
-        self._nursery.start_soon(self._settle_spawn, instance_id, running)
+        afterreply.defer(self._start_root_tasks, instance_id, running)
         return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
+
+    def _start_root_tasks(self, instance_id: str, running: RunningInstance) -> None:
+        """The tasks of a root just registered (they get the object, not the id:
+        the instance may be stopped and forgotten before they first run), and
+        its metric. The stderr reader owns the pipe's read end, so this always
+        runs, whatever became of the request."""
+        assert self._nursery is not None
+        self._nursery.start_soon(capture_stderr, running.root, partial(self._stderr_line, instance_id))
+        self._nursery.start_soon(self._settle_spawn, instance_id, running)
+        self.metrics.spawns.labels(running.adapter.name).inc()
 
     async def _settle_spawn(self, instance_id: str, running: RunningInstance) -> None:
         instance = self.registry.instances.get(instance_id)

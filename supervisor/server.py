@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import api, protocol
+from supervisor import afterreply, api, protocol
 from supervisor.config import DaemonConfig
 from supervisor.daemon import Supervisor
 from supervisor.errors import (
@@ -364,7 +364,11 @@ class ControlServer:
         error for what it raised (the one place exceptions become wire errors).
         Calls `started` at the latest before sending. Raises nothing but
         Cancelled; returns without a checkpoint when the handler and the send
-        need no wait."""
+        need no wait. What the handler `defer`red runs after the send."""
+        with afterreply.deferring():
+            await self._answer(connection, request, started)
+
+    async def _answer(self, connection: Connection, request: protocol.Request, started: api.Started) -> None:
         fds: tuple[int, ...] = ()
         try:
             try:
