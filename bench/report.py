@@ -53,6 +53,17 @@ def _versus(name: str, ratio: float | None, peer_words: str, floor_words: str) -
     return f"ours {_x(ratio)} {peer_words}"
 
 
+def _single_client_rows(control: dict[str, Any], section: str, ratio_key: str) -> list[list[Any]]:
+    """One row per system of a single-client round-trip table (`section`:
+    "single" on the raw socket, "library" through the client libraries)."""
+    rows = []
+    for name, s in control[section].items():
+        ratio = control["ratios"].get(name, {}).get(ratio_key)
+        rows.append([LABELS[name], s["operation"], s["n"], _ms(s), _ms(s, "p99_ms"), f"{s['ops_per_s']:,.0f}",
+                     _versus(name, ratio, "faster", "slower than the floor")])
+    return rows
+
+
 def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
     meta = results["meta"]
     out = [
@@ -67,11 +78,7 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
     control = results.get("control")
     if control:
         out.append("Control round trip, 1 client (raw socket; the systems in turn, 10 rounds)")
-        rows = []
-        for name, s in control["single"].items():
-            ratio = control["ratios"].get(name, {}).get("single_latency_x")
-            rows.append([LABELS[name], s["operation"], s["n"], _ms(s), _ms(s, "p99_ms"), f"{s['ops_per_s']:,.0f}",
-                         _versus(name, ratio, "faster", "slower than the floor")])
+        rows = _single_client_rows(control, "single", "single_latency_x")
         pair = control.get("warm_acquire_release")
         if pair:
             rows.append(["ours", "acquire+release (warm pair)", pair["n"], _ms(pair), _ms(pair, "p99_ms"),
@@ -80,11 +87,7 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
         out.append("")
         if control.get("library"):
             out.append("Control round trip, 1 client, through each system's own client library (10 rounds)")
-            rows = []
-            for name, s in control["library"].items():
-                ratio = control["ratios"].get(name, {}).get("library_latency_x")
-                rows.append([LABELS[name], s["operation"], s["n"], _ms(s), _ms(s, "p99_ms"), f"{s['ops_per_s']:,.0f}",
-                             _versus(name, ratio, "faster", "")])
+            rows = _single_client_rows(control, "library", "library_latency_x")
             out += _table(["system", "call", "n", "median", "p99", "ops/s", "vs ours"], rows)
             out.append("")
         out.append(f"Control round trip, 32 clients ({next(iter(control['concurrent'].values()))['processes']} "
