@@ -62,7 +62,7 @@ class Plan:
 
 QUICK = Plan(
     name="quick",
-    control=control.ControlPlan(warmup=200, single=3000, pairs=200, load_warmup_s=0.2, load_duration_s=1.0,
+    control=control.ControlPlan(warmup=100, single=2400, pairs=200, load_warmup_s=0.2, load_duration_s=1.0,
                                 load_start_slack_s=0.6),
     trials={"raw": 12, "ours": 12, "ours-process-table": 4, "supervisord": 3, "circus": 3},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=5),
