@@ -249,7 +249,7 @@ def logs_params(instance: str | None, lease: str | None, lines: int) -> dict[str
 # -- the connection, without I/O -------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reply:
     """The answer to request `id`: `result` (with the fds it carried) or `error`."""
 
@@ -326,7 +326,11 @@ class Session:
         Raises ConnectionLost if the daemon sent something that is not JSON-RPC
         (the connection cannot be trusted after that).
         """
-        self._fds.extend(fds)
+        if fds:
+            self._fds.extend(fds)
+        if not self._buffer and data[:1] == b"{" and data.find(b"\n") == len(data) - 1:
+            # The common case, one whole message in one read: no buffer copies.
+            return [self._interpret(data)]
         self._buffer += data
         incoming: list[Incoming] = []
         while (newline := self._buffer.find(b"\n")) != -1:
