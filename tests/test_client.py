@@ -89,6 +89,19 @@ def test_session_matches_out_of_order_answers_and_passes_notifications_through()
     assert (incoming[2].id, incoming[2].method) == (first, "status")
 
 
+def test_session_reads_whole_messages_and_pieces_alike() -> None:
+    # One whole message per read (the usual case) takes a shorter path than a
+    # split one; blank lines are skipped either way.
+    session = Session()
+    ids = [session.request("hello")[0] for _ in range(4)]
+    assert [r.id for r in session.receive(response(ids[0], 1))] == [ids[0]]
+    assert session.receive(b"  \n") == [] and session.receive(b"\n") == []
+    split = response(ids[1], 2)
+    assert session.receive(split[:5]) == []
+    assert [r.result for r in session.receive(split[5:] + response(ids[2], 3))] == [2, 3]
+    assert [r.result for r in session.receive(response(ids[3], 4))] == [4]
+
+
 def test_session_hands_fds_to_fds_acquires_in_order_and_none_to_errors() -> None:
     session = Session()
     plain, _ = session.request("acquire", {"job": "j", "adapter": "a"})
