@@ -45,9 +45,6 @@ PEERS = ("supervisord", "circus")
 
 CONCURRENT_CLIENTS = 32
 
-# The single-client round trips are taken in this many rounds, every system
-# in turn (see run_single_interleaved).
-SINGLE_ROUNDS = 10
 
 # Before measuring, wait (at most QUIET_TIMEOUT_S) until the host's CPUs are
 # busy less than this fraction of the time: the daemons just started, and
@@ -64,6 +61,9 @@ LOAD_PROCESSES = 4
 class ControlPlan:
     warmup: int
     single: int
+    # The single-client round trips are taken in this many rounds, every
+    # system in turn (see run_single_interleaved).
+    rounds: int
     pairs: int
     load_warmup_s: float
     load_duration_s: float
@@ -93,14 +93,14 @@ def summarize_single(samples: list[int]) -> dict[str, Any]:
 
 def run_single_interleaved(agents: dict[str, systems.Agent], plan: ControlPlan, kind: str = "status") -> dict[str, dict[str, Any]]:
     """One client per system, `plan.single` round trips each, taken in
-    SINGLE_ROUNDS rounds that visit every system in turn: a stretch of a noisy
+    `plan.rounds` rounds that visit every system in turn: a stretch of a noisy
     host (another process starting, a slow period of the VM) then falls on
     every system alike instead of on whichever ran at that moment."""
     for agent in agents.values():
         agent.request("loop", kind=kind, n=plan.warmup)
     samples: dict[str, list[int]] = {name: [] for name in agents}
-    per_round = max(1, plan.single // SINGLE_ROUNDS)
-    for _ in range(SINGLE_ROUNDS):
+    per_round = max(1, plan.single // plan.rounds)
+    for _ in range(plan.rounds):
         for name, agent in agents.items():
             samples[name] += agent.request("loop", kind=kind, n=per_round)["samples"]
     return {name: summarize_single(values) for name, values in samples.items()}
@@ -155,15 +155,16 @@ def run(session: Session, plan: ControlPlan, targets: dict[str, systems.System],
         agents: dict[str, systems.Agent]) -> dict[str, Any]:
     """`targets` and `agents`: by system name, each system with its tree running
     (the echo floor has none)."""
-    result: dict[str, Any] = {"single": {}, "library": {}, "concurrent": {}, "warm_acquire_release": None}
-    session.log(f"control: 1 client each ({', '.join(targets)}), raw socket, {SINGLE_ROUNDS} interleaved rounds")
+    result: dict[str, Any] = {"single": {}, "library": {}, "concurrent": {}, "warm_acquire_release": None,
+                              "single_rounds": plan.rounds}
+    session.log(f"control: 1 client each ({', '.join(targets)}), raw socket, {plan.rounds} interleaved rounds")
     procwatch.wait_for_quiet_host(QUIET_BUSY_FRACTION, QUIET_TIMEOUT_S)
     single = run_single_interleaved({name: agents[name] for name in targets}, plan)
     for name, system in targets.items():
         result["single"][name] = {"operation": OPERATION[name], **single[name]}
         result["single"][name]["daemon_rss_bytes"] = procwatch.rss_bytes(system.pid)
     with_library = [name for name in targets if name in LIBRARY_CALL]
-    session.log(f"control: 1 client each ({', '.join(with_library)}), client libraries, {SINGLE_ROUNDS} interleaved rounds")
+    session.log(f"control: 1 client each ({', '.join(with_library)}), client libraries, {plan.rounds} interleaved rounds")
     procwatch.wait_for_quiet_host(QUIET_BUSY_FRACTION, QUIET_TIMEOUT_S)
     library = run_single_interleaved({name: agents[name] for name in with_library}, plan, kind="library")
     for name in with_library:

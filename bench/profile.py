@@ -113,7 +113,7 @@ def drive(session: Session, daemon: systems.Ours, agent: systems.Agent, workload
             agent.request("loop", kind=kind, n=200, job="control")
             done += 200
     elif workload == "status32":
-        plan = control.ControlPlan(warmup=0, single=0, pairs=0, load_warmup_s=0.0, load_duration_s=seconds,
+        plan = control.ControlPlan(warmup=0, single=0, rounds=1, pairs=0, load_warmup_s=0.0, load_duration_s=seconds,
                                    load_start_slack_s=0.5)
         done = control.run_concurrent(session, daemon, plan)["n"]
     elif workload == "acquire":

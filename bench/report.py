@@ -77,7 +77,8 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
     ]
     control = results.get("control")
     if control:
-        out.append("Control round trip, 1 client (raw socket; the systems in turn, 10 rounds)")
+        rounds = control.get("single_rounds", "?")
+        out.append(f"Control round trip, 1 client (raw socket; the systems in turn, {rounds} rounds)")
         rows = _single_client_rows(control, "single", "single_latency_x")
         pair = control.get("warm_acquire_release")
         if pair:
@@ -86,7 +87,7 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
         out += _table(["system", "operation", "n", "median", "p99", "ops/s", "vs ours"], rows)
         out.append("")
         if control.get("library"):
-            out.append("Control round trip, 1 client, through each system's own client library (10 rounds)")
+            out.append(f"Control round trip, 1 client, through each system's own client library ({rounds} rounds)")
             rows = _single_client_rows(control, "library", "library_latency_x")
             out += _table(["system", "call", "n", "median", "p99", "ops/s", "vs ours"], rows)
             out.append("")

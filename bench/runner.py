@@ -62,7 +62,9 @@ class Plan:
 
 QUICK = Plan(
     name="quick",
-    control=control.ControlPlan(warmup=100, single=2400, pairs=200, load_warmup_s=0.2, load_duration_s=1.0,
+    # 4 rounds of 600: a round's first requests follow the other systems'
+    # rounds and run cold, and 10 rounds of 240 let them move the medians.
+    control=control.ControlPlan(warmup=100, single=2400, rounds=4, pairs=200, load_warmup_s=0.2, load_duration_s=1.0,
                                 load_start_slack_s=0.6),
     trials={"raw": 12, "ours": 12, "ours-process-table": 4, "supervisord": 3, "circus": 3},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=5),
@@ -72,7 +74,7 @@ QUICK = Plan(
 
 FULL = Plan(
     name="full",
-    control=control.ControlPlan(warmup=1000, single=20000, pairs=5000, load_warmup_s=1.0, load_duration_s=10.0,
+    control=control.ControlPlan(warmup=1000, single=20000, rounds=10, pairs=5000, load_warmup_s=1.0, load_duration_s=10.0,
                                 load_start_slack_s=1.0),
     trials={"raw": 40, "ours": 40, "ours-process-table": 20, "supervisord": 10, "circus": 10},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=40),
