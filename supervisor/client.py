@@ -334,8 +334,11 @@ class Client:
         self._reading = False
         self._role_free = threading.Condition(self._lock)
         self._reader_waits = False  # the reader thread waits on `_role_free`
+        # The number, kept: once the socket is closed, a reused number is not
+        # the registered file, and epoll refuses to modify it (ENOENT).
+        self._sock_fd = self.sock.fileno()
         self._reader_poll = select.epoll()
-        self._reader_poll.register(self.sock.fileno(), select.EPOLLIN)
+        self._reader_poll.register(self._sock_fd, select.EPOLLIN)
         # Wakes the reader thread once the connection ended or was closed: the
         # hang-up alone is lost if the socket is closed while the reader is not
         # in epoll. Closed by the reader thread as it ends, under the lock.
@@ -386,7 +389,8 @@ class Client:
         """Send one request and return its result. Raises DaemonError (a subclass
         named for the error), ConnectionLost, or TimeoutError."""
         result, fds = self.call_with_fds(method, params)
-        close_fds(fds)
+        if fds:
+            close_fds(fds)
         return result
 
     def call_with_fds(self, method: str, params: Mapping[str, Any] | None = None) -> tuple[Any, list[int]]:
@@ -418,7 +422,7 @@ class Client:
         assert reply is not None
         if reply.error is not None:
             raise reply.error
-        return reply.result, list(reply.fds)
+        return reply.result, list(reply.fds) if reply.fds else []
 
     def next_notification(self, timeout: float | None = None) -> dict[str, Any]:
         """The oldest notification not yet taken (the whole JSON object), waiting
@@ -519,8 +523,11 @@ class Client:
     def _take_role(self) -> None:
         """Called with the lock held and the role free."""
         self._reading = True
-        with contextlib.suppress(OSError, ValueError):  # the socket is closed: nothing to disarm
-            self._reader_poll.modify(self.sock.fileno(), 0)
+        # try/except rather than contextlib.suppress: this runs twice per call.
+        try:
+            self._reader_poll.modify(self._sock_fd, 0)
+        except (OSError, ValueError):
+            pass  # the socket or the epoll is closed: nothing to disarm
 
     def _pass_role(self) -> None:
         """Called with the lock held by the role's holder: hand the role to a caller
@@ -531,8 +538,10 @@ class Client:
             return
         self._reading = False
         if self._failure is None:
-            with contextlib.suppress(OSError, ValueError):
-                self._reader_poll.modify(self.sock.fileno(), _READABLE)
+            try:
+                self._reader_poll.modify(self._sock_fd, _READABLE)
+            except (OSError, ValueError):
+                pass  # closed meanwhile: the reader thread is ending
         if self._reader_waits:
             self._role_free.notify_all()
 
