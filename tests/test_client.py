@@ -348,6 +348,54 @@ def test_notifications_still_arrive_after_a_reading_caller_timed_out(start_daemo
     assert eventually(lambda: settled(client), timeout=5)
 
 
+def test_a_daemon_that_dies_mid_call_fails_the_reading_caller_and_the_waiting_one(start_daemon, tmp_path: Path) -> None:
+    # Two acquires wait for stubborn predecessors: the first caller holds the
+    # reading role, the second waits for it to deliver. The daemon is killed.
+    # Both calls must fail with ConnectionLost at once, and the reader thread
+    # must end (close() would hang on it otherwise).
+    args = ("--ignore-term", "--no-escapee")
+    daemon = start_daemon(
+        tree_adapter("stubborn", pidfile=tmp_path / "s.pids", args=args, stop_timeout=5.0)
+        + tree_adapter("stubborn2", pidfile=tmp_path / "t.pids", args=args, stop_timeout=5.0)
+    )
+    client = daemon.client()
+    trees = []
+    for adapter, pidfile in (("stubborn", "s.pids"), ("stubborn2", "t.pids")):
+        lease = client.acquire(f"job-{adapter}", adapter)
+        trees.append(read_pidfile(tmp_path / pidfile, roles=("root", "child", "grandchild")))
+        lease.release()  # SIGTERM is ignored: the successor waits about 5 s
+    failures: dict[str, BaseException] = {}
+
+    def acquire(adapter: str) -> None:
+        try:
+            client.acquire(f"job-{adapter}", adapter)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            failures[adapter] = exc
+
+    reading = threading.Thread(target=acquire, args=("stubborn",))
+    reading.start()
+    assert eventually(lambda: client._reading and len(client._pending) == 1, timeout=5)
+    waiting = threading.Thread(target=acquire, args=("stubborn2",))
+    waiting.start()
+    assert eventually(lambda: len(client._pending) == 2, timeout=5)
+    daemon.stop(signal.SIGKILL)
+    reading.join(5)
+    waiting.join(5)
+    assert not reading.is_alive() and not waiting.is_alive()
+    assert isinstance(failures.get("stubborn"), ConnectionLost), failures
+    assert isinstance(failures.get("stubborn2"), ConnectionLost), failures
+    client._reader.join(5)
+    assert not client._reader.is_alive() and client.lost
+    with pytest.raises(ConnectionLost):
+        client.status()
+    # A SIGKILLed daemon stops nothing: end the trees it was stopping.
+    members = [identity for tree in trees for identity in tree.values()]
+    for identity in members:
+        if procs.identify(identity.pid) == identity:
+            os.kill(identity.pid, signal.SIGKILL)
+    assert eventually(lambda: all(gone(identity.pid, daemon) for identity in members), timeout=5)
+
+
 def test_a_lost_connection_is_loud_and_never_silently_reacquired(start_daemon) -> None:
     daemon = start_daemon(SLEEPER)
     client = daemon.client()
