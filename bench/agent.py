@@ -59,24 +59,18 @@ class Ours:
 
     def loop(self, kind: str, n: int, job: str | None) -> list[int]:
         stream = self.client.stream
-        samples = []
         if kind == "library":
             return time_calls(self.library.status, n)
         if kind == "status":
-            request = wire.ours_request(1, "status")
-            for _ in range(n):
-                t0 = time.monotonic_ns()
-                stream.exchange(request)
-                samples.append(time.monotonic_ns() - t0)
-            return samples
+            return time_calls(functools.partial(stream.exchange, wire.ours_request(1, "status")), n)
         if kind == "acquire_release":
             acquire = wire.ours_request(1, "acquire", {"job": job, "adapter": TREE_ADAPTER})
-            for _ in range(n):
-                t0 = time.monotonic_ns()
+
+            def pair() -> None:
                 lease = json.loads(stream.exchange(acquire))["result"]["lease"]
                 stream.exchange(wire.ours_request(2, "release", {"lease": lease}))
-                samples.append(time.monotonic_ns() - t0)
-            return samples
+
+            return time_calls(pair, n)
         raise ValueError(f"no loop {kind!r} for ours")
 
 
@@ -109,14 +103,8 @@ class Supervisord:
             return time_calls(functools.partial(self.library.supervisor.getProcessInfo, TREE_PROGRAM), n)
         if kind != "status":
             raise ValueError(f"no loop {kind!r} for supervisord")
-        stream = self.client.stream
         request = wire.xmlrpc_request("supervisor.getProcessInfo", TREE_PROGRAM)
-        samples = []
-        for _ in range(n):
-            t0 = time.monotonic_ns()
-            stream.exchange(request)
-            samples.append(time.monotonic_ns() - t0)
-        return samples
+        return time_calls(functools.partial(self.client.stream.exchange, request), n)
 
 
 class Circus:
@@ -147,12 +135,7 @@ class Circus:
         if kind != "status":
             raise ValueError(f"no loop {kind!r} for circus")
         request = wire.circus_request("s", "status", {"name": TREE_PROGRAM})
-        samples = []
-        for _ in range(n):
-            t0 = time.monotonic_ns()
-            self.client.exchange("s", request)
-            samples.append(time.monotonic_ns() - t0)
-        return samples
+        return time_calls(functools.partial(self.client.exchange, "s", request), n)
 
 
 class Raw:
