@@ -23,7 +23,16 @@ from typing import Protocol
 import structlog
 import trio
 
-from supervisor import afterreply, clonespawn, metrics, procs, reports, staterecord, subreaper, sweep
+from supervisor import (
+    afterreply,
+    clonespawn,
+    metrics,
+    procs,
+    reports,
+    staterecord,
+    subreaper,
+    sweep,
+)
 from supervisor.blocking import write_bounded
 from supervisor.cgroup import CgroupManager
 from supervisor.config import AdapterConfig, Config
