@@ -255,7 +255,7 @@ def stubborn_adapter(name: str) -> str:
     """An adapter whose tree ignores SIGTERM: stopping it takes the whole
     stop_timeout, and an acquire of the same job waits that long for its
     predecessor to be gone (a request that stays in flight for a second)."""
-    command = ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+    command = ["/bin/sh", "-c", "trap '' TERM; echo stubborn >&2; while :; do sleep 0.1; done"]
     return f'[adapters.{name}]\ncommand = {json.dumps(command)}\nstdio = "pipe"\nstop_timeout = {STUBBORN_STOP_S}\n'
 
 
@@ -264,6 +264,14 @@ def acquire_and_release(client: RawClient, acquire: dict[str, Any]) -> None:
     slowly, and the next acquire of its job waits for it."""
     client.send(request_line("first", "acquire", acquire))
     lease = client.messages(1)[0]["result"]["lease"]
+    # The reply comes once the shell is exec'd, maybe before it ran `trap`: a
+    # SIGTERM then would end it at once. Its stderr line says the trap is set.
+
+    def stubborn_yet() -> bool:
+        client.send(request_line("logs", "logs", {"lease": lease}))
+        return "stubborn" in client.messages(1)[0]["result"]["lines"]
+
+    assert eventually(stubborn_yet, timeout=5)
     client.send(request_line("release", "release", {"lease": lease}))
     assert client.messages(1)[0]["result"]["stopping"] is True
 
