@@ -11,6 +11,10 @@
  * Between clone and exec the child only calls async-signal-safe functions and
  * touches no memory but the `spawn_job` the parent prepared. Loaded with
  * ctypes by supervisor/clonespawn.py; built by hatch_build.py.
+ *
+ * Everything the child does before exec is time the parent sleeps, so the
+ * child does as little as it can: the kernel resets the signal handlers
+ * (CLONE_CLEAR_SIGHAND, Linux >= 5.5) and the parent works out the start time.
  */
 
 #define _GNU_SOURCE
@@ -22,16 +26,22 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* <linux/sched.h>, spelled out so the build needs no kernel headers. */
 #define SPAWN_CLONE_VM 0x00000100ULL
 #define SPAWN_CLONE_VFORK 0x00004000ULL
+#define SPAWN_CLONE_CLEAR_SIGHAND 0x100000000ULL
 #define SPAWN_CLONE_INTO_CGROUP 0x200000000ULL
 #define SPAWN_SYS_CLONE3 435
 #define SPAWN_SYS_CLOSE_RANGE 436
 
 #define CHILD_STACK_BYTES (128 * 1024)
+
+/* Clock ticks per second of /proc/<pid>/stat's times (USER_HZ: 100 on every
+   Linux architecture), and so nanoseconds per tick. */
+#define PROC_TICK_NS 10000000ULL
 
 /* Where a failed spawn failed; mirrored in clonespawn.py. */
 enum spawn_stage {
@@ -65,54 +75,18 @@ struct spawn_job {
     const char *cwd; /* NULL: the parent's */
     int stdio[3];
     int new_session;
+    /* 1 when the kernel did not clear the signal handlers (no
+       CLONE_CLEAR_SIGHAND): the child resets them itself. */
+    int reset_handlers;
     /* Written by the child when it fails; read by the parent once it wakes. */
     int error;
     int stage;
-    /* Written by the child: field 22 of its /proc/self/stat (0: unknown). */
-    unsigned long long start_time;
 };
 
-/* The child's start time in clock ticks after boot, as /proc/<pid>/stat shows
-   it: the second half of the identity the daemon checks before any kill. Read
-   here, while the parent sleeps in clone3 anyway, it costs the parent nothing;
-   0 if it cannot be read (the parent then reads it itself). */
-static unsigned long long read_start_time(void) {
-    char buffer[1024];
-    ssize_t length;
-    ssize_t at;
-    int fields = 0;
-    unsigned long long value = 0;
-    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-
-    if (fd < 0) {
-        return 0;
-    }
-    length = read(fd, buffer, sizeof buffer);
-    close(fd);
-    if (length <= 0) {
-        return 0;
-    }
-    /* The command name may hold spaces and parentheses: fields start after
-       the last ')'. Then " state ppid ...": starttime is the 20th after it. */
-    at = length - 1;
-    while (at >= 0 && buffer[at] != ')') {
-        at--;
-    }
-    if (at < 0) {
-        return 0;
-    }
-    for (at++; at < length && fields < 20; at++) {
-        if (buffer[at] == ' ') {
-            fields++;
-        }
-    }
-    if (fields != 20) {
-        return 0;
-    }
-    for (; at < length && buffer[at] >= '0' && buffer[at] <= '9'; at++) {
-        value = value * 10 + (unsigned long long)(buffer[at] - '0');
-    }
-    return value;
+/* A CLOCK_BOOTTIME reading in /proc/<pid>/stat's unit: whole clock ticks. */
+static unsigned long long boot_ticks(const struct timespec *time) {
+    return (unsigned long long)time->tv_sec * (1000000000ULL / PROC_TICK_NS) +
+           (unsigned long long)time->tv_nsec / PROC_TICK_NS;
 }
 
 static void child_fail(struct spawn_job *job, int stage, int error) {
@@ -127,25 +101,27 @@ static int child_main(void *arg) {
     int source[3];
     int error = 0;
 
+    struct sigaction reset = {0};
+
     /* A caught signal must not run the parent's handler in this child, which
        shares the parent's memory: back to the default action before signals
-       are unblocked. SIGPIPE and SIGXFSZ, which Python ignores, are restored
-       too, as subprocess does. */
-    for (int sig = 1; sig < NSIG; sig++) {
-        struct sigaction action;
-        if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &action) != 0) {
-            continue;
+       are unblocked. CLONE_CLEAR_SIGHAND did that already, unless the kernel
+       is too old for it. SIGPIPE and SIGXFSZ, which Python ignores, are
+       restored too, as subprocess does. */
+    reset.sa_handler = SIG_DFL;
+    if (job->reset_handlers) {
+        for (int sig = 1; sig < NSIG; sig++) {
+            struct sigaction action;
+            if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &action) != 0) {
+                continue;
+            }
+            if (action.sa_handler != SIG_DFL && action.sa_handler != SIG_IGN) {
+                sigaction(sig, &reset, NULL);
+            }
         }
-        if (action.sa_handler == SIG_DFL) {
-            continue;
-        }
-        if (action.sa_handler == SIG_IGN && sig != SIGPIPE && sig != SIGXFSZ) {
-            continue;
-        }
-        struct sigaction reset = {0};
-        reset.sa_handler = SIG_DFL;
-        sigaction(sig, &reset, NULL);
     }
+    sigaction(SIGPIPE, &reset, NULL);
+    sigaction(SIGXFSZ, &reset, NULL);
 
     if (job->new_session && setsid() < 0) {
         child_fail(job, STAGE_SESSION, errno);
@@ -172,8 +148,6 @@ static int child_main(void *arg) {
     if (job->cwd != NULL && chdir(job->cwd) != 0) {
         child_fail(job, STAGE_CWD, errno);
     }
-
-    job->start_time = read_start_time();
 
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -233,7 +207,7 @@ static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg)
  * child. cgroup_fd >= 0 is an O_DIRECTORY fd of the cgroup to be born in.
  *
  * Returns the child's pid once it has exec'd, with its start time in
- * *start_time (0 if the child could not read it). On failure returns -1 with
+ * *start_time (0 if it could not be read). On failure returns -1 with
  * *stage and *error set; a child that failed before exec has been reaped.
  * STAGE_CLONE means no child ever existed (ENOSYS, EPERM from a seccomp
  * filter, EINVAL from an old kernel: the caller may fall back).
@@ -247,12 +221,13 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
         .cwd = cwd,
         .stdio = {stdio[0], stdio[1], stdio[2]},
         .new_session = new_session,
+        .reset_handlers = 0,
         .error = 0,
         .stage = STAGE_NONE,
-        .start_time = 0,
     };
     struct clone_args_v2 args = {0};
     sigset_t all, previous;
+    struct timespec before, after;
     long pid;
     int clone_error;
 
@@ -262,7 +237,7 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
         *error = errno;
         return -1;
     }
-    args.flags = SPAWN_CLONE_VM | SPAWN_CLONE_VFORK;
+    args.flags = SPAWN_CLONE_VM | SPAWN_CLONE_VFORK | SPAWN_CLONE_CLEAR_SIGHAND;
     if (cgroup_fd >= 0) {
         args.flags |= SPAWN_CLONE_INTO_CGROUP;
         args.cgroup = (uint64_t)cgroup_fd;
@@ -274,8 +249,17 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     /* No handler may run in the child before it has reset them all. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &previous);
+    clock_gettime(CLOCK_BOOTTIME, &before);
     pid = clone3_run(&args, child_main, &job);
+    if (pid < 0 && errno == EINVAL) {
+        /* A kernel without CLONE_CLEAR_SIGHAND (< 5.5): the child resets the
+           handlers itself. (Still EINVAL: clone3 cannot do what is asked.) */
+        args.flags &= ~SPAWN_CLONE_CLEAR_SIGHAND;
+        job.reset_handlers = 1;
+        pid = clone3_run(&args, child_main, &job);
+    }
     clone_error = errno;
+    clock_gettime(CLOCK_BOOTTIME, &after);
     pthread_sigmask(SIG_SETMASK, &previous, NULL);
     munmap(stack, CHILD_STACK_BYTES);
 
@@ -294,6 +278,10 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     }
     *stage = STAGE_NONE;
     *error = 0;
-    *start_time = job.start_time;
+    /* The kernel stamps a child's start with CLOCK_BOOTTIME inside clone3,
+       and /proc shows it in whole ticks: when the clock read before and after
+       the call falls in one tick, so does the start. Otherwise (a few percent
+       of spawns) 0: the caller reads /proc. */
+    *start_time = boot_ticks(&before) == boot_ticks(&after) ? boot_ticks(&before) : 0;
     return pid;
 }

@@ -109,8 +109,8 @@ def spawn(
     new_session: bool = True,
 ) -> tuple[int, int]:
     """Start `argv` and return its pid and start time (clock ticks after boot,
-    as in /proc/<pid>/stat; 0 if the child could not read it) once it has
-    exec'd. `stdio` are the fds
+    as in /proc/<pid>/stat; 0 when the clock around the call crossed a tick
+    and /proc must tell) once it has exec'd. `stdio` are the fds
     for the child's 0, 1 and 2; every other fd is closed in the child; signal
     handlers and the signal mask start out default. Raises `Unsupported` (no
     child was created) or OSError with the errno of the failed step, naming

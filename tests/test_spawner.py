@@ -16,7 +16,6 @@ from supervisor.config import parse_config
 from supervisor.errors import SpawnFailed
 from supervisor.spawner import STDERR_LINE_BYTES, capture_stderr, spawn_root
 
-
 # Both ways of starting a root: subprocess, and the clone3 spawner where built.
 SPAWNERS = [pytest.param(False, id="subprocess"), pytest.param(
     True, id="clone3", marks=pytest.mark.skipif(clonespawn.load() is None, reason="the clone3 spawner was not built"),
@@ -57,6 +56,26 @@ async def test_a_root_runs_in_its_own_session_with_the_tags_and_its_stderr_is_ca
     assert [len(piece) for piece in long_pieces] == [STDERR_LINE_BYTES, STDERR_LINE_BYTES, 10000 - 2 * STDERR_LINE_BYTES]
     assert lines[-2:] == ["inst-1 True", "no newline at the end"]
     assert list(root.stderr_tail) == lines
+
+
+@pytest.mark.parametrize("clone3", SPAWNERS)
+def test_a_roots_identity_is_its_pid_and_the_start_time_proc_shows(clone3: bool) -> None:
+    # The identity every later kill is checked against; the clone3 spawner's
+    # start time comes from the clock, or from /proc when the clock cannot tell.
+    roots = []
+    try:
+        for _ in range(10):
+            roots.append(spawn_root(adapter(["/bin/sleep", "30"]), instance_id="i", job="j", params={},
+                                    daemon_key="k", clone3=clone3))
+        for root in roots:
+            assert root.id.start_time > 0
+            assert procs.identify(root.pid) == root.id
+    finally:
+        for root in roots:
+            os.kill(root.pid, signal.SIGKILL)
+            wait_for(root)
+            root.close_stdio()
+            os.close(root.stderr_fd)
 
 
 @pytest.mark.parametrize(
