@@ -55,7 +55,12 @@ from supervisor.registry import (
     new_instance_id,
 )
 from supervisor.sparecgroups import SpareCgroups
-from supervisor.spawner import RootProcess, capture_stderr, spawn_root
+from supervisor.spawner import (
+    RootProcess,
+    adapter_environment,
+    capture_stderr,
+    spawn_root,
+)
 from supervisor.subreaper import ChildReaper
 from supervisor.tree import (
     InstanceTree,
@@ -133,6 +138,9 @@ class Supervisor:
         # Every root's environment starts from this copy of the daemon's: a
         # copy of os.environ costs more than the rest of a spawn's set-up.
         self.environ = dict(os.environ)
+        # Adapter name -> the config it was prepared for and its environment
+        # prepared for clone3 spawns (`adapter_environment`).
+        self._environments: dict[str, tuple[AdapterConfig, clonespawn.Environment]] = {}
         self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
         self.peers: dict[int, Peer] = {}
         self.running: dict[str, RunningInstance] = {}
@@ -330,10 +338,20 @@ class Supervisor:
             _spawn_in_cgroup, self.cgroups, adapter, instance_id=instance_id, job=instance.job,
             params=dict(instance.params), daemon_key=self.daemon_key, base_env=self.environ,
             clone3=clone3, open_cgroup=self._claim_spare(instance_id) if clone3 else None,
+            environment=self._environment(adapter) if clone3 else None,
         )
         if not clone3:
             self._close_spare(instance_id)
         return adapter, spawn
+
+    def _environment(self, adapter: AdapterConfig) -> clonespawn.Environment:
+        """The adapter's environment prepared for clone3 spawns, made again
+        when a reload changed the adapter."""
+        prepared = self._environments.get(adapter.name)
+        if prepared is None or prepared[0] is not adapter:
+            prepared = (adapter, adapter_environment(adapter, daemon_key=self.daemon_key, base=self.environ))
+            self._environments[adapter.name] = prepared
+        return prepared[1]
 
     def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
         instance = self.registry.instances[instance_id]

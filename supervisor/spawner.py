@@ -91,6 +91,22 @@ def instance_environment(
     return env
 
 
+# The tags whose values differ from one instance of an adapter to the next.
+INSTANCE_TAGS = (procs.INSTANCE_ENV, procs.JOB_ENV)
+
+
+def adapter_environment(
+    adapter: AdapterConfig, *, daemon_key: str, base: Mapping[str, str] | None = None
+) -> clonespawn.Environment:
+    """`instance_environment` prepared once for every clone3 spawn of the
+    adapter: each spawn brings only the values of INSTANCE_TAGS."""
+    shared = dict(os.environ if base is None else base)
+    shared.update(adapter.env)
+    shared[procs.ADAPTER_ENV] = adapter.name
+    shared[procs.DAEMON_ENV] = daemon_key
+    return clonespawn.Environment(shared, own=INSTANCE_TAGS)
+
+
 def spawn_root(
     adapter: AdapterConfig,
     *,
@@ -101,20 +117,27 @@ def spawn_root(
     cgroup_fd: int | None = None,
     clone3: bool = False,
     base_env: Mapping[str, str] | None = None,
+    environment: clonespawn.Environment | None = None,
 ) -> RootProcess:
     """Start the adapter's root for one instance.
 
     With `clone3`, the clone3 spawner starts it and `cgroup_fd` is the instance's
     cgroup directory (`CgroupManager.dir_fd`); without, subprocess does and
     `cgroup_fd` is its cgroup.procs (`CgroupManager.join_fd`). The environment
-    is `base_env` (default: os.environ) with the adapter's and the tags. Raises
+    is `base_env` (default: os.environ) with the adapter's and the tags; a clone3
+    spawn may bring it prepared instead (`environment`, from
+    `adapter_environment` with the same base and daemon key). Raises
     `InvalidParams` (from rendering the command), `SpawnFailed` with the OS
     reason (missing executable, bad cwd, permission), or
     `clonespawn.Unsupported` (nothing was started; subprocess will work). On
     failure nothing is left open or running.
     """
     argv = adapter.render_argv(job, params)
-    env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key, base=base_env)
+    env: Mapping[str, str] | clonespawn.Environment
+    if clone3 and environment is not None:
+        env = environment
+    else:
+        env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key, base=base_env)
     parent_fds: list[int] = []
     child_fds: list[int] = []
 
@@ -144,9 +167,11 @@ def spawn_root(
                 stdout = null if stdout == subprocess.DEVNULL else stdout
             popen = None
             pid, start_time = clonespawn.spawn(
-                argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_fd=cgroup_fd,
+                argv, env=env, env_values=(instance_id, job), cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
+                cgroup_fd=cgroup_fd,
             )
         else:
+            assert isinstance(env, dict)
             popen = _popen(argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_procs_fd=cgroup_fd)
             pid, start_time = popen.pid, 0
     except BaseException as exc:

@@ -79,6 +79,30 @@ def test_the_child_gets_exactly_the_given_argv_env_cwd_and_stdio(null: int, tmp_
     assert stdin == "from stdin"
 
 
+def test_a_prepared_environment_gives_each_spawn_its_own_values_over_the_shared_ones(null: int, tmp_path) -> None:
+    script = tmp_path / "show-env"
+    script.write_text("#!/bin/sh\necho \"$SHARED $MINE $OTHER\"\n")
+    script.chmod(0o755)
+    environment = clonespawn.Environment(
+        {"PATH": f"/nonexistent:{tmp_path}", "SHARED": "s", "MINE": "from shared", "LC_ALL": "C"},
+        own=("MINE", "OTHER"),
+    )
+    outputs = []
+    for values in (("1", "a"), ("2", "b")):
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            # Looked up in the prepared PATH, as a plain environment's would be.
+            pid, _ = clonespawn.spawn(["show-env"], env=environment, env_values=values, cwd=None,
+                                      stdio=(null, write_end, null), cgroup_fd=None)
+        finally:
+            os.close(write_end)
+        with os.fdopen(read_end, "rb") as out:
+            outputs.append(out.read().decode())
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert outputs == ["s 1 a\n", "s 2 b\n"]
+
+
 def test_the_child_starts_clean_new_session_only_stdio_open_default_signals(null: int) -> None:
     # The parent holds an inheritable extra fd, a blocked signal, and Python's
     # SIGPIPE ignore: none of them may reach the child.

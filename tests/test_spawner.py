@@ -11,7 +11,7 @@ import time
 import pytest
 import trio
 
-from supervisor import clonespawn, procs
+from supervisor import clonespawn, procs, spawner
 from supervisor.config import parse_config
 from supervisor.errors import SpawnFailed
 from supervisor.spawner import STDERR_LINE_BYTES, capture_stderr, spawn_root
@@ -93,6 +93,38 @@ def test_spawn_failures_name_the_os_reason_and_leave_no_fd_open(command, extra, 
         spawn_root(adapter(command, **extra), instance_id="i", job="j", params={}, daemon_key="k", clone3=clone3)
     assert reason in error.value.message
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.skipif(clonespawn.load() is None, reason="the clone3 spawner was not built")
+def test_a_prepared_adapter_environment_is_the_instance_environment() -> None:
+    spec = parse_config(
+        '[adapters.a]\ncommand = ["/bin/sleep", "5"]\nenv = { FROM_ADAPTER = "yes", HOME = "/adapter-home" }\n'
+    ).adapters["a"]
+    # The daemon's environment may carry tags of its own (a daemon started by
+    # an adapter): the instance's win, in both ways of building it.
+    base = {**os.environ, procs.INSTANCE_ENV: "outer", procs.JOB_ENV: "outer-job"}
+    environment = spawner.adapter_environment(spec, daemon_key="key-7", base=base)
+    roots = []
+    try:
+        for instance_id in ("inst-1", "inst-2"):
+            roots.append(spawn_root(spec, instance_id=instance_id, job=f"job-{instance_id}", params={},
+                                    daemon_key="key-7", clone3=True, environment=environment))
+        for root, instance_id in zip(roots, ("inst-1", "inst-2")):
+            entries = []
+            for _ in range(200):  # until exec has laid out the new environment
+                with open(f"/proc/{root.pid}/environ", "rb") as environ:
+                    entries = environ.read().split(b"\0")[:-1]
+                if entries:
+                    break
+                time.sleep(0.01)
+            expected = spawner.instance_environment(spec, instance_id=instance_id, job=f"job-{instance_id}",
+                                                    daemon_key="key-7", base=base)
+            assert sorted(entries) == sorted(f"{k}={v}".encode() for k, v in expected.items())
+    finally:
+        for root in roots:
+            os.kill(root.pid, signal.SIGKILL)
+            wait_for(root)
+            os.close(root.stderr_fd)
 
 
 @pytest.mark.parametrize("clone3", SPAWNERS)
