@@ -4,11 +4,14 @@ A cold `acquire` is answered once its root is spawned and registered. What
 else the spawn needs (starting the root's stderr reader and watcher tasks,
 counting it in the metrics) changes nothing the reply says or any later
 request depends on, yet on an idle host it costs about 100 us of the ~0.9 ms
-the daemon spends on the acquire. Log lines stay where they are: they say
-what happened when it happened, even if the reply then waits for room. The server runs each request's handler inside `deferring()`; work
-handed to `defer` there runs right after the reply is sent (in the same turn,
-before any other task, when the send needs no wait), and runs whatever
-happens to the request: an error answer, a failed send, cancellation.
+the daemon spends on the acquire; so does its `lease.acquired` log line
+(about 100 us cold at info level). The server runs each request's handler
+inside `deferring()`; work handed to `defer` there runs right after the reply
+is sent (in the same turn, before any other task, when the send needs no
+wait), and runs whatever happens to the request: an error answer, a failed
+send, cancellation. A reply that has to wait (for the connection's send lock,
+or for the peer to make room) calls `run_now()` first: deferred work never
+waits on a peer, so a log line still says what happened when it happened.
 
 Outside a handler, and in any task other than the handler's own (a task it
 started inherits its context), `defer` runs the work at once.
@@ -49,6 +52,24 @@ def defer(fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
     deferred.work.append(partial(fn, *args, **kwargs))
 
 
+def run_now() -> None:
+    """Run the current request's deferred work now rather than after its
+    reply: the reply is about to wait. Later `defer` calls run at once. Does
+    nothing outside a handler, or in a task other than the handler's."""
+    deferred = _CURRENT.get()
+    if deferred is not None and deferred.work is not None and deferred.task is trio.lowlevel.current_task():
+        _run(deferred)
+
+
+def _run(deferred: _Deferred) -> None:
+    work, deferred.work = deferred.work or [], None
+    for fn in work:
+        try:
+            fn()
+        except Exception:
+            log.exception("after_reply.failed", work=repr(fn))
+
+
 @contextlib.contextmanager
 def deferring() -> Iterator[None]:
     """Collect the `defer`red work of the request handled in this block, and run
@@ -60,9 +81,4 @@ def deferring() -> Iterator[None]:
         yield
     finally:
         _CURRENT.reset(token)
-        work, deferred.work = deferred.work or [], None
-        for fn in work:
-            try:
-                fn()
-            except Exception:
-                log.exception("after_reply.failed", work=repr(fn))
+        _run(deferred)

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from supervisor import __version__, protocol, reports
+from supervisor import __version__, afterreply, protocol, reports
 from supervisor.daemon import Peer, Supervisor
 from supervisor.errors import (
     Conflict,
@@ -133,8 +133,8 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
             raise pending.error
         raise UnknownLease("the lease was released (release_job or disconnect) before its adapter started")
     instance = service.registry.instances[lease.instance_id]
-    log.info(
-        "lease.acquired", lease=lease.token[:8], instance=instance.id, job=instance.job,
+    afterreply.defer(
+        log.info, "lease.acquired", lease=lease.token[:8], instance=instance.id, job=instance.job,
         adapter=instance.adapter, refcount=refcount, detached=lease.detached,
     )
     result: dict[str, Any] = {

@@ -117,14 +117,16 @@ class Connection:
         When no other send is under way and the socket takes the whole line at
         once, this returns without a checkpoint. Otherwise it waits for the send
         lock, then (holding it) up to `send_timeout` for the peer to take the
-        rest. Cancellation: a line not begun is not sent; a line cut off after
-        its first byte closes the connection, since nothing after it could be
-        framed.
+        rest. Before either wait, the request's work deferred until after its
+        reply runs (`afterreply.run_now`). Cancellation: a line not begun is
+        not sent; a line cut off after its first byte closes the connection,
+        since nothing after it could be framed.
         """
         if self.closed:
             return
         view = memoryview(line)
         if self.send_lock.locked():
+            afterreply.run_now()
             await self.send_lock.acquire()
             sent = 0
         else:
@@ -140,6 +142,7 @@ class Connection:
             if sent == len(view):
                 return
             self.send_lock.acquire_nowait()
+            afterreply.run_now()
         try:
             await self._send_rest(view, sent, fds)
         except (OSError, trio.ClosedResourceError):

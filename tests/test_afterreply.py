@@ -77,3 +77,30 @@ async def test_blocks_nest_per_request() -> None:
             afterreply.defer(ran.append, "inner")
         assert ran == ["inner"]
     assert ran == ["inner", "outer"]
+
+
+async def test_run_now_runs_the_work_early_once_and_later_work_at_once() -> None:
+    # A reply about to wait for room runs the deferred work first.
+    ran: list[str] = []
+    with afterreply.deferring():
+        afterreply.defer(ran.append, "deferred")
+        afterreply.run_now()
+        assert ran == ["deferred"]
+        afterreply.defer(ran.append, "after run_now")
+        assert ran == ["deferred", "after run_now"]
+        ran.append("reply sent")
+    assert ran == ["deferred", "after run_now", "reply sent"]
+
+
+async def test_run_now_leaves_another_tasks_work_alone() -> None:
+    ran: list[str] = []
+
+    async def other_task() -> None:
+        afterreply.run_now()
+
+    with afterreply.deferring():
+        afterreply.defer(ran.append, "the handler's")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+        assert ran == []
+    assert ran == ["the handler's"]
