@@ -5,11 +5,14 @@ Run as `python agent.py SYSTEM ENDPOINT` under the system's own interpreter
 `circus` or `raw` (no daemon: the tree is started with posix_spawn, the floor).
 Each stdin line is a JSON command, each stdout line its JSON answer. Times are
 CLOCK_MONOTONIC nanoseconds, which the driver and the tree members share, so
-the driver can combine them with what it observes itself.
+the driver can combine them with what it observes itself. A call's `t0`/`t1`
+are taken at the socket (the request's send, the read that completed its
+answer; raw: around posix_spawn), `c0`/`c1` around the whole client call,
+with the client's own encoding and decoding.
 
 Commands (`op`):
   call   {method, params}           one request, answered with its result
-  start  {job}                      start the tree ({t0, t1}: before send, after reply)
+  start  {job}                      start the tree ({t0, t1, c0, c1}, see above)
   stop   {job, pids}                stop it (raw: SIGTERM each of `pids`)
   loop   {kind, n, job}             n sequential round trips, latencies in ns;
                                     kind is "status" (raw socket), "library"
@@ -45,6 +48,9 @@ class Ours:
         from supervisor.client import Client  # ours: the agent runs in our virtualenv
 
         return Client(self.endpoint)
+
+    def socket_times(self) -> tuple[int, int]:
+        return self.client.stream.sent_ns, self.client.stream.received_ns
 
     def call(self, command: dict[str, Any]) -> Any:
         return self.client.call(command["method"], command.get("params"))
@@ -89,6 +95,9 @@ class Supervisord:
 
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport("", "", "unix://" + self.endpoint))
 
+    def socket_times(self) -> tuple[int, int]:
+        return self.client.stream.sent_ns, self.client.stream.received_ns
+
     def call(self, command: dict[str, Any]) -> Any:
         return self.client.call(command["method"], *command.get("params", []))
 
@@ -119,6 +128,9 @@ class Circus:
 
         return CircusClient(endpoint=self.endpoint, timeout=30)
 
+    def socket_times(self) -> tuple[int, int]:
+        return self.client.sent_ns, self.client.received_ns
+
     def call(self, command: dict[str, Any]) -> Any:
         return self.client.call(command["method"], command.get("params"))
 
@@ -144,6 +156,9 @@ class Raw:
     def __init__(self, argv_json: str) -> None:
         self.argv = json.loads(argv_json)
         self.roots: dict[str, int] = {}
+
+    def socket_times(self) -> None:
+        return None  # no socket: the call is posix_spawn itself
 
     def call(self, command: dict[str, Any]) -> Any:
         raise ValueError("raw has no control calls")
@@ -207,10 +222,11 @@ def serve(system: Any) -> None:
                 answer = {"samples": system.loop(command["kind"], command["n"], command.get("job"))}
             else:
                 handler = {"call": system.call, "start": system.start, "stop": system.stop}[op]
-                t0 = time.monotonic_ns()
+                c0 = time.monotonic_ns()
                 result = handler(command)
-                t1 = time.monotonic_ns()
-                answer = {"t0": t0, "t1": t1, "result": result}
+                c1 = time.monotonic_ns()
+                t0, t1 = system.socket_times() or (c0, c1)
+                answer = {"t0": t0, "t1": t1, "c0": c0, "c1": c1, "result": result}
         except (wire.ProtocolFailure, OSError, KeyError, ValueError) as exc:
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(answer) + "\n")

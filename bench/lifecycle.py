@@ -11,7 +11,11 @@ call returned. Members alive then are leaks; they are SIGKILLed so the next
 trial starts clean.
 
 Reported per system:
-* start `call`: request sent -> reply received (raw: posix_spawn returned);
+* start `call`: request sent -> reply received, at the socket (raw:
+  posix_spawn called -> returned);
+* start `client`: the same call as the benchmark's client made it, with its
+  own encoding of the request and decoding of the answer (shown, not judged:
+  the benchmark's clients are not the systems under test);
 * start `ready`: request sent -> the last member recorded itself;
 * stop `call`: request sent -> reply received;
 * stop `gone`: request sent -> the last member exited (only trials where all did);
@@ -49,6 +53,7 @@ STOP_TIMEOUT_S = systems.STOP_GRACE_S + LEAK_WINDOW_S + 10.0
 class Trial:
     members: list[procwatch.Member]
     start_call_ns: int
+    start_client_ns: int
     ready_ns: int
     stop_call_ns: int
     stopped_at_ns: int
@@ -93,6 +98,7 @@ def run_trial(session: Session, agent: systems.Agent, pidfile: str, job: str) ->
     return Trial(
         members=members,
         start_call_ns=started["t1"] - started["t0"],
+        start_client_ns=started["c1"] - started["c0"],
         ready_ns=ready_ns,
         stop_call_ns=reply["t1"] - reply["t0"],
         stopped_at_ns=reply["t1"],
@@ -141,6 +147,7 @@ def summarize(trials: list[Trial], daemon_pid: int | None) -> dict[str, Any]:
     return {
         "trials": len(trials),
         "start_call": stats.summarize_ms([t.start_call_ns for t in trials]),
+        "start_client": stats.summarize_ms([t.start_client_ns for t in trials]),
         "start_ready": stats.summarize_ms([t.ready_ns for t in trials]),
         "stop_call": stats.summarize_ms([t.stop_call_ns for t in trials]),
         "stop_gone": stats.summarize_ms(gone),
@@ -174,6 +181,7 @@ def ratios(result: dict[str, dict[str, Any]]) -> dict[str, Any]:
             continue
         out[ours] = {
             "start_call_vs_raw_x": stats.ratio(median(ours, "start_call"), median("raw", "start_call")),
+            "start_client_vs_raw_x": stats.ratio(median(ours, "start_client"), median("raw", "start_call")),
             "start_ready_vs_raw_x": stats.ratio(median(ours, "start_ready"), median("raw", "start_ready")),
         }
         for peer in ("supervisord", "circus"):

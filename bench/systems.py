@@ -17,10 +17,10 @@ environment so the driver can find any leftover at the end.
 from __future__ import annotations
 
 import json
-import sys
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

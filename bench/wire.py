@@ -20,6 +20,7 @@ import itertools
 import json
 import re
 import socket
+import time
 import xmlrpc.client
 from typing import Any
 
@@ -98,18 +99,30 @@ class StreamClient:
         self.sock.connect(path)
         self.framer = framer
         self.pending: list[bytes] = []
+        # CLOCK_MONOTONIC ns of the last request's send and of the read that
+        # completed the last response taken: the exchange at the socket, without
+        # the client's own encoding and decoding.
+        self.sent_ns = 0
+        self.received_ns = 0
 
     def close(self) -> None:
         self.sock.close()
 
     def exchange(self, request: bytes) -> bytes:
         """Send one encoded request and return the next whole response, raw."""
+        self.sent_ns = time.monotonic_ns()
         self.sock.sendall(request)
-        while not self.pending:
-            data = self.sock.recv(RECEIVE_BYTES)
-            if not data:
-                raise ProtocolFailure("the server closed the connection")
-            self.pending.extend(self.framer.feed(data))
+        return self.next_response()
+
+    def next_response(self) -> bytes:
+        """The next whole response, read as it arrives."""
+        if not self.pending:
+            while not self.pending:
+                data = self.sock.recv(RECEIVE_BYTES)
+                if not data:
+                    raise ProtocolFailure("the server closed the connection")
+                self.pending.extend(self.framer.feed(data))
+            self.received_ns = time.monotonic_ns()
         return self.pending.pop(0)
 
 
@@ -133,12 +146,7 @@ class OursClient:
         return response["result"]
 
     def next_message(self) -> dict[str, Any]:
-        while not self.stream.pending:
-            data = self.stream.sock.recv(RECEIVE_BYTES)
-            if not data:
-                raise ProtocolFailure("the server closed the connection")
-            self.stream.pending.extend(self.stream.framer.feed(data))
-        return json.loads(self.stream.pending.pop(0))
+        return json.loads(self.stream.next_response())
 
 
 class SupervisordClient:
@@ -172,17 +180,22 @@ class CircusClient:
         self.sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
         self.sock.connect(endpoint)
         self.ids = itertools.count(1)
+        # As StreamClient's: the last exchange at the socket.
+        self.sent_ns = 0
+        self.received_ns = 0
 
     def close(self) -> None:
         self.sock.close(0)
         self.context.term()
 
     def exchange(self, request_id: str, request: bytes) -> bytes:
+        self.sent_ns = time.monotonic_ns()
         self.sock.send(request)
         marker = f'"{request_id}"'.encode()
         while True:
             reply = self.sock.recv()
             if marker in reply:
+                self.received_ns = time.monotonic_ns()
                 return reply
 
     def call(self, command: str, properties: dict[str, Any] | None = None) -> Any:
