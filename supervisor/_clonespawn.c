@@ -44,10 +44,6 @@
    threads). */
 #define CHILD_STACK_BYTES (32 * 1024)
 
-/* Clock ticks per second of /proc/<pid>/stat's times (USER_HZ: 100 on every
-   Linux architecture), and so nanoseconds per tick. */
-#define PROC_TICK_NS 10000000ULL
-
 /* Where a failed spawn failed; mirrored in clonespawn.py. */
 enum spawn_stage {
     STAGE_NONE = 0,
@@ -89,9 +85,8 @@ struct spawn_job {
 };
 
 /* A CLOCK_BOOTTIME reading in /proc/<pid>/stat's unit: whole clock ticks. */
-static unsigned long long boot_ticks(const struct timespec *time) {
-    return (unsigned long long)time->tv_sec * (1000000000ULL / PROC_TICK_NS) +
-           (unsigned long long)time->tv_nsec / PROC_TICK_NS;
+static unsigned long long boot_ticks(const struct timespec *time, unsigned long long tick_ns) {
+    return (unsigned long long)time->tv_sec * (1000000000ULL / tick_ns) + (unsigned long long)time->tv_nsec / tick_ns;
 }
 
 static void child_fail(struct spawn_job *job, int stage, int error) {
@@ -234,6 +229,7 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     _Alignas(16) unsigned char stack[CHILD_STACK_BYTES];
     sigset_t all, previous;
     struct timespec before, after;
+    long ticks_per_second;
     long pid;
     int clone_error;
 
@@ -278,9 +274,17 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     *stage = STAGE_NONE;
     *error = 0;
     /* The kernel stamps a child's start with CLOCK_BOOTTIME inside clone3,
-       and /proc shows it in whole ticks: when the clock read before and after
-       the call falls in one tick, so does the start. Otherwise (a few percent
-       of spawns) 0: the caller reads /proc. */
-    *start_time = boot_ticks(&before) == boot_ticks(&after) ? boot_ticks(&before) : 0;
+       and /proc shows it in whole clock ticks (USER_HZ, _SC_CLK_TCK): when
+       the clock read before and after the call falls in one tick, so does the
+       start. Otherwise (a few percent of spawns), or with a tick that is not
+       a whole number of nanoseconds, 0: the caller reads /proc. */
+    *start_time = 0;
+    ticks_per_second = sysconf(_SC_CLK_TCK);
+    if (ticks_per_second > 0 && 1000000000L % ticks_per_second == 0) {
+        unsigned long long tick_ns = 1000000000ULL / (unsigned long long)ticks_per_second;
+        if (boot_ticks(&before, tick_ns) == boot_ticks(&after, tick_ns)) {
+            *start_time = boot_ticks(&before, tick_ns);
+        }
+    }
     return pid;
 }
