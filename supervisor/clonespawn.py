@@ -113,8 +113,10 @@ class Environment:
     the child's until it has exec'd. (The daemon spawns on its trio thread.)"""
 
     def __init__(self, shared: Mapping[str, str], own: Sequence[str]) -> None:
+        if "PATH" in own:
+            raise ValueError("PATH must be shared: executables are looked up in it once, not per spawn")
         entries = [_encode(f"{key}={value}") for key, value in shared.items() if key not in own]
-        self.path = None if "PATH" in own else shared.get("PATH")
+        self.path = shared.get("PATH")
         self._own = tuple(own)
         self._first_own = len(entries)
         self._array = (ctypes.c_char_p * (len(entries) + len(own) + 1))(*entries)
@@ -149,7 +151,8 @@ def spawn(
     """Start `argv` and return its pid and start time (clock ticks after boot,
     as in /proc/<pid>/stat; 0 when the clock around the call crossed a tick
     and /proc must tell) once it has exec'd. `env` is the child's whole
-    environment, or an `Environment` whose own keys get `env_values`. `stdio`
+    environment, or an `Environment` whose own keys get `env_values` (given
+    only with one). `stdio`
     are the fds for the child's 0, 1 and 2; every other fd is closed in the child; signal
     handlers and the signal mask start out default. Raises `Unsupported` (no
     child was created) or OSError with the errno of the failed step, naming
@@ -161,6 +164,8 @@ def spawn(
     if isinstance(env, Environment):
         paths = env.candidates(argv[0])
         environment = env.filled(env_values)
+    elif env_values:
+        raise ValueError("env_values fill an Environment's own keys; this environment is a plain mapping")
     else:
         paths = _strings(_candidates(argv[0], env.get("PATH")))
         environment = _strings([_encode(f"{key}={value}") for key, value in env.items()])

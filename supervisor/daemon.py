@@ -138,9 +138,9 @@ class Supervisor:
         # Every root's environment starts from this copy of the daemon's: a
         # copy of os.environ costs more than the rest of a spawn's set-up.
         self.environ = dict(os.environ)
-        # Adapter name -> the config it was prepared for and its environment
-        # prepared for clone3 spawns (`adapter_environment`).
-        self._environments: dict[str, tuple[AdapterConfig, clonespawn.Environment]] = {}
+        # Adapter name -> its environment prepared for clone3 spawns
+        # (`adapter_environment`); emptied when a reload replaces the adapters.
+        self._environments: dict[str, clonespawn.Environment] = {}
         self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
         self.peers: dict[int, Peer] = {}
         self.running: dict[str, RunningInstance] = {}
@@ -345,13 +345,13 @@ class Supervisor:
         return adapter, spawn
 
     def _environment(self, adapter: AdapterConfig) -> clonespawn.Environment:
-        """The adapter's environment prepared for clone3 spawns, made again
-        when a reload changed the adapter."""
+        """The adapter's environment prepared for clone3 spawns."""
         prepared = self._environments.get(adapter.name)
-        if prepared is None or prepared[0] is not adapter:
-            prepared = (adapter, adapter_environment(adapter, daemon_key=self.daemon_key, base=self.environ))
-            self._environments[adapter.name] = prepared
-        return prepared[1]
+        if prepared is None:
+            prepared = self._environments[adapter.name] = adapter_environment(
+                adapter, daemon_key=self.daemon_key, base=self.environ
+            )
+        return prepared
 
     def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
         instance = self.registry.instances[instance_id]
@@ -756,6 +756,7 @@ class Supervisor:
     def reload(self, config: Config) -> None:
         """Adopt a new config: changed adapters apply to new instances only."""
         self.config = config
+        self._environments.clear()
 
     def _kill_now(self, instance_id: str, running: RunningInstance) -> StopOutcome:
         """SIGKILL a tree at once, synchronously; the members still there are survivors."""

@@ -134,8 +134,9 @@ def spawn_root(
     """
     argv = adapter.render_argv(job, params)
     env: Mapping[str, str] | clonespawn.Environment
+    env_values: tuple[str, ...] = ()
     if clone3 and environment is not None:
-        env = environment
+        env, env_values = environment, (instance_id, job)
     else:
         env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key, base=base_env)
     parent_fds: list[int] = []
@@ -167,7 +168,7 @@ def spawn_root(
                 stdout = null if stdout == subprocess.DEVNULL else stdout
             popen = None
             pid, start_time = clonespawn.spawn(
-                argv, env=env, env_values=(instance_id, job), cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
+                argv, env=env, env_values=env_values, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
                 cgroup_fd=cgroup_fd,
             )
         else:

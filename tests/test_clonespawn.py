@@ -103,6 +103,16 @@ def test_a_prepared_environment_gives_each_spawn_its_own_values_over_the_shared_
     assert outputs == ["s 1 a\n", "s 2 b\n"]
 
 
+def test_a_prepared_environment_refuses_what_it_cannot_honour(null: int) -> None:
+    # Executables are looked up in the shared PATH once; values are for an Environment's own keys.
+    with pytest.raises(ValueError, match="PATH"):
+        clonespawn.Environment({"PATH": "/bin"}, own=("PATH",))
+    with pytest.raises(ValueError, match="plain mapping"):
+        clonespawn.spawn(["/bin/true"], env={}, env_values=("x",), cwd=None, stdio=(null, null, null),
+                         cgroup_fd=None)
+    assert no_child_left()
+
+
 def test_the_child_starts_clean_new_session_only_stdio_open_default_signals(null: int) -> None:
     # The parent holds an inheritable extra fd, a blocked signal, and Python's
     # SIGPIPE ignore: none of them may reach the child.

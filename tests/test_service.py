@@ -96,16 +96,23 @@ def test_stop_signals_that_keep_coming_until_the_exit_still_leave_a_clean_exit(s
 # -- reload --------------------------------------------------------------------
 
 
+def environ_of(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        return environ.read().split(b"\0")
+
+
 def test_sighup_with_a_good_config_adds_adapters_and_changes_only_new_instances(start_daemon, tmp_path: Path) -> None:
     old_pids, new_pids, added_pids = tmp_path / "old.pids", tmp_path / "new.pids", tmp_path / "added.pids"
-    daemon = start_daemon(tree_adapter("tree", pidfile=old_pids, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT))
+    daemon = start_daemon(tree_adapter("tree", pidfile=old_pids, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT,
+                                       extra='env = { RELOAD_MARK = "before" }\n'))
     client = daemon.client()
     first = client.call("acquire", {"job": "job-1", "adapter": "tree"})
     old_members = read_pidfile(old_pids, roles=TREE_ROLES)
 
     rewrite_adapters(
         daemon,
-        tree_adapter("tree", pidfile=new_pids, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT)
+        tree_adapter("tree", pidfile=new_pids, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT,
+                     extra='env = { RELOAD_MARK = "after" }\n')
         + tree_adapter("added", pidfile=added_pids, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT),
     )
     os.kill(daemon.pid, signal.SIGHUP)
@@ -117,6 +124,9 @@ def test_sighup_with_a_good_config_adds_adapters_and_changes_only_new_instances(
     second = client.call("acquire", {"job": "job-2", "adapter": "tree"})
     assert read_pidfile(new_pids, roles=TREE_ROLES)["root"].pid == second["pid"]
     assert str(new_pids) in procs.read_cmdline(second["pid"])
+    # The adapter's environment too (the daemon prepares it once per adapter).
+    assert b"RELOAD_MARK=after" in environ_of(second["pid"])
+    assert b"RELOAD_MARK=before" in environ_of(first["pid"])
 
     # The instance started before the reload runs on, untouched, and is still joinable.
     assert all(procs.is_running(m) for m in old_members.values())
