@@ -1,24 +1,33 @@
 """The control methods: validated requests in, results out.
 
 One function per method of SPEC section 5. Each takes the service, the peer
-and the typed params, makes its state changes synchronously, calls `started()`
-(so pipelined requests change state in arrival order), may then wait, and
-returns a JSON-ready result. Errors are raised as `SupervisorError`s; the
-server turns them into wire errors.
+and the typed params, makes its state changes synchronously, and returns a
+JSON-ready result. Errors are raised as `SupervisorError`s; the server turns
+them into wire errors.
+
+Most methods never wait, and are plain functions: the server's hub answers
+them with `answer_now`, for every ready connection in one task. Three may
+wait: `status` for a tree scan when its cached one is stale, `acquire` for a
+spawn or a predecessor's stop, `sweep` for its scan. `answer_now` raises
+`WouldWait` for those cases before it changes anything, and the connection's
+own task serves the request with `handle`, which calls `started()` once the
+state changes are made (so pipelined requests change state in arrival
+order) and may then wait.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from supervisor import __version__, afterreply, protocol, reports
-from supervisor.daemon import Peer, Supervisor
+from supervisor.config import AdapterConfig
+from supervisor.daemon import Peer, PendingSpawn, Supervisor
 from supervisor.errors import (
     Conflict,
     InvalidParams,
@@ -27,7 +36,8 @@ from supervisor.errors import (
     UnknownAdapter,
     UnknownLease,
 )
-from supervisor.registry import State
+from supervisor.procs import ProcStat
+from supervisor.registry import Acquired, State
 
 log = structlog.get_logger()
 
@@ -37,18 +47,23 @@ SERVER_NAME = "adapter-supervisor"
 # leases back, and start nothing.
 SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "release_job"})
 
-# Methods answered in the connection's reader, without a task of their own:
-# they never wait for anything but, at most, a shared scan of a few ms.
-# `acquire` (may wait for a predecessor's stop) and `sweep` get a task, so
-# later requests on the connection are not held up.
+# Methods answered in the connection's reader task when the hub hands them
+# over (see `answers_at_once`): they never wait for anything but, at most, a
+# shared scan of a few ms. `acquire` (may wait for a predecessor's stop) and
+# `sweep` get a task, so later requests on the connection are not held up.
 INLINE = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "renew", "release_job"})
 
 
+class WouldWait(Exception):
+    """`answer_now` cannot answer this request without waiting; nothing was
+    changed. The connection's task serves it with `handle`."""
+
+
 def answers_at_once(service: Supervisor, request: protocol.Request) -> bool:
-    """Whether the reader may serve `request` itself: an INLINE method, or an
-    acquire that will not wait (its instance is running; or it spawns with the
-    clone3 spawner, which settles inside the call, with no predecessor still
-    stopping and no memory budget to measure first)."""
+    """Whether the connection's reader may serve `request` itself: an INLINE
+    method, or an acquire that will not wait (its instance is running; or it
+    spawns with the clone3 spawner, which settles inside the call, with no
+    predecessor still stopping and no memory budget to measure first)."""
     if request.method in INLINE:
         return True
     params = request.params
@@ -71,20 +86,52 @@ class FdsResult:
 
 
 Started = Callable[[], None]
-Handler = Callable[[Supervisor, Peer, Any, Started], Awaitable[object]]
+SyncHandler = Callable[[Supervisor, Peer, Any], object]
 
 
-async def handle(service: Supervisor, peer: Peer, request: protocol.Request, started: Started) -> object:
-    """Run one request. Raises SupervisorError."""
-    handler = HANDLERS.get(request.method)
-    if handler is None:
+def _check_served(service: Supervisor, request: protocol.Request) -> None:
+    if request.method not in SYNC_HANDLERS and request.method not in ASYNC_METHODS:
         raise MethodNotFound(f"method {request.method!r} is not served by this daemon version")
     if service.shutting_down and request.method not in SERVED_WHILE_STOPPING:
         raise ShuttingDown("the daemon is shutting down; retry against its next run")
-    return await handler(service, peer, request.params, started)
 
 
-async def hello(service: Supervisor, peer: Peer, params: protocol.HelloParams, started: Started) -> object:
+def answer_now(service: Supervisor, peer: Peer, request: protocol.Request) -> object:
+    """Run one request without waiting, and return its result. Raises
+    SupervisorError for the client's mistakes, and WouldWait, before changing
+    anything, when the request needs `handle`: a `sweep`, a `status` whose
+    tree scan is stale, an `acquire` that spawns, waits or passes fds."""
+    _check_served(service, request)
+    method = request.method
+    if method == "status":
+        members = service.fresh_tree_members()
+        if members is None:
+            raise WouldWait
+        return _status(service, request.params, members)
+    if method == "acquire":
+        return _acquire_running(service, peer, request.params)
+    handler = SYNC_HANDLERS.get(method)
+    if handler is None:
+        raise WouldWait
+    return handler(service, peer, request.params)
+
+
+async def handle(service: Supervisor, peer: Peer, request: protocol.Request, started: Started) -> object:
+    """Run one request, waiting as it needs. Raises SupervisorError.
+    Cancellation: raises Cancelled while waiting; state changes already made
+    stand (as they would had the answer been sent)."""
+    _check_served(service, request)
+    method = request.method
+    if method == "status":
+        return _status(service, request.params, await service.tree_members())
+    if method == "acquire":
+        return await acquire(service, peer, request.params, started)
+    if method == "sweep":
+        return await sweep(service, peer, request.params, started)
+    return SYNC_HANDLERS[method](service, peer, request.params)
+
+
+def hello(service: Supervisor, peer: Peer, params: protocol.HelloParams) -> object:
     return {
         "server": SERVER_NAME,
         "version": __version__,
@@ -95,17 +142,48 @@ async def hello(service: Supervisor, peer: Peer, params: protocol.HelloParams, s
 
 
 async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParams, started: Started) -> object:
+    adapter = _checked_adapter(service, params)
+    if service.registry.live_instance(params.job, params.adapter) is None:
+        await service.check_memory_budget(params.adapter)
+    acquired, refcount, pending = _commit_acquire(service, peer, params, adapter)
+    started()
+    if pending is not None and not pending.settled.is_set():
+        # (A clone3 spawn has settled already, inside execute: answering
+        # without a checkpoint sends the reply before other tasks run.)
+        await pending.settled.wait()
+    return _acquire_result(service, params, acquired, refcount, pending)
+
+
+def _acquire_running(service: Supervisor, peer: Peer, params: protocol.AcquireParams) -> object:
+    """An acquire of a running instance, without fds: nothing to spawn or wait
+    for. Raises WouldWait for any other acquire."""
+    instance = service.registry.live_instance(params.job, params.adapter)
+    if instance is None or instance.state is State.STARTING or params.fds:
+        raise WouldWait
+    adapter = _checked_adapter(service, params)
+    acquired, refcount, pending = _commit_acquire(service, peer, params, adapter)
+    return _acquire_result(service, params, acquired, refcount, pending)
+
+
+def _checked_adapter(service: Supervisor, params: protocol.AcquireParams) -> AdapterConfig:
+    """The acquire's adapter, once its params are known to be usable. Checked
+    before any state changes, so that bad params leave nothing behind."""
     adapter = service.config.adapters.get(params.adapter)
     if adapter is None:
         known = ", ".join(sorted(service.config.adapters)) or "none"
         raise UnknownAdapter(f"no adapter named {params.adapter!r} is configured (known: {known})")
     if params.fds and adapter.stdio != "pipe":
         raise Conflict(f'adapter {adapter.name!r} has stdio = "{adapter.stdio}"; fds need stdio = "pipe"')
-    # Checked before any state changes: bad params (InvalidParams) and a spawn
-    # over the memory budget (LimitReached) leave nothing behind.
-    adapter.render_argv(params.job, params.params)
-    if service.registry.live_instance(params.job, params.adapter) is None:
-        await service.check_memory_budget(params.adapter)
+    adapter.render_argv(params.job, params.params)  # InvalidParams
+    return adapter
+
+
+def _commit_acquire(
+    service: Supervisor, peer: Peer, params: protocol.AcquireParams, adapter: AdapterConfig
+) -> tuple[Acquired, int, PendingSpawn | None]:
+    """Take the lease and carry out what that starts. Returns the registry's
+    answer, the refcount this acquire made (not whatever it is once a spawn is
+    awaited), and the spawn to wait for, if the instance is still starting."""
     acquired = service.registry.acquire(
         job=params.job,
         adapter=params.adapter,
@@ -118,16 +196,17 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
         linger=adapter.linger,
         max_instances=adapter.max_instances,
     )
-    lease = acquired.lease
-    # The refcount this acquire made, not whatever it is once a spawn is awaited.
     refcount = acquired.instance.refcount
     pending = service.pending_spawn(acquired.instance.id) if acquired.instance.state is State.STARTING else None
     service.execute(acquired.actions)
-    started()
-    if pending is not None and not pending.settled.is_set():
-        # (A clone3 spawn has settled already, inside execute: answering
-        # without a checkpoint sends the reply before other tasks run.)
-        await pending.settled.wait()
+    return acquired, refcount, pending
+
+
+def _acquire_result(
+    service: Supervisor, params: protocol.AcquireParams, acquired: Acquired, refcount: int, pending: PendingSpawn | None
+) -> object:
+    """The acquire's answer once its instance's spawn has settled."""
+    lease = acquired.lease
     if service.registry.lease(lease.token) is None:
         if pending is not None and pending.error is not None:
             raise pending.error
@@ -160,7 +239,7 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
     return result
 
 
-async def release(service: Supervisor, peer: Peer, params: protocol.ReleaseParams, started: Started) -> object:
+def release(service: Supervisor, peer: Peer, params: protocol.ReleaseParams) -> object:
     lease = service.registry.lease(params.lease)
     released = service.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=service.now())
     service.execute(released.actions)
@@ -170,13 +249,13 @@ async def release(service: Supervisor, peer: Peer, params: protocol.ReleaseParam
     return {"refcount": released.refcount, "stopping": released.stopping}
 
 
-async def renew(service: Supervisor, peer: Peer, params: protocol.RenewParams, started: Started) -> object:
+def renew(service: Supervisor, peer: Peer, params: protocol.RenewParams) -> object:
     expires_at = service.registry.renew(params.lease, uid=peer.uid, now=service.now(), ttl=params.ttl)
     service.execute([])  # the expiry timer re-reads its deadline
     return {"expires_at": expires_at}
 
 
-async def release_job(service: Supervisor, peer: Peer, params: protocol.ReleaseJobParams, started: Started) -> object:
+def release_job(service: Supervisor, peer: Peer, params: protocol.ReleaseJobParams) -> object:
     released = service.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=service.now())
     service.execute(released.actions)
     service.metrics.releases.labels("release_job").inc(released.released)
@@ -184,14 +263,14 @@ async def release_job(service: Supervisor, peer: Peer, params: protocol.ReleaseJ
     return {"released": released.released, "instances": released.instances}
 
 
-async def status(service: Supervisor, peer: Peer, params: protocol.StatusParams, started: Started) -> object:
+def _status(service: Supervisor, params: protocol.StatusParams, members: dict[str, list[ProcStat]]) -> object:
+    """The status answer, from a scan of the trees' members fresh enough to show."""
     # Every control client polls this: list comprehensions rather than
     # generators and one pass for the total save ~1 us of a ~30 us request.
     if params.job is None:
         instances = list(service.registry.instances.values())
     else:
         instances = [i for i in service.registry.instances.values() if i.job == params.job]
-    members = await service.tree_members()
     rows = []
     total_rss = 0
     for instance in instances:
@@ -232,7 +311,7 @@ async def status(service: Supervisor, peer: Peer, params: protocol.StatusParams,
     }
 
 
-async def logs(service: Supervisor, peer: Peer, params: protocol.LogsParams, started: Started) -> object:
+def logs(service: Supervisor, peer: Peer, params: protocol.LogsParams) -> object:
     instance_id = params.instance
     if params.lease is not None:
         lease = service.registry.lease(params.lease)
@@ -258,23 +337,23 @@ async def sweep(service: Supervisor, peer: Peer, params: protocol.SweepParams, s
     return reports.to_builtins(report)
 
 
-async def reports_(service: Supervisor, peer: Peer, params: protocol.ReportsParams, started: Started) -> object:
+def reports_(service: Supervisor, peer: Peer, params: protocol.ReportsParams) -> object:
     return {"reports": [reports.to_builtins(r) for r in service.reports.latest(params.limit)]}
 
 
-async def metrics(service: Supervisor, peer: Peer, params: protocol.MetricsParams, started: Started) -> object:
+def metrics(service: Supervisor, peer: Peer, params: protocol.MetricsParams) -> object:
     return {"text": service.metrics.exposition()}
 
 
-HANDLERS: dict[str, Handler] = {
+# The methods `answer_now` answers with one call. `status` and `acquire` have
+# cases of their own there (each may have to wait); `sweep` always waits.
+SYNC_HANDLERS: dict[str, SyncHandler] = {
     "hello": hello,
-    "acquire": acquire,
     "release": release,
     "renew": renew,
     "release_job": release_job,
-    "status": status,
     "logs": logs,
-    "sweep": sweep,
     "reports": reports_,
     "metrics": metrics,
 }
+ASYNC_METHODS = frozenset({"status", "acquire", "sweep"})

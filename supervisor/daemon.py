@@ -556,6 +556,11 @@ class Supervisor:
             await self._scan_in_flight.wait()
         return self._scan_cache
 
+    def fresh_tree_members(self) -> dict[str, list[procs.ProcStat]] | None:
+        """What `tree_members` would return at once, or None if it would wait
+        for a scan."""
+        return self._scan_cache if self._scan_is_fresh() else None
+
     def _scan_is_fresh(self) -> bool:
         age = trio.current_time() - self._scanned_at
         return self._scanned_generation == self._generation and age <= SCAN_CACHE_S

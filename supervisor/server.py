@@ -1,11 +1,16 @@
 """The control socket: connections, authorization, and the one error boundary.
 
-Each connection has a reader that feeds bytes to the sans-IO decoder, answers
-the requests that never wait (`api.answers_at_once`: the INLINE methods, and
-acquires that need no wait) itself and starts one task for each other request
-(so responses may come out of order), and a send lock so responses and
-notifications never interleave within a line. Exceptions become
-wire errors here and nowhere else; tracebacks go to the log.
+Each connection has a task that owns it, and a send lock so responses and
+notifications never interleave within a line. While a connection is idle its
+task lends its socket to the server's `ReadHub`: the hub's one task reads
+every ready connection and answers the requests that need no waiting
+(`api.answer_now`) on the spot, the way a trio task would but without a
+trip through the scheduler per request. Whatever must wait (a spawn, a scan,
+a peer slow to read) goes back to the connection's task, which answers the
+requests that never wait for long (`api.answers_at_once`) itself and starts
+one task for each other request (so responses may come out of order), then
+lends its socket to the hub again. Exceptions become wire errors here and
+nowhere else; tracebacks go to the log.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from supervisor.errors import (
     ShuttingDown,
     SupervisorError,
 )
+from supervisor.hub import ReadHub
 
 log = structlog.get_logger()
 
@@ -50,15 +56,12 @@ REFUSE_TIMEOUT_S = 1.0
 # one at a time.
 MAX_IN_FLIGHT = 64
 
-# Lines a reader serves from one batch before it lets other connections have a
-# turn: a peer that pipelines a whole receive buffer of cheap requests (a
-# thousand `hello`s) must not hold every other client up for the tens of ms
-# that take, while an ordinary batch costs no yield beyond the read's own.
+# Lines of one connection served in one turn (of the hub, or of the
+# connection's task) before other connections have theirs: a peer that
+# pipelines a whole receive buffer of cheap requests (a thousand `hello`s)
+# must not hold every other client up for the tens of ms those take, while an
+# ordinary batch costs no yield beyond the read's own.
 ANSWERS_PER_TURN = 32
-
-# After a read that let other tasks run first found nothing, this many reads
-# wait for readability before the next such try (see _read_requests).
-READS_BEFORE_RETRY = 16
 
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -81,12 +84,12 @@ def _no_task_to_start() -> None:
 class Connection:
     """One client connection. Implements `supervisor.daemon.Peer`.
 
-    `sock` is a plain non-blocking stdlib socket, not a trio socket: the reader
-    and `send` call it directly and wait with `trio.lowlevel.wait_readable` /
-    `wait_writable` only when it would block, so a request that needs no
-    waiting costs one scheduler turn (the reader's wait for its bytes) instead
-    of a checkpoint per socket call, lock and cancel scope. Whoever closes the
-    fd must call `trio.lowlevel.notify_closing` first (see `_serve_connection`).
+    `sock` is a plain non-blocking stdlib socket, not a trio socket: the
+    reader, the hub and `send` call it directly and wait with
+    `trio.lowlevel.wait_readable` / `wait_writable` only when it would block,
+    so a request that needs no waiting costs no checkpoint per socket call,
+    lock and cancel scope. Whoever closes the fd must call
+    `trio.lowlevel.notify_closing` first (see `_serve_connection`).
     """
 
     id: int
@@ -101,9 +104,17 @@ class Connection:
     # A peer that does not read for this long is dropped: one stuck peer must
     # not pin tasks and memory forever (daemon.send_timeout).
     send_timeout: float = 10.0
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    # Held while a line is under way but not whole. A semaphore rather than a
+    # trio.Lock, which only its owner may release: the hub may start a line
+    # that the connection's task finishes.
+    send_lock: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(1, max_value=1))
     in_flight: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
     closed: bool = False
+
+    @property
+    def sending(self) -> bool:
+        """Whether a line is under way (and others must wait for the lock)."""
+        return self.send_lock.value == 0
 
     def notify(self, method: str, params: object) -> None:
         """Queue a notification; never blocks, never raises."""
@@ -124,27 +135,47 @@ class Connection:
         """
         if self.closed:
             return
-        view = memoryview(line)
-        if self.send_lock.locked():
+        if self.sending:
             afterreply.run_now()
             await self.send_lock.acquire()
-            sent = 0
-        else:
-            # No checkpoint between this check and the send, so no other task
-            # can start a line in between: a line the socket takes whole needs
-            # no lock at all. (A free trio.Lock has no waiters: release hands
-            # it straight to the next one.)
-            try:
-                sent = self._send_now(view, fds)
-            except OSError:
-                self.close()
-                return
-            if sent == len(view):
-                return
+            await self.finish_line(memoryview(line), 0, fds)
+            return
+        # No checkpoint between the check above and this send, so no other
+        # task can start a line in between: a line the socket takes whole needs
+        # no lock at all.
+        sent = self.try_send(line, fds)
+        if sent is not None and sent < len(line):
+            await self.finish_line(memoryview(line), sent, fds)
+
+    def try_send(self, line: bytes, fds: tuple[int, ...] = ()) -> int | None:
+        """Send `line` without waiting if no other line is under way. Returns
+        None if one is (nothing was sent: use `send`); else how much of the
+        line is out. If not all of it, the send lock is now held for the rest
+        and the caller must `finish_line`. A connection that is closed, or
+        that fails now (and is closed), counts as having taken the whole line.
+        Runs the request's deferred work first if the line is cut off."""
+        if self.sending:
+            return None
+        if self.closed:
+            return len(line)
+        try:
+            sent = self._send_now(memoryview(line), fds)
+        except OSError:
+            self.close()
+            return len(line)
+        if sent < len(line):
             self.send_lock.acquire_nowait()
             afterreply.run_now()
+        return sent
+
+    async def finish_line(self, line: memoryview, sent: int, fds: tuple[int, ...]) -> None:
+        """Send `line` from byte `sent` on, holding the send lock (which this
+        releases), as the peer makes room. Closes the connection if the peer
+        goes away, or does not take the rest within `send_timeout`.
+        Cancellation: releases the lock; a line left cut off closes the
+        connection."""
         try:
-            await self._send_rest(view, sent, fds)
+            await self._send_rest(line, sent, fds)
         except (OSError, trio.ClosedResourceError):
             self.close()
         finally:
@@ -191,6 +222,24 @@ class Connection:
                 pass  # already disconnected
 
 
+@dataclass
+class _Handback:
+    """What a connection's task must do when the hub hands it back: send
+    `line` first, if any, then end, or serve `messages` in order."""
+
+    # An answer the hub could not send whole at once. `sent`: None if none of
+    # it is out (another line is under way); else how much is, and the send
+    # lock is held for the rest.
+    line: bytes | None = None
+    sent: int | None = None
+    # Lines decoded and not yet served.
+    messages: list[protocol.Message] = field(default_factory=list)
+    # The peer closed its end cleanly: answers in flight still go out.
+    end_of_input: bool = False
+    # The connection must close at once (reset, fatal protocol error).
+    fatal: bool = False
+
+
 class ControlServer:
     """Accepts clients on the control socket and serves their requests."""
 
@@ -199,27 +248,35 @@ class ControlServer:
         self._ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self._listen_scope: trio.CancelScope | None = None
+        self._hub = ReadHub()
 
     async def serve(
         self, listener: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept until `stop_accepting`, then keep serving open connections until
         cancelled. Cancellation closes every connection (their leases are released)."""
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._listen_scope:
-                task_status.started()
-                while True:
-                    try:
-                        sock, _ = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            log.error("server.accept_failed", error=os.strerror(exc.errno))
-                            await trio.sleep(0.1)
-                            continue
-                        raise
-                    nursery.start_soon(self._serve_connection, sock, nursery)
-            listener.close()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._hub.run)
+                await self._accept(listener, nursery, task_status)
+        finally:
+            self._hub.close()
+
+    async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as self._listen_scope:
+            task_status.started()
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.error("server.accept_failed", error=os.strerror(exc.errno))
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self._serve_connection, sock, nursery)
+        listener.close()
+        await trio.sleep_forever()
 
     def stop_accepting(self) -> None:
         if self._listen_scope is not None:
@@ -278,55 +335,35 @@ class ControlServer:
             log.info("connection.closed", connection=connection.id)
 
     async def _read_requests(self, connection: Connection, nursery: trio.Nursery) -> bool:
-        """Read and serve requests. True on a clean end of input, False when the
+        """Serve requests. True on a clean end of input, False when the
         connection must close at once (reset, fatal protocol error).
 
-        Each read waits for the socket to be readable and then takes everything
-        there is, so the reader yields to the scheduler once per batch of lines
-        (which keeps connections taking turns) and not once per socket call.
-        Requests that never wait (`api.answers_at_once`) are answered right
-        here, in order, without a task.
+        While nothing needs waiting, the hub reads the connection and answers
+        (`_serve_ready`). What it hands back is served here: requests that
+        never wait for long (`api.answers_at_once`) right here, in order,
+        without a task; others each in a task of their own.
         Cancellation: returns nothing, raises Cancelled.
         """
         decoder = protocol.Decoder(self.config.max_message_bytes)
-        sock = connection.sock
-        # Whether the next read first lets every other task run and then just
-        # reads. Under load (many clients, a round of other requests between
-        # two of this peer's) the next line is there by then, and this saves
-        # arming epoll for it (a sixth of a request's CPU). When nothing is
-        # there, reads wait for readability for the next READS_BEFORE_RETRY.
-        read_after_others = False
-        waited_reads = 0
         while not connection.closed:
-            try:
-                if read_after_others:
-                    await trio.lowlevel.checkpoint()
+            handback = await self._lend_to_hub(connection, decoder)
+            if handback.line is not None:
+                if handback.sent is None:
+                    await connection.send(handback.line)
                 else:
-                    await trio.lowlevel.wait_readable(sock)
-                data = sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                read_after_others = False
-                waited_reads = 0
-                continue  # nothing yet: wait for readability
-            except (OSError, trio.ClosedResourceError):
+                    await connection.finish_line(memoryview(handback.line), handback.sent, ())
+            if handback.fatal:
                 return False
-            if not read_after_others:
-                waited_reads += 1
-                read_after_others = waited_reads > READS_BEFORE_RETRY and len(self.connections) > 1
-            if not data:
+            if handback.end_of_input:
                 return True
-            answered = 0
-            for message in decoder.feed(data):
+            for answered, message in enumerate(handback.messages, start=1):
                 if isinstance(message, protocol.BadMessage):
-                    self.supervisor.metrics.protocol_errors.labels(str(message.error.code)).inc()
-                    log.info("request.rejected", connection=connection.id, code=message.error.code, reason=message.error.message)
-                    await connection.send(protocol.encode_error(message.id, message.error))
+                    await connection.send(self._rejection(connection, message))
                     if message.fatal:
                         return False
                 elif api.answers_at_once(self.supervisor, message):
-                    # No in-flight slot: the reader reads nothing more until
-                    # this is answered, so these cannot pile up. (INLINE
-                    # methods, and acquires that need not wait.)
+                    # No in-flight slot: nothing more is read from the peer
+                    # until this is answered, so these cannot pile up.
                     await self._serve_request(connection, message)
                 else:
                     # Backpressure: a peer cannot have more than MAX_IN_FLIGHT
@@ -336,10 +373,102 @@ class ControlServer:
                     except trio.WouldBlock:
                         await connection.in_flight.acquire()
                     await nursery.start(self._serve_in_task, connection, message)
-                answered += 1
                 if answered % ANSWERS_PER_TURN == 0:
                     await trio.lowlevel.checkpoint()
         return False
+
+    async def _lend_to_hub(self, connection: Connection, decoder: protocol.Decoder) -> _Handback:
+        """Let the hub serve the connection until it hands it back.
+        Cancellation: the hub lets go of the connection first."""
+        task = trio.lowlevel.current_task()
+        fd = connection.sock.fileno()
+        handback: _Handback | None = None
+
+        def on_readable() -> None:
+            nonlocal handback
+            handback = self._serve_ready(connection, decoder)
+            if handback is not None:
+                self._hub.unwatch(fd)
+                trio.lowlevel.reschedule(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._hub.unwatch(fd)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        self._hub.watch(fd, on_readable)
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        assert handback is not None
+        return handback
+
+    def _serve_ready(self, connection: Connection, decoder: protocol.Decoder) -> _Handback | None:
+        """The hub's turn at a connection with input: read once, and answer
+        the lines that need no waiting. None keeps the connection in the hub;
+        otherwise its task must take over. Raises nothing."""
+        if connection.closed:
+            return _Handback(fatal=True)
+        try:
+            data = connection.sock.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return _Handback(fatal=True)
+        if not data:
+            return _Handback(end_of_input=True)
+        messages = decoder.feed(data)
+        for index, message in enumerate(messages):
+            if index == ANSWERS_PER_TURN:
+                return _Handback(messages=messages[index:])
+            fatal = False
+            try:
+                if isinstance(message, protocol.BadMessage):
+                    line = self._rejection(connection, message)
+                    fatal = message.fatal
+                    sent = connection.try_send(line)
+                elif message.method == "acquire":
+                    with afterreply.deferring():
+                        line = self._answer_now(connection, message)
+                        sent = connection.try_send(line)
+                else:
+                    line = self._answer_now(connection, message)
+                    sent = connection.try_send(line)
+            except api.WouldWait:
+                return _Handback(messages=messages[index:])
+            if sent is None or sent < len(line):
+                return _Handback(line=line, sent=sent, fatal=fatal, messages=messages[index + 1:])
+            if fatal:
+                return _Handback(fatal=True)
+        return _Handback(fatal=True) if connection.closed else None
+
+    def _answer_now(self, connection: Connection, request: protocol.Request) -> bytes:
+        """The response line to `request`, made without waiting. Raises
+        api.WouldWait (having changed nothing) if it cannot be."""
+        try:
+            result = api.answer_now(self.supervisor, connection, request)
+        except api.WouldWait:
+            raise
+        except SupervisorError as exc:
+            return self._error_line(connection, request, exc)
+        except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
+            return self._crash_line(connection, request)
+        return protocol.encode_result(request.id, result)
+
+    def _rejection(self, connection: Connection, message: protocol.BadMessage) -> bytes:
+        """The error line for a line that is not a valid request."""
+        self.supervisor.metrics.protocol_errors.labels(str(message.error.code)).inc()
+        log.info("request.rejected", connection=connection.id, code=message.error.code, reason=message.error.message)
+        return protocol.encode_error(message.id, message.error)
+
+    def _error_line(self, connection: Connection, request: protocol.Request, exc: SupervisorError) -> bytes:
+        self.supervisor.metrics.protocol_errors.labels(str(exc.code)).inc()
+        log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
+        return protocol.encode_error(request.id, exc)
+
+    def _crash_line(self, connection: Connection, request: protocol.Request) -> bytes:
+        """For a handler's unexpected exception (a bug, not a client's
+        mistake): logged whole, answered without details. Call it while
+        handling the exception."""
+        log.exception("request.crashed", connection=connection.id, method=request.method)
+        return protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
 
     async def _serve_in_task(
         self, connection: Connection, request: protocol.Request, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -384,13 +513,9 @@ class ControlServer:
                     result, fds = result.result, result.fds
                 line = protocol.encode_result(request.id, result)
             except SupervisorError as exc:
-                self.supervisor.metrics.protocol_errors.labels(str(exc.code)).inc()
-                log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
-                line = protocol.encode_error(request.id, exc)
-            except Exception:
-                # A bug, not a client's mistake: log it whole, answer without details.
-                log.exception("request.crashed", connection=connection.id, method=request.method)
-                line = protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
+                line = self._error_line(connection, request, exc)
+            except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
+                line = self._crash_line(connection, request)
             started()
             await connection.send(line, fds)
         finally:

@@ -351,7 +351,7 @@ async def test_no_line_starts_while_another_is_cut_off(socket_pair, nursery) -> 
     connection = connection_on(ours, nursery)
     nursery.start_soon(connection.send, HUGE_LINE)
     await trio.testing.wait_all_tasks_blocked()
-    assert connection.send_lock.locked(), "the huge line went whole"
+    assert connection.sending, "the huge line went whole"
     # Room for more, while the huge line's sender has not run again yet: a
     # send now must wait its turn (and be cancelled while waiting), not slip
     # its bytes into the gap.
@@ -362,7 +362,7 @@ async def test_no_line_starts_while_another_is_cut_off(socket_pair, nursery) -> 
     rest = await trio.to_thread.run_sync(read_exactly, theirs, len(HUGE_LINE) - len(start))
     assert start + rest == HUGE_LINE
     await trio.testing.wait_all_tasks_blocked()
-    assert not connection.closed and not connection.send_lock.locked()
+    assert not connection.closed and not connection.sending
 
 
 async def test_a_send_cancelled_mid_line_closes_the_connection_and_frees_the_lock(socket_pair, nursery) -> None:
@@ -372,6 +372,6 @@ async def test_a_send_cancelled_mid_line_closes_the_connection_and_frees_the_loc
         await connection.send(HUGE_LINE)
     assert scope.cancelled_caught
     assert connection.closed, "a cut-off line left the connection open to more lines"
-    assert not connection.send_lock.locked()
+    assert not connection.sending
     received = await trio.to_thread.run_sync(lambda: b"".join(iter(lambda: theirs.recv(1 << 20), b"")))
     assert 0 < len(received) < len(HUGE_LINE)
