@@ -159,9 +159,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_clients_in_lockstep_and_one_that_pauses_are_all_answered(start_daemon, raw_clients) -> None:
-    # Eight clients, one request in flight each, for many rounds: the readers
-    # take to reading after the other tasks ran instead of waiting for
-    # readability. Then one client pauses before its next request: its reader
+    # Eight clients, one request in flight each, for many rounds: the hub
+    # takes to looking for input after the other tasks ran instead of waiting
+    # for readiness. Then one client pauses before its next request: the hub
     # finds nothing there and must go back to waiting, not spin or stall.
     daemon = start_daemon()
     clients = [RawClient.connect(daemon.socket) for _ in range(8)]
@@ -249,6 +249,47 @@ def test_a_line_cut_by_a_full_socket_is_finished_before_notifications_are_sent(s
     assert all("result" in answer for answer in answers)
     assert sorted(n["params"]["job"] for n in notifications) == sorted(f"job-{i}" for i in range(instances))
     assert {n["method"] for n in notifications} == {"adapter_exited"}
+
+
+def queue_settles(client: RawClient, quiet_s: float = 0.05) -> int:
+    """The bytes queued for `client` once that figure holds still for `quiet_s`."""
+    queued = client.queued_bytes()
+    while True:
+        time.sleep(quiet_s)
+        now = client.queued_bytes()
+        if now == queued:
+            return now
+        queued = now
+
+
+def test_a_line_the_hub_cuts_off_is_finished_by_the_connections_task(start_daemon, raw_clients) -> None:
+    # Batches of `hello`, each taken by the hub in one read and answered in
+    # one turn (fewer lines than ANSWERS_PER_TURN), until the socket is full:
+    # the hub then cannot send a line whole, and hands the connection, with
+    # the send lock held for that line, to its task. The task finishes the
+    # line once the peer reads, then serves the lines queued behind it.
+    batch = 24
+    daemon = start_daemon()
+    client = RawClient.connect(daemon.socket)
+    raw_clients.append(client)
+    shortest_answer = len(json.dumps({"jsonrpc": "2.0", "id": 0, "result": {}}))
+    sent = 0
+    while True:
+        assert sent < 20000, "the socket never filled"
+        queued = client.queued_bytes()
+        client.send(b"".join(request_line(i, "hello") for i in range(sent, sent + batch)))
+        sent += batch
+        if queue_settles(client) - queued < batch * shortest_answer:
+            break  # the batch was cut short: the socket is full
+    client.send(b"".join(request_line(i, "hello") for i in range(sent, sent + batch)))
+    sent += batch
+    waiting = queue_settles(client)
+    answers = client.messages(sent)
+    assert waiting < len(client.stream), "nothing waited for room"
+    assert [answer["id"] for answer in answers] == list(range(sent))
+    assert all(answer["result"]["pid"] == daemon.pid for answer in answers)
+    client.send(request_line("after", "status"))
+    assert client.messages(1)[0]["result"]["daemon"]["pid"] == daemon.pid
 
 
 def stubborn_adapter(name: str) -> str:
