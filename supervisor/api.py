@@ -69,11 +69,7 @@ def answers_at_once(service: Supervisor, request: protocol.Request) -> bool:
     params = request.params
     if request.method != "acquire" or not isinstance(params, protocol.AcquireParams):
         return False
-    if service.registry.acquire_waits(params.job, params.adapter):
-        return False
-    if service.registry.live_instance(params.job, params.adapter) is not None:
-        return True
-    return service.uses_clone3 and service.config.daemon.memory_budget is None
+    return _acquire_settles_at_once(service, params)
 
 
 @dataclass(frozen=True)
@@ -100,7 +96,7 @@ def answer_now(service: Supervisor, peer: Peer, request: protocol.Request) -> ob
     """Run one request without waiting, and return its result. Raises
     SupervisorError for the client's mistakes, and WouldWait, before changing
     anything, when the request needs `handle`: a `sweep`, a `status` whose
-    tree scan is stale, an `acquire` that spawns, waits or passes fds."""
+    tree scan is stale, an `acquire` that must wait or passes fds."""
     _check_served(service, request)
     method = request.method
     if method == "status":
@@ -109,7 +105,7 @@ def answer_now(service: Supervisor, peer: Peer, request: protocol.Request) -> ob
             raise WouldWait
         return _status(service, request.params, members)
     if method == "acquire":
-        return _acquire_running(service, peer, request.params)
+        return _acquire_now(service, peer, request.params)
     handler = SYNC_HANDLERS.get(method)
     if handler is None:
         raise WouldWait
@@ -154,15 +150,28 @@ async def acquire(service: Supervisor, peer: Peer, params: protocol.AcquireParam
     return _acquire_result(service, params, acquired, refcount, pending)
 
 
-def _acquire_running(service: Supervisor, peer: Peer, params: protocol.AcquireParams) -> object:
-    """An acquire of a running instance, without fds: nothing to spawn or wait
-    for. Raises WouldWait for any other acquire."""
-    instance = service.registry.live_instance(params.job, params.adapter)
-    if instance is None or instance.state is State.STARTING or params.fds:
+def _acquire_now(service: Supervisor, peer: Peer, params: protocol.AcquireParams) -> object:
+    """An acquire that `answers_at_once` and passes no fds: of a running
+    instance, or one whose root the clone3 spawner starts (and registers)
+    inside `execute`. Raises WouldWait, having changed nothing, for any other."""
+    if params.fds or not _acquire_settles_at_once(service, params):
         raise WouldWait
     adapter = _checked_adapter(service, params)
     acquired, refcount, pending = _commit_acquire(service, peer, params, adapter)
+    if pending is not None and not pending.settled.is_set():
+        raise RuntimeError(f"the spawn of instance {acquired.instance.id} did not settle inside execute()")
     return _acquire_result(service, params, acquired, refcount, pending)
+
+
+def _acquire_settles_at_once(service: Supervisor, params: protocol.AcquireParams) -> bool:
+    """Whether an acquire now would have its answer without waiting: its
+    instance is running; or the clone3 spawner starts it, with no predecessor
+    still stopping and no memory budget to measure first."""
+    if service.registry.acquire_waits(params.job, params.adapter):
+        return False
+    if service.registry.live_instance(params.job, params.adapter) is not None:
+        return True
+    return service.uses_clone3 and service.config.daemon.memory_budget is None
 
 
 def _checked_adapter(service: Supervisor, params: protocol.AcquireParams) -> AdapterConfig:

@@ -277,20 +277,30 @@ class Supervisor:
 
     def _spawn_now(self, instance_id: str) -> list[Action]:
         """Start an instance's root with the clone3 spawner, on this thread, and
-        register it. If clone3 is refused, subprocess takes over from now on."""
-        target = self._spawn_target(instance_id, clone3=True)
+        register it. If clone3 is refused, subprocess takes over from now on,
+        starting with this root, also right here: a spawn that `execute`
+        begins with clone3 always settles inside it, which is what lets an
+        acquire be answered without waiting. (That once, a fork, and in cgroup
+        mode a join's RCU wait, cost the event loop a few ms.)"""
+        try:
+            return self._spawn_here(instance_id, clone3=True)
+        except clonespawn.Unsupported as exc:
+            self._clone3_refused = True
+            log.warning("spawner.clone3_refused", error=exc.strerror, using="subprocess")
+            return self._spawn_here(instance_id, clone3=False)
+
+    def _spawn_here(self, instance_id: str, *, clone3: bool) -> list[Action]:
+        """Start an instance's root on this thread and register it. Raises
+        clonespawn.Unsupported (no child created) if clone3 is refused."""
+        target = self._spawn_target(instance_id, clone3=clone3)
         if isinstance(target, list):
             return target
         adapter, spawn = target
         spawned_after = trio.current_time()
         try:
             root = spawn()
-        except clonespawn.Unsupported as exc:
-            self._clone3_refused = True
-            log.warning("spawner.clone3_refused", error=exc.strerror, using="subprocess")
-            assert self._nursery is not None
-            self._nursery.start_soon(self._spawn, instance_id)
-            return []
+        except clonespawn.Unsupported:
+            raise
         except (SpawnFailed, InvalidParams, OSError) as exc:
             return self._spawn_failed(instance_id, exc)
         return self._root_started(instance_id, adapter, root, spawned_after)

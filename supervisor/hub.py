@@ -49,8 +49,8 @@ class ReadHub:
     def unwatch(self, fd: int) -> None:
         """Stop watching `fd`; before it is closed, it must be. Its callback is
         not called again, not even for readiness already collected."""
-        del self._callbacks[fd]
         self._epoll.unregister(fd)
+        del self._callbacks[fd]
 
     @property
     def watched(self) -> int:

@@ -153,7 +153,8 @@ class Connection:
         line is out. If not all of it, the send lock is now held for the rest
         and the caller must `finish_line`. A connection that is closed, or
         that fails now (and is closed), counts as having taken the whole line.
-        Runs the request's deferred work first if the line is cut off."""
+        If the line is cut off, the request's deferred work runs before this
+        returns (the rest of its reply will wait for the peer)."""
         if self.sending:
             return None
         if self.closed:
@@ -248,19 +249,20 @@ class ControlServer:
         self._ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self._listen_scope: trio.CancelScope | None = None
-        self._hub = ReadHub()
+        self._hub: ReadHub | None = None
 
     async def serve(
         self, listener: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept until `stop_accepting`, then keep serving open connections until
         cancelled. Cancellation closes every connection (their leases are released)."""
+        self._hub = hub = ReadHub()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._hub.run)
+                nursery.start_soon(hub.run)
                 await self._accept(listener, nursery, task_status)
         finally:
-            self._hub.close()
+            hub.close()
 
     async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as self._listen_scope:
@@ -357,6 +359,8 @@ class ControlServer:
             if handback.end_of_input:
                 return True
             for answered, message in enumerate(handback.messages, start=1):
+                if connection.closed:
+                    return False
                 if isinstance(message, protocol.BadMessage):
                     await connection.send(self._rejection(connection, message))
                     if message.fatal:
@@ -380,22 +384,41 @@ class ControlServer:
     async def _lend_to_hub(self, connection: Connection, decoder: protocol.Decoder) -> _Handback:
         """Let the hub serve the connection until it hands it back.
         Cancellation: the hub lets go of the connection first."""
+        hub = self._hub
+        assert hub is not None, "serve() runs the hub"
         task = trio.lowlevel.current_task()
         fd = connection.sock.fileno()
         handback: _Handback | None = None
+        aborted = False
 
         def on_readable() -> None:
             nonlocal handback
-            handback = self._serve_ready(connection, decoder)
-            if handback is not None:
-                self._hub.unwatch(fd)
-                trio.lowlevel.reschedule(task)
+            try:
+                result = self._serve_ready(connection, decoder)
+            except Exception:  # a bug, logged whole: the hub serves the others on
+                log.exception("connection.hub_failed", connection=connection.id)
+                connection.close()
+                result = _Handback(fatal=True)
+            if result is None:
+                return
+            if aborted:
+                # The task was cancelled while this ran (and let go of the fd):
+                # nobody will finish a line this began.
+                if result.sent is not None:
+                    connection.send_lock.release()
+                connection.close()
+                return
+            handback = result
+            hub.unwatch(fd)
+            trio.lowlevel.reschedule(task)
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            self._hub.unwatch(fd)
+            nonlocal aborted
+            aborted = True
+            hub.unwatch(fd)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        self._hub.watch(fd, on_readable)
+        hub.watch(fd, on_readable)
         await trio.lowlevel.wait_task_rescheduled(abort)
         assert handback is not None
         return handback
@@ -416,6 +439,8 @@ class ControlServer:
             return _Handback(end_of_input=True)
         messages = decoder.feed(data)
         for index, message in enumerate(messages):
+            if connection.closed:
+                return _Handback(fatal=True)  # the peer is gone: serve nothing more
             if index == ANSWERS_PER_TURN:
                 return _Handback(messages=messages[index:])
             fatal = False
@@ -444,13 +469,15 @@ class ControlServer:
         api.WouldWait (having changed nothing) if it cannot be."""
         try:
             result = api.answer_now(self.supervisor, connection, request)
+            # (answer_now passes no fds: an acquire with fds would wait.)
+            assert not isinstance(result, api.FdsResult)
+            return protocol.encode_result(request.id, result)
         except api.WouldWait:
             raise
         except SupervisorError as exc:
             return self._error_line(connection, request, exc)
         except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
             return self._crash_line(connection, request)
-        return protocol.encode_result(request.id, result)
 
     def _rejection(self, connection: Connection, message: protocol.BadMessage) -> bytes:
         """The error line for a line that is not a valid request."""

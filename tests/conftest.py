@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +113,7 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
         wait: bool = True,
         state_dir: Path | None = None,
         nofile: int | None = None,
+        preexec: Callable[[], None] | None = None,
         **daemon: object,
     ) -> DaemonProcess:
         index = len(started)
@@ -125,13 +126,20 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
             "[daemon]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()) + "\n" + textwrap.dedent(adapters)
         )
         log_path = tmp_path / f"daemon{index}.log"
+
+        def before_exec() -> None:
+            # `nofile`: a hard limit on open files, to test running out of fds.
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if preexec is not None:
+                preexec()
+
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
                 [PYTHON, "-m", "supervisor", "serve", "--config", str(config_path)],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                # `nofile`: a hard limit on open files, to test running out of fds.
-                preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None,
+                preexec_fn=before_exec if nofile or preexec else None,
             )
         handle = DaemonProcess(popen, sock, state, config_path, log_path)
         started.append(handle)

@@ -32,8 +32,10 @@ class Peer:
 
 @pytest.fixture
 def service(tmp_path: Path) -> Supervisor:
+    # The subprocess spawner: a cold acquire would wait for its worker thread.
     config = parse_config(
-        f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\n[adapters.tool]\ncommand = ["/bin/sleep", "5"]\n',
+        f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\nspawner = "subprocess"\n'
+        '[adapters.tool]\ncommand = ["/bin/sleep", "5"]\n',
         str(tmp_path / "supervisor.toml"),
     )
     return Supervisor(config)
@@ -67,7 +69,7 @@ def running_instance(service: Supervisor, peer: Peer) -> str:
 async def test_what_would_wait_is_refused_before_anything_changes(service: Supervisor) -> None:
     peer = Peer()
     for waiting in (
-        request("acquire", job="j", adapter="tool"),  # would spawn
+        request("acquire", job="j", adapter="tool"),  # would spawn in a thread
         request("sweep"),
         request("status"),  # no scan yet
     ):

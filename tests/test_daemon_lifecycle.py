@@ -8,8 +8,11 @@ and exec); and with the process-table fallback (`cgroup = "off"`).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -101,6 +104,64 @@ def test_last_release_reaps_the_whole_tree_including_a_setsid_escapee(start_daem
     assert released == {"refcount": 0, "stopping": True}
     assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
     assert eventually(lambda: client.call("status")["instances"] == [], timeout=1.0)
+
+
+# A seccomp filter (classic BPF, x86_64) that fails clone3 with ENOSYS, as an
+# old kernel or a container runtime's default profile does, and allows the rest.
+_SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH = 0, 4
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_NR_CLONE3 = 435
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def refuse_clone3() -> None:
+    """Install the filter in this process (a preexec_fn: the daemon inherits it)."""
+    program = (_SockFilter * 6)(
+        _SockFilter(_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
+        _SockFilter(_BPF_JEQ_K, 0, 3, _AUDIT_ARCH_X86_64),  # another arch: allow
+        _SockFilter(_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
+        _SockFilter(_BPF_JEQ_K, 0, 1, _NR_CLONE3),
+        _SockFilter(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
+        _SockFilter(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+    )
+    fprog = _SockFprog(len(program), program)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the clone3 spawner is built for x86_64 only")
+def test_when_clone3_is_refused_subprocess_starts_that_very_root_and_every_later_one(
+    start_daemon, tmp_path: Path
+) -> None:
+    daemon = start_daemon(
+        tree_adapter("tree", pidfile=tmp_path / "pids-{job}", stop_timeout=STOP_TIMEOUT), preexec=refuse_clone3
+    )
+    client = daemon.client()
+    assert client.call("status")["daemon"]["spawner"] == "clone3", "the daemon chose subprocess before trying"
+    for job in ("first", "second"):
+        lease = client.call("acquire", {"job": job, "adapter": "tree"})
+        members = read_pidfile(tmp_path / f"pids-{job}")
+        assert lease["pid"] == members["root"].pid
+        assert procs.read_stat(lease["pid"]).ppid == daemon.pid
+        released = client.call("release", {"lease": lease["lease"]})
+        assert released == {"refcount": 0, "stopping": True}
+        assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+    refusals = [e for e in daemon.log_events() if e.get("event") == "spawner.clone3_refused"]
+    assert len(refusals) == 1 and refusals[0]["using"] == "subprocess"
+    assert client.call("status")["daemon"]["spawner"] == "subprocess"
 
 
 def test_a_tree_that_ignores_sigterm_is_killed_after_stop_timeout(start_daemon, tmp_path: Path, mode: str) -> None:

@@ -416,3 +416,35 @@ async def test_a_send_cancelled_mid_line_closes_the_connection_and_frees_the_loc
     assert not connection.sending
     received = await trio.to_thread.run_sync(lambda: b"".join(iter(lambda: theirs.recv(1 << 20), b"")))
     assert 0 < len(received) < len(HUGE_LINE)
+
+
+# -- A handler's bug, served in process ----------------------------------------------
+
+
+async def test_a_result_that_cannot_be_encoded_is_an_internal_error_and_the_server_lives_on(
+    tmp_path, nursery, monkeypatch
+) -> None:
+    """The hub answers `hello` on the spot; a bug that makes its result
+    unencodable must become the usual internal error on that one request,
+    not an exception out of the hub's task (which serves every connection)."""
+    from supervisor import api
+    from supervisor.config import parse_config
+    from supervisor.daemon import Supervisor
+    from supervisor.server import ControlServer, bind_control_socket
+
+    config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\n', str(tmp_path / "s.toml"))
+    server = ControlServer(Supervisor(config))
+    listener = await bind_control_socket(str(tmp_path / "s.sock"), 0o600)
+    await nursery.start(server.serve, listener)
+    monkeypatch.setitem(api.SYNC_HANDLERS, "hello", lambda service, peer, params: {"unencodable": object()})
+    stream = await trio.open_unix_socket(str(tmp_path / "s.sock"))
+    await stream.send_all(request_line(1, "hello") + request_line(2, "release", {"lease": "0" * 32}))
+    received = b""
+    with trio.fail_after(5):
+        while received.count(b"\n") < 2:
+            received += await stream.receive_some(65536)
+    first, second = (json.loads(line) for line in received.splitlines())
+    assert first["id"] == 1 and first["error"]["code"] == -32603
+    assert "internal error" in first["error"]["message"]
+    assert second["id"] == 2 and second["error"]["code"] == 1002
+    await stream.aclose()
