@@ -19,6 +19,7 @@ back to its connection's task, which watches it again once it is done.
 from __future__ import annotations
 
 import select
+import time
 from collections.abc import Callable
 
 import trio
@@ -27,9 +28,18 @@ import trio
 # registrations are level-triggered), after other tasks have had a turn.
 MAX_EVENTS = 256
 
-# After a look that let other tasks run first found nothing ready, this many
-# rounds wait for readiness before the next such look (see `run`).
+# After a look for input found nothing ready, this many rounds wait for
+# readiness before the next look (see `run`).
 ROUNDS_BEFORE_RETRY = 16
+
+# How long a look goes on letting other tasks run and polling, while nothing
+# is ready. A client that sends its next request as soon as it has an answer
+# takes 20-40 us (its own decoding and encoding) to do so. Waking the daemon
+# from sleep for it costs more than this on a VM, in latency and in CPU: with
+# this look, one client's `Client.status()` loop ran at 56 us a call instead
+# of 76, and the daemon used 12% less CPU for the same calls. A look that
+# finds nothing costs this much CPU once per ROUNDS_BEFORE_RETRY + 1 rounds.
+LOOK_S = 50e-6
 
 
 class ReadHub:
@@ -62,32 +72,43 @@ class ReadHub:
         nothing; the epoll stays open until `close`."""
         fd = self._epoll.fileno()
         callbacks = self._callbacks
-        # Whether the next round first lets every other task run once and then
-        # just looks. A client that sends its next request as soon as it has
-        # an answer (or many clients, with a round of other work between two
-        # requests of each) has usually sent it by then: the daemon then never
-        # sleeps, so the client's send needs no wake-up of an idle CPU (tens of
-        # us on a VM), and the epoll needs no re-arming in trio's. When nothing
-        # is there, rounds wait for readiness for the next ROUNDS_BEFORE_RETRY.
-        look_after_others = False
+        # Whether the next round looks for input (`_look`) rather than waits
+        # for readiness. A client that sends its next request as soon as it
+        # has an answer (or many clients, with a round of other work between
+        # two requests of each) has usually sent it within the look: the
+        # daemon then never sleeps, so the client's send needs no wake-up of
+        # an idle CPU (tens of us on a VM), and the epoll needs no re-arming
+        # in trio's. When a look finds nothing, rounds wait for readiness for
+        # the next ROUNDS_BEFORE_RETRY.
+        looking = False
         waited_rounds = 0
         while True:
-            if look_after_others:
-                await trio.lowlevel.checkpoint()
+            if looking:
+                events = await self._look()
+                if not events:
+                    looking = False
+                    waited_rounds = 0
+                    continue
             else:
                 await trio.lowlevel.wait_readable(fd)
+                events = self._epoll.poll(0, MAX_EVENTS)
                 waited_rounds += 1
-            events = self._epoll.poll(0, MAX_EVENTS)
-            if look_after_others and not events:
-                look_after_others = False
-                waited_rounds = 0
-                continue
-            look_after_others = look_after_others or waited_rounds > ROUNDS_BEFORE_RETRY
+                looking = waited_rounds > ROUNDS_BEFORE_RETRY
             for ready, _ in events:
                 # A callback earlier in this round may have unwatched it.
                 callback = callbacks.get(ready)
                 if callback is not None:
                     callback()
+
+    async def _look(self) -> list[tuple[int, int]]:
+        """What is ready, looked for after letting the other tasks run, and
+        again after each of their turns for up to LOOK_S while nothing is."""
+        until = time.perf_counter() + LOOK_S
+        while True:
+            await trio.lowlevel.checkpoint()
+            events = self._epoll.poll(0, MAX_EVENTS)
+            if events or time.perf_counter() >= until:
+                return events
 
     def close(self) -> None:
         """Close the epoll; call once `run` has ended."""
