@@ -28,7 +28,7 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor.server import Connection
+from supervisor.connection import Connection
 from tests.conftest import eventually
 
 # Far more response bytes than a Unix socket holds (the daemon's send buffer,
