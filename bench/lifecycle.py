@@ -116,18 +116,27 @@ def run_system(session: Session, name: str, agent: systems.Agent, pidfile: str, 
 def run_interleaved(
     session: Session, systems_under_test: dict[str, tuple[systems.Agent, str, int]]
 ) -> dict[str, list[Trial]]:
-    """Start/stop trials of several systems, one trial of each in turn
-    (`systems_under_test`: name -> (agent, pid file, trials)) until every
-    system has had its count: a slow stretch of the host falls on all of them
+    """Start/stop trials of several systems in rounds, each round visiting
+    every system that has a trial in it (`systems_under_test`: name ->
+    (agent, pid file, trials)). There are as many rounds as the largest count,
+    and a system with fewer trials has them spread evenly over the rounds, not
+    bunched in the first ones: a slow stretch of the host falls on all of them
     alike, and the floor is measured under the same conditions as the rest."""
     results: dict[str, list[Trial]] = {name: [] for name in systems_under_test}
     rounds = max(trials for _, _, trials in systems_under_test.values())
+    schedule = {name: trial_rounds(trials, rounds) for name, (_, _, trials) in systems_under_test.items()}
     for i in range(rounds):
-        for name, (agent, pidfile, trials) in systems_under_test.items():
-            if i < trials:
+        for name, (agent, pidfile, _) in systems_under_test.items():
+            if i in schedule[name]:
                 results[name].append(run_trial(session, agent, pidfile, f"cold-{name}-{i}"))
                 session.reap()
     return results
+
+
+def trial_rounds(trials: int, rounds: int) -> frozenset[int]:
+    """The rounds (of `rounds`) in which a system with `trials` trials has one:
+    evenly spaced from the first round on."""
+    return frozenset(k * rounds // trials for k in range(trials))
 
 
 def summarize(trials: list[Trial], daemon_pid: int | None) -> dict[str, Any]:

@@ -68,6 +68,8 @@ QUICK = Plan(
                                 load_start_slack_s=0.6),
     # 24 start/stop trials of ours and of the floor: with 12, the median of
     # either moved by 10-20% from run to run, and the cold-acquire ratio with it.
+    # A peer's trial takes over 2 s (it leaks, so its leak window runs out),
+    # hence 3 of each, spread over the 24 rounds (see lifecycle.run_interleaved).
     trials={"raw": 24, "ours": 24, "ours-process-table": 4, "supervisord": 3, "circus": 3},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=5),
     sweep_process_table=sweepcost.SweepPlan(levels=(10, 100), samples=4),
