@@ -330,7 +330,7 @@ def logs(service: Supervisor, peer: Peer, params: protocol.LogsParams) -> object
     assert instance_id is not None
     running = service.running.get(instance_id)
     if running is not None:
-        lines = list(running.root.stderr_tail)
+        lines = running.root.stderr_lines()
     elif instance_id in service.finished_logs:
         lines = service.finished_logs[instance_id]
     elif instance_id in service.registry.instances:

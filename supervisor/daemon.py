@@ -400,7 +400,10 @@ class Supervisor:
         its metric. The stderr reader owns the pipe's read end, so this always
         runs, whatever became of the request."""
         assert self._nursery is not None
-        self._nursery.start_soon(capture_stderr, running.root, partial(self._stderr_line, instance_id))
+        self._nursery.start_soon(
+            capture_stderr, running.root, partial(self._stderr_line, instance_id),
+            partial(self._stderr_dropped, instance_id),
+        )
         self._nursery.start_soon(self._settle_spawn, instance_id, running)
         self.metrics.spawns.labels(running.adapter.name).inc()
 
@@ -429,6 +432,11 @@ class Supervisor:
     @staticmethod
     def _stderr_line(instance_id: str, line: str) -> None:
         log.info("adapter.stderr", instance=instance_id, line=line)
+
+    @staticmethod
+    def _stderr_dropped(instance_id: str, lines: int) -> None:
+        log.warning("adapter.stderr_dropped", instance=instance_id, lines=lines,
+                    reason="over the stderr log budget; the lines are in the tail that `logs` returns")
 
     async def _stop(self, instance_id: str, reason: Reason) -> None:
         running = self.running.get(instance_id)
@@ -463,7 +471,7 @@ class Supervisor:
                 # never poll it on its own: the reaper still owns its status.
                 running.root.reaped(-signal.SIGKILL)
             self._remove_cgroup(instance_id)
-            self.finished_logs[instance_id] = list(running.root.stderr_tail)
+            self.finished_logs[instance_id] = running.root.stderr_lines()
             while len(self.finished_logs) > FINISHED_LOGS_KEPT:
                 self.finished_logs.popitem(last=False)
             del self.running[instance_id]

@@ -142,3 +142,65 @@ def test_roots_that_exit_at_once_are_always_seen_exiting(start_daemon) -> None:
         assert note["params"]["returncode"] == 0 and note["params"]["reason"] == "exited"
         client.call("release", {"lease": lease["lease"]})
     assert eventually(lambda: client.call("status")["instances"] == [], timeout=3.0)
+
+
+def test_an_adapter_flooding_stderr_is_logged_within_its_budget_and_its_tail_is_whole(start_daemon) -> None:
+    # Before the budget, every line went to the daemon's log from the trio
+    # thread: a loop writing stderr made `status` 250x slower for everyone.
+    from supervisor.spawner import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
+    from tests.conftest import PYTHON
+
+    total = 30 * STDERR_LOG_BURST
+    script = (
+        "import sys, time\n"
+        f"sys.stderr.write(''.join('line %d\\n' % i for i in range({total})))\n"
+        "sys.stderr.flush()\n"
+        "time.sleep(60)\n"
+    )
+    daemon = start_daemon(f"[adapters.chatty]\ncommand = {json.dumps([PYTHON, '-c', script])}\nstop_timeout = 0.5\n")
+    client = daemon.client()
+    started = time.monotonic()
+    lease = client.call("acquire", {"job": "chatty-job", "adapter": "chatty"})
+
+    def tail() -> list[str]:
+        return client.call("logs", {"lease": lease["lease"], "lines": STDERR_LINES})["lines"]
+
+    assert eventually(lambda: tail()[-1:] == [f"line {total - 1}"], timeout=15)
+    assert tail() == [f"line {i}" for i in range(total - STDERR_LINES, total)]
+    client.call("release", {"lease": lease["lease"]})
+
+    def accounted() -> tuple[int, int]:
+        events = [e for e in daemon.log_events() if e.get("instance") == lease["instance"]]
+        logged = sum(e.get("event") == "adapter.stderr" for e in events)
+        dropped = sum(e["lines"] for e in events if e.get("event") == "adapter.stderr_dropped")
+        return logged, dropped
+
+    # The last count comes when the pipe's last writer is gone.
+    assert eventually(lambda: sum(accounted()) == total, timeout=10), accounted()
+    logged, dropped = accounted()
+    assert STDERR_LOG_BURST <= logged <= STDERR_LOG_BURST + STDERR_LOG_PER_S * (time.monotonic() - started)
+    assert dropped > 0
+
+
+def test_a_never_ending_stderr_flood_costs_the_daemon_little_cpu(start_daemon) -> None:
+    # A line per system call, forever: read as it came, this took a whole core
+    # of the daemon; past the log budget it is read a pipe's worth at a time.
+    from tests.conftest import PYTHON
+
+    script = "import sys\nwhile True:\n    sys.stderr.write('x' * 80 + '\\n')\n"
+    daemon = start_daemon(f"[adapters.flood]\ncommand = {json.dumps([PYTHON, '-c', script])}\nstop_timeout = 0.5\n")
+    client = daemon.client()
+    lease = client.call("acquire", {"job": "flood-job", "adapter": "flood"})
+    daemon.wait_for_event("adapter.stderr_dropped", timeout=10)
+
+    def cpu_seconds() -> float:
+        with open(f"/proc/{daemon.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before, started = cpu_seconds(), time.monotonic()
+    time.sleep(1.0)
+    used = (cpu_seconds() - before) / (time.monotonic() - started)
+    assert used < 0.4, f"the daemon spent {used:.2f} of a core reading one adapter's stderr"
+    assert client.call("logs", {"lease": lease["lease"], "lines": 1})["lines"] == ["x" * 80]
+    client.call("release", {"lease": lease["lease"]})

@@ -14,7 +14,15 @@ import trio
 from supervisor import clonespawn, procs, spawner
 from supervisor.config import parse_config
 from supervisor.errors import SpawnFailed
-from supervisor.spawner import STDERR_LINE_BYTES, capture_stderr, spawn_root
+from supervisor.spawner import (
+    STDERR_DROPS_REPORT_S,
+    STDERR_LINE_BYTES,
+    STDERR_LINES,
+    STDERR_LOG_BURST,
+    LineBudget,
+    capture_stderr,
+    spawn_root,
+)
 
 # Both ways of starting a root: subprocess, and the clone3 spawner where built.
 SPAWNERS = [pytest.param(False, id="subprocess"), pytest.param(
@@ -55,7 +63,62 @@ async def test_a_root_runs_in_its_own_session_with_the_tags_and_its_stderr_is_ca
     long_pieces = [line for line in lines if set(line) == {"x"}]
     assert [len(piece) for piece in long_pieces] == [STDERR_LINE_BYTES, STDERR_LINE_BYTES, 10000 - 2 * STDERR_LINE_BYTES]
     assert lines[-2:] == ["inst-1 True", "no newline at the end"]
-    assert list(root.stderr_tail) == lines
+    assert root.stderr_lines() == lines
+
+
+def test_the_line_budget_gives_a_burst_then_a_steady_rate_and_reports_drops_at_intervals() -> None:
+    budget = LineBudget(0.0, burst=10, per_s=100.0)
+    assert budget.take(4, 0.0) == 4
+    assert budget.take(10, 0.0) == 6  # the rest of the burst
+    assert budget.dropped_to_report(0.0) == 0, "a report before STDERR_DROPS_REPORT_S"
+    assert budget.take(5, 0.03) == 3  # 30 ms at 100 a second
+    assert budget.take(1, 1.0) == 1
+    assert budget.take(100, 1.0) == 9  # refilled to the burst, no further
+    assert budget.dropped_to_report(STDERR_DROPS_REPORT_S) == 4 + 2 + 91
+    assert budget.dropped_to_report(STDERR_DROPS_REPORT_S) == 0, "reported twice"
+    assert budget.take(3, STDERR_DROPS_REPORT_S + 0.001) == 0
+    assert budget.dropped_to_report(STDERR_DROPS_REPORT_S + 0.001) == 0, "the next report is not due yet"
+    assert budget.dropped_to_report(STDERR_DROPS_REPORT_S + 0.001, final=True) == 3
+
+
+async def test_a_flood_of_stderr_is_logged_up_to_the_budget_and_every_line_is_accounted_for() -> None:
+    total = 20 * STDERR_LOG_BURST
+    script = f"import sys\nsys.stderr.write(''.join('line %d\\n' % i for i in range({total})))\n"
+    root = spawn_root(adapter([sys.executable, "-c", script]), instance_id="i", job="j", params={}, daemon_key="k")
+    logged: list[str] = []
+    dropped: list[int] = []
+    started = trio.current_time()
+    try:
+        with trio.fail_after(20):
+            await capture_stderr(root, logged.append, dropped.append)
+    finally:
+        assert wait_for(root) == 0
+        root.close_stdio()
+    elapsed = trio.current_time() - started
+    assert STDERR_LOG_BURST <= len(logged) <= STDERR_LOG_BURST + spawner.STDERR_LOG_PER_S * elapsed + 1
+    assert logged[:STDERR_LOG_BURST] == [f"line {i}" for i in range(STDERR_LOG_BURST)]
+    numbers = [int(line.split()[1]) for line in logged]
+    assert numbers == sorted(set(numbers)), "lines logged twice or out of order"
+    assert dropped and len(logged) + sum(dropped) == total
+    assert root.stderr_lines() == [f"line {i}" for i in range(total - STDERR_LINES, total)]
+
+
+async def test_a_read_both_logged_in_part_and_kept_whole_in_the_tail() -> None:
+    # One read of 1100 lines (written at once into an empty pipe): the first
+    # STDERR_LOG_BURST are logged, the last STDERR_LINES kept, and those two
+    # overlap.
+    read_end, write_end = os.pipe()
+    root = spawner.RootProcess(id=procs.ProcessId(os.getpid(), 0), stdin_fd=None, stdout_fd=None, stderr_fd=read_end)
+    count = STDERR_LOG_BURST + 100
+    os.write(write_end, "".join(f"line {i}\n" for i in range(count)).encode())
+    os.close(write_end)
+    logged: list[str] = []
+    dropped: list[int] = []
+    with trio.fail_after(5):
+        await capture_stderr(root, logged.append, dropped.append)
+    assert logged == [f"line {i}" for i in range(STDERR_LOG_BURST)]
+    assert dropped == [100]
+    assert root.stderr_lines() == [f"line {i}" for i in range(count - STDERR_LINES, count)]
 
 
 @pytest.mark.parametrize("clone3", SPAWNERS)
