@@ -38,6 +38,7 @@ from supervisor.errors import (
 )
 from supervisor.procs import ProcStat
 from supervisor.registry import Acquired, State
+from supervisor.spawner import decode_tail
 
 log = structlog.get_logger()
 
@@ -330,14 +331,14 @@ def logs(service: Supervisor, peer: Peer, params: protocol.LogsParams) -> object
     assert instance_id is not None
     running = service.running.get(instance_id)
     if running is not None:
-        lines = running.root.stderr_lines()
+        lines = running.root.stderr_lines(params.lines)
     elif instance_id in service.finished_logs:
-        lines = service.finished_logs[instance_id]
+        lines = decode_tail(service.finished_logs[instance_id], params.lines)
     elif instance_id in service.registry.instances:
         lines = []
     else:
         raise InvalidParams(f"no instance {instance_id!r} is running or finished recently")
-    return {"lines": lines[-params.lines:]}
+    return {"lines": lines}
 
 
 async def sweep(service: Supervisor, peer: Peer, params: protocol.SweepParams, started: Started) -> object:

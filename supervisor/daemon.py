@@ -144,7 +144,9 @@ class Supervisor:
         self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
         self.peers: dict[int, Peer] = {}
         self.running: dict[str, RunningInstance] = {}
-        self.finished_logs: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+        # The stderr tails of instances stopped lately: the deques themselves,
+        # which their readers may still be filling with the last lines.
+        self.finished_logs: collections.OrderedDict[str, collections.deque[bytes]] = collections.OrderedDict()
         self.shutting_down = False
         self._pending: dict[str, PendingSpawn] = {}
         # Spawns in flight (a worker thread is forking): shutdown waits for them.
@@ -436,7 +438,7 @@ class Supervisor:
     @staticmethod
     def _stderr_dropped(instance_id: str, lines: int) -> None:
         log.warning("adapter.stderr_dropped", instance=instance_id, lines=lines,
-                    reason="over the stderr log budget; the lines are in the tail that `logs` returns")
+                    reason="over the stderr log budget; only the last lines are kept, for `logs`")
 
     async def _stop(self, instance_id: str, reason: Reason) -> None:
         running = self.running.get(instance_id)
@@ -471,7 +473,7 @@ class Supervisor:
                 # never poll it on its own: the reaper still owns its status.
                 running.root.reaped(-signal.SIGKILL)
             self._remove_cgroup(instance_id)
-            self.finished_logs[instance_id] = running.root.stderr_lines()
+            self.finished_logs[instance_id] = running.root.stderr_tail
             while len(self.finished_logs) > FINISHED_LOGS_KEPT:
                 self.finished_logs.popitem(last=False)
             del self.running[instance_id]

@@ -24,6 +24,8 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import itertools
+import math
 import os
 import subprocess
 from collections.abc import Callable, Mapping
@@ -80,9 +82,9 @@ class RootProcess:
     def pid(self) -> int:
         return self.id.pid
 
-    def stderr_lines(self) -> list[str]:
-        """The tail of the root's stderr, oldest first."""
-        return [_decode_line(raw) for raw in self.stderr_tail]
+    def stderr_lines(self, last: int = STDERR_LINES) -> list[str]:
+        """The last `last` lines of the tail of the root's stderr, oldest first."""
+        return decode_tail(self.stderr_tail, last)
 
     def reaped(self, returncode: int) -> None:
         """The daemon reaped the root: a Popen must not wait for it itself."""
@@ -270,6 +272,10 @@ class LineBudget:
         self._dropped += lines - granted
         return granted
 
+    def report_due_at(self) -> float | None:
+        """When the dropped lines not yet reported are due to be, if any are."""
+        return self._reported_at + STDERR_DROPS_REPORT_S if self._dropped else None
+
     def dropped_to_report(self, now: float, *, final: bool = False) -> int:
         """The lines dropped since the last report, if one is due (every
         STDERR_DROPS_REPORT_S, or `final`ly); else 0."""
@@ -284,55 +290,70 @@ async def capture_stderr(
 ) -> None:
     """Read the root's stderr pipe (which every descendant inherits) until all
     writers are gone, keeping the tail in `root.stderr_tail` and passing lines
-    to `on_line` as a `LineBudget` allows; `on_dropped(count)` is told, at most
-    every STDERR_DROPS_REPORT_S and at the end, how many it did not allow. A
-    line longer than STDERR_LINE_BYTES is cut into pieces. Past the budget,
-    reads come at most every STDERR_FLOOD_PAUSE_S, and each costs a few
-    C-level passes over its bytes, however many lines it holds.
-    Cancellation: stops reading; the pipe is closed either way."""
+    to `on_line` as a `LineBudget` allows; `on_dropped(count)` is told how many
+    it did not allow, STDERR_DROPS_REPORT_S after the first of them (input or
+    not) and at the end, so that every line is logged or counted. A line
+    longer than STDERR_LINE_BYTES is cut into pieces. Past the budget, reads
+    come at most every STDERR_FLOOD_PAUSE_S, and each costs a few C-level
+    passes over its bytes, however many lines it holds. Cancellation: stops
+    reading, still reports what was dropped; the pipe is closed either way."""
     stream = trio.lowlevel.FdStream(root.stderr_fd)
     budget = LineBudget(trio.current_time())
-    buffer = b""
+
+    def report_dropped(*, final: bool = False) -> None:
+        dropped = budget.dropped_to_report(trio.current_time(), final=final)
+        if dropped:
+            on_dropped(dropped)
 
     def emit(pieces: list[bytes]) -> bool:
         """Log and keep `pieces`; False if the budget did not cover them all."""
-        now = trio.current_time()
-        logged = budget.take(len(pieces), now)
+        logged = budget.take(len(pieces), trio.current_time())
         for raw in pieces[:logged]:
             on_line(_decode_line(raw))
         root.stderr_tail.extend(pieces[-STDERR_LINES:])
-        dropped = budget.dropped_to_report(now)
-        if dropped:
-            on_dropped(dropped)
+        report_dropped()
         return logged == len(pieces)
 
     async with stream:
-        while True:
-            try:
-                chunk = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                break
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            while len(buffer) > STDERR_LINE_BYTES:
-                lines.append(buffer[:STDERR_LINE_BYTES])
-                buffer = buffer[STDERR_LINE_BYTES:]
-            pieces = lines
-            if max(map(len, lines), default=0) > STDERR_LINE_BYTES:
-                pieces = [
-                    raw[start:start + STDERR_LINE_BYTES]
-                    for raw in lines
-                    for start in range(0, max(len(raw), 1), STDERR_LINE_BYTES)
-                ]
-            if pieces and not emit(pieces):
-                await trio.sleep(STDERR_FLOOD_PAUSE_S)
-        if buffer:
-            emit([buffer])
-    dropped = budget.dropped_to_report(trio.current_time(), final=True)
-    if dropped:
-        on_dropped(dropped)
+        try:
+            buffer = b""
+            while True:
+                due = budget.report_due_at()
+                chunk = None
+                with trio.move_on_at(math.inf if due is None else due):
+                    try:
+                        chunk = await stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                if chunk is None:
+                    report_dropped()  # quiet since lines were dropped: say so now
+                    continue
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                while len(buffer) > STDERR_LINE_BYTES:
+                    lines.append(buffer[:STDERR_LINE_BYTES])
+                    buffer = buffer[STDERR_LINE_BYTES:]
+                pieces = lines
+                if max(map(len, lines), default=0) > STDERR_LINE_BYTES:
+                    pieces = [
+                        raw[start:start + STDERR_LINE_BYTES]
+                        for raw in lines
+                        for start in range(0, max(len(raw), 1), STDERR_LINE_BYTES)
+                    ]
+                if pieces and not emit(pieces):
+                    await trio.sleep(STDERR_FLOOD_PAUSE_S)
+            if buffer:
+                emit([buffer])
+        finally:
+            report_dropped(final=True)
+
+
+def decode_tail(tail: collections.deque[bytes], last: int) -> list[str]:
+    """The last `last` lines of a stderr tail, decoded, oldest first."""
+    skip = max(0, len(tail) - last)
+    return [_decode_line(raw) for raw in itertools.islice(tail, skip, None)]
 
 
 def _decode_line(raw: bytes) -> str:

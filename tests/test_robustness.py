@@ -204,3 +204,28 @@ def test_a_never_ending_stderr_flood_costs_the_daemon_little_cpu(start_daemon) -
     assert used < 0.4, f"the daemon spent {used:.2f} of a core reading one adapter's stderr"
     assert client.call("logs", {"lease": lease["lease"], "lines": 1})["lines"] == ["x" * 80]
     client.call("release", {"lease": lease["lease"]})
+
+
+def test_the_last_words_of_a_flooding_adapter_that_exits_reach_logs(start_daemon) -> None:
+    # Past the budget the reader pauses between reads; the tree may be gone
+    # (and the instance finished) before it reads the pipe's last lines, which
+    # must still land in the tail that `logs` serves.
+    from supervisor.spawner import STDERR_LOG_BURST
+    from tests.conftest import PYTHON
+
+    script = (
+        "import sys\n"
+        f"sys.stderr.write(''.join('line %d\\n' % i for i in range({3 * STDERR_LOG_BURST})))\n"
+        "sys.stderr.write('FATAL last words\\n')\n"
+        "sys.exit(3)\n"
+    )
+    daemon = start_daemon(f"[adapters.dying]\ncommand = {json.dumps([PYTHON, '-c', script])}\nstop_timeout = 0.5\n")
+    client = daemon.client()
+    for attempt in range(12):  # the window is a pause of the reader: not hit every time
+        lease = client.call("acquire", {"job": f"dying-{attempt}", "adapter": "dying"})
+        daemon.wait_for_event("adapter.root_exited", instance=lease["instance"], timeout=10)
+
+        def last_line(instance: str = lease["instance"]) -> list[str]:
+            return client.call("logs", {"instance": instance, "lines": 1})["lines"]
+
+        assert eventually(lambda: last_line() == ["FATAL last words"], timeout=5), last_line()

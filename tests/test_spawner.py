@@ -107,8 +107,7 @@ async def test_a_read_both_logged_in_part_and_kept_whole_in_the_tail() -> None:
     # One read of 1100 lines (written at once into an empty pipe): the first
     # STDERR_LOG_BURST are logged, the last STDERR_LINES kept, and those two
     # overlap.
-    read_end, write_end = os.pipe()
-    root = spawner.RootProcess(id=procs.ProcessId(os.getpid(), 0), stdin_fd=None, stdout_fd=None, stderr_fd=read_end)
+    root, write_end = pipe_root()
     count = STDERR_LOG_BURST + 100
     os.write(write_end, "".join(f"line {i}\n" for i in range(count)).encode())
     os.close(write_end)
@@ -119,6 +118,39 @@ async def test_a_read_both_logged_in_part_and_kept_whole_in_the_tail() -> None:
     assert logged == [f"line {i}" for i in range(STDERR_LOG_BURST)]
     assert dropped == [100]
     assert root.stderr_lines() == [f"line {i}" for i in range(count - STDERR_LINES, count)]
+
+
+def pipe_root() -> tuple[spawner.RootProcess, int]:
+    """A RootProcess whose stderr is a pipe this test writes: (root, write end)."""
+    read_end, write_end = os.pipe()
+    return spawner.RootProcess(id=procs.ProcessId(os.getpid(), 0), stdin_fd=None, stdout_fd=None, stderr_fd=read_end), write_end
+
+
+async def test_lines_dropped_before_a_quiet_spell_are_reported_during_it(nursery) -> None:
+    root, write_end = pipe_root()
+    dropped: list[int] = []
+    nursery.start_soon(capture_stderr, root, lambda line: None, dropped.append)
+    os.write(write_end, "".join(f"line {i}\n" for i in range(STDERR_LOG_BURST + 100)).encode())
+    with trio.fail_after(STDERR_DROPS_REPORT_S + 5):
+        while not dropped:
+            await trio.sleep(0.05)
+    assert dropped == [100], "the count waited for more input"
+    os.close(write_end)
+
+
+async def test_a_reader_cancelled_mid_flood_still_reports_what_it_dropped() -> None:
+    root, write_end = pipe_root()
+    logged: list[str] = []
+    dropped: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(capture_stderr, root, logged.append, dropped.append)
+        os.write(write_end, "".join(f"line {i}\n" for i in range(STDERR_LOG_BURST + 100)).encode())
+        with trio.fail_after(5):
+            while len(logged) < STDERR_LOG_BURST:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()  # before the next report is due
+    assert dropped == [100]
+    os.close(write_end)
 
 
 @pytest.mark.parametrize("clone3", SPAWNERS)
