@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -30,6 +32,7 @@ EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 # Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 EX_INTERRUPTED = 130
+EX_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # Default seconds between `status --watch` refreshes: often enough to follow a
 # job, rarely enough that the tree scans cost the daemon nothing noticeable.
@@ -110,10 +113,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from supervisor.service import serve
 
         return serve(args.config or str(bundled_config_path()))
-    if args.command == "check-config":
-        return _check_config(args)
+    try:
+        if args.command == "check-config":
+            return _check_config(args)
+        return _client_main(args)
+    except BrokenPipeError:
+        # Whoever reads the output stopped reading (`| head`): nothing more can
+        # be printed, and it is no fault of the daemon's. stdout goes to
+        # /dev/null so that the interpreter's own flush at exit does not fail
+        # again; the status is a shell's for a command killed by SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_BROKEN_PIPE
+
+
+def _client_main(args: argparse.Namespace) -> int:
     try:
         return _run_client_command(args)
+    except BrokenPipeError:
+        # Our own output's: the client reports a daemon gone as ConnectionLost.
+        raise
     except DaemonError as exc:
         _print_error(args, exc.code, f"{exc.message} ({type(exc).__name__}, error {exc.code})")
         return EX_ERROR

@@ -5,10 +5,13 @@ an error and exit 69 with no daemon are in test_service.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import signal
 import subprocess
 import time
+
+import pytest
 
 from supervisor import cli
 from tests.conftest import PYTHON
@@ -147,3 +150,21 @@ def test_a_daemon_error_names_the_error_and_its_code(start_daemon) -> None:
     assert "no instance 'no-such-instance'" in completed.stderr and "(InvalidParams, error -32602)" in completed.stderr
     as_json = run_cli("--socket", daemon.socket, "--json", "logs", "no-such-instance")
     assert as_json.returncode == cli.EX_ERROR and json.loads(as_json.stdout)["error"]["code"] == -32602
+
+
+@pytest.mark.parametrize("args", [("--json", "status"), ("status",), ("--json", "logs", "no-such-instance")])
+def test_output_to_a_reader_that_stopped_reading_ends_quietly_with_sigpipes_status(start_daemon, args) -> None:
+    # `adapter-supervisor --json status | head -c0`: every write fails (EPIPE).
+    # That is neither a daemon that cannot be reached nor a crash.
+    daemon = start_daemon(SLEEPER)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        completed = subprocess.run(
+            [PYTHON, "-m", "supervisor", "--socket", daemon.socket, *args],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=20, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert completed.returncode == cli.EX_BROKEN_PIPE == 128 + signal.SIGPIPE
+    assert "Traceback" not in completed.stderr and "cannot talk to the daemon" not in completed.stderr
