@@ -108,11 +108,6 @@ def run_trial(session: Session, agent: systems.Agent, pidfile: str, job: str) ->
     )
 
 
-def run_system(session: Session, name: str, agent: systems.Agent, pidfile: str, trials: int) -> list[Trial]:
-    """`trials` start/stop cycles of one system."""
-    return run_interleaved(session, {name: (agent, pidfile, trials)})[name]
-
-
 def run_interleaved(
     session: Session, systems_under_test: dict[str, tuple[systems.Agent, str, int]]
 ) -> dict[str, list[Trial]]:

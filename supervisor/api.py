@@ -48,13 +48,6 @@ SERVER_NAME = "adapter-supervisor"
 # leases back, and start nothing.
 SERVED_WHILE_STOPPING = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "release_job"})
 
-# Methods answered in the connection's reader task when the hub hands them
-# over (see `answers_at_once`): they never wait for anything but, at most, a
-# shared scan of a few ms. `acquire` (may wait for a predecessor's stop) and
-# `sweep` get a task, so later requests on the connection are not held up.
-INLINE = frozenset({"hello", "status", "logs", "reports", "metrics", "release", "renew", "release_job"})
-
-
 class WouldWait(Exception):
     """`answer_now` cannot answer this request without waiting; nothing was
     changed. The connection's task serves it with `handle`."""
@@ -331,14 +324,14 @@ def logs(service: Supervisor, peer: Peer, params: protocol.LogsParams) -> object
     assert instance_id is not None
     running = service.running.get(instance_id)
     if running is not None:
-        lines = running.root.stderr_lines(params.lines)
+        tail = running.root.stderr_tail
     elif instance_id in service.finished_logs:
-        lines = decode_tail(service.finished_logs[instance_id], params.lines)
+        tail = service.finished_logs[instance_id]
     elif instance_id in service.registry.instances:
-        lines = []
+        return {"lines": []}  # not spawned yet
     else:
         raise InvalidParams(f"no instance {instance_id!r} is running or finished recently")
-    return {"lines": lines}
+    return {"lines": decode_tail(tail, params.lines)}
 
 
 async def sweep(service: Supervisor, peer: Peer, params: protocol.SweepParams, started: Started) -> object:
@@ -367,3 +360,9 @@ SYNC_HANDLERS: dict[str, SyncHandler] = {
     "metrics": metrics,
 }
 ASYNC_METHODS = frozenset({"status", "acquire", "sweep"})
+
+# Methods answered in the connection's reader task when the hub hands them
+# over (see `answers_at_once`): they never wait for anything but, at most, a
+# shared scan of a few ms. `acquire` (may wait for a predecessor's stop) and
+# `sweep` get a task, so later requests on the connection are not held up.
+INLINE = frozenset(SYNC_HANDLERS) | {"status"}

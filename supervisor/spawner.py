@@ -74,17 +74,13 @@ class RootProcess:
     stderr_fd: int
     # Only when subprocess started it.
     popen: subprocess.Popen[bytes] | None = None
-    # Raw, decoded only when asked for (`stderr_lines`): an adapter may write
+    # Raw, decoded only when asked for (`decode_tail`): an adapter may write
     # thousands of lines between two `logs` calls.
     stderr_tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=STDERR_LINES))
 
     @property
     def pid(self) -> int:
         return self.id.pid
-
-    def stderr_lines(self, last: int = STDERR_LINES) -> list[str]:
-        """The last `last` lines of the tail of the root's stderr, oldest first."""
-        return decode_tail(self.stderr_tail, last)
 
     def reaped(self, returncode: int) -> None:
         """The daemon reaped the root: a Popen must not wait for it itself."""
@@ -109,10 +105,17 @@ def instance_environment(
     base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of a root: the daemon's, then the adapter's `env`, then the tags."""
-    env = dict(os.environ if base is None else base)
-    env.update(adapter.env)
+    env = _adapter_environment(adapter, daemon_key=daemon_key, base=base)
     env[procs.INSTANCE_ENV] = instance_id
     env[procs.JOB_ENV] = job
+    return env
+
+
+def _adapter_environment(adapter: AdapterConfig, *, daemon_key: str, base: Mapping[str, str] | None) -> dict[str, str]:
+    """What every root of the adapter gets: the daemon's environment, the
+    adapter's `env`, and the tags naming the adapter and the daemon."""
+    env = dict(os.environ if base is None else base)
+    env.update(adapter.env)
     env[procs.ADAPTER_ENV] = adapter.name
     env[procs.DAEMON_ENV] = daemon_key
     return env
@@ -127,10 +130,7 @@ def adapter_environment(
 ) -> clonespawn.Environment:
     """`instance_environment` prepared once for every clone3 spawn of the
     adapter: each spawn brings only the values of INSTANCE_TAGS."""
-    shared = dict(os.environ if base is None else base)
-    shared.update(adapter.env)
-    shared[procs.ADAPTER_ENV] = adapter.name
-    shared[procs.DAEMON_ENV] = daemon_key
+    shared = _adapter_environment(adapter, daemon_key=daemon_key, base=base)
     return clonespawn.Environment(shared, own=INSTANCE_TAGS)
 
 

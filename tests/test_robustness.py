@@ -13,7 +13,8 @@ from pathlib import Path
 import trio
 
 from supervisor import procs
-from tests.conftest import eventually, read_pidfile, tree_adapter, wait_all_gone
+from supervisor.spawner import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
+from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
 
 STOP_TIMEOUT = 0.5
 
@@ -147,9 +148,6 @@ def test_roots_that_exit_at_once_are_always_seen_exiting(start_daemon) -> None:
 def test_an_adapter_flooding_stderr_is_logged_within_its_budget_and_its_tail_is_whole(start_daemon) -> None:
     # Before the budget, every line went to the daemon's log from the trio
     # thread: a loop writing stderr made `status` 250x slower for everyone.
-    from supervisor.spawner import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
-    from tests.conftest import PYTHON
-
     total = 30 * STDERR_LOG_BURST
     script = (
         "import sys, time\n"
@@ -185,8 +183,6 @@ def test_an_adapter_flooding_stderr_is_logged_within_its_budget_and_its_tail_is_
 def test_a_never_ending_stderr_flood_costs_the_daemon_little_cpu(start_daemon) -> None:
     # A line per system call, forever: read as it came, this took a whole core
     # of the daemon; past the log budget it is read a pipe's worth at a time.
-    from tests.conftest import PYTHON
-
     script = "import sys\nwhile True:\n    sys.stderr.write('x' * 80 + '\\n')\n"
     daemon = start_daemon(f"[adapters.flood]\ncommand = {json.dumps([PYTHON, '-c', script])}\nstop_timeout = 0.5\n")
     client = daemon.client()
@@ -210,9 +206,6 @@ def test_the_last_words_of_a_flooding_adapter_that_exits_reach_logs(start_daemon
     # Past the budget the reader pauses between reads; the tree may be gone
     # (and the instance finished) before it reads the pipe's last lines, which
     # must still land in the tail that `logs` serves.
-    from supervisor.spawner import STDERR_LOG_BURST
-    from tests.conftest import PYTHON
-
     script = (
         "import sys\n"
         f"sys.stderr.write(''.join('line %d\\n' % i for i in range({3 * STDERR_LOG_BURST})))\n"

@@ -28,7 +28,11 @@ import pytest
 import trio
 import trio.testing
 
+from supervisor import api
+from supervisor.config import parse_config
 from supervisor.connection import Connection
+from supervisor.daemon import Supervisor
+from supervisor.server import ControlServer, bind_control_socket
 from tests.conftest import eventually
 
 # Far more response bytes than a Unix socket holds (the daemon's send buffer,
@@ -427,11 +431,6 @@ async def test_a_result_that_cannot_be_encoded_is_an_internal_error_and_the_serv
     """The hub answers `hello` on the spot; a bug that makes its result
     unencodable must become the usual internal error on that one request,
     not an exception out of the hub's task (which serves every connection)."""
-    from supervisor import api
-    from supervisor.config import parse_config
-    from supervisor.daemon import Supervisor
-    from supervisor.server import ControlServer, bind_control_socket
-
     config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\n', str(tmp_path / "s.toml"))
     server = ControlServer(Supervisor(config))
     listener = await bind_control_socket(str(tmp_path / "s.sock"), 0o600)

@@ -63,7 +63,7 @@ async def test_a_root_runs_in_its_own_session_with_the_tags_and_its_stderr_is_ca
     long_pieces = [line for line in lines if set(line) == {"x"}]
     assert [len(piece) for piece in long_pieces] == [STDERR_LINE_BYTES, STDERR_LINE_BYTES, 10000 - 2 * STDERR_LINE_BYTES]
     assert lines[-2:] == ["inst-1 True", "no newline at the end"]
-    assert root.stderr_lines() == lines
+    assert spawner.decode_tail(root.stderr_tail, STDERR_LINES) == lines
 
 
 def test_the_line_budget_gives_a_burst_then_a_steady_rate_and_reports_drops_at_intervals() -> None:
@@ -100,7 +100,7 @@ async def test_a_flood_of_stderr_is_logged_up_to_the_budget_and_every_line_is_ac
     numbers = [int(line.split()[1]) for line in logged]
     assert numbers == sorted(set(numbers)), "lines logged twice or out of order"
     assert dropped and len(logged) + sum(dropped) == total
-    assert root.stderr_lines() == [f"line {i}" for i in range(total - STDERR_LINES, total)]
+    assert spawner.decode_tail(root.stderr_tail, STDERR_LINES) == [f"line {i}" for i in range(total - STDERR_LINES, total)]
 
 
 async def test_a_read_both_logged_in_part_and_kept_whole_in_the_tail() -> None:
@@ -117,7 +117,7 @@ async def test_a_read_both_logged_in_part_and_kept_whole_in_the_tail() -> None:
         await capture_stderr(root, logged.append, dropped.append)
     assert logged == [f"line {i}" for i in range(STDERR_LOG_BURST)]
     assert dropped == [100]
-    assert root.stderr_lines() == [f"line {i}" for i in range(count - STDERR_LINES, count)]
+    assert spawner.decode_tail(root.stderr_tail, STDERR_LINES) == [f"line {i}" for i in range(count - STDERR_LINES, count)]
 
 
 def pipe_root() -> tuple[spawner.RootProcess, int]:
