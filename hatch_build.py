@@ -16,8 +16,8 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = Path("supervisor", "_clonespawn.c")
-LIBRARY = Path("supervisor", "_clonespawn.so")
+SOURCE = Path("supervisor", "procs", "_clonespawn.c")
+LIBRARY = Path("supervisor", "procs", "_clonespawn.so")
 
 
 class CloneSpawnHook(BuildHookInterface):

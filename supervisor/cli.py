@@ -21,9 +21,9 @@ from typing import Any
 
 from supervisor import __version__
 from supervisor.client import Client, ConnectionLost, DaemonError, default_socket
-from supervisor.client_protocol import acquire_params
-from supervisor.config import bundled_config_path, load_config
-from supervisor.errors import ConfigError
+from supervisor.client.session import acquire_params
+from supervisor.core.config import bundled_config_path, load_config
+from supervisor.core.errors import ConfigError
 
 EX_OK = 0
 EX_ERROR = 1
@@ -110,7 +110,7 @@ def _positive_seconds(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from supervisor.service import serve
+        from supervisor.serve import serve
 
         return serve(args.config or str(bundled_config_path()))
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor import procs
+from supervisor.procs import process
 from supervisor.client import Client
 
 TREE = str(Path(__file__).parent / "adapters" / "tree.py")
@@ -172,26 +172,26 @@ def kill_tagged_leftovers(daemon: DaemonProcess) -> list[str]:
     other daemons on the host are none of this test's business."""
     instances = {e["instance"] for e in daemon.log_events() if e.get("event") == "adapter.spawned"}
     found = []
-    for stat in procs.scan_processes():
+    for stat in process.scan_processes():
         if stat.state in ("Z", "X") or stat.pid == os.getpid():
             continue
-        tag = procs.read_environ_tag(stat.pid)
+        tag = process.read_environ_tag(stat.pid)
         if tag is None or tag not in instances:
             continue
-        found.append(f"pid {stat.pid} (instance {tag}) {procs.read_cmdline(stat.pid)}")
+        found.append(f"pid {stat.pid} (instance {tag}) {process.read_cmdline(stat.pid)}")
         os.kill(stat.pid, signal.SIGKILL)
     return found
 
 
-def read_pidfile(path: Path, roles: tuple[str, ...] = ("root", "child", "grandchild", "escapee"), timeout: float = 10.0) -> dict[str, procs.ProcessId]:
+def read_pidfile(path: Path, roles: tuple[str, ...] = ("root", "child", "grandchild", "escapee"), timeout: float = 10.0) -> dict[str, process.ProcessId]:
     """Wait until every role has written its pid; return their identities."""
     deadline = time.monotonic() + timeout
     while True:
-        entries: dict[str, procs.ProcessId] = {}
+        entries: dict[str, process.ProcessId] = {}
         if path.exists():
             for line in path.read_text().splitlines():
                 role, pid = line.split()
-                identity = procs.identify(int(pid))
+                identity = process.identify(int(pid))
                 if identity is not None:
                     entries[role] = identity
         if all(role in entries for role in roles):
@@ -211,12 +211,12 @@ def eventually(check, timeout: float = 5.0, interval: float = 0.02):
         time.sleep(interval)
 
 
-def wait_all_gone(members: dict[str, procs.ProcessId], daemon_pid: int, timeout: float) -> dict[str, procs.ProcessId]:
+def wait_all_gone(members: dict[str, process.ProcessId], daemon_pid: int, timeout: float) -> dict[str, process.ProcessId]:
     """Wait up to `timeout` for every member to be gone (a zombie of the daemon is
     not gone; a zombie of PID 1 is). Returns the ones still there."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = {r: m for r, m in members.items() if not procs.is_gone(m, our_pid=daemon_pid)}
+        alive = {r: m for r, m in members.items() if not process.is_gone(m, our_pid=daemon_pid)}
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.01)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import procs
+from supervisor.procs import process
 from tests.conftest import PYTHON, eventually, tree_adapter
 
 CLIENTS = 12
@@ -101,8 +101,8 @@ def test_chaos_leaves_no_instance_lease_process_or_zombie(start_daemon, tmp_path
     assert len(spawned) >= 10, "the chaos did not exercise spawning"
     tags = {e["instance"] for e in spawned}
     leftovers = [
-        (s.pid, s.state) for s in procs.scan_processes()
-        if procs.read_environ_tag(s.pid) in tags or (s.ppid == daemon.pid and s.state == "Z")
+        (s.pid, s.state) for s in process.scan_processes()
+        if process.read_environ_tag(s.pid) in tags or (s.ppid == daemon.pid and s.state == "Z")
     ]
     assert leftovers == []
     assert observer.call("hello")["server"] == "adapter-supervisor"

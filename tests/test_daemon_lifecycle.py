@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor import procs
+from supervisor.procs import process
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
 
 STOP_TIMEOUT = 1.0
@@ -95,8 +95,8 @@ def test_last_release_reaps_the_whole_tree_including_a_setsid_escapee(start_daem
     assert lease["pid"] == members["root"].pid
     # The escapee double-forked out of its session; as a child subreaper the
     # daemon adopted it.
-    assert procs.read_stat(members["escapee"].pid).ppid == daemon.pid
-    assert procs.read_environ_tag(members["escapee"].pid) == lease["instance"]
+    assert process.read_stat(members["escapee"].pid).ppid == daemon.pid
+    assert process.read_environ_tag(members["escapee"].pid) == lease["instance"]
     status = client.call("status")
     assert set(status["instances"][0]["pids"]) >= {m.pid for m in members.values()}
 
@@ -155,7 +155,7 @@ def test_when_clone3_is_refused_subprocess_starts_that_very_root_and_every_later
         lease = client.call("acquire", {"job": job, "adapter": "tree"})
         members = read_pidfile(tmp_path / f"pids-{job}")
         assert lease["pid"] == members["root"].pid
-        assert procs.read_stat(lease["pid"]).ppid == daemon.pid
+        assert process.read_stat(lease["pid"]).ppid == daemon.pid
         released = client.call("release", {"lease": lease["lease"]})
         assert released == {"refcount": 0, "stopping": True}
         assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
@@ -176,7 +176,7 @@ def test_a_tree_that_ignores_sigterm_is_killed_after_stop_timeout(start_daemon, 
     client.call("release", {"lease": lease["lease"]})
     time.sleep(0.3)
     # Still inside the grace period: SIGTERM was ignored and SIGKILL not yet sent.
-    assert all(procs.is_running(m) for m in members.values())
+    assert all(process.is_running(m) for m in members.values())
     assert wait_all_gone(members, daemon.pid, 0.6 + 1.0 - (time.monotonic() - released_at)) == {}
     reaped = daemon.wait_for_event("tree.reaped", instance=lease["instance"])
     assert reaped["killed"] >= len(members)
@@ -240,7 +240,7 @@ def test_the_bundled_demo_adapter_is_a_three_process_echo_tree(start_daemon, tmp
         assert stdout.readline() == b"hello\n"
     pids = client.call("status")["instances"][0]["pids"]
     assert len(pids) == 3
-    members = {str(p): procs.identify(p) for p in pids}
+    members = {str(p): process.identify(p) for p in pids}
     assert client.call("logs", {"instance": result["instance"]})["lines"] == ["demo adapter for job try-me"]
     client.call("release", {"lease": result["lease"]})
     assert wait_all_gone(members, daemon.pid, 2.0 + 1.0) == {}
@@ -268,7 +268,7 @@ async def test_forty_concurrent_acquires_of_one_pair_spawn_exactly_one_instance(
     for conn in conns[:39]:
         await conn.aclose()
     await trio.sleep(0.3)
-    assert all(procs.is_running(m) for m in members.values()), "39 of 40 closed: one lease still holds the tree"
+    assert all(process.is_running(m) for m in members.values()), "39 of 40 closed: one lease still holds the tree"
     await conns[39].aclose()
     assert await trio.to_thread.run_sync(wait_all_gone, members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
 
@@ -312,9 +312,9 @@ def test_a_stranger_with_the_same_command_line_is_never_touched(start_daemon, tm
     try:
         client = daemon.client()
         lease = client.call("acquire", {"job": "job-1", "adapter": "sleeper"})
-        root = procs.identify(lease["pid"])
+        root = process.identify(lease["pid"])
         # Right after exec the kernel may briefly show an empty cmdline.
-        assert eventually(lambda: procs.read_cmdline(root.pid) == procs.read_cmdline(stranger.pid))
+        assert eventually(lambda: process.read_cmdline(root.pid) == process.read_cmdline(stranger.pid))
         client.call("release", {"lease": lease["lease"]})
         assert wait_all_gone({"root": root}, daemon.pid, 1.5) == {}
         assert daemon.stop() == 0
@@ -361,7 +361,7 @@ def test_linger_keeps_an_unleased_instance_for_reuse(start_daemon, tmp_path: Pat
     members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
     client.call("release", {"lease": again["lease"]})
     time.sleep(0.4)
-    assert all(procs.is_running(m) for m in members.values()), "stopped before its linger ran out"
+    assert all(process.is_running(m) for m in members.values()), "stopped before its linger ran out"
     assert wait_all_gone(members, daemon.pid, 0.8 + STOP_TIMEOUT + 1.0) == {}
 
 
@@ -375,7 +375,7 @@ def test_an_acquire_during_a_stop_waits_for_the_old_tree_to_be_gone(start_daemon
     client.call("release", {"lease": old["lease"]})
     new = client.call("acquire", {"job": "job-1", "adapter": "stubborn"})
     # The answer came only once the old tree (which ignores SIGTERM) was gone.
-    assert all(procs.is_gone(m, our_pid=daemon.pid) for m in old_members.values())
+    assert all(process.is_gone(m, our_pid=daemon.pid) for m in old_members.values())
     assert new["instance"] != old["instance"] and new["spawned"] is True
     client.call("release", {"lease": new["lease"]})
 
@@ -393,7 +393,7 @@ def test_a_client_that_vanishes_right_after_acquiring_leaves_nothing_running(sta
     subprocess.run([PYTHON, "-c", script, daemon.socket], check=True)
     spawned = daemon.wait_for_event("adapter.spawned")
     daemon.wait_for_event("tree.reaped", timeout=STOP_TIMEOUT + 1.0, instance=spawned["instance"])
-    leftovers = [s.pid for s in procs.scan_processes() if procs.read_environ_tag(s.pid) == spawned["instance"]]
+    leftovers = [s.pid for s in process.scan_processes() if process.read_environ_tag(s.pid) == spawned["instance"]]
     assert leftovers == []
     client = daemon.client()
     assert eventually(lambda: client.call("status")["instances"] == [], timeout=1.0)
@@ -407,7 +407,7 @@ def test_a_detached_lease_outlives_its_connection(start_daemon, tmp_path: Path) 
         lease = first.call("acquire", {"job": "job-1", "adapter": "tree", "detach": True, "ttl": 60})
     members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
     time.sleep(0.2)
-    assert all(procs.is_running(m) for m in members.values())
+    assert all(process.is_running(m) for m in members.values())
     second = daemon.client()
     assert second.call("release", {"lease": lease["lease"]})["refcount"] == 0
     assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}

@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import pytest
 
-from supervisor import procs
+from supervisor.procs import process
 from tests.conftest import (
     DAEMON_START_TIMEOUT_S,
     PYTHON,
@@ -362,7 +362,7 @@ def test_a_declared_param_is_substituted_into_the_roots_argv(shared: SharedDaemo
     acquired = conn.result("acquire", {"job": name, "adapter": "tree", "params": shared.tree_params()})
     members = read_pidfile(shared.pidfile(name), roles=TREE_ROLES)
     assert members["root"].pid == acquired["pid"]
-    cmdline = procs.read_cmdline(acquired["pid"])
+    cmdline = process.read_cmdline(acquired["pid"])
     assert cmdline[1:] == [TREE, "--pidfile", str(shared.pidfile(name)), "--no-escapee"]
     conn.result("release", {"lease": acquired["lease"]})
     assert wait_all_gone(members, shared.daemon.pid, STOP_TIMEOUT + 1.0) == {}
@@ -590,7 +590,7 @@ def test_a_detached_lease_expires_after_its_ttl_unless_renewed(shared: SharedDae
     assert conn.error("renew", {"lease": leases[expiring]["lease"]})["code"] == 1002
     assert wait_all_gone(members[expiring], shared.daemon.pid, STOP_TIMEOUT + 1.0) == {}
     # Past its first ttl, the renewed lease and its tree are still there.
-    assert all(procs.is_running(m) for m in members[renewed].values())
+    assert all(process.is_running(m) for m in members[renewed].values())
     assert conn.result("release", {"lease": leases[renewed]["lease"]}) == {"refcount": 0, "stopping": True}
     assert wait_all_gone(members[renewed], shared.daemon.pid, STOP_TIMEOUT + 1.0) == {}
 
@@ -809,7 +809,7 @@ def test_another_uid_cannot_release_renew_or_release_the_job_of_roots_lease(
         assert outcome["closed"] is False
         # Nothing of root's was touched.
         assert root.result("status", {"job": "root-job"})["instances"][0]["refcount"] == 1
-        assert all(procs.is_running(m) for m in root_members.values())
+        assert all(process.is_running(m) for m in root_members.values())
         # uid 65534's own detached lease outlived its connection; root may release it.
         nobody_members = read_pidfile(nobody_pids, roles=TREE_ROLES)
         assert root.result("release", {"lease": acquire["result"]["lease"]})["refcount"] == 0

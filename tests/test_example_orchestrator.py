@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from supervisor import procs
+from supervisor.procs import process
 from supervisor.client import AsyncClient
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -30,8 +30,8 @@ def load_example() -> ModuleType:
 def tagged_survivors(tags: set[str]) -> list[tuple[int, str | None]]:
     """Live processes carrying one of `tags` (zombies have no environment left)."""
     return [
-        (stat.pid, procs.read_environ_tag(stat.pid)) for stat in procs.scan_processes()
-        if stat.state not in ("Z", "X") and procs.read_environ_tag(stat.pid) in tags
+        (stat.pid, process.read_environ_tag(stat.pid)) for stat in process.scan_processes()
+        if stat.state not in ("Z", "X") and process.read_environ_tag(stat.pid) in tags
     ]
 
 
@@ -78,4 +78,4 @@ def test_every_terminal_path_releases_every_adapter_of_the_job(start_daemon) -> 
     assert len(spawned) == 2 * len(example.DEMO_JOBS)
     assert tagged_survivors({e["instance"] for e in spawned}) == []
     roots = [pid for job in jobs.values() for pid in job.adapters.values()]
-    assert all(procs.identify(pid) is None or procs.is_gone(procs.identify(pid), our_pid=daemon.pid) for pid in roots)
+    assert all(process.identify(pid) is None or process.is_gone(process.identify(pid), our_pid=daemon.pid) for pid in roots)

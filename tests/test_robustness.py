@@ -12,8 +12,8 @@ from pathlib import Path
 
 import trio
 
-from supervisor import procs
-from supervisor.spawner import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
+from supervisor.procs import process
+from supervisor.procs.spawner import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
 
 STOP_TIMEOUT = 0.5
@@ -97,8 +97,8 @@ async def test_sweeps_racing_spawns_never_kill_a_live_instance(start_daemon) -> 
     assert all("result" in answers[n] for n in range(60)), [answers[n] for n in range(60) if "error" in answers[n]]
     killed = [n for n in notifications if n.get("method") == "adapter_exited"]
     assert killed == [], "a sweep killed instances it saw being born"
-    roots = [procs.identify(answers[n]["result"]["pid"]) for n in range(60)]
-    assert all(root is not None and procs.is_running(root) for root in roots)
+    roots = [process.identify(answers[n]["result"]["pid"]) for n in range(60)]
+    assert all(root is not None and process.is_running(root) for root in roots)
     for report_id in range(1000, 1060, 10):
         assert answers[report_id]["result"]["orphans"] == []
     await stream.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from supervisor.service import freeze_startup_objects
+from supervisor.serve import freeze_startup_objects
 
 
 def test_freezing_takes_every_live_object_out_of_later_collections() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import procs
+from supervisor.procs import process
 from supervisor.client import DaemonError
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
 
@@ -45,8 +45,8 @@ def test_the_periodic_sweep_reaps_an_untagged_escapee_the_tree_stop_could_not_se
     lease = client.call("acquire", {"job": "job-1", "adapter": "sly"})
     members = read_pidfile(pidfile)
     escapee = members.pop("escapee")
-    assert eventually(lambda: procs.read_cmdline(escapee.pid) == ["sleep", "3600"])
-    assert procs.read_environ_tag(escapee.pid) is None
+    assert eventually(lambda: process.read_cmdline(escapee.pid) == ["sleep", "3600"])
+    assert process.read_environ_tag(escapee.pid) is None
     client.call("release", {"lease": lease["lease"]})
     assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
     assert wait_all_gone({"escapee": escapee}, daemon.pid, 3.0) == {}
@@ -76,7 +76,7 @@ def test_in_cgroup_mode_the_untagged_escapee_dies_with_its_tree(start_daemon, tm
         pytest.skip("this host has no writable cgroup v2 hierarchy")
     lease = client.call("acquire", {"job": "job-1", "adapter": "sly"})
     members = read_pidfile(pidfile)
-    assert eventually(lambda: procs.read_cmdline(members["escapee"].pid) == ["sleep", "3600"])
+    assert eventually(lambda: process.read_cmdline(members["escapee"].pid) == ["sleep", "3600"])
     client.call("release", {"lease": lease["lease"]})
     assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
 
@@ -162,7 +162,7 @@ def test_a_restart_after_kill_9_reaps_everything_the_previous_run_left(start_dae
     first.popen.kill()
     first.popen.wait()
     # Nothing stopped them: the trees are still there, now owned by nobody.
-    assert all(procs.is_running(m) for m in members.values())
+    assert all(process.is_running(m) for m in members.values())
     os.unlink(first.socket)  # a SIGKILLed daemon cannot remove its socket
 
     second = start_daemon(adapters, state_dir=state, cgroup=cgroup)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor import config as config_module
+from supervisor.core import config as config_module
 from supervisor import systemd
 from supervisor.client import Client
 from tests.conftest import DAEMON_START_TIMEOUT_S, PYTHON, eventually
@@ -313,7 +313,7 @@ def test_listen_fds_refuses_a_socket_that_is_not_listening(tmp_path: Path) -> No
 LOG_SOME_EVENTS = textwrap.dedent(
     """
     import structlog
-    from supervisor.logs import configure_logging
+    from supervisor.logconfig import configure_logging
     configure_logging("auto", "debug")
     log = structlog.get_logger()
     log.debug("a.debug")

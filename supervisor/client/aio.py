@@ -1,0 +1,581 @@
+"""The async client, for asyncio and Trio alike (written once on anyio).
+
+``async with AsyncClient(path) as client:`` connects and runs one reader task
+that matches answers to requests by id and routes notifications to leases; it
+has the API of the blocking `supervisor.client.Client`, with ``await``. See that
+module for leases, notifications, errors and why there is no reconnect.
+
+Cancellation: a cancelled request never leaves a half-sent line (sends are
+shielded and bounded), and if it was an `acquire` the daemon goes on to grant,
+the client releases that lease when the answer arrives. A lease taken with
+``async with client.lease(...)`` is released on the way out however the block
+ends, cancellation included: the release runs shielded, bounded by
+`RELEASE_TIMEOUT_S`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from supervisor.client.session import (
+    DEFAULT_TIMEOUT_S,
+    NOTIFICATION_BACKLOG,
+    REFUSAL_GRACE_S,
+    FDS_PER_LEASE,
+    SHUTDOWN_REASON,
+    AdapterExited,
+    ConnectionLost,
+    DaemonError,
+    HelloResult,
+    LeaseInfo,
+    LeaseLost,
+    Notice,
+    Refusal,
+    ReleaseJobResult,
+    ReleaseResult,
+    Reply,
+    Session,
+    Status,
+    Stray,
+    UnknownLease,
+    acquire_params,
+    close_fds,
+    default_socket,
+    describe,
+    fresh_error,
+    logs_params,
+    receive_with_fds,
+    run_callback,
+)
+
+__all__ = ["AsyncClient", "AsyncLease", "PipeReceiveStream", "PipeSendStream"]
+
+# Bound on the release a `lease()` block makes on its way out, which runs
+# shielded from cancellation: a daemon that does not answer in this long is
+# stuck, and the lease then goes when the connection closes.
+RELEASE_TIMEOUT_S = 10.0
+
+# Bound on sending one request line. The daemon reads continuously, so a send
+# that takes this long means a stuck daemon; the connection is then closed
+# (a half-sent line cannot be taken back).
+SEND_TIMEOUT_S = 10.0
+
+
+# -- the adapter's pipes ---------------------------------------------------------
+
+
+def _private_nonblocking(fd: int, flags: int) -> int:
+    """A non-blocking descriptor for the pipe end `fd`, which it takes over.
+
+    Every holder of an instance gets the same open pipe, and O_NONBLOCK belongs
+    to the open file, so setting it on `fd` would switch the other holders'
+    (perhaps blocking) reads and writes too. Opening the pipe again through
+    /proc gives an open file of our own; without /proc, or when the other end is
+    gone already, the shared one is used.
+    """
+    try:
+        private = os.open(f"/proc/self/fd/{fd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        os.set_blocking(fd, False)
+        return fd
+    os.close(fd)
+    return private
+
+
+class PipeSendStream(anyio.abc.ByteSendStream):
+    """The write end of an adapter's stdin as an anyio byte stream."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = _private_nonblocking(fd, os.O_WRONLY)
+        self._closed = False
+
+    async def send(self, item: bytes) -> None:
+        """Write all of `item`. Raises anyio.BrokenResourceError if the adapter
+        closed its stdin, anyio.ClosedResourceError after `aclose`. On
+        cancellation part of `item` may have been written."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(item)
+        while view:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                view = view[os.write(self._fd, view):]
+            except BlockingIOError:
+                await anyio.wait_writable(self._fd)
+            except BrokenPipeError as exc:
+                raise anyio.BrokenResourceError from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._fd)
+            os.close(self._fd)
+        await anyio.lowlevel.checkpoint()
+
+
+class PipeReceiveStream(anyio.abc.ByteReceiveStream):
+    """The read end of an adapter's stdout as an anyio byte stream (wrap it in
+    `anyio.streams.buffered.BufferedByteReceiveStream` to read lines)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = _private_nonblocking(fd, os.O_RDONLY)
+        self._closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Some bytes, at most `max_bytes`. Raises anyio.EndOfStream once every
+        writer closed the pipe, anyio.ClosedResourceError after `aclose`."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                data = os.read(self._fd, max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._fd)
+                continue
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._fd)
+            os.close(self._fd)
+        await anyio.lowlevel.checkpoint()
+
+
+# -- leases ------------------------------------------------------------------------
+
+
+class AsyncLease(LeaseInfo):
+    """A lease held through an `AsyncClient`. With ``fds=True``, `stdin` and
+    `stdout` are the adapter's pipes as anyio byte streams, closed on release."""
+
+    def __init__(self, client: AsyncClient, result: Mapping[str, Any], *, detached: bool, fds: Sequence[int]) -> None:
+        super().__init__(result, detached=detached)
+        self._client = client
+        self._ended = anyio.Event()
+        self._callbacks: list[Callable[[AsyncLease], None]] = []
+        self.stdin: PipeSendStream | None = None
+        self.stdout: PipeReceiveStream | None = None
+        if len(fds) == FDS_PER_LEASE:
+            self.stdin, self.stdout = PipeSendStream(fds[0]), PipeReceiveStream(fds[1])
+
+    async def wait_exited(self) -> AdapterExited:
+        """Wait until the adapter is gone (or going, on shutdown) and say how.
+        Raises LeaseLost if the connection ended first (ConnectionLost for a
+        detached lease, which lives on). Cancellable."""
+        await self._ended.wait()
+        if self.exited is None:
+            if self.detached:
+                raise ConnectionLost(f"the connection ended; detached {describe(self)} lives on, unobserved")
+            raise LeaseLost(f"the connection ended while {describe(self)} was held", self)
+        return self.exited
+
+    def on_end(self, callback: Callable[[AsyncLease], None]) -> None:
+        """Call `callback(lease)` once the adapter exited or the connection ended
+        (at once if that already happened). It runs in the reader task: keep it
+        short and non-blocking (start a task or set an event for real work)."""
+        if self._ended.is_set():
+            run_callback(callback, self)
+        else:
+            self._callbacks.append(callback)
+
+    async def release(self) -> ReleaseResult | None:
+        """Give the lease back and close its pipes; None if the daemon had already
+        let it go or it was released before. Raises ConnectionLost if the
+        connection is gone (a bound lease went with it), TimeoutError."""
+        if self.released:
+            return None
+        await self.aclose_stdio()
+        try:
+            result: ReleaseResult | None = await self._client.release(self.token)
+        except UnknownLease:
+            result = None
+        except ConnectionLost:
+            if not self.detached:
+                self._mark_released()
+            raise
+        self._mark_released()
+        return result
+
+    async def renew(self, ttl: float | None = None) -> float:
+        """Extend a detached lease by `ttl` (default: its own); returns the new expiry."""
+        self.expires_at = await self._client.renew(self.token, ttl)
+        return self.expires_at
+
+    async def logs(self, lines: int = 100) -> list[str]:
+        """The tail of the adapter's stderr."""
+        return await self._client.logs(lease=self.token, lines=lines)
+
+    async def aclose_stdio(self) -> None:
+        """Close this lease's ends of the adapter's pipes (the adapter keeps running)."""
+        for stream in (self.stdin, self.stdout):
+            if stream is not None:
+                await stream.aclose()
+
+    def _mark_released(self) -> None:
+        self.released = True
+        self._client._forget(self)
+
+    def _end(self, exited: AdapterExited | None) -> None:
+        self._note_end(exited)
+        if self._ended.is_set():
+            return
+        self._ended.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            run_callback(callback, self)
+
+
+class _AsyncLeaseScope:
+    """``async with client.lease(...)``: acquires on entry, releases on every exit."""
+
+    def __init__(self, client: AsyncClient, request: dict[str, Any]) -> None:
+        self._client = client
+        self._request = request
+        self._lease: AsyncLease | None = None
+
+    async def __aenter__(self) -> AsyncLease:
+        self._lease = await self._client._acquire(self._request)
+        return self._lease
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        assert self._lease is not None
+        lease = self._lease
+        failure: Exception | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(RELEASE_TIMEOUT_S):
+                    await lease.release()
+            except (ConnectionLost, TimeoutError, DaemonError) as exc_release:
+                failure = exc_release
+        if failure is not None:
+            if exc is not None:
+                exc.add_note(f"releasing {describe(lease)} on the way out failed too: {failure!r}")
+                return
+            if isinstance(failure, ConnectionLost):
+                raise LeaseLost(f"{describe(lease)} was lost with its connection: {failure}", lease) from failure
+            raise failure
+        if exc is None and lease.lost:
+            raise LeaseLost(f"{describe(lease)} was lost with its connection", lease)
+
+
+# -- the client ----------------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.reply: Reply | None = None
+
+
+def _connect(path: str, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class AsyncClient:
+    """An async connection to the daemon, for asyncio or Trio.
+
+    Use as ``async with AsyncClient(path) as client:`` (the reader task lives in
+    that block). Any number of tasks may use one client at once. `timeout`
+    bounds each wait for an answer (None: wait forever); entering raises
+    OSError if the socket cannot be connected.
+    """
+
+    def __init__(self, path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+        self.path = path or default_socket()
+        self.timeout = timeout
+        self.shutting_down = False
+        self._sock: socket.socket | None = None
+        self._session = Session()
+        self._pending: dict[int, _Waiter] = {}
+        self._leases: dict[str, AsyncLease] = {}
+        self._notifications: collections.deque[dict[str, Any]] = collections.deque(maxlen=NOTIFICATION_BACKLOG)
+        # Created on entry: anyio's primitives need the event loop to exist.
+        self._notified: anyio.Event | None = None
+        self._ended: anyio.Event | None = None
+        self._send_lock: anyio.Lock | None = None
+        self._refusal: DaemonError | None = None
+        self._failure: Exception | None = None
+        self._closing = False
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        self._notified, self._ended, self._send_lock = anyio.Event(), anyio.Event(), anyio.Lock()
+        self._sock = await anyio.to_thread.run_sync(_connect, self.path, self.timeout)
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._read_loop)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        self._close()
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        return await self._task_group.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        """End the connection now (the daemon releases its bound leases)."""
+        self._close()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def lost(self) -> bool:
+        """True once the connection ended (for any reason)."""
+        return self._failure is not None
+
+    # -- raw requests --
+
+    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Send one request and return its result. Raises DaemonError (a subclass
+        named for the error), ConnectionLost, or TimeoutError."""
+        result, fds = await self.call_with_fds(method, params)
+        close_fds(fds)
+        return result
+
+    async def call_with_fds(self, method: str, params: Mapping[str, Any] | None = None) -> tuple[Any, list[int]]:
+        """Like `call`, also returning the fds passed with the answer (the caller
+        owns them). If cancelled or timed out, a lease the daemon grants anyway
+        is released by the client when the answer comes."""
+        if self._failure is not None:
+            raise fresh_error(self._failure)
+        request_id, line = self._session.request(method, params)
+        waiter = self._pending[request_id] = _Waiter()
+        answered = False
+        try:
+            await self._send(line)
+            with anyio.fail_after(self.timeout):
+                await waiter.event.wait()
+            answered = True
+        finally:
+            if not answered:
+                self._give_up(request_id, waiter)
+        reply = waiter.reply
+        assert reply is not None
+        if reply.error is not None:
+            raise reply.error
+        return reply.result, list(reply.fds)
+
+    async def next_notification(self) -> dict[str, Any]:
+        """The oldest notification not yet taken (the whole JSON object). Raises
+        ConnectionLost once the connection ended and none are left. Cancellable."""
+        while not self._notifications:
+            if self._failure is not None:
+                raise fresh_error(self._failure)
+            assert self._notified is not None, "use the client inside `async with`"
+            await self._notified.wait()
+        return self._notifications.popleft()
+
+    # -- the API (see `supervisor.client.Client` for what each raises) --
+
+    async def hello(self) -> HelloResult:
+        return await self.call("hello")  # type: ignore[no-any-return]
+
+    async def acquire(
+        self, job: str, adapter: str, *, params: Mapping[str, str] | None = None, fds: bool = False,
+        detach: bool = False, ttl: float | None = None,
+    ) -> AsyncLease:
+        """Take a lease the caller must `release()`; prefer `lease()`."""
+        return await self._acquire(acquire_params(job, adapter, params=params, fds=fds, detach=detach, ttl=ttl))
+
+    def lease(
+        self, job: str, adapter: str, *, params: Mapping[str, str] | None = None, fds: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[AsyncLease]:
+        """``async with client.lease(job, adapter) as lease:`` a bound lease,
+        released when the block exits however it exits (cancellation included).
+        Raises what `acquire` raises on entry, and `LeaseLost` on a normal exit if
+        the connection ended meanwhile."""
+        return _AsyncLeaseScope(self, acquire_params(job, adapter, params=params, fds=fds, detach=False, ttl=None))
+
+    async def release(self, lease: LeaseInfo | str) -> ReleaseResult:
+        token = lease.token if isinstance(lease, LeaseInfo) else lease
+        return await self.call("release", {"lease": token})  # type: ignore[no-any-return]
+
+    async def renew(self, lease: LeaseInfo | str, ttl: float | None = None) -> float:
+        token = lease.token if isinstance(lease, LeaseInfo) else lease
+        params: dict[str, Any] = {"lease": token} | ({"ttl": ttl} if ttl is not None else {})
+        return float((await self.call("renew", params))["expires_at"])
+
+    async def release_job(self, job: str) -> ReleaseJobResult:
+        return await self.call("release_job", {"job": job})  # type: ignore[no-any-return]
+
+    async def status(self, job: str | None = None) -> Status:
+        return await self.call("status", {"job": job} if job is not None else {})  # type: ignore[no-any-return]
+
+    async def sweep(self, *, deep: bool = False) -> dict[str, Any]:
+        return await self.call("sweep", {"deep": True} if deep else {})  # type: ignore[no-any-return]
+
+    async def reports(self, limit: int = 10) -> list[dict[str, Any]]:
+        return (await self.call("reports", {"limit": limit}))["reports"]  # type: ignore[no-any-return]
+
+    async def logs(self, instance: str | None = None, *, lease: str | None = None, lines: int = 100) -> list[str]:
+        return (await self.call("logs", logs_params(instance, lease, lines)))["lines"]  # type: ignore[no-any-return]
+
+    # -- internals --
+
+    async def _acquire(self, request: dict[str, Any]) -> AsyncLease:
+        result, fds = await self.call_with_fds("acquire", request)
+        lease = AsyncLease(self, result, detached=bool(request.get("detach")), fds=fds)
+        self._leases[lease.token] = lease
+        if self._failure is not None:
+            lease._end(None)
+        return lease
+
+    def _forget(self, lease: LeaseInfo) -> None:
+        self._leases.pop(lease.token, None)
+
+    async def _send(self, line: bytes) -> None:
+        """Send one whole line, shielded from cancellation and bounded by
+        SEND_TIMEOUT_S (a timeout closes the connection). Raises ConnectionLost."""
+        assert self._send_lock is not None and self._ended is not None, "use the client inside `async with`"
+        async with self._send_lock:
+            with anyio.CancelScope(shield=True):
+                error: OSError | None = None
+                with anyio.move_on_after(SEND_TIMEOUT_S) as scope:
+                    try:
+                        await self._send_all(line)
+                    except OSError as exc:
+                        error = exc
+                if scope.cancelled_caught:
+                    self._close(ConnectionLost(f"the daemon took no data for {SEND_TIMEOUT_S} s"))
+                if error is not None or scope.cancelled_caught:
+                    # The daemon may have said why it closed (a refusal) just before.
+                    with anyio.move_on_after(REFUSAL_GRACE_S):
+                        await self._ended.wait()
+                    if self._failure is not None:
+                        raise fresh_error(self._failure) from error
+                    raise ConnectionLost(f"cannot send to the daemon: {error}") from error
+
+    async def _send_all(self, line: bytes) -> None:
+        view = memoryview(line)
+        while view:
+            if self._sock is None or self._failure is not None:
+                raise ConnectionLost("the connection ended")
+            try:
+                view = view[self._sock.send(view):]
+            except BlockingIOError:
+                await anyio.wait_writable(self._sock)
+
+    def _give_up(self, request_id: int, waiter: _Waiter) -> None:
+        if self._pending.pop(request_id, None) is not None:
+            self._session.abandon(request_id)
+            return
+        reply = waiter.reply
+        if reply is not None and reply.error is None:
+            lease = reply.result.get("lease") if reply.method == "acquire" and isinstance(reply.result, dict) else None
+            self._dispose(Stray(lease, reply.fds))
+
+    def _dispose(self, stray: Stray) -> None:
+        close_fds(stray.fds)
+        if stray.lease is None or self._failure is not None or self._task_group is None:
+            return
+        request_id, line = self._session.request("release", {"lease": stray.lease})
+        self._session.abandon(request_id)
+        self._task_group.start_soon(self._send_quietly, line)
+
+    async def _send_quietly(self, line: bytes) -> None:
+        try:
+            await self._send(line)
+        except ConnectionLost:
+            pass  # then the daemon released the lease with the connection
+
+    async def _read_loop(self) -> None:
+        assert self._sock is not None
+        reason = ConnectionLost("the daemon closed the connection")
+        try:
+            while True:
+                try:
+                    data, fds = receive_with_fds(self._sock)
+                except BlockingIOError:
+                    await anyio.wait_readable(self._sock)
+                    continue
+                if not data:
+                    close_fds(fds)
+                    break
+                for incoming in self._session.receive(data, fds):
+                    self._dispatch(incoming)
+                await anyio.lowlevel.checkpoint()
+        except ConnectionLost as exc:
+            reason = exc
+        except (OSError, anyio.ClosedResourceError) as exc:
+            reason = ConnectionLost(f"the connection to the daemon failed: {exc!r}")
+        finally:
+            self._close(ConnectionLost("this client was closed") if self._closing else reason)
+
+    def _dispatch(self, incoming: Reply | Notice | Refusal | Stray) -> None:
+        if isinstance(incoming, Reply):
+            waiter = self._pending.pop(incoming.id, None)
+            if waiter is None:
+                close_fds(incoming.fds)
+                return
+            waiter.reply = incoming
+            waiter.event.set()
+        elif isinstance(incoming, Notice):
+            self._notifications.append(incoming.message)
+            assert self._notified is not None
+            self._notified.set()
+            self._notified = anyio.Event()
+            self._route_notice(incoming)
+        elif isinstance(incoming, Refusal):
+            self._refusal = incoming.error
+            self._fail_pending(incoming.error)
+        else:
+            self._dispose(incoming)
+
+    def _route_notice(self, notice: Notice) -> None:
+        if notice.method == "adapter_exited":
+            exited = AdapterExited.from_params(notice.params)
+            for lease in [lease for lease in self._leases.values() if lease.instance == exited.instance]:
+                lease._end(exited)
+        elif notice.method == "shutting_down":
+            self.shutting_down = True
+            for lease in list(self._leases.values()):
+                lease._end(AdapterExited(lease.instance, lease.job, lease.adapter, lease.pid, None, SHUTDOWN_REASON))
+
+    def _fail_pending(self, error: Exception) -> None:
+        for request_id, waiter in self._pending.items():
+            waiter.reply = Reply(request_id, "", error=fresh_error(error))
+            waiter.event.set()
+        self._pending.clear()
+
+    def _close(self, reason: ConnectionLost | None = None) -> None:
+        """End the connection (synchronous, so it is safe in `finally` and when
+        cancelled): fail waiters, mark bound leases lost. Idempotent."""
+        if reason is None:
+            self._closing = True
+            reason = ConnectionLost("this client was closed")
+        if self._sock is not None and self._sock.fileno() != -1:
+            anyio.notify_closing(self._sock)
+            self._sock.close()
+        if self._failure is not None:
+            return
+        self._failure = self._refusal or reason
+        self._fail_pending(self._failure)
+        close_fds(self._session.leftover_fds())
+        for event in (self._notified, self._ended):
+            if event is not None:
+                event.set()
+        for lease in list(self._leases.values()):
+            lease._end(None)

@@ -1,0 +1,606 @@
+"""The registry of instances and leases: every lifecycle rule, and nothing else.
+
+This module is the pure core of the daemon. It knows no trio, no psutil, no clock
+and no logger: each operation takes plain values (including ``now``) and returns
+what the I/O shell must do next as small frozen action objects. It is only ever
+called from the trio thread, so it needs no locks; it is tested synchronously.
+
+Instance life::
+
+    STARTING --spawned--> RUNNING --last lease gone--> LINGERING --linger over--> STOPPING --tree_gone--> (removed)
+       |                    |  ^                           |                         ^
+       |                    |  +------ acquire ------------+                         |
+       |                    +--- last lease gone, linger == 0 -----------------------+
+       |                    +--- root_exited / terminate --> EXITED --tree_gone, no leases--> (removed)
+       +--spawn_failed--> (removed, its leases dropped)
+
+At most one instance per ``(job, adapter)`` is *live* (STARTING, RUNNING or
+LINGERING). A new instance for a pair whose previous tree is still being stopped
+waits in STARTING until that tree is gone, so two trees of one pair never run at
+once.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from supervisor.core.errors import (
+    Conflict,
+    InvalidParams,
+    LimitReached,
+    PermissionDenied,
+    ShuttingDown,
+    UnknownLease,
+)
+
+ROOT_UID = 0
+
+# 18 random bytes = 144 bits, above the 128 the spec asks for, and a whole
+# number of base64 characters (24).
+LEASE_TOKEN_BYTES = 18
+
+# Instance ids appear in logs, cgroup names and the environment; 12 hex digits
+# (48 bits) keep them short while making a collision within one daemon's life
+# vanishingly unlikely. They are identifiers, not secrets.
+INSTANCE_ID_BYTES = 6
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    LINGERING = "lingering"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+LIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.LINGERING})
+
+
+class Reason(str, enum.Enum):
+    """Why an instance's tree is being stopped (the `reason` of `adapter_exited`)."""
+
+    EXITED = "exited"
+    KILLED = "killed"
+    MEMORY_LIMIT = "memory_limit"
+    LEASE_EXPIRED = "lease_expired"
+    RELEASED = "released"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class Lease:
+    token: str
+    instance_id: str
+    job: str
+    adapter: str
+    uid: int
+    # The connection that acquired the lease; None once that connection closed.
+    owner: int | None
+    detached: bool
+    ttl: float | None = None
+    expires_at: float | None = None
+
+
+@dataclass
+class Instance:
+    id: str
+    job: str
+    adapter: str
+    params: tuple[tuple[str, str], ...]
+    state: State
+    leases: set[str] = field(default_factory=set)
+    linger: float = 0.0
+    pid: int | None = None
+    started_at: float | None = None
+    linger_until: float | None = None
+    # Set while STARTING behind a predecessor of the same pair whose tree is
+    # still being stopped: the spawn is deferred until that tree is gone.
+    waiting_for: str | None = None
+    # Connections that lost a lease on this instance to someone else
+    # (release_job, expiry) and are told when the instance stops.
+    watchers: set[int] = field(default_factory=set)
+    returncode: int | None = None
+    stop_reason: Reason | None = None
+    tree_gone: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.job, self.adapter)
+
+    @property
+    def refcount(self) -> int:
+        return len(self.leases)
+
+
+# ----------------------------------------------------------------------------
+# Actions: what the I/O shell must carry out.
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start the root process of `instance_id`; report back with `spawned` or `spawn_failed`."""
+
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class StopTree:
+    """Stop every process of the instance's tree; report back with `tree_gone`."""
+
+    instance_id: str
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class NotifyExited:
+    """Send `adapter_exited` to these connections."""
+
+    connections: tuple[int, ...]
+    instance_id: str
+    job: str
+    adapter: str
+    pid: int | None
+    returncode: int | None
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class InstanceSettled:
+    """A STARTING instance stopped waiting: it runs, or it never will.
+
+    Acquires parked on it can now answer.
+    """
+
+    instance_id: str
+    running: bool
+
+
+Action = Spawn | StopTree | NotifyExited | InstanceSettled
+
+
+@dataclass(frozen=True)
+class Acquired:
+    lease: Lease
+    instance: Instance
+    spawned: bool
+    actions: list[Action]
+
+
+@dataclass(frozen=True)
+class Released:
+    refcount: int
+    stopping: bool
+    actions: list[Action]
+
+
+@dataclass(frozen=True)
+class JobReleased:
+    released: int
+    instances: list[str]
+    actions: list[Action]
+
+
+@dataclass(frozen=True)
+class Ticked:
+    expired_leases: list[str]
+    actions: list[Action]
+
+
+def _new_token() -> str:
+    return secrets.token_urlsafe(LEASE_TOKEN_BYTES)
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(INSTANCE_ID_BYTES)
+
+
+class Registry:
+    """Instances keyed by (job, adapter) and the leases that hold them.
+
+    Every method runs to completion without waiting; none raises for a state it
+    can be in, only for a client's mistake (unknown lease, permission, limits,
+    conflicting params), and a method that raises has changed nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        new_token: Callable[[], str] = _new_token,
+        new_instance_id: Callable[[], str] = new_instance_id,
+    ) -> None:
+        self._new_token = new_token
+        self._new_instance_id = new_instance_id
+        self.instances: dict[str, Instance] = {}
+        self.leases: dict[str, Lease] = {}
+        self._live: dict[tuple[str, str], str] = {}
+        # Instances whose tree is being stopped (STOPPING, or EXITED and not yet
+        # reaped whole), by pair: a new instance of the pair waits for it.
+        self._dying: dict[tuple[str, str], str] = {}
+        # Set by `shutdown`: no new instance starts after it.
+        self.closed = False
+        # What has a deadline, so `next_deadline` and `tick` cost what is timed,
+        # not what is held: detached lease tokens, and LINGERING instance ids.
+        self._expiring: set[str] = set()
+        self._lingering: set[str] = set()
+
+    # -- queries -------------------------------------------------------------
+
+    def live_instance(self, job: str, adapter: str) -> Instance | None:
+        instance_id = self._live.get((job, adapter))
+        return self.instances[instance_id] if instance_id else None
+
+    def lease(self, token: str) -> Lease | None:
+        return self.leases.get(token)
+
+    def acquire_waits(self, job: str, adapter: str) -> bool:
+        """Whether an acquire of the pair now would have to wait: for the spawn
+        of its live instance (still STARTING), or, with none live, for the stop
+        of the pair's previous tree."""
+        instance = self.live_instance(job, adapter)
+        if instance is not None:
+            return instance.state is State.STARTING
+        return (job, adapter) in self._dying
+
+    def count_instances(self, adapter: str) -> int:
+        """Instances of `adapter` that hold or may soon hold processes."""
+        return sum(
+            1
+            for instance in self.instances.values()
+            if instance.adapter == adapter and not instance.tree_gone
+        )
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which `tick` has something to do, or None."""
+        deadlines = [self.leases[token].expires_at for token in self._expiring]
+        deadlines.extend(self.instances[instance_id].linger_until for instance_id in self._lingering)
+        return min((d for d in deadlines if d is not None), default=None)
+
+    # -- client operations ---------------------------------------------------
+
+    def acquire(
+        self,
+        *,
+        job: str,
+        adapter: str,
+        connection: int,
+        uid: int,
+        now: float,
+        params: Mapping[str, str] | None = None,
+        detach: bool = False,
+        ttl: float | None = None,
+        linger: float = 0.0,
+        max_instances: int | None = None,
+    ) -> Acquired:
+        """Take a lease on the live instance of (job, adapter), creating it if needed.
+
+        Raises `Conflict` when a live instance runs with other params, `LimitReached`
+        when a new instance would pass `max_instances`, `InvalidParams` for a detached
+        lease without a ttl.
+        """
+        if self.closed:
+            raise ShuttingDown("the daemon is shutting down and starts no new leases")
+        if detach and ttl is None:
+            raise InvalidParams("a detached lease needs a ttl (seconds)")
+        frozen_params = tuple(sorted((params or {}).items()))
+        actions: list[Action] = []
+        instance = self.live_instance(job, adapter)
+        spawned = False
+        if instance is not None:
+            if instance.params != frozen_params:
+                raise Conflict(
+                    f"instance {instance.id} of adapter {adapter!r} for job {job!r} is running "
+                    f"with params {dict(instance.params)}; release it before asking for {dict(frozen_params)}"
+                )
+            if instance.state is State.LINGERING:
+                instance.state = State.RUNNING
+                instance.linger_until = None
+                self._lingering.discard(instance.id)
+        else:
+            if max_instances is not None and self.count_instances(adapter) >= max_instances:
+                raise LimitReached(
+                    f"adapter {adapter!r} already has {max_instances} instances (its max_instances); "
+                    "release some or raise the limit"
+                )
+            instance = Instance(
+                id=self._unique_instance_id(),
+                job=job,
+                adapter=adapter,
+                params=frozen_params,
+                state=State.STARTING,
+                linger=linger,
+                waiting_for=self._dying.get((job, adapter)),
+            )
+            self.instances[instance.id] = instance
+            self._live[instance.key] = instance.id
+            spawned = True
+            if instance.waiting_for is None:
+                actions.append(Spawn(instance.id))
+        lease = Lease(
+            token=self._new_token(),
+            instance_id=instance.id,
+            job=job,
+            adapter=adapter,
+            uid=uid,
+            owner=connection,
+            detached=detach,
+            ttl=ttl if detach else None,
+            expires_at=now + ttl if detach and ttl is not None else None,
+        )
+        self.leases[lease.token] = lease
+        instance.leases.add(lease.token)
+        if lease.expires_at is not None:
+            self._expiring.add(lease.token)
+        return Acquired(lease=lease, instance=instance, spawned=spawned, actions=actions)
+
+    def release(self, token: str, *, connection: int, uid: int, now: float) -> Released:
+        """Drop one lease. Raises `UnknownLease`, or `PermissionDenied` for a lease
+        held by another connection of another uid (root may release anything)."""
+        lease = self._lease_or_raise(token)
+        if lease.owner != connection:
+            self._check_may_touch(lease, uid)
+        instance = self.instances[lease.instance_id]
+        actions = self._drop_lease(lease, now, by_other=lease.owner != connection, reason=Reason.RELEASED)
+        return Released(
+            refcount=instance.refcount,
+            stopping=instance.state in (State.STOPPING, State.EXITED) or instance.id not in self.instances,
+            actions=actions,
+        )
+
+    def renew(self, token: str, *, uid: int, now: float, ttl: float | None = None) -> float:
+        """Push a detached lease's expiry to now + ttl (default: its own ttl); returns it."""
+        lease = self._lease_or_raise(token)
+        self._check_may_touch(lease, uid)
+        if lease.expires_at is not None and lease.expires_at <= now:
+            # Due for expiry; `tick` releases it. Renewing it now would race that.
+            raise UnknownLease("the lease has expired; acquire a new one")
+        if not lease.detached:
+            raise InvalidParams(
+                f"lease {token[:6]}… is bound to its connection and does not expire; only detached leases renew"
+            )
+        lease.ttl = ttl if ttl is not None else lease.ttl
+        assert lease.ttl is not None
+        lease.expires_at = now + lease.ttl
+        return lease.expires_at
+
+    def release_job(self, job: str, *, connection: int, uid: int, now: float) -> JobReleased:
+        """Drop every lease of `job`, whoever holds it.
+
+        All or nothing: if any lease belongs to another uid and the caller is not
+        root, `PermissionDenied` is raised and nothing is released.
+        """
+        leases = [lease for lease in self.leases.values() if lease.job == job]
+        for lease in leases:
+            self._check_may_touch(lease, uid)
+        actions: list[Action] = []
+        instance_ids: list[str] = []
+        for lease in leases:
+            if lease.instance_id not in instance_ids:
+                instance_ids.append(lease.instance_id)
+            actions += self._drop_lease(lease, now, by_other=lease.owner != connection, reason=Reason.RELEASED)
+        return JobReleased(released=len(leases), instances=instance_ids, actions=actions)
+
+    def connection_closed(self, connection: int, *, now: float) -> list[Action]:
+        """Release every lease bound to `connection`; its detached leases live on."""
+        # Forget it as a watcher first: a stop caused by this very close must
+        # not notify the connection that is gone.
+        for instance in self.instances.values():
+            instance.watchers.discard(connection)
+        actions: list[Action] = []
+        for lease in list(self.leases.values()):
+            if lease.owner != connection:
+                continue
+            if lease.detached:
+                lease.owner = None
+            else:
+                actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
+        return actions
+
+    # -- feedback from the shell ---------------------------------------------
+
+    def spawned(self, instance_id: str, *, pid: int, now: float) -> list[Action]:
+        """The root of a STARTING instance runs as `pid`."""
+        instance = self.instances[instance_id]
+        assert instance.state is State.STARTING, instance.state
+        instance.state = State.RUNNING
+        instance.pid = pid
+        instance.started_at = now
+        actions: list[Action] = [InstanceSettled(instance_id, running=True)]
+        if self.closed:
+            actions += self._end(instance, Reason.SHUTDOWN)
+        elif not instance.leases:
+            # Every acquirer went away while the root was starting.
+            actions += self._last_lease_gone(instance, now)
+        return actions
+
+    def spawn_failed(self, instance_id: str) -> list[Action]:
+        """The root of a STARTING instance could not be started: forget it and its leases."""
+        instance = self.instances[instance_id]
+        assert instance.state is State.STARTING, instance.state
+        self._discard_leases(instance)
+        self._forget(instance)
+        return [InstanceSettled(instance_id, running=False)]
+
+    def root_exited(self, instance_id: str, *, returncode: int, now: float) -> list[Action]:
+        """The root process was reaped. Unless we were stopping it, that is the
+        end of the instance: reap the rest of its tree and tell its holders."""
+        instance = self.instances.get(instance_id)
+        if instance is None:
+            return []
+        instance.returncode = returncode
+        if instance.state in (State.STOPPING, State.EXITED):
+            return []
+        reason = Reason.KILLED if returncode < 0 else Reason.EXITED
+        return self._end(instance, reason)
+
+    def terminate(self, instance_id: str, *, reason: Reason) -> list[Action]:
+        """End a live instance from outside the lease rules (memory limit, sweep, shutdown).
+
+        Holders keep their leases (releasing them later succeeds) and are told.
+        """
+        instance = self.instances.get(instance_id)
+        if instance is None or instance.state not in (State.RUNNING, State.LINGERING):
+            return []
+        return self._end(instance, reason)
+
+    def tree_gone(self, instance_id: str, *, now: float) -> list[Action]:
+        """No process of the instance's tree is left. Frees the pair for a waiting successor."""
+        instance = self.instances.get(instance_id)
+        if instance is None:
+            return []
+        instance.tree_gone = True
+        if self._dying.get(instance.key) == instance_id:
+            del self._dying[instance.key]
+        if instance.state is State.STOPPING or not instance.leases:
+            del self.instances[instance_id]
+        actions: list[Action] = []
+        for successor in self.instances.values():
+            if successor.waiting_for == instance_id:
+                successor.waiting_for = None
+                actions.append(Spawn(successor.id))
+        return actions
+
+    def tick(self, now: float) -> Ticked:
+        """Expire detached leases and end lingering past their linger."""
+        expired: list[str] = []
+        actions: list[Action] = []
+        for token in sorted(self._expiring, key=lambda t: self.leases[t].expires_at or 0.0):
+            lease = self.leases.get(token)
+            if lease is not None and lease.expires_at is not None and lease.expires_at <= now:
+                expired.append(lease.token)
+                actions += self._drop_lease(lease, now, by_other=True, reason=Reason.LEASE_EXPIRED)
+        for instance_id in sorted(self._lingering):
+            instance = self.instances.get(instance_id)
+            if (
+                instance is not None
+                and instance.state is State.LINGERING
+                and instance.linger_until is not None
+                and instance.linger_until <= now
+            ):
+                actions += self._stop(instance, Reason.RELEASED)
+        return Ticked(expired_leases=expired, actions=actions)
+
+    def shutdown(self) -> list[Action]:
+        """Stop every instance that may hold processes (daemon shutdown).
+
+        A root still being spawned is ended by `spawned` when it reports in.
+        """
+        self.closed = True
+        actions: list[Action] = []
+        for instance in list(self.instances.values()):
+            if instance.state is State.STARTING and instance.waiting_for is not None:
+                # Never spawned: nothing to stop.
+                self._discard_leases(instance)
+                self._forget(instance)
+                actions.append(InstanceSettled(instance.id, running=False))
+            elif instance.state in (State.RUNNING, State.LINGERING):
+                actions += self._end(instance, Reason.SHUTDOWN)
+        return actions
+
+    # -- internals -----------------------------------------------------------
+
+    def _unique_instance_id(self) -> str:
+        while True:
+            instance_id = self._new_instance_id()
+            if instance_id not in self.instances:
+                return instance_id
+
+    def _lease_or_raise(self, token: str) -> Lease:
+        lease = self.leases.get(token)
+        if lease is None:
+            raise UnknownLease(
+                "no such lease: it was never issued, was already released, or expired"
+            )
+        return lease
+
+    @staticmethod
+    def _check_may_touch(lease: Lease, uid: int) -> None:
+        if uid != ROOT_UID and uid != lease.uid:
+            raise PermissionDenied(
+                f"a lease of job {lease.job!r} is held by uid {lease.uid}; only that uid or root may release it"
+            )
+
+    def _drop_lease(self, lease: Lease, now: float, *, by_other: bool, reason: Reason) -> list[Action]:
+        del self.leases[lease.token]
+        self._expiring.discard(lease.token)
+        instance = self.instances[lease.instance_id]
+        instance.leases.discard(lease.token)
+        if by_other and lease.owner is not None:
+            instance.watchers.add(lease.owner)
+        if instance.leases:
+            return []
+        return self._last_lease_gone(instance, now, reason)
+
+    def _last_lease_gone(self, instance: Instance, now: float, reason: Reason = Reason.RELEASED) -> list[Action]:
+        if instance.state is State.STARTING:
+            if instance.waiting_for is not None:
+                # Never spawned, and nobody wants it any more.
+                self._forget(instance)
+                return [InstanceSettled(instance.id, running=False)]
+            return []  # `spawned` decides once the root is up.
+        if instance.state is State.RUNNING:
+            if instance.linger > 0:
+                instance.state = State.LINGERING
+                instance.linger_until = now + instance.linger
+                self._lingering.add(instance.id)
+                return []
+            return self._stop(instance, reason)
+        if instance.state is State.EXITED and instance.tree_gone:
+            del self.instances[instance.id]
+        return []
+
+    def _begin_dying(self, instance: Instance, state: State, reason: Reason) -> None:
+        """Leave the live states for STOPPING or EXITED: the pair is free for a
+        successor, which waits until this tree is gone."""
+        self._release_key(instance)
+        instance.state = state
+        instance.stop_reason = reason
+        instance.linger_until = None
+        self._lingering.discard(instance.id)
+        self._dying[instance.key] = instance.id
+
+    def _stop(self, instance: Instance, reason: Reason) -> list[Action]:
+        """RUNNING/LINGERING with no leases -> STOPPING."""
+        self._begin_dying(instance, State.STOPPING, reason)
+        actions: list[Action] = [StopTree(instance.id, reason)]
+        if instance.watchers:
+            actions.append(self._notify(instance, instance.watchers, reason))
+        return actions
+
+    def _end(self, instance: Instance, reason: Reason) -> list[Action]:
+        """RUNNING/LINGERING -> EXITED: the tree goes, leases stay until released."""
+        self._begin_dying(instance, State.EXITED, reason)
+        holders = {self.leases[token].owner for token in instance.leases} | instance.watchers
+        connections = {c for c in holders if c is not None}
+        actions: list[Action] = [StopTree(instance.id, reason)]
+        if connections:
+            actions.append(self._notify(instance, connections, reason))
+        return actions
+
+    @staticmethod
+    def _notify(instance: Instance, connections: Iterable[int], reason: Reason) -> NotifyExited:
+        return NotifyExited(
+            connections=tuple(sorted(connections)),
+            instance_id=instance.id,
+            job=instance.job,
+            adapter=instance.adapter,
+            pid=instance.pid,
+            returncode=instance.returncode,
+            reason=reason,
+        )
+
+    def _release_key(self, instance: Instance) -> None:
+        if self._live.get(instance.key) == instance.id:
+            del self._live[instance.key]
+
+    def _discard_leases(self, instance: Instance) -> None:
+        for token in instance.leases:
+            del self.leases[token]
+            self._expiring.discard(token)
+        instance.leases.clear()
+
+    def _forget(self, instance: Instance) -> None:
+        self._release_key(instance)
+        del self.instances[instance.id]

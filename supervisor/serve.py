@@ -1,0 +1,250 @@
+"""`adapter-supervisor serve`: wire the parts together and run until a signal.
+
+Start-up order matters: become a child subreaper before the first spawn, take
+the state-directory lock before touching the socket (two daemons must never
+share either), decide the cgroup mode once, then accept connections.
+Shutdown is the reverse: stop accepting, tell clients, stop every tree, remove
+the socket, exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import os
+import resource
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+import trio
+
+from supervisor.procs import timeslice
+from supervisor.procs import subreaper
+from supervisor import systemd
+from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
+from supervisor.core.config import Config, load_config
+from supervisor.engine.engine import Supervisor
+from supervisor.core.errors import ConfigError
+from supervisor.logconfig import TurnWriter, configure_logging
+from supervisor.core.registry import LIVE_STATES
+from supervisor.server.listener import ControlServer, bind_control_socket
+from supervisor.engine.staterecord import daemon_key
+
+log = structlog.get_logger()
+
+EX_OK = 0
+EX_UNAVAILABLE = 69  # sysexits: a required resource (socket, lock) is taken
+EX_CONFIG = 78  # sysexits: the configuration is unusable
+
+LOCK_FILE = "daemon.lock"
+
+STOP_AND_RELOAD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class StartupError(Exception):
+    """The daemon cannot start for a reason an operator must fix (not the config)."""
+
+
+def serve(config_path: str) -> int:
+    """Run the daemon on `config_path`; returns the process exit status."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        configure_logging("auto", "info")
+        log.error("config.invalid", error=str(exc))
+        return EX_CONFIG
+    # Lines logged during a turn of the event loop are written when it ends.
+    writer = TurnWriter(sys.stderr)
+    configure_logging(config.daemon.log_format, config.daemon.log_level, writer)  # type: ignore[arg-type]
+    try:
+        trio.run(run_daemon, config, instruments=[writer])
+    except StartupError as exc:
+        log.error("daemon.start_failed", error=str(exc))
+        return EX_UNAVAILABLE
+    return EX_OK
+
+
+@contextmanager
+def state_dir_lock(state_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on `state_dir` for the daemon's life."""
+    os.makedirs(state_dir, mode=0o750, exist_ok=True)
+    path = os.path.join(state_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"another daemon is already running on state_dir {state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def detect_cgroups(config: Config) -> CgroupManager | None:
+    """The cgroup manager for this run, or None for the process-table fallback."""
+    setting = config.daemon.cgroup
+    if setting == "off":
+        log.info("daemon.mode", mode="process-table", reason="cgroup = \"off\" in the config")
+        return None
+    try:
+        # Named after the state directory: two daemons on one host never see
+        # each other's instance cgroups as orphans.
+        manager = CgroupManager.detect(
+            explicit_root=None if setting == "auto" else setting,
+            name=f"adapter-supervisor-{daemon_key(config.daemon.state_dir)}",
+        )
+    except CgroupUnavailable as exc:
+        log.info("daemon.mode", mode="process-table", reason=str(exc))
+        return None
+    log.info("daemon.mode", mode="cgroup", base=str(manager.base))
+    return manager
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up made (modules, classes, the config) out of every
+    later garbage collection. A full collection of the daemon's ~30,000
+    start-up objects takes milliseconds, and the collector runs one whenever
+    requests have allocated enough, in the middle of whichever request that
+    is. Frozen objects live for the whole run anyway."""
+    gc.collect()
+    gc.freeze()
+
+
+def request_latency_slice(slice_us: int) -> None:
+    """Give the trio thread a short time slice (supervisor/procs/timeslice.py), so that
+    replies are not queued behind the adapters just started. Not fatal: the
+    daemon works the same without it, only slower to answer on a busy CPU."""
+    if slice_us == 0:
+        return
+    try:
+        timeslice.request_slice(slice_us)
+    except OSError as exc:
+        log.warning("daemon.latency_slice_refused", slice_us=slice_us, error=exc.strerror)
+        return
+    log.info("daemon.latency_slice", slice_us=slice_us, kernel_slice_ns=timeslice.thread_slice_ns())
+
+
+async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGTERM/SIGINT. Raises StartupError if the socket or state dir is taken.
+
+    Under systemd: serves on a socket passed by socket activation instead of
+    binding one (and leaves its file alone), and speaks sd_notify.
+    """
+    notifier = systemd.Notifier.from_environ()
+    try:
+        activated = systemd.activated_listener()
+    except systemd.ActivationError as exc:
+        raise StartupError(str(exc)) from None
+    subreaper.become_child_subreaper()
+    request_latency_slice(config.daemon.latency_slice_us)
+    raise_fd_limit()
+    with state_dir_lock(config.daemon.state_dir):
+        # What the receiver puts back when it closes: a stop signal that comes
+        # after the shutdown (`timeout` sends SIGTERM to the daemon and then to
+        # its process group) must not kill the process on its way out.
+        for signum in STOP_AND_RELOAD_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        with trio.open_signal_receiver(*STOP_AND_RELOAD_SIGNALS) as signals:
+            if activated is not None:
+                listener = trio.socket.from_stdlib_socket(activated)
+            else:
+                try:
+                    listener = await bind_control_socket(config.daemon.socket, config.daemon.socket_mode)
+                except OSError as exc:
+                    if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+                        raise StartupError(str(exc.strerror or exc)) from None
+                    raise StartupError(f"cannot bind {config.daemon.socket}: {exc}") from None
+            socket_path = listener.getsockname() if activated is not None else config.daemon.socket
+            # The file we bound, by inode: at exit we remove it only if it is
+            # still ours (a later daemon may have bound the path since).
+            bound_inode = os.stat(config.daemon.socket).st_ino if activated is None else None
+            supervisor = Supervisor(config, cgroups=detect_cgroups(config))
+            server = ControlServer(supervisor)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(supervisor.run)
+                    freeze_startup_objects()
+                    await nursery.start(server.serve, listener)
+                    log.info(
+                        "daemon.ready", pid=os.getpid(), socket=socket_path,
+                        adapters=sorted(config.adapters), config=config.path,
+                        socket_activated=activated is not None,
+                        cgroup_mode=supervisor.cgroups is not None,
+                        spawner="clone3" if supervisor.uses_clone3 else "subprocess",
+                    )
+                    notifier.ready(status=_status_text(supervisor))
+                    await nursery.start(systemd.watchdog, notifier)
+                    await nursery.start(systemd.report_status, notifier, lambda: _status_text(supervisor))
+                    task_status.started()
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            notifier.reloading()
+                            await _reload(supervisor)
+                            notifier.ready(status=_status_text(supervisor))
+                            continue
+                        log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                        notifier.stopping(status="stopping every adapter tree")
+                        break
+                    server.stop_accepting()
+                    await supervisor.shutdown()
+                    nursery.cancel_scope.cancel()
+            except BaseException:
+                # Only a bug gets here (clients cannot crash the daemon): take
+                # the trees down rather than leave them without an owner.
+                log.critical("daemon.crashed", exc_info=True)
+                supervisor.kill_everything_now()
+                raise
+            finally:
+                # A passed socket belongs to the socket unit: its file stays.
+                if bound_inode is not None:
+                    _unlink_socket(config.daemon.socket, bound_inode)
+    log.info("daemon.stopped")
+
+
+async def _reload(supervisor: Supervisor) -> None:
+    path = supervisor.config.path
+    try:
+        config = await trio.to_thread.run_sync(load_config, path)
+    except ConfigError as exc:
+        log.error("config.reload_rejected", error=str(exc), kept=path)
+        return
+    if config.daemon.socket != supervisor.config.daemon.socket or config.daemon.state_dir != supervisor.config.daemon.state_dir:
+        log.warning("config.reload_partial", note="socket and state_dir changes apply on restart only")
+    supervisor.reload(config)
+    log.info("config.reloaded", config=path, adapters=sorted(config.adapters))
+
+
+def _status_text(supervisor: Supervisor) -> str:
+    """The STATUS= line `systemctl status` shows: live instances and leases."""
+    registry = supervisor.registry
+    live = sum(1 for instance in registry.instances.values() if instance.state in LIVE_STATES)
+    return f"live instances: {live}, leases: {len(registry.leases)}"
+
+
+def _unlink_socket(path: str, inode: int) -> None:
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard limit.
+
+    Each connection, instance pipe, pidfd and /proc read takes an fd; the
+    common soft default of 1024 is no more than the default max_connections.
+    Running out would turn routine scans into errors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("daemon.fd_limit_unchanged", soft=soft, hard=hard, error=str(exc))

@@ -1,0 +1,465 @@
+"""The control socket: connections, authorization, and the one error boundary.
+
+Each connection (`supervisor.connection.Connection`: whole lines out, never
+interleaved) has a task that owns it. While a connection is idle its
+task lends its socket to the server's `ReadHub`: the hub's one task reads
+every ready connection and answers the requests that need no waiting
+(`methods.answer_now`) on the spot, the way a trio task would but without a
+trip through the scheduler per request. Whatever must wait (a spawn, a scan,
+a peer slow to read) goes back to the connection's task, which answers the
+requests that never wait for long (`methods.answers_at_once`) itself and starts
+one task for each other request (so responses may come out of order), then
+lends its socket to the hub again. Exceptions become wire errors here and
+nowhere else; tracebacks go to the log.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import itertools
+import os
+import resource
+import socket as stdlib_socket
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from supervisor import afterreply
+from supervisor.server import methods
+from supervisor.core import protocol
+from supervisor.core.config import DaemonConfig
+from supervisor.server.connection import Connection
+from supervisor.engine.engine import Supervisor
+from supervisor.core.errors import (
+    LimitReached,
+    PermissionDenied,
+    ShuttingDown,
+    SupervisorError,
+)
+from supervisor.server.readhub import ReadHub
+
+log = structlog.get_logger()
+
+# Bytes read from a client per receive call.
+RECEIVE_BYTES = 65536
+
+# A refused peer gets its error line, then the socket is closed after at most
+# this long even if it never reads.
+REFUSE_TIMEOUT_S = 1.0
+
+# Lines of one connection served in one turn (of the hub, or of the
+# connection's task) before other connections have theirs: a peer that
+# pipelines a whole receive buffer of cheap requests (a thousand `hello`s)
+# must not hold every other client up for the tens of ms those take, while an
+# ordinary batch costs no yield beyond the read's own.
+ANSWERS_PER_TURN = 32
+
+ROOT_UID = 0
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# SO_PEERGROUPS (Linux >= 4.13, <asm-generic/socket.h>): the peer's supplementary
+# groups as of connect(). Python does not export the constant.
+SO_PEERGROUPS = getattr(stdlib_socket, "SO_PEERGROUPS", 59)
+
+# Room for this many supplementary groups: CPython's getsockopt takes at most
+# 1024 bytes. A peer in more groups is judged by uid and primary gid only (the
+# kernel answers ERANGE rather than a partial list).
+MAX_PEER_GROUPS = 256
+
+
+def _no_task_to_start() -> None:
+    """`started` for a request answered in the reader: nobody awaits its start."""
+
+
+@dataclass
+class _Handback:
+    """What a connection's task must do when the hub hands it back: send
+    `line` first, if any, then end, or serve `messages` in order."""
+
+    # An answer the hub could not send whole at once. `sent`: None if none of
+    # it is out (another line is under way); else how much is, and the send
+    # lock is held for the rest.
+    line: bytes | None = None
+    sent: int | None = None
+    # Lines decoded and not yet served.
+    messages: list[protocol.Message] = field(default_factory=list)
+    # The peer closed its end cleanly: answers in flight still go out.
+    end_of_input: bool = False
+    # The connection must close at once (reset, fatal protocol error).
+    fatal: bool = False
+
+
+class ControlServer:
+    """Accepts clients on the control socket and serves their requests."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self._ids = itertools.count(1)
+        self.connections: dict[int, Connection] = {}
+        self._listen_scope: trio.CancelScope | None = None
+        self._hub: ReadHub | None = None
+
+    async def serve(
+        self, listener: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept until `stop_accepting`, then keep serving open connections until
+        cancelled. Cancellation closes every connection (their leases are released)."""
+        self._hub = hub = ReadHub()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hub.run)
+                await self._accept(listener, nursery, task_status)
+        finally:
+            hub.close()
+
+    async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as self._listen_scope:
+            task_status.started()
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.error("server.accept_failed", error=os.strerror(exc.errno))
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self._serve_connection, sock, nursery)
+        listener.close()
+        await trio.sleep_forever()
+
+    def stop_accepting(self) -> None:
+        if self._listen_scope is not None:
+            self._listen_scope.cancel()
+
+    async def _serve_connection(self, sock: trio.socket.SocketType, server_nursery: trio.Nursery) -> None:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size))
+        refusal: SupervisorError | None = None
+        if not self._allowed(uid, {gid, *_peer_groups(sock)}):
+            refusal = PermissionDenied(
+                f"uid {uid} / gid {gid} may not use this daemon; add it to allowed_uids or allowed_gids"
+            )
+        elif self.supervisor.shutting_down:
+            refusal = ShuttingDown("the daemon is shutting down")
+        elif len(self.connections) >= self._connection_limit():
+            refusal = LimitReached(
+                f"the daemon already serves {len(self.connections)} connections "
+                f"(max_connections {self.config.max_connections}, or half its open-file limit)"
+            )
+        if refusal is not None:
+            log.warning("connection.refused", pid=pid, uid=uid, gid=gid, code=refusal.code, reason=refusal.message)
+            with trio.move_on_after(REFUSE_TIMEOUT_S):
+                try:
+                    await sock.send(protocol.encode_error(None, refusal))
+                except OSError:
+                    pass
+            sock.close()
+            return
+        # The connection works on the plain socket under the trio wrapper (see
+        # `Connection`). Detaching, rather than reaching into the wrapper, leaves
+        # one owner of the fd, and that owner closes it below the way trio's own
+        # close does: notify_closing first, so that a task still waiting on the
+        # fd (a notification waiting for room) is woken instead of waiting on a
+        # number the kernel may hand to the next client.
+        plain = stdlib_socket.socket(fileno=sock.detach())
+        plain.setblocking(False)
+        connection = Connection(
+            id=next(self._ids), sock=plain, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery,
+            send_timeout=self.config.send_timeout,
+        )
+        self.connections[connection.id] = connection
+        self.supervisor.connected(connection)
+        log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
+        try:
+            async with trio.open_nursery() as nursery:
+                if not await self._read_requests(connection, nursery):
+                    nursery.cancel_scope.cancel()
+                # On a clean end of input the requests in flight still get their
+                # answers (a client may half-close after its last request).
+        finally:
+            connection.close()
+            trio.lowlevel.notify_closing(plain)
+            plain.close()
+            del self.connections[connection.id]
+            self.supervisor.disconnected(connection)
+            log.info("connection.closed", connection=connection.id)
+
+    async def _read_requests(self, connection: Connection, nursery: trio.Nursery) -> bool:
+        """Serve requests. True on a clean end of input, False when the
+        connection must close at once (reset, fatal protocol error).
+
+        While nothing needs waiting, the hub reads the connection and answers
+        (`_serve_ready`). What it hands back is served here: requests that
+        never wait for long (`methods.answers_at_once`) right here, in order,
+        without a task; others each in a task of their own.
+        Cancellation: returns nothing, raises Cancelled.
+        """
+        decoder = protocol.Decoder(self.config.max_message_bytes)
+        while not connection.closed:
+            handback = await self._lend_to_hub(connection, decoder)
+            if handback.line is not None:
+                if handback.sent is None:
+                    await connection.send(handback.line)
+                else:
+                    await connection.finish_line(memoryview(handback.line), handback.sent, ())
+            if handback.fatal:
+                return False
+            if handback.end_of_input:
+                return True
+            for answered, message in enumerate(handback.messages, start=1):
+                if connection.closed:
+                    return False
+                if isinstance(message, protocol.BadMessage):
+                    await connection.send(self._rejection(connection, message))
+                    if message.fatal:
+                        return False
+                elif methods.answers_at_once(self.supervisor, message):
+                    # No in-flight slot: nothing more is read from the peer
+                    # until this is answered, so these cannot pile up.
+                    await self._serve_request(connection, message)
+                else:
+                    # Backpressure: a peer cannot have more than MAX_IN_FLIGHT (connection.py)
+                    # of these running; the next line waits to be read.
+                    try:
+                        connection.in_flight.acquire_nowait()
+                    except trio.WouldBlock:
+                        await connection.in_flight.acquire()
+                    await nursery.start(self._serve_in_task, connection, message)
+                if answered % ANSWERS_PER_TURN == 0:
+                    await trio.lowlevel.checkpoint()
+        return False
+
+    async def _lend_to_hub(self, connection: Connection, decoder: protocol.Decoder) -> _Handback:
+        """Let the hub serve the connection until it hands it back.
+        Cancellation: the hub lets go of the connection first."""
+        hub = self._hub
+        assert hub is not None, "serve() runs the hub"
+        task = trio.lowlevel.current_task()
+        fd = connection.sock.fileno()
+        handback: _Handback | None = None
+        aborted = False
+
+        def on_readable() -> None:
+            nonlocal handback
+            try:
+                result = self._serve_ready(connection, decoder)
+            except Exception:  # a bug, logged whole: the hub serves the others on
+                log.exception("connection.hub_failed", connection=connection.id)
+                connection.close()
+                result = _Handback(fatal=True)
+            if result is None:
+                return
+            if aborted:
+                # The task was cancelled while this ran (and let go of the fd):
+                # nobody will finish a line this began.
+                if result.sent is not None:
+                    connection.send_lock.release()
+                connection.close()
+                return
+            handback = result
+            hub.unwatch(fd)
+            trio.lowlevel.reschedule(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            nonlocal aborted
+            aborted = True
+            hub.unwatch(fd)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        hub.watch(fd, on_readable)
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        assert handback is not None
+        return handback
+
+    def _serve_ready(self, connection: Connection, decoder: protocol.Decoder) -> _Handback | None:
+        """The hub's turn at a connection with input: read once, and answer
+        the lines that need no waiting. None keeps the connection in the hub;
+        otherwise its task must take over. Raises nothing."""
+        if connection.closed:
+            return _Handback(fatal=True)
+        try:
+            data = connection.sock.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return _Handback(fatal=True)
+        if not data:
+            return _Handback(end_of_input=True)
+        messages = decoder.feed(data)
+        for index, message in enumerate(messages):
+            if connection.closed:
+                return _Handback(fatal=True)  # the peer is gone: serve nothing more
+            if index == ANSWERS_PER_TURN:
+                return _Handback(messages=messages[index:])
+            fatal = False
+            try:
+                if isinstance(message, protocol.BadMessage):
+                    line = self._rejection(connection, message)
+                    fatal = message.fatal
+                    sent = connection.try_send(line)
+                elif message.method == "acquire":
+                    with afterreply.deferring():
+                        line = self._answer_now(connection, message)
+                        sent = connection.try_send(line)
+                else:
+                    line = self._answer_now(connection, message)
+                    sent = connection.try_send(line)
+            except methods.WouldWait:
+                return _Handback(messages=messages[index:])
+            if sent is None or sent < len(line):
+                return _Handback(line=line, sent=sent, fatal=fatal, messages=messages[index + 1:])
+            if fatal:
+                return _Handback(fatal=True)
+        return _Handback(fatal=True) if connection.closed else None
+
+    def _answer_now(self, connection: Connection, request: protocol.Request) -> bytes:
+        """The response line to `request`, made without waiting. Raises
+        methods.WouldWait (having changed nothing) if it cannot be."""
+        try:
+            result = methods.answer_now(self.supervisor, connection, request)
+            # (answer_now passes no fds: an acquire with fds would wait.)
+            assert not isinstance(result, methods.FdsResult)
+            return protocol.encode_result(request.id, result)
+        except methods.WouldWait:
+            raise
+        except SupervisorError as exc:
+            return self._error_line(connection, request, exc)
+        except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
+            return self._crash_line(connection, request)
+
+    def _rejection(self, connection: Connection, message: protocol.BadMessage) -> bytes:
+        """The error line for a line that is not a valid request."""
+        self.supervisor.metrics.protocol_errors.labels(str(message.error.code)).inc()
+        log.info("request.rejected", connection=connection.id, code=message.error.code, reason=message.error.message)
+        return protocol.encode_error(message.id, message.error)
+
+    def _error_line(self, connection: Connection, request: protocol.Request, exc: SupervisorError) -> bytes:
+        self.supervisor.metrics.protocol_errors.labels(str(exc.code)).inc()
+        log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
+        return protocol.encode_error(request.id, exc)
+
+    def _crash_line(self, connection: Connection, request: protocol.Request) -> bytes:
+        """For a handler's unexpected exception (a bug, not a client's
+        mistake): logged whole, answered without details. Call it while
+        handling the exception."""
+        log.exception("request.crashed", connection=connection.id, method=request.method)
+        return protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
+
+    async def _serve_in_task(
+        self, connection: Connection, request: protocol.Request, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """`_serve_request` in a task of its own, holding one of the connection's
+        in-flight slots until answered. Started once the request's state changes
+        are made, so pipelined requests change state in arrival order."""
+        started = False
+
+        def mark_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        try:
+            await self._serve_request(connection, request, mark_started)
+        finally:
+            connection.in_flight.release()
+
+    async def _serve_request(
+        self, connection: Connection, request: protocol.Request, started: methods.Started = _no_task_to_start
+    ) -> None:
+        """Run `request`'s handler and send its answer: the result, or the wire
+        error for what it raised (the one place exceptions become wire errors).
+        Calls `started` at the latest before sending. Raises nothing but
+        Cancelled; returns without a checkpoint when the handler and the send
+        need no wait. What an acquire's handler `defer`red runs after the send
+        (no other method spawns, and the block costs every request a few us)."""
+        if request.method != "acquire":
+            await self._answer(connection, request, started)
+            return
+        with afterreply.deferring():
+            await self._answer(connection, request, started)
+
+    async def _answer(self, connection: Connection, request: protocol.Request, started: methods.Started) -> None:
+        fds: tuple[int, ...] = ()
+        try:
+            try:
+                result: Any = await methods.handle(self.supervisor, connection, request, started)
+                if isinstance(result, methods.FdsResult):
+                    result, fds = result.result, result.fds
+                line = protocol.encode_result(request.id, result)
+            except SupervisorError as exc:
+                line = self._error_line(connection, request, exc)
+            except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
+                line = self._crash_line(connection, request)
+            started()
+            await connection.send(line, fds)
+        finally:
+            # The fds of an FdsResult are duplicates made for this one response.
+            for fd in fds:
+                os.close(fd)
+
+    def _connection_limit(self) -> int:
+        """max_connections, but never more than half the open-file limit: the
+        other half stays for pipes, pidfds and /proc reads, without which trees
+        cannot be stopped."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.config.max_connections
+        return min(self.config.max_connections, soft // 2)
+
+    @property
+    def config(self) -> DaemonConfig:
+        """The daemon section in force (a reload may replace it)."""
+        return self.supervisor.config.daemon
+
+    def _allowed(self, uid: int, gids: set[int]) -> bool:
+        return (
+            uid in (ROOT_UID, os.geteuid())
+            or uid in self.config.allowed_uids
+            or not gids.isdisjoint(self.config.allowed_gids)
+        )
+
+
+def _peer_groups(sock: trio.socket.SocketType) -> list[int]:
+    """The peer's supplementary groups (empty where the kernel cannot tell)."""
+    try:
+        raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+    except OSError:
+        return []
+    return list(array.array("I", raw[: len(raw) - len(raw) % 4]))
+
+
+async def bind_control_socket(path: str, mode: int) -> trio.socket.SocketType:
+    """Create, bind and listen on the control socket at `path` with `mode`.
+
+    A stale socket file (nobody answers on it) is replaced; a live one raises
+    `OSError(EADDRINUSE)`, since two daemons must never share a socket.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise OSError(errno.EADDRINUSE, f"another daemon is already serving on {path}")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    # No window in which the socket file is more open than `mode` allows.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(stdlib_socket.SOMAXCONN)
+    return sock

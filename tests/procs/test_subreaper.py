@@ -1,0 +1,185 @@
+"""subreaper: becoming a child subreaper, inheriting escapees, reaping by pid.
+
+Whatever turns a process into a subreaper runs in a child interpreter, so the test
+process itself never becomes one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from supervisor.procs import subreaper
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs as its own process. Every process it forks blocks on a pipe whose write end
+# only this script holds, so if the script dies they all see EOF and exit.
+SUBREAPER_SCRIPT = r"""
+import json, os, time
+from supervisor.procs import process
+from supervisor.procs import subreaper
+
+def until(predicate):
+    deadline = time.monotonic() + 5
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return value
+
+def reap(pid):
+    deadline = time.monotonic() + 5
+    while (code := subreaper.reap_pid(pid)) is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return code
+
+out = {"before": subreaper.is_child_subreaper()}
+subreaper.become_child_subreaper()
+out["after"] = subreaper.is_child_subreaper()
+out["no_children"] = subreaper.waitable_children()
+me = os.getpid()
+
+report_r, report_w = os.pipe()
+hold_r, hold_w = os.pipe()
+middle = os.fork()
+if middle == 0:
+    os.setsid()
+    escapee = os.fork()
+    if escapee == 0:
+        os.close(hold_w)
+        os.read(hold_r, 1)
+        os._exit(7)
+    os.write(report_w, str(escapee).encode())
+    os._exit(0)
+os.close(report_w)
+os.close(hold_r)
+escapee = int(os.read(report_r, 64))
+out["escapee_session_differs"] = os.getsid(escapee) != os.getsid(0)
+
+out["middle_code"] = reap(middle)
+out["middle_code_again"] = subreaper.reap_pid(middle)
+out["escapee_ppid_is_me"] = bool(until(lambda: process.read_stat(escapee).ppid == me))
+out["escapee_running_reaped"] = subreaper.reap_pid(escapee)
+out["waitable_while_running"] = subreaper.waitable_children()
+escapee_id = process.identify(escapee)
+
+os.close(hold_w)
+out["waitable"] = until(subreaper.waitable_children)
+out["peek_again"] = subreaper.waitable_children()
+out["zombie_not_gone_for_us"] = not process.is_gone(escapee_id, our_pid=me)
+out["escapee_code"] = subreaper.reap_pid(escapee)
+out["gone_after_reap"] = process.is_gone(escapee_id, our_pid=me)
+out["escapee_code_again"] = subreaper.reap_pid(escapee)
+out["waitable_after"] = subreaper.waitable_children()
+out["escapee"] = escapee
+
+# Several children at once: the documented peek-then-reap loop collects them all.
+kids = {}
+for code in (1, 2, 3):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(code)
+    kids[pid] = code
+until(lambda: all(process.read_stat(pid).state == "Z" for pid in kids))
+reaped = {}
+while pids := subreaper.waitable_children():
+    for pid in pids:
+        reaped[pid] = subreaper.reap_pid(pid)
+out["loop_matches"] = reaped == kids
+print(json.dumps(out))
+"""
+
+
+def run_script(script: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for(call: Callable[[], int | None], timeout: float = 5.0) -> int | None:
+    deadline = time.monotonic() + timeout
+    while (value := call()) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return value
+
+
+def test_a_subreaper_inherits_and_reaps_a_setsid_double_forked_escapee() -> None:
+    out = run_script(SUBREAPER_SCRIPT)
+    assert out["before"] is False
+    assert out["after"] is True
+    assert out["no_children"] == []
+    assert out["escapee_session_differs"] is True
+    assert out["middle_code"] == 0
+    assert out["middle_code_again"] is None
+    assert out["escapee_ppid_is_me"] is True
+    assert out["escapee_running_reaped"] is None
+    assert out["waitable_while_running"] == []
+    assert out["waitable"] == [out["escapee"]]
+    assert out["peek_again"] == [out["escapee"]]
+    assert out["zombie_not_gone_for_us"] is True
+    assert out["escapee_code"] == 7
+    assert out["gone_after_reap"] is True
+    assert out["escapee_code_again"] is None
+    assert out["waitable_after"] == []
+    assert out["loop_matches"] is True
+    assert not subreaper.is_child_subreaper()
+
+
+def test_reap_pid_collects_exit_status_and_signal() -> None:
+    exits = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert subreaper.reap_pid(sleeper.pid) is None
+        assert sleeper.poll() is None, "reap_pid must not reap a running child"
+        sleeper.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: subreaper.reap_pid(sleeper.pid)) == -signal.SIGTERM
+        assert wait_for(lambda: subreaper.reap_pid(exits.pid)) == 3
+        assert subreaper.reap_pid(exits.pid) is None
+    finally:
+        for proc in (exits, sleeper):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_popen_copes_when_reap_pid_took_its_child() -> None:
+    proc = subprocess.Popen(["sh", "-c", "exit 5"])
+    assert wait_for(lambda: subreaper.reap_pid(proc.pid)) == 5
+    # Popen never saw the status; it must neither raise nor hang.
+    assert proc.poll() is not None
+    assert proc.wait(timeout=1) is not None
+
+
+def test_reap_pid_of_a_process_that_is_not_our_child() -> None:
+    assert subreaper.reap_pid(1) is None
+    assert subreaper.reap_pid(os.getpid()) is None
+
+
+def test_child_has_exited_peeks_without_reaping() -> None:
+    child = subprocess.Popen(["/bin/sleep", "5"])
+    try:
+        assert subreaper.child_has_exited(child.pid) is False
+        child.kill()
+        deadline = time.monotonic() + 5
+        while not subreaper.child_has_exited(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        # Peeked, not reaped: the status is still there to collect.
+        assert subreaper.reap_pid(child.pid) == -signal.SIGKILL
+        child.returncode = -signal.SIGKILL
+        # Reaped: gone counts as exited too.
+        assert subreaper.child_has_exited(child.pid) is True
+    finally:
+        if child.returncode is None:
+            child.kill()
+            child.wait()
