@@ -27,10 +27,9 @@ from supervisor.procs import subreaper
 from supervisor import systemd
 from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from supervisor.core.config import Config, load_config
-from supervisor.engine.engine import Supervisor
+from supervisor.engine.engine import Engine
 from supervisor.core.errors import ConfigError
 from supervisor.logconfig import TurnWriter, configure_logging
-from supervisor.core.registry import LIVE_STATES
 from supervisor.server.listener import ControlServer, bind_control_socket
 from supervisor.engine.staterecord import daemon_key
 
@@ -164,41 +163,41 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
             # The file we bound, by inode: at exit we remove it only if it is
             # still ours (a later daemon may have bound the path since).
             bound_inode = os.stat(config.daemon.socket).st_ino if activated is None else None
-            supervisor = Supervisor(config, cgroups=detect_cgroups(config))
-            server = ControlServer(supervisor)
+            engine = Engine(config, cgroups=detect_cgroups(config))
+            server = ControlServer(engine)
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(supervisor.run)
+                    await nursery.start(engine.run)
                     freeze_startup_objects()
                     await nursery.start(server.serve, listener)
                     log.info(
                         "daemon.ready", pid=os.getpid(), socket=socket_path,
                         adapters=sorted(config.adapters), config=config.path,
                         socket_activated=activated is not None,
-                        cgroup_mode=supervisor.cgroups is not None,
-                        spawner="clone3" if supervisor.uses_clone3 else "subprocess",
+                        cgroup_mode=engine.cgroups is not None,
+                        spawner=engine.spawner_name,
                     )
-                    notifier.ready(status=_status_text(supervisor))
+                    notifier.ready(status=engine.status_line())
                     await nursery.start(systemd.watchdog, notifier)
-                    await nursery.start(systemd.report_status, notifier, lambda: _status_text(supervisor))
+                    await nursery.start(systemd.report_status, notifier, engine.status_line)
                     task_status.started()
                     async for signum in signals:
                         if signum == signal.SIGHUP:
                             notifier.reloading()
-                            await _reload(supervisor)
-                            notifier.ready(status=_status_text(supervisor))
+                            await _reload(engine)
+                            notifier.ready(status=engine.status_line())
                             continue
                         log.info("daemon.stopping", signal=signal.Signals(signum).name)
                         notifier.stopping(status="stopping every adapter tree")
                         break
                     server.stop_accepting()
-                    await supervisor.shutdown()
+                    await engine.shutdown()
                     nursery.cancel_scope.cancel()
             except BaseException:
                 # Only a bug gets here (clients cannot crash the daemon): take
                 # the trees down rather than leave them without an owner.
                 log.critical("daemon.crashed", exc_info=True)
-                supervisor.kill_everything_now()
+                engine.kill_everything_now()
                 raise
             finally:
                 # A passed socket belongs to the socket unit: its file stays.
@@ -207,24 +206,17 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
     log.info("daemon.stopped")
 
 
-async def _reload(supervisor: Supervisor) -> None:
-    path = supervisor.config.path
+async def _reload(engine: Engine) -> None:
+    path = engine.config.path
     try:
         config = await trio.to_thread.run_sync(load_config, path)
     except ConfigError as exc:
         log.error("config.reload_rejected", error=str(exc), kept=path)
         return
-    if config.daemon.socket != supervisor.config.daemon.socket or config.daemon.state_dir != supervisor.config.daemon.state_dir:
+    if config.daemon.socket != engine.config.daemon.socket or config.daemon.state_dir != engine.config.daemon.state_dir:
         log.warning("config.reload_partial", note="socket and state_dir changes apply on restart only")
-    supervisor.reload(config)
+    engine.reload(config)
     log.info("config.reloaded", config=path, adapters=sorted(config.adapters))
-
-
-def _status_text(supervisor: Supervisor) -> str:
-    """The STATUS= line `systemctl status` shows: live instances and leases."""
-    registry = supervisor.registry
-    live = sum(1 for instance in registry.instances.values() if instance.state in LIVE_STATES)
-    return f"live instances: {live}, leases: {len(registry.leases)}"
 
 
 def _unlink_socket(path: str, inode: int) -> None:

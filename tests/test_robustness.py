@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from supervisor.procs import process
-from supervisor.procs.spawner import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
+from supervisor.procs.stderr import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
 
 STOP_TIMEOUT = 0.5

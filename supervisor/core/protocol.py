@@ -16,6 +16,7 @@ tell a parse error from a bad envelope and to recover the ``id`` for the answer.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -187,6 +188,10 @@ class LogsParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             )
 
 
+class MetricsParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`metrics` takes no params."""
+
+
 Params = (
     HelloParams
     | AcquireParams
@@ -197,24 +202,22 @@ Params = (
     | SweepParams
     | ReportsParams
     | LogsParams
+    | MetricsParams
 )
 
-class MetricsParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """`metrics` takes no params."""
 
+class MethodParams:
+    """The methods a decoder accepts, each with the Struct its params must
+    decode into. Which methods exist is the server's to say (its method
+    table); this builds their decoders once, for every connection."""
 
-METHOD_PARAMS: dict[str, type] = {
-    "hello": HelloParams,
-    "acquire": AcquireParams,
-    "release": ReleaseParams,
-    "renew": RenewParams,
-    "release_job": ReleaseJobParams,
-    "status": StatusParams,
-    "sweep": SweepParams,
-    "reports": ReportsParams,
-    "logs": LogsParams,
-    "metrics": MetricsParams,
-}
+    def __init__(self, types: Mapping[str, type[Params]]) -> None:
+        self.names = list(types)
+        self._decoders = {method: msgspec.json.Decoder(params_type) for method, params_type in types.items()}
+
+    def decoder(self, method: str) -> msgspec.json.Decoder[Params] | None:
+        """The params decoder of `method`, or None if it is not one of them."""
+        return self._decoders.get(method)
 
 
 @dataclass(frozen=True)
@@ -249,9 +252,6 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
 
 _ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
 _ANY_DECODER = msgspec.json.Decoder()
-_PARAMS_DECODERS = {
-    method: msgspec.json.Decoder(params_type) for method, params_type in METHOD_PARAMS.items()
-}
 
 
 def _params_error_detail(error: msgspec.ValidationError) -> str:
@@ -289,15 +289,15 @@ def _bad_envelope(text: str, error: msgspec.DecodeError) -> BadMessage:
     return BadMessage(_usable_id(document.get("id")), InvalidRequest(message), False)
 
 
-def _decode_text(text: str) -> Message:
+def _decode_text(text: str, methods: MethodParams) -> Message:
     """Decode one non-blank line that is known to be valid UTF-8."""
     try:
         envelope = _ENVELOPE_DECODER.decode(text)
     except msgspec.DecodeError as exc:
         return _bad_envelope(text, exc)
-    params_decoder = _PARAMS_DECODERS.get(envelope.method)
+    params_decoder = methods.decoder(envelope.method)
     if params_decoder is None:
-        known = list(METHOD_PARAMS)
+        known = methods.names
         error = MethodNotFound(
             f"unknown method {envelope.method!r}; known methods: {', '.join(known)}",
             data={"known_methods": known},
@@ -312,7 +312,7 @@ def _decode_text(text: str) -> Message:
     return Request(envelope.id, envelope.method, params)
 
 
-def _decode_line(line: bytearray) -> Message | None:
+def _decode_line(line: bytearray, methods: MethodParams) -> Message | None:
     """Decode one line (without its ``\\n``); None for a blank line.
 
     A trailing ``\\r`` needs no special case: it is JSON whitespace.
@@ -325,7 +325,7 @@ def _decode_line(line: bytearray) -> Message | None:
         message = f"parse error: the line is not valid UTF-8 ({exc.reason} at byte {exc.start})"
         return BadMessage(None, ParseError(message), False)
     try:
-        return _decode_text(text)
+        return _decode_text(text, methods)
     except RecursionError:
         message = "parse error: the JSON nests arrays or objects too deeply"
         return BadMessage(None, ParseError(message), False)
@@ -339,11 +339,13 @@ class Decoder:
     long, and from then on yields nothing.
     """
 
-    def __init__(self, max_message_bytes: int) -> None:
-        """Raises ValueError if `max_message_bytes` is not positive."""
+    def __init__(self, max_message_bytes: int, methods: MethodParams) -> None:
+        """Accepts the requests of `methods`. Raises ValueError if
+        `max_message_bytes` is not positive."""
         if max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be at least 1, got {max_message_bytes}")
         self._max_message_bytes = max_message_bytes
+        self._methods = methods
         self._buffer = bytearray()
         # The buffer's first `_scanned` bytes are known to hold no newline.
         self._scanned = 0
@@ -374,7 +376,7 @@ class Decoder:
             newline = buffer.find(b"\n", search_from, start + limit + 1)
             if newline == -1:
                 break
-            message = _decode_line(buffer[start:newline])
+            message = _decode_line(buffer[start:newline], self._methods)
             if message is not None:
                 messages.append(message)
             start = search_from = newline + 1

@@ -35,18 +35,30 @@ class LiveState:
     rss_bytes: Tally[str]
 
 
+# The live gauges: (name, help, the LiveState field they show).
+LIVE_GAUGES = (
+    ("instances", "Instances holding or about to hold processes, per adapter.", "instances"),
+    ("leases", "Live leases, per adapter.", "leases"),
+    ("tree_rss_bytes", "Resident memory of the adapter trees at the last scan, per adapter.", "rss_bytes"),
+)
+
+
 class _LiveCollector(Collector):
+    """The gauges read at each scrape; `read` is first called then, never at
+    registration (`describe` names the gauges without reading them)."""
+
     def __init__(self, read: Callable[[], LiveState]) -> None:
         self._read = read
 
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        for name, help_text, _ in LIVE_GAUGES:
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=["adapter"])
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self._read()
-        for name, help_text, values in (
-            ("instances", "Instances holding or about to hold processes, per adapter.", state.instances),
-            ("leases", "Live leases, per adapter.", state.leases),
-            ("tree_rss_bytes", "Resident memory of the adapter trees at the last scan, per adapter.", state.rss_bytes),
-        ):
+        for name, help_text, field_name in LIVE_GAUGES:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=["adapter"])
+            values: Tally[str] = getattr(state, field_name)
             for adapter, value in sorted(values.items()):
                 family.add_metric([adapter], value)
             yield family
@@ -56,6 +68,7 @@ class Metrics:
     """The daemon's metrics, in a registry of its own (not the process-global one)."""
 
     def __init__(self, read_live_state: Callable[[], LiveState]) -> None:
+        """`read_live_state` is called at each `exposition`, not before."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_LiveCollector(read_live_state))
         self.spawns = Counter(f"{PREFIX}_spawns", "Instance roots started.", ["adapter"], registry=self.registry)

@@ -1,5 +1,5 @@
 """The orphan sweep: finding processes the daemon started that no live instance
-accounts for, and reaping them.
+accounts for, reaping them, and reporting it (`Sweeper`, at the end).
 
 Finding is blocking (it reads /proc and cgroup files) and runs in a worker
 thread: `scan` takes immutable snapshots and returns data. Reaping runs on the
@@ -17,15 +17,32 @@ The process-table fallback, and any `deep` sweep, read every /proc entry once
 
 from __future__ import annotations
 
+import secrets
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+import structlog
+import trio
+
+from supervisor.core.config import Config
+from supervisor.core.registry import Action, Reason, Registry, State
+from supervisor.engine import metrics, reports, scans
+from supervisor.engine.diskwrite import write_bounded
+from supervisor.engine.instances import Instances
+from supervisor.engine.reports import Orphan
 from supervisor.procs import process
 from supervisor.procs.cgroup import CgroupManager
-from supervisor.engine.reports import Orphan
+from supervisor.procs.sparecgroups import SpareCgroups
+from supervisor.procs.subreaper import ChildReaper
 from supervisor.procs.tree import KILL_GRACE_S, InstanceTree, daemon_tags, signal_member, wait_gone
 
+log = structlog.get_logger()
+
+# Longest grace a sweep gives an orphan between SIGTERM and SIGKILL. An orphan
+# of a known adapter gets that adapter's stop_timeout if it is shorter.
+ORPHAN_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -185,3 +202,186 @@ def zombie_orphan(pid: int, our_pid: int) -> Orphan:
         pid=pid, ppid=our_pid, cmdline=[], instance=None, job=None, adapter=None,
         age_s=0.0, rss_bytes=0, action="reaped_zombie", result="gone",
     )
+
+
+# -- the sweep as the daemon runs it ----------------------------------------------
+
+
+class Sweeper:
+    """Runs sweeps (one at a time) and files their reports.
+
+    A sweep reaps zombies re-parented to the daemon, releases what the
+    registry's deadlines say must go (`tick`), scans in a worker thread, then,
+    shielded, enforces memory limits, reaps the orphans found, removes stale
+    cgroups and files the report (log, history, reports.jsonl, metrics)."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        registry: Registry,
+        instances: Instances,
+        reaper: ChildReaper,
+        cgroups: CgroupManager | None,
+        spares: SpareCgroups | None,
+        store: reports.ReportStore,
+        metrics: metrics.Metrics,
+        daemon_key: str,
+        tick: Callable[[], None],
+        execute: Callable[[Iterable[Action]], None],
+    ) -> None:
+        self.config = config
+        self._registry = registry
+        self._instances = instances
+        self._reaper = reaper
+        self._cgroups = cgroups
+        self._spares = spares
+        self._store = store
+        self._metrics = metrics
+        self._daemon_key = daemon_key
+        self._tick = tick
+        self._execute = execute
+        self._lock = trio.Lock()
+        # Expired leases (the registry's tick) not yet in a report.
+        self._expired: list[str] = []
+
+    def leases_expired(self, tokens: list[str]) -> None:
+        """Leases the registry expired: the next report lists them."""
+        self._expired += tokens
+
+    async def run_periodically(self) -> None:
+        """Sweep every `sweep_interval` until cancelled."""
+        while True:
+            await trio.sleep(self.config.daemon.sweep_interval)
+            await self.sweep("periodic")
+
+    async def sweep(
+        self, kind: str, *, deep: bool = False, recorded: Iterable[process.ProcessId] = ()
+    ) -> reports.SweepReport:
+        """Find and reap orphans, enforce memory limits, settle state that
+        disagrees with reality; report it all. `recorded` are (pid, start
+        time) pairs of a previous run, proof that they are ours. Cancellation:
+        may be cancelled while scanning (nothing is changed); shielded once
+        reaping starts, so a report is always written."""
+        async with self._lock:
+            started_at = time.time()
+            started = trio.current_time()
+            errors: list[str] = []
+            self._reaper.take_adopted()  # reaped on SIGCHLD already: not orphans
+            self._reaper.reap()
+            zombies = self._reaper.take_adopted()
+            self._tick()
+            running = self._instances.running
+            # In cgroup mode a periodic sweep reads only the trees it must
+            # measure (adapters with a memory_limit): orphans show up as
+            # instance cgroups of no live instance, found by one listing.
+            wanted = [
+                i for i, r in running.items()
+                if deep or self._cgroups is None or r.adapter.memory_limit is not None
+            ]
+            snapshots = scans.snapshot(self._instances, wanted)
+            live = self._owned_cgroups()
+            recorded = list(recorded)
+            born_before = process.uptime_ticks()
+            try:
+                result = await trio.to_thread.run_sync(lambda: scan(
+                    trees=snapshots, live=live, cgroups=self._cgroups, daemon_pid=self._instances.pid,
+                    daemon_key=self._daemon_key, deep=deep, recorded=recorded,
+                ))
+            except OSError as exc:
+                log.error("sweep.scan_failed", error=str(exc))
+                errors.append(f"scan failed: {exc}")
+                result = ScanResult()
+            with trio.CancelScope(shield=True):
+                scans.remember(self._instances, result.members, snapshots)
+                over_memory = self._enforce_memory_limits(result.members)
+                if deep:
+                    # Every sweep's reap() above already routes a root that
+                    # exited unnoticed; this also catches one reaped elsewhere.
+                    self._instances.settle_vanished_roots()
+                candidates = self._still_orphaned(result.candidates, born_before)
+                orphans = await reap_candidates(
+                    candidates,
+                    our_pid=self._instances.pid,
+                    grace=self._orphan_grace(candidates),
+                    reap=self._reaper.reap,
+                    child_exited=self._reaper.child_exited,
+                    kill_cgroup=self._cgroups.kill if self._cgroups is not None else None,
+                )
+                orphans += [zombie_orphan(pid, self._instances.pid) for pid, _ in zombies]
+                owned = self._owned_cgroups()
+                for name in result.stale_cgroups:
+                    if name not in owned:
+                        self._instances.remove_cgroup(name)
+                errors += [f"pid {o.pid} survived SIGKILL" for o in orphans if o.result == "failed"]
+                expired, self._expired = self._expired, []
+                report = reports.SweepReport(
+                    id=secrets.token_hex(6),
+                    kind=kind,
+                    started_at=started_at,
+                    duration_ms=round((trio.current_time() - started) * 1000, 3),
+                    scanned=result.scanned,
+                    orphans=orphans,
+                    expired_leases=[token[:8] for token in expired],
+                    over_memory=over_memory,
+                    reclaimed_rss_bytes=sum(o.rss_bytes for o in orphans if o.result == "gone"),
+                    errors=errors,
+                )
+                await self._file(report)
+            return report
+
+    def _owned_cgroups(self) -> frozenset[str]:
+        """Instance cgroups that are not stale: of a tree not yet gone, of an
+        instance in the registry (one being spawned has no tree yet), or spare."""
+        spares = self._spares.names() if self._spares is not None else frozenset()
+        return frozenset(self._instances.running).union(self._registry.instances, spares)
+
+    def _still_orphaned(self, candidates: list[Candidate], born_before: int) -> list[Candidate]:
+        """Drop candidates that became accounted for while the scan ran in its
+        thread: members of instances spawned meanwhile, of any instance the
+        registry still knows (a spawn may still be in its worker thread, its
+        root not yet registered), and anything born after the snapshot (judged
+        by the next sweep, never killed on a stale view)."""
+        running = self._instances.running
+        known = set().union(*(r.tree.known for r in running.values()))
+        return [
+            c for c in candidates
+            if c.instance not in running
+            and c.instance not in self._registry.instances
+            and c.stat.process_id not in known
+            and c.stat.start_time < born_before
+        ]
+
+    def _enforce_memory_limits(self, measured: Iterable[str]) -> list[str]:
+        """Terminate the measured instances whose tree is over its memory_limit."""
+        over = []
+        for instance_id in measured:
+            running = self._instances.running.get(instance_id)
+            if running is None:
+                continue
+            limit = running.adapter.memory_limit
+            if limit is None or running.rss_bytes <= limit:
+                continue
+            instance = self._registry.instances.get(instance_id)
+            if instance is None or instance.state not in (State.RUNNING, State.LINGERING):
+                continue
+            over.append(instance_id)
+            log.warning("adapter.over_memory", instance=instance_id, rss_bytes=running.rss_bytes, memory_limit=limit)
+            self._execute(self._registry.terminate(instance_id, reason=Reason.MEMORY_LIMIT))
+        return over
+
+    def _orphan_grace(self, candidates: list[Candidate]) -> float:
+        adapters = self.config.adapters
+        timeouts = [adapters[c.adapter].stop_timeout for c in candidates if c.adapter in adapters]
+        return min([ORPHAN_GRACE_S, *timeouts])
+
+    async def _file(self, report: reports.SweepReport) -> None:
+        self._store.remember(report)
+        log.info("sweep.report", **reports.to_builtins(report))
+        self._metrics.sweep_duration.labels(report.kind).observe(report.duration_ms / 1000)
+        for orphan in report.orphans:
+            self._metrics.orphans.labels(orphan.action).inc()
+        await write_bounded("sweep.report_not_saved", self._store.append_to_file, report)
+        textfile = self.config.daemon.metrics_textfile
+        if textfile is not None:
+            await write_bounded("metrics.textfile_failed", metrics.write_textfile, textfile, self._metrics.exposition())

@@ -24,46 +24,19 @@ from __future__ import annotations
 import collections
 import errno
 import functools
-import itertools
-import math
 import os
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import trio
+import structlog
 
-from supervisor.procs import clonespawn
-from supervisor.procs import process
 from supervisor.core.config import AdapterConfig
 from supervisor.core.errors import SpawnFailed
-
-# Lines of adapter stderr kept per instance for the `logs` method. Enough for a
-# stack trace or two; bounded so a chatty adapter cannot grow the daemon.
-STDERR_LINES = 1000
-
-# Longest stderr line kept as one; a longer line is cut into pieces this long.
-STDERR_LINE_BYTES = 4096
-
-# Stderr lines of one instance that go to the daemon's log: this many at
-# once, then this many a second (a token bucket); the rest only reach the
-# tail (`logs`), and their number is logged at most every
-# STDERR_DROPS_REPORT_S. One adapter writing stderr in a loop used to have
-# every line rendered and written by the trio thread, about 140,000 a second:
-# `status` went from 66 us to 16 ms (136 ms p99) for every client, and the
-# log grew by 80 MB a second. journald's default for a whole service is
-# 10,000 messages per 30 s.
-STDERR_LOG_BURST = 1000
-STDERR_LOG_PER_S = 100.0
-STDERR_DROPS_REPORT_S = 1.0
-
-# Past its budget, an instance's stderr is read at most once in this long,
-# a pipe's worth (64 KiB) at a time: a loop writing a line per system call
-# otherwise had the daemon read a few lines at a time, as fast as they came,
-# and kept the trio thread busy. The writer blocks on a full pipe meanwhile,
-# which caps a flood at about 3 MB/s; below the budget nothing waits.
-STDERR_FLOOD_PAUSE_S = 0.02
-
+from supervisor.procs import clonespawn, process
+from supervisor.procs.cgroup import CgroupManager
+from supervisor.procs.stderr import STDERR_LINES
 
 @dataclass
 class RootProcess:
@@ -251,116 +224,6 @@ def _popen(
     )
 
 
-class LineBudget:
-    """How many of an instance's stderr lines may be logged: `burst` at once,
-    refilled at `per_s` a second. Pure: the caller passes the time."""
-
-    def __init__(self, now: float, *, burst: int = STDERR_LOG_BURST, per_s: float = STDERR_LOG_PER_S) -> None:
-        self.burst = burst
-        self.per_s = per_s
-        self._tokens = float(burst)
-        self._refilled_at = now
-        self._dropped = 0
-        self._reported_at = now
-
-    def take(self, lines: int, now: float) -> int:
-        """How many of `lines` new lines to log (the first ones); the rest are
-        counted as dropped."""
-        self._tokens = min(float(self.burst), self._tokens + (now - self._refilled_at) * self.per_s)
-        self._refilled_at = now
-        granted = min(lines, int(self._tokens))
-        self._tokens -= granted
-        self._dropped += lines - granted
-        return granted
-
-    def report_due_at(self) -> float | None:
-        """When the dropped lines not yet reported are due to be, if any are."""
-        return self._reported_at + STDERR_DROPS_REPORT_S if self._dropped else None
-
-    def dropped_to_report(self, now: float, *, final: bool = False) -> int:
-        """The lines dropped since the last report, if one is due (every
-        STDERR_DROPS_REPORT_S, or `final`ly); else 0."""
-        if not self._dropped or (not final and now - self._reported_at < STDERR_DROPS_REPORT_S):
-            return 0
-        dropped, self._dropped, self._reported_at = self._dropped, 0, now
-        return dropped
-
-
-async def capture_stderr(
-    root: RootProcess, on_line: Callable[[str], None], on_dropped: Callable[[int], None] = lambda lines: None
-) -> None:
-    """Read the root's stderr pipe (which every descendant inherits) until all
-    writers are gone, keeping the tail in `root.stderr_tail` and passing lines
-    to `on_line` as a `LineBudget` allows; `on_dropped(count)` is told how many
-    it did not allow, STDERR_DROPS_REPORT_S after the first of them (input or
-    not) and at the end, so that every line is logged or counted. A line
-    longer than STDERR_LINE_BYTES is cut into pieces. Past the budget, reads
-    come at most every STDERR_FLOOD_PAUSE_S, and each costs a few C-level
-    passes over its bytes, however many lines it holds. Cancellation: stops
-    reading, still reports what was dropped; the pipe is closed either way."""
-    stream = trio.lowlevel.FdStream(root.stderr_fd)
-    budget = LineBudget(trio.current_time())
-
-    def report_dropped(*, final: bool = False) -> None:
-        dropped = budget.dropped_to_report(trio.current_time(), final=final)
-        if dropped:
-            on_dropped(dropped)
-
-    def emit(pieces: list[bytes]) -> bool:
-        """Log and keep `pieces`; False if the budget did not cover them all."""
-        logged = budget.take(len(pieces), trio.current_time())
-        for raw in pieces[:logged]:
-            on_line(_decode_line(raw))
-        root.stderr_tail.extend(pieces[-STDERR_LINES:])
-        report_dropped()
-        return logged == len(pieces)
-
-    async with stream:
-        try:
-            buffer = b""
-            while True:
-                due = budget.report_due_at()
-                chunk = None
-                with trio.move_on_at(math.inf if due is None else due):
-                    try:
-                        chunk = await stream.receive_some(65536)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        break
-                if chunk is None:
-                    report_dropped()  # quiet since lines were dropped: say so now
-                    continue
-                if not chunk:
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                while len(buffer) > STDERR_LINE_BYTES:
-                    lines.append(buffer[:STDERR_LINE_BYTES])
-                    buffer = buffer[STDERR_LINE_BYTES:]
-                pieces = lines
-                if max(map(len, lines), default=0) > STDERR_LINE_BYTES:
-                    pieces = [
-                        raw[start:start + STDERR_LINE_BYTES]
-                        for raw in lines
-                        for start in range(0, max(len(raw), 1), STDERR_LINE_BYTES)
-                    ]
-                if pieces and not emit(pieces):
-                    await trio.sleep(STDERR_FLOOD_PAUSE_S)
-            if buffer:
-                emit([buffer])
-        finally:
-            report_dropped(final=True)
-
-
-def decode_tail(tail: collections.deque[bytes], last: int) -> list[str]:
-    """The last `last` lines of a stderr tail, decoded, oldest first."""
-    skip = max(0, len(tail) - last)
-    return [_decode_line(raw) for raw in itertools.islice(tail, skip, None)]
-
-
-def _decode_line(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace").rstrip("\r")
-
-
 def _describe_spawn_error(adapter: AdapterConfig, argv: list[str], exc: OSError) -> str:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     if exc.errno == errno.ENOENT and exc.filename == adapter.cwd and adapter.cwd is not None:
@@ -374,3 +237,161 @@ def _describe_spawn_error(adapter: AdapterConfig, argv: list[str], exc: OSError)
     else:
         what = reason
     return f"adapter {adapter.name!r} could not be started: {what} [{errno.errorcode.get(exc.errno or 0, 'error')}: {reason}]"
+
+
+# -- the spawners -----------------------------------------------------------------
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """One root to start: the instance it belongs to and what renders its command."""
+
+    adapter: AdapterConfig
+    instance_id: str
+    job: str
+    params: Mapping[str, str]
+
+
+class Spawner(Protocol):
+    """Starts an instance's root in a new session, in the instance's cgroup
+    (if any) before it runs an instruction of its own.
+
+    `name` says which spawner this is (status, logs). `inline` is True when a
+    spawn costs about what an exec costs, so the engine calls `spawn` on the
+    trio thread and an acquire is answered without waiting for a worker
+    thread; else `spawn` must run in a worker thread."""
+
+    name: str
+
+    @property
+    def inline(self) -> bool: ...
+
+    def spawn(self, request: SpawnRequest, *, spare_cgroup: int | None = None) -> RootProcess:
+        """Blocking: start the root. `spare_cgroup` is the open directory of a
+        spare cgroup named after the instance, which this closes in every case.
+        Raises SpawnFailed, InvalidParams, or OSError for the cgroup; on failure
+        nothing is left open or running. Touches no daemon state."""
+        ...
+
+    def forget_environments(self) -> None:
+        """Drop environments prepared for the adapters (the config changed)."""
+        ...
+
+
+class PopenSpawner:
+    """`subprocess.Popen`, everywhere: in cgroup mode the child joins the
+    instance's cgroup between fork and exec, which costs a fork of the daemon
+    and the kernel's cgroup-migration wait, so `spawn` runs in a worker thread."""
+
+    name = "subprocess"
+    inline = False
+
+    def __init__(self, cgroups: CgroupManager | None, *, daemon_key: str, base_env: Mapping[str, str]) -> None:
+        self._cgroups = cgroups
+        self._daemon_key = daemon_key
+        self._base_env = base_env
+
+    def spawn(self, request: SpawnRequest, *, spare_cgroup: int | None = None) -> RootProcess:
+        if spare_cgroup is not None:
+            os.close(spare_cgroup)  # joined by path: the directory exists already
+        join_fd = None
+        try:
+            if self._cgroups is not None:
+                self._cgroups.create(request.instance_id)
+                join_fd = self._cgroups.join_fd(request.instance_id)
+            return spawn_root(
+                request.adapter, instance_id=request.instance_id, job=request.job, params=request.params,
+                daemon_key=self._daemon_key, cgroup_fd=join_fd, base_env=self._base_env,
+            )
+        finally:
+            if join_fd is not None:
+                os.close(join_fd)
+
+    def forget_environments(self) -> None:
+        """Nothing is prepared ahead: every spawn builds its environment."""
+
+
+class Clone3Spawner:
+    """The clone3 spawner (`supervisor.procs.clonespawn`): the root is created
+    the way posix_spawn creates a child and, in cgroup mode, born in its cgroup
+    (CLONE_INTO_CGROUP). Cheap enough for the trio thread. Its `spawn` raises
+    clonespawn.Unsupported, having started nothing, where the kernel refuses
+    clone3 (seccomp, an old kernel)."""
+
+    name = "clone3"
+    inline = True
+
+    def __init__(self, cgroups: CgroupManager | None, *, daemon_key: str, base_env: Mapping[str, str]) -> None:
+        self._cgroups = cgroups
+        self._daemon_key = daemon_key
+        self._base_env = base_env
+        # Adapter name -> its environment, prepared once for all its spawns.
+        self._environments: dict[str, clonespawn.Environment] = {}
+
+    def spawn(self, request: SpawnRequest, *, spare_cgroup: int | None = None) -> RootProcess:
+        cgroup_fd = spare_cgroup
+        try:
+            if self._cgroups is not None and cgroup_fd is None:
+                cgroup_fd = self._cgroups.open_dir(request.instance_id)
+            return spawn_root(
+                request.adapter, instance_id=request.instance_id, job=request.job, params=request.params,
+                daemon_key=self._daemon_key, cgroup_fd=cgroup_fd, clone3=True,
+                environment=self._environment(request.adapter),
+            )
+        finally:
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
+
+    def _environment(self, adapter: AdapterConfig) -> clonespawn.Environment:
+        prepared = self._environments.get(adapter.name)
+        if prepared is None:
+            prepared = self._environments[adapter.name] = adapter_environment(
+                adapter, daemon_key=self._daemon_key, base=self._base_env
+            )
+        return prepared
+
+    def forget_environments(self) -> None:
+        self._environments.clear()
+
+
+class FallbackSpawner:
+    """`primary` until the kernel refuses it once, then `fallback` for good,
+    starting with the spawn that was refused (which then runs where the caller
+    runs it: the caller chose by `inline` before the refusal)."""
+
+    def __init__(self, primary: Clone3Spawner, fallback: PopenSpawner) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._current: Clone3Spawner | PopenSpawner = primary
+
+    @property
+    def name(self) -> str:
+        return self._current.name
+
+    @property
+    def inline(self) -> bool:
+        return self._current.inline
+
+    def spawn(self, request: SpawnRequest, *, spare_cgroup: int | None = None) -> RootProcess:
+        if self._current is self._fallback:
+            return self._fallback.spawn(request, spare_cgroup=spare_cgroup)
+        try:
+            return self._primary.spawn(request, spare_cgroup=spare_cgroup)
+        except clonespawn.Unsupported as exc:
+            self._current = self._fallback
+            log.warning("spawner.clone3_refused", error=exc.strerror, using=self._fallback.name)
+            return self._fallback.spawn(request)
+
+    def forget_environments(self) -> None:
+        self._primary.forget_environments()
+
+
+def choose_spawner(setting: str, cgroups: CgroupManager | None, *, daemon_key: str, base_env: Mapping[str, str]) -> Spawner:
+    """The spawner for `daemon.spawner`: with "auto", clone3 where it was
+    built (falling back to subprocess if the kernel refuses it), else subprocess."""
+    popen = PopenSpawner(cgroups, daemon_key=daemon_key, base_env=base_env)
+    if setting != "auto" or clonespawn.load() is None:
+        return popen
+    return FallbackSpawner(Clone3Spawner(cgroups, daemon_key=daemon_key, base_env=base_env), popen)

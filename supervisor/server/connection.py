@@ -9,18 +9,18 @@ also bounds the requests the peer may have in flight.
 from __future__ import annotations
 
 import array
+import os
 import socket as stdlib_socket
 from dataclasses import dataclass, field
 
 import structlog
 import trio
 
-from supervisor import afterreply
 from supervisor.core import protocol
 
 log = structlog.get_logger()
 
-# Requests with a task of their own (not `api.answers_at_once`) one connection
+# Requests with a task of their own (`Waits.LONG`, not answerable at once) one connection
 # may have in flight; past it the daemon stops reading that connection until one
 # finishes, so a pipelining peer cannot queue unbounded work (each `acquire` may
 # spawn, each `sweep` scans). The rest need no bound: the reader answers them
@@ -30,7 +30,7 @@ MAX_IN_FLIGHT = 64
 
 @dataclass
 class Connection:
-    """One client connection. Implements `supervisor.daemon.Peer`.
+    """One client connection. Implements `supervisor.engine.engine.Peer`.
 
     `sock` is a plain non-blocking stdlib socket, not a trio socket: the
     reader, the hub and `send` call it directly and wait with
@@ -38,6 +38,13 @@ class Connection:
     so a request that needs no waiting costs no checkpoint per socket call,
     lock and cancel scope. Whoever closes the fd must call
     `trio.lowlevel.notify_closing` first (see `ControlServer._serve_connection`).
+
+    Lines go out whole and in order. A line the socket took only in part is
+    held as `unsent` until someone finishes it (`flush`, or the next `send`);
+    no other line starts meanwhile. The send lock is held only by a task that
+    is waiting for the peer to make room, and only that task releases it.
+    File descriptors handed over with a line belong to the connection from
+    then on: it closes them once the line is sent, or dropped.
     """
 
     id: int
@@ -52,17 +59,21 @@ class Connection:
     # A peer that does not read for this long is dropped: one stuck peer must
     # not pin tasks and memory forever (daemon.send_timeout).
     send_timeout: float = 10.0
-    # Held while a line is under way but not whole. A semaphore rather than a
-    # trio.Lock, which only its owner may release: the hub may start a line
-    # that the connection's task finishes.
-    send_lock: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(1, max_value=1))
     in_flight: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
     closed: bool = False
+    _send_lock: trio.Lock = field(default_factory=trio.Lock)
+    # A line begun and not finished: (the line, bytes sent, its fds).
+    _unsent: tuple[memoryview, int, tuple[int, ...]] | None = None
 
     @property
     def sending(self) -> bool:
-        """Whether a line is under way (and others must wait for the lock)."""
-        return self.send_lock.value == 0
+        """Whether a line is under way, so a new one must wait its turn (`send`)."""
+        return self._unsent is not None or self._send_lock.locked()
+
+    @property
+    def has_unsent(self) -> bool:
+        """Whether a line was begun and not finished: `flush` finishes it."""
+        return self._unsent is not None
 
     def notify(self, method: str, params: object) -> None:
         """Queue a notification; never blocks, never raises."""
@@ -70,71 +81,82 @@ class Connection:
             self.notify_nursery.start_soon(self.send, protocol.encode_notification(method, params))
 
     async def send(self, line: bytes, fds: tuple[int, ...] = ()) -> None:
-        """Send one whole line (with fds on its first byte). A peer that went away
-        or stopped reading closes the connection; nothing is raised.
+        """Send one whole line (with fds on its first byte), after any line
+        under way. A peer that went away or stopped reading for `send_timeout`
+        closes the connection; nothing is raised.
 
-        When no other send is under way and the socket takes the whole line at
-        once, this returns without a checkpoint. Otherwise it waits for the send
-        lock, then (holding it) up to `send_timeout` for the peer to take the
-        rest. Before either wait, the request's work deferred until after its
-        reply runs (`afterreply.run_now`). Cancellation: a line not begun is
+        When no line is under way and the socket takes the whole line at once,
+        this returns without a checkpoint. Cancellation: a line not begun is
         not sent; a line cut off after its first byte closes the connection,
         since nothing after it could be framed.
         """
-        if self.closed:
+        if not self.sending:
+            # No checkpoint between the check above and this send, so no
+            # other task can start a line in between.
+            self.try_send(line, fds)
+            if self._unsent is not None:
+                await self.flush()
             return
-        if self.sending:
-            afterreply.run_now()
-            await self.send_lock.acquire()
-            await self.finish_line(memoryview(line), 0, fds)
-            return
-        # No checkpoint between the check above and this send, so no other
-        # task can start a line in between: a line the socket takes whole needs
-        # no lock at all.
-        sent = self.try_send(line, fds)
-        if sent is not None and sent < len(line):
-            await self.finish_line(memoryview(line), sent, fds)
+        try:
+            async with self._send_lock:
+                await self._finish_unsent()
+                if not self.closed:
+                    self._unsent, fds = (memoryview(line), 0, fds), ()
+                    await self._finish_unsent()
+        finally:
+            _close_all(fds)
 
-    def try_send(self, line: bytes, fds: tuple[int, ...] = ()) -> int | None:
-        """Send `line` without waiting if no other line is under way. Returns
-        None if one is (nothing was sent: use `send`); else how much of the
-        line is out. If not all of it, the send lock is now held for the rest
-        and the caller must `finish_line`. A connection that is closed, or
-        that fails now (and is closed), counts as having taken the whole line.
-        If the line is cut off, the request's deferred work runs before this
-        returns (the rest of its reply will wait for the peer)."""
+    def try_send(self, line: bytes, fds: tuple[int, ...] = ()) -> bool:
+        """Take `line` without waiting, unless another line is under way
+        (then False, and nothing was sent: use `send`). True means the line
+        is the connection's: sent whole, or begun and held as unsent for
+        `flush` to finish (see `has_unsent`), or dropped because the
+        connection is closed or has just failed (and is now closed). The fds
+        are the connection's unless this returns False."""
         if self.sending:
-            return None
+            return False
         if self.closed:
-            return len(line)
+            _close_all(fds)
+            return True
         try:
             sent = self._send_now(memoryview(line), fds)
         except OSError:
             self.close()
-            return len(line)
+            _close_all(fds)
+            return True
         if sent < len(line):
-            self.send_lock.acquire_nowait()
-            afterreply.run_now()
-        return sent
+            self._unsent = (memoryview(line), sent, fds)
+        else:
+            _close_all(fds)
+        return True
 
-    async def finish_line(self, line: memoryview, sent: int, fds: tuple[int, ...]) -> None:
-        """Send `line` from byte `sent` on, holding the send lock (which this
-        releases), as the peer makes room. Closes the connection if the peer
-        goes away, or does not take the rest within `send_timeout`.
-        Cancellation: releases the lock; a line left cut off closes the
-        connection."""
+    async def flush(self) -> None:
+        """Finish the line under way, if any, as the peer makes room. Closes
+        the connection if the peer goes away or does not take the rest within
+        `send_timeout`. Cancellation: a line left cut off closes the connection."""
+        if self._unsent is None:
+            return
+        async with self._send_lock:
+            await self._finish_unsent()
+
+    async def _finish_unsent(self) -> None:
+        """Send the rest of the unsent line; the caller holds the send lock."""
+        if self._unsent is None:
+            return
+        line, sent, fds = self._unsent
         try:
             await self._send_rest(line, sent, fds)
         except (OSError, trio.ClosedResourceError):
             self.close()
         finally:
-            self.send_lock.release()
+            self._unsent = None
+            _close_all(fds)
 
     async def _send_rest(self, line: memoryview, sent: int, fds: tuple[int, ...]) -> None:
-        """Send `line` from byte `sent` on as the peer makes room; the caller
-        holds the send lock. Closes the connection if the rest is not taken
-        within `send_timeout`, or if the line is left cut off for any reason.
-        Raises OSError, or trio.ClosedResourceError if the fd is closed meanwhile."""
+        """Send `line` from byte `sent` on as the peer makes room. Closes the
+        connection if the rest is not taken within `send_timeout`, or if the
+        line is left cut off for any reason. Raises OSError, or
+        trio.ClosedResourceError if the fd is closed meanwhile."""
         with trio.move_on_after(self.send_timeout) as scope:
             try:
                 while sent < len(line) and not self.closed:
@@ -169,3 +191,8 @@ class Connection:
                 self.sock.shutdown(stdlib_socket.SHUT_RDWR)
             except OSError:
                 pass  # already disconnected
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)

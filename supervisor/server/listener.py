@@ -1,16 +1,17 @@
-"""The control socket: connections, authorization, and the one error boundary.
+"""The control socket: the listener, authorization, and the one error boundary.
 
-Each connection (`supervisor.connection.Connection`: whole lines out, never
-interleaved) has a task that owns it. While a connection is idle its
+Each connection (`supervisor.server.connection.Connection`: whole lines out,
+never interleaved) has a task that owns it. While a connection is idle its
 task lends its socket to the server's `ReadHub`: the hub's one task reads
-every ready connection and answers the requests that need no waiting
-(`methods.answer_now`) on the spot, the way a trio task would but without a
-trip through the scheduler per request. Whatever must wait (a spawn, a scan,
-a peer slow to read) goes back to the connection's task, which answers the
-requests that never wait for long (`methods.answers_at_once`) itself and starts
-one task for each other request (so responses may come out of order), then
-lends its socket to the hub again. Exceptions become wire errors here and
-nowhere else; tracebacks go to the log.
+every ready connection and answers the requests the engine can answer
+without waiting (`Method.answers_now`) on the spot, without a trip through
+the scheduler per request. Whatever must wait (a spawn, a scan, a peer slow
+to read) goes back to the connection's task, which answers in order what
+waits briefly or not at all (`Waits.NEVER`, `Waits.BRIEFLY`) and starts one
+task for each other request (so responses may come out of order), then lends
+its socket to the hub again. Exceptions become wire errors here and nowhere
+else; tracebacks go to the log. A reply's after-work (`Reply.after`) runs
+right after its line is handed to the socket, whatever became of the send.
 """
 
 from __future__ import annotations
@@ -23,24 +24,24 @@ import resource
 import socket as stdlib_socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import trio
 
-from supervisor import afterreply
-from supervisor.server import methods
 from supervisor.core import protocol
 from supervisor.core.config import DaemonConfig
-from supervisor.server.connection import Connection
-from supervisor.engine.engine import Supervisor
 from supervisor.core.errors import (
     LimitReached,
     PermissionDenied,
     ShuttingDown,
     SupervisorError,
 )
+from supervisor.engine.engine import Engine, Reply
+from supervisor.engine.instances import run_after
+from supervisor.server.connection import Connection
+from supervisor.server.methods import PARAMS, Method, Started, Waits, method_for
 from supervisor.server.readhub import ReadHub
 
 log = structlog.get_logger()
@@ -78,14 +79,12 @@ def _no_task_to_start() -> None:
 
 @dataclass
 class _Handback:
-    """What a connection's task must do when the hub hands it back: send
-    `line` first, if any, then end, or serve `messages` in order."""
+    """What a connection's task must do when the hub hands it back: finish
+    the line under way (`Connection.flush`), send `line` if the hub could not
+    start it, then end, or serve `messages` in order."""
 
-    # An answer the hub could not send whole at once. `sent`: None if none of
-    # it is out (another line is under way); else how much is, and the send
-    # lock is held for the rest.
+    # An answer the hub could not start: another line was under way.
     line: bytes | None = None
-    sent: int | None = None
     # Lines decoded and not yet served.
     messages: list[protocol.Message] = field(default_factory=list)
     # The peer closed its end cleanly: answers in flight still go out.
@@ -97,8 +96,8 @@ class _Handback:
 class ControlServer:
     """Accepts clients on the control socket and serves their requests."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self._listen_scope: trio.CancelScope | None = None
@@ -144,7 +143,7 @@ class ControlServer:
             refusal = PermissionDenied(
                 f"uid {uid} / gid {gid} may not use this daemon; add it to allowed_uids or allowed_gids"
             )
-        elif self.supervisor.shutting_down:
+        elif self.engine.shutting_down:
             refusal = ShuttingDown("the daemon is shutting down")
         elif len(self.connections) >= self._connection_limit():
             refusal = LimitReached(
@@ -173,7 +172,7 @@ class ControlServer:
             send_timeout=self.config.send_timeout,
         )
         self.connections[connection.id] = connection
-        self.supervisor.connected(connection)
+        self.engine.connected(connection)
         log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
         try:
             async with trio.open_nursery() as nursery:
@@ -186,7 +185,7 @@ class ControlServer:
             trio.lowlevel.notify_closing(plain)
             plain.close()
             del self.connections[connection.id]
-            self.supervisor.disconnected(connection)
+            self.engine.disconnected(connection)
             log.info("connection.closed", connection=connection.id)
 
     async def _read_requests(self, connection: Connection, nursery: trio.Nursery) -> bool:
@@ -195,18 +194,16 @@ class ControlServer:
 
         While nothing needs waiting, the hub reads the connection and answers
         (`_serve_ready`). What it hands back is served here: requests that
-        never wait for long (`methods.answers_at_once`) right here, in order,
-        without a task; others each in a task of their own.
+        wait briefly or not at all right here, in order, without a task;
+        others each in a task of their own.
         Cancellation: returns nothing, raises Cancelled.
         """
-        decoder = protocol.Decoder(self.config.max_message_bytes)
+        decoder = protocol.Decoder(self.config.max_message_bytes, PARAMS)
         while not connection.closed:
             handback = await self._lend_to_hub(connection, decoder)
+            await connection.flush()
             if handback.line is not None:
-                if handback.sent is None:
-                    await connection.send(handback.line)
-                else:
-                    await connection.finish_line(memoryview(handback.line), handback.sent, ())
+                await connection.send(handback.line)
             if handback.fatal:
                 return False
             if handback.end_of_input:
@@ -218,10 +215,16 @@ class ControlServer:
                     await connection.send(self._rejection(connection, message))
                     if message.fatal:
                         return False
-                elif methods.answers_at_once(self.supervisor, message):
+                    continue
+                try:
+                    method = method_for(self.engine, message)
+                except SupervisorError as exc:
+                    await connection.send(self._error_line(connection, message, exc))
+                    continue
+                if method.waits is not Waits.LONG or method.answers_now(self.engine, message.params):
                     # No in-flight slot: nothing more is read from the peer
                     # until this is answered, so these cannot pile up.
-                    await self._serve_request(connection, message)
+                    await self._serve_request(connection, message, method)
                 else:
                     # Backpressure: a peer cannot have more than MAX_IN_FLIGHT (connection.py)
                     # of these running; the next line waits to be read.
@@ -229,7 +232,7 @@ class ControlServer:
                         connection.in_flight.acquire_nowait()
                     except trio.WouldBlock:
                         await connection.in_flight.acquire()
-                    await nursery.start(self._serve_in_task, connection, message)
+                    await nursery.start(self._serve_in_task, connection, message, method)
                 if answered % ANSWERS_PER_TURN == 0:
                     await trio.lowlevel.checkpoint()
         return False
@@ -257,8 +260,6 @@ class ControlServer:
             if aborted:
                 # The task was cancelled while this ran (and let go of the fd):
                 # nobody will finish a line this began.
-                if result.sent is not None:
-                    connection.send_lock.release()
                 connection.close()
                 return
             handback = result
@@ -297,49 +298,64 @@ class ControlServer:
             if index == ANSWERS_PER_TURN:
                 return _Handback(messages=messages[index:])
             fatal = False
-            try:
-                if isinstance(message, protocol.BadMessage):
-                    line = self._rejection(connection, message)
-                    fatal = message.fatal
-                    sent = connection.try_send(line)
-                elif message.method == "acquire":
-                    with afterreply.deferring():
-                        line = self._answer_now(connection, message)
-                        sent = connection.try_send(line)
-                else:
-                    line = self._answer_now(connection, message)
-                    sent = connection.try_send(line)
-            except methods.WouldWait:
-                return _Handback(messages=messages[index:])
-            if sent is None or sent < len(line):
-                return _Handback(line=line, sent=sent, fatal=fatal, messages=messages[index + 1:])
+            fds: tuple[int, ...] = ()
+            after: list[Callable[[], None]] = []
+            if isinstance(message, protocol.BadMessage):
+                line = self._rejection(connection, message)
+                fatal = message.fatal
+            else:
+                answer = self._answer_now(connection, message)
+                if answer is None:
+                    return _Handback(messages=messages[index:])
+                line, fds, after = answer
+            taken = connection.try_send(line, fds)
+            run_after(after)
+            if not taken:
+                # (Only while a notification's line is under way; a reply
+                # with fds never meets one here: see _answer_now.)
+                return _Handback(line=line, fatal=fatal, messages=messages[index + 1:])
+            if connection.has_unsent:
+                return _Handback(fatal=fatal, messages=messages[index + 1:])
             if fatal:
                 return _Handback(fatal=True)
         return _Handback(fatal=True) if connection.closed else None
 
-    def _answer_now(self, connection: Connection, request: protocol.Request) -> bytes:
-        """The response line to `request`, made without waiting. Raises
-        methods.WouldWait (having changed nothing) if it cannot be."""
+    def _answer_now(
+        self, connection: Connection, request: protocol.Request
+    ) -> tuple[bytes, tuple[int, ...], list[Callable[[], None]]] | None:
+        """The response line to `request` made without waiting, with its fds
+        and after-work; None (having changed nothing) if it must wait, or if
+        it would pass fds while another line is under way. Raises nothing."""
         try:
-            result = methods.answer_now(self.supervisor, connection, request)
-            # (answer_now passes no fds: an acquire with fds would wait.)
-            assert not isinstance(result, methods.FdsResult)
-            return protocol.encode_result(request.id, result)
-        except methods.WouldWait:
-            raise
+            method = method_for(self.engine, request)
+            if not method.answers_now(self.engine, request.params):
+                return None
+            if getattr(request.params, "fds", False) and connection.sending:
+                return None
+            assert method.now is not None
+            reply = method.now(self.engine, connection, request.params)
         except SupervisorError as exc:
-            return self._error_line(connection, request, exc)
+            return self._error_line(connection, request, exc), (), []
+        except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
+            return self._crash_line(connection, request), (), []
+        return self._result_line(connection, request, reply), reply.fds, reply.after
+
+    def _result_line(self, connection: Connection, request: protocol.Request, reply: Reply) -> bytes:
+        """The line that carries `reply`'s result, or an internal error if it
+        cannot be encoded (a bug). Call it while no exception is handled."""
+        try:
+            return protocol.encode_result(request.id, reply.result)
         except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
             return self._crash_line(connection, request)
 
     def _rejection(self, connection: Connection, message: protocol.BadMessage) -> bytes:
         """The error line for a line that is not a valid request."""
-        self.supervisor.metrics.protocol_errors.labels(str(message.error.code)).inc()
+        self.engine.count_error(message.error.code)
         log.info("request.rejected", connection=connection.id, code=message.error.code, reason=message.error.message)
         return protocol.encode_error(message.id, message.error)
 
     def _error_line(self, connection: Connection, request: protocol.Request, exc: SupervisorError) -> bytes:
-        self.supervisor.metrics.protocol_errors.labels(str(exc.code)).inc()
+        self.engine.count_error(exc.code)
         log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
         return protocol.encode_error(request.id, exc)
 
@@ -351,7 +367,8 @@ class ControlServer:
         return protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
 
     async def _serve_in_task(
-        self, connection: Connection, request: protocol.Request, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, connection: Connection, request: protocol.Request, method: Method,
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """`_serve_request` in a task of its own, holding one of the connection's
         in-flight slots until answered. Started once the request's state changes
@@ -365,41 +382,48 @@ class ControlServer:
                 task_status.started()
 
         try:
-            await self._serve_request(connection, request, mark_started)
+            await self._serve_request(connection, request, method, mark_started)
         finally:
             connection.in_flight.release()
 
     async def _serve_request(
-        self, connection: Connection, request: protocol.Request, started: methods.Started = _no_task_to_start
+        self, connection: Connection, request: protocol.Request, method: Method,
+        started: Started = _no_task_to_start,
     ) -> None:
         """Run `request`'s handler and send its answer: the result, or the wire
         error for what it raised (the one place exceptions become wire errors).
         Calls `started` at the latest before sending. Raises nothing but
         Cancelled; returns without a checkpoint when the handler and the send
-        need no wait. What an acquire's handler `defer`red runs after the send
-        (no other method spawns, and the block costs every request a few us)."""
-        if request.method != "acquire":
-            await self._answer(connection, request, started)
-            return
-        with afterreply.deferring():
-            await self._answer(connection, request, started)
-
-    async def _answer(self, connection: Connection, request: protocol.Request, started: methods.Started) -> None:
-        fds: tuple[int, ...] = ()
+        need no wait. The reply's after-work runs once the line is handed to
+        the socket, before any wait for the peer."""
+        reply: Reply | None = None
         try:
-            try:
-                result: Any = await methods.handle(self.supervisor, connection, request, started)
-                if isinstance(result, methods.FdsResult):
-                    result, fds = result.result, result.fds
-                line = protocol.encode_result(request.id, result)
-            except SupervisorError as exc:
-                line = self._error_line(connection, request, exc)
-            except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
-                line = self._crash_line(connection, request)
-            started()
-            await connection.send(line, fds)
+            if method.answers_now(self.engine, request.params):
+                assert method.now is not None
+                reply = method.now(self.engine, connection, request.params)
+            else:
+                reply = await method.answer(self.engine, connection, request.params, started)
+        except SupervisorError as exc:
+            line = self._error_line(connection, request, exc)
+        except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
+            line = self._crash_line(connection, request)
+        else:
+            line = self._result_line(connection, request, reply)
+        started()
+        fds = reply.fds if reply is not None else ()
+        after = reply.after if reply is not None else []
+        try:
+            taken = connection.try_send(line, fds)
+            if taken:
+                fds = ()  # the connection's now
+            run_after(after)
+            if taken:
+                await connection.flush()
+            else:
+                line_fds, fds = fds, ()
+                await connection.send(line, line_fds)
         finally:
-            # The fds of an FdsResult are duplicates made for this one response.
+            run_after(after)
             for fd in fds:
                 os.close(fd)
 
@@ -415,7 +439,7 @@ class ControlServer:
     @property
     def config(self) -> DaemonConfig:
         """The daemon section in force (a reload may replace it)."""
-        return self.supervisor.config.daemon
+        return self.engine.config.daemon
 
     def _allowed(self, uid: int, gids: set[int]) -> bool:
         return (

@@ -25,7 +25,6 @@ from supervisor.core.errors import (
 )
 from supervisor.core.protocol import (
     MAX_TTL_SECONDS,
-    METHOD_PARAMS,
     PROTOCOL_VERSION,
     AcquireParams,
     BadMessage,
@@ -44,6 +43,10 @@ from supervisor.core.protocol import (
     encode_notification,
     encode_result,
 )
+from supervisor.server.methods import METHODS, PARAMS
+
+# The protocol's methods are the server's table's; the codec is given them.
+METHOD_PARAMS = {name: method.params for name, method in METHODS.items()}
 
 LIMIT = 65536
 DAY = 24 * 3600.0
@@ -66,7 +69,7 @@ def line(document: object) -> bytes:
 
 
 def decode(data: bytes, limit: int = LIMIT) -> list:
-    return Decoder(limit).feed(data)
+    return Decoder(limit, PARAMS).feed(data)
 
 
 def decode_one(data: bytes, limit: int = LIMIT):
@@ -90,7 +93,7 @@ def summary(message) -> tuple:
 
 
 def feed_in_chunks(data: bytes, cuts: list[int], limit: int = LIMIT) -> list:
-    decoder = Decoder(limit)
+    decoder = Decoder(limit, PARAMS)
     messages = []
     previous = 0
     for cut in sorted(cuts) + [len(data)]:
@@ -140,7 +143,7 @@ def test_pipelined_lines_in_one_feed_come_out_in_order():
 
 
 def test_a_partial_line_yields_nothing_until_its_newline():
-    decoder = Decoder(LIMIT)
+    decoder = Decoder(LIMIT, PARAMS)
     data = line(request("hello"))
     assert decoder.feed(data[:-1]) == []
     assert decoder.feed(b"") == []
@@ -180,7 +183,7 @@ def test_a_line_exactly_at_the_limit_is_accepted():
     data = line(request("hello"))
     limit = len(data) - 1  # the newline is not counted
     assert decode(data, limit) == [Request(1, "hello", HelloParams())]
-    decoder = Decoder(limit)
+    decoder = Decoder(limit, PARAMS)
     assert decoder.feed(data[:-1]) == []  # at the limit without a newline: still waiting
     assert not decoder.closed
     assert decoder.feed(b"\n") == [Request(1, "hello", HelloParams())]
@@ -189,7 +192,7 @@ def test_a_line_exactly_at_the_limit_is_accepted():
 def test_a_complete_line_over_the_limit_is_fatal_and_ends_decoding():
     hello = line(request("hello"))
     limit = len(hello) - 2
-    decoder = Decoder(limit)
+    decoder = Decoder(limit, PARAMS)
     too_long = json.dumps(request("hello", id=12)).encode() + b"\n"
     messages = decoder.feed(b"\n" + b"{}\n" + too_long + hello)
     assert len(messages) == 2
@@ -206,7 +209,7 @@ def test_a_complete_line_over_the_limit_is_fatal_and_ends_decoding():
 
 
 def test_a_partial_line_past_the_limit_is_fatal_before_its_newline():
-    decoder = Decoder(100)
+    decoder = Decoder(100, PARAMS)
     assert decoder.feed(b"x" * 100) == []
     assert not decoder.closed
     messages = decoder.feed(b"x")
@@ -226,7 +229,7 @@ def test_a_trailing_carriage_return_counts_toward_the_limit():
 
 def test_the_limit_must_be_positive():
     with pytest.raises(ValueError):
-        Decoder(0)
+        Decoder(0, PARAMS)
 
 
 # --- parse errors and the envelope ------------------------------------------------------
@@ -600,7 +603,7 @@ streams = st.one_of(
 @given(data=streams, limit=st.integers(1, 300), choices=st.data())
 def test_any_bytes_in_any_chunking_decode_the_same_and_never_raise(data, limit, choices):
     cuts = choices.draw(st.lists(st.integers(0, len(data)), max_size=12))
-    whole = Decoder(limit).feed(data)
+    whole = Decoder(limit, PARAMS).feed(data)
     chunked = feed_in_chunks(data, cuts, limit)
     assert [summary(m) for m in chunked] == [summary(m) for m in whole]
     for index, message in enumerate(whole):
@@ -644,4 +647,4 @@ acquire_dicts = st.fixed_dictionaries(
 )
 def test_any_valid_acquire_params_decode_back_equal(params, id, ascii_only):
     data = json.dumps(request("acquire", params, id=id), ensure_ascii=ascii_only).encode() + b"\n"
-    assert Decoder(1 << 20).feed(data) == [Request(id, "acquire", AcquireParams(**params))]
+    assert Decoder(1 << 20, PARAMS).feed(data) == [Request(id, "acquire", AcquireParams(**params))]

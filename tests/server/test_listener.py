@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import dataclasses
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ import trio.testing
 from supervisor.server import methods
 from supervisor.core.config import parse_config
 from supervisor.server.connection import Connection
-from supervisor.engine.engine import Supervisor
+from supervisor.engine.engine import Engine, Reply
 from supervisor.server.listener import ControlServer, bind_control_socket
 from tests.conftest import eventually
 
@@ -432,10 +433,13 @@ async def test_a_result_that_cannot_be_encoded_is_an_internal_error_and_the_serv
     unencodable must become the usual internal error on that one request,
     not an exception out of the hub's task (which serves every connection)."""
     config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\n', str(tmp_path / "s.toml"))
-    server = ControlServer(Supervisor(config))
+    server = ControlServer(Engine(config))
     listener = await bind_control_socket(str(tmp_path / "s.sock"), 0o600)
     await nursery.start(server.serve, listener)
-    monkeypatch.setitem(methods.SYNC_HANDLERS, "hello", lambda service, peer, params: {"unencodable": object()})
+    unencodable = dataclasses.replace(
+        methods.METHODS["hello"], now=lambda engine, peer, params: Reply({"unencodable": object()})
+    )
+    monkeypatch.setitem(methods.METHODS, "hello", unencodable)
     stream = await trio.open_unix_socket(str(tmp_path / "s.sock"))
     await stream.send_all(request_line(1, "hello") + request_line(2, "release", {"lease": "0" * 32}))
     received = b""

@@ -1,0 +1,424 @@
+"""Instance life in the shell: spawning roots, watching them, stopping trees.
+
+`Instances` keeps what the registry cannot: each spawned root with its pipes
+and tree (`RunningInstance`), the acquires parked on a spawn (`PendingSpawn`),
+the stderr tails of trees stopped lately. It reports every outcome back to the
+registry (`spawned`, `spawn_failed`, `root_exited`, `tree_gone`) and hands the
+registry's answer to `report`, the engine's way of carrying out actions. All
+of it runs on the trio thread; a spawn that must not (the subprocess spawner)
+runs in a worker thread that touches no state.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import structlog
+import trio
+
+from supervisor.core.config import AdapterConfig
+from supervisor.core.errors import InvalidParams, SpawnFailed, SupervisorError, UnknownAdapter
+from supervisor.core.registry import Action, Reason, Registry
+from supervisor.engine.metrics import Metrics
+from supervisor.engine.staterecord import RecordKeeper
+from supervisor.procs import process, subreaper
+from supervisor.procs.cgroup import CgroupManager
+from supervisor.procs.sparecgroups import SpareCgroups
+from supervisor.procs.spawner import RootProcess, Spawner, SpawnRequest
+from supervisor.procs.stderr import capture_stderr
+from supervisor.procs.subreaper import ChildReaper
+from supervisor.procs.tree import InstanceTree, StopOutcome, signal_member, stop_tree
+
+log = structlog.get_logger()
+
+# The stderr tails of this many finished instances stay readable through `logs`
+# after their tree is gone: enough to debug a crash, bounded for a long-lived
+# daemon.
+FINISHED_LOGS_KEPT = 64
+
+# A stop is bounded by the adapter's stop_timeout plus this: the SIGKILL grace,
+# waiting for the root's status, and slack for a busy host.
+STOP_MARGIN_S = 5.0
+
+# Work for after a reply: plain callables, run in order by whoever sends it
+# (`run_after`).
+AfterReply = list[Callable[[], None]]
+
+
+def run_after(work: AfterReply) -> None:
+    """Run after-reply work now, in order, and empty the list. A piece that
+    fails is logged and does not stop the others; nothing is raised."""
+    pieces = list(work)
+    work.clear()
+    for fn in pieces:
+        try:
+            fn()
+        except Exception:
+            log.exception("after_reply.failed", work=repr(fn))
+
+
+@dataclass
+class RunningInstance:
+    """The shell's side of one spawned instance, until its tree is gone."""
+
+    adapter: AdapterConfig
+    root: RootProcess
+    tree: InstanceTree
+    root_reaped: trio.Event = field(default_factory=trio.Event)
+    returncode: int | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)
+    rss_bytes: int = 0
+
+
+@dataclass
+class PendingSpawn:
+    """Acquires parked on a STARTING instance wait for this."""
+
+    settled: trio.Event = field(default_factory=trio.Event)
+    error: SupervisorError | None = None
+
+
+class Instances:
+    """Every spawned root of one daemon, from its spawn until its tree is gone."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        adapters: Mapping[str, AdapterConfig],
+        spawner: Spawner,
+        cgroups: CgroupManager | None,
+        spares: SpareCgroups | None,
+        reaper: ChildReaper,
+        record: RecordKeeper,
+        metrics: Metrics,
+        now: Callable[[], float],
+        report: Callable[[Iterable[Action]], None],
+    ) -> None:
+        self.registry = registry
+        self.adapters = adapters
+        self.spawner = spawner
+        self.cgroups = cgroups
+        self.spares = spares
+        self.reaper = reaper
+        self.record = record
+        self.metrics = metrics
+        self.now = now
+        self.report = report
+        self.pid = os.getpid()
+        self.running: dict[str, RunningInstance] = {}
+        # The stderr tails of instances stopped lately: the deques themselves,
+        # which their readers may still be filling with the last lines.
+        self.finished_logs: collections.OrderedDict[str, collections.deque[bytes]] = collections.OrderedDict()
+        # Grows by one whenever a tree is spawned or stopped: scans taken
+        # before are out of date.
+        self.generation = 0
+        self._pending: dict[str, PendingSpawn] = {}
+        # Spawns in flight in a worker thread: shutdown waits for them.
+        self._spawning: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Where the tasks of roots and stops run: the engine's nursery."""
+        self._nursery = nursery
+
+    # -- spawning ----------------------------------------------------------------
+
+    def spawn(self, instance_id: str, after: AfterReply | None) -> list[Action]:
+        """Start the instance's root. With an inline spawner the root is
+        started and registered right here, and the registry's answer is
+        returned (the caller carries it out); its stderr reader and watcher
+        are appended to `after` (or started now if `after` is None). Otherwise
+        a task spawns it in a worker thread and reports back itself, and this
+        returns no action."""
+        if self.spawner.inline:
+            return self._spawn_here(instance_id, after)
+        assert self._nursery is not None, "attach() first"
+        self._nursery.start_soon(self._spawn_in_thread, instance_id)
+        return []
+
+    def pending(self, instance_id: str) -> PendingSpawn:
+        """What acquires parked on a STARTING instance wait for."""
+        return self._pending.setdefault(instance_id, PendingSpawn())
+
+    def _spawn_here(self, instance_id: str, after: AfterReply | None) -> list[Action]:
+        request = self._request(instance_id)
+        if request is None:
+            return self._adapter_gone(instance_id)
+        spawned_after = trio.current_time()
+        try:
+            root = self.spawner.spawn(request, spare_cgroup=self._claim_spare(instance_id))
+        except (SpawnFailed, InvalidParams, OSError) as exc:
+            return self._spawn_failed(instance_id, exc)
+        return self._root_started(instance_id, request.adapter, root, spawned_after, after)
+
+    async def _spawn_in_thread(self, instance_id: str) -> None:
+        """Spawn in a worker thread, then report to the registry on the trio
+        thread. Cancellation: the thread always runs to completion and its
+        root is always registered, so it is never lost."""
+        done = self._spawning[instance_id] = trio.Event()
+        self.reaper.spawns_in_flight += 1
+        try:
+            request = self._request(instance_id)
+            if request is None:
+                self.report(self._adapter_gone(instance_id))
+                return
+            spare = self._claim_spare(instance_id)
+            spawned_after = trio.current_time()
+            try:
+                root = await trio.to_thread.run_sync(partial(self.spawner.spawn, request, spare_cgroup=spare))
+            except (SpawnFailed, InvalidParams, OSError) as exc:
+                self.report(self._spawn_failed(instance_id, exc))
+                return
+            self.report(self._root_started(instance_id, request.adapter, root, spawned_after, None))
+        finally:
+            self.reaper.spawn_settled()
+            del self._spawning[instance_id]
+            done.set()
+
+    def _request(self, instance_id: str) -> SpawnRequest | None:
+        """The spawn of a registered instance, or None if its adapter was
+        removed by a reload while it waited for its predecessor."""
+        instance = self.registry.instances[instance_id]
+        adapter = self.adapters.get(instance.adapter)
+        if adapter is None:
+            return None
+        return SpawnRequest(adapter=adapter, instance_id=instance_id, job=instance.job, params=dict(instance.params))
+
+    def _adapter_gone(self, instance_id: str) -> list[Action]:
+        adapter = self.registry.instances[instance_id].adapter
+        self.pending(instance_id).error = UnknownAdapter(f"adapter {adapter!r} is no longer configured")
+        return self.registry.spawn_failed(instance_id)
+
+    def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
+        instance = self.registry.instances[instance_id]
+        if isinstance(exc, OSError):
+            exc = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
+        pending = self.pending(instance_id)
+        pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
+        log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
+                    adapter=instance.adapter, error=pending.error.message)
+        self.metrics.spawn_failures.labels(instance.adapter).inc()
+        self.remove_cgroup(instance_id)
+        return self.registry.spawn_failed(instance_id)
+
+    def _root_started(
+        self, instance_id: str, adapter: AdapterConfig, root: RootProcess, spawned_after: float, after: AfterReply | None
+    ) -> list[Action]:
+        """Register a root just spawned. Nothing here waits: the root is
+        registered, and watched for by the reaper, before any other task can
+        run. Its reader and watcher tasks go to `after` when given: they change
+        nothing a reply says."""
+        tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree.known.add(root.id)
+        running = RunningInstance(adapter=adapter, root=root, tree=tree)
+        self.running[instance_id] = running
+        self.reaper.watch_root(
+            root.pid, lambda returncode: _root_reaped(running, returncode), spawned_after=spawned_after
+        )
+        self.generation += 1
+        start_tasks = partial(self._start_root_tasks, instance_id, running)
+        if after is None:
+            start_tasks()
+        else:
+            after.append(start_tasks)
+        return self.registry.spawned(instance_id, pid=root.pid, now=self.now())
+
+    def _start_root_tasks(self, instance_id: str, running: RunningInstance) -> None:
+        """The tasks of a root just registered. They get the object, not the
+        id: the instance may be stopped and forgotten before they first run.
+        The stderr reader owns the pipe's read end, so this must always run."""
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            capture_stderr, running.root, partial(_stderr_line, instance_id), partial(_stderr_dropped, instance_id),
+        )
+        self._nursery.start_soon(self._settle_spawn, instance_id, running)
+        self.metrics.spawns.labels(running.adapter.name).inc()
+
+    async def _settle_spawn(self, instance_id: str, running: RunningInstance) -> None:
+        instance = self.registry.instances.get(instance_id)
+        log.info("adapter.spawned", instance=instance_id, job=instance.job if instance else None,
+                 adapter=running.adapter.name, pid=running.root.pid)
+        self.record.mark_dirty()
+        # A root that died before the SIGCHLD receiver ran is caught here too.
+        self.reaper.reap()
+        await running.root_reaped.wait()
+        returncode = running.returncode if running.returncode is not None else -1
+        log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=returncode)
+        self.report(self.registry.root_exited(instance_id, returncode=returncode, now=self.now()))
+
+    def settled(self, instance_id: str, *, running: bool) -> None:
+        """The registry settled an instance's spawn: wake its parked acquires,
+        and forget what an instance that will never have a root left behind."""
+        if not running and instance_id not in self.running:
+            self._close_spare(instance_id)
+            self.remove_cgroup(instance_id)
+        pending = self._pending.pop(instance_id, None)
+        if pending is not None:
+            pending.settled.set()
+
+    # -- stopping ----------------------------------------------------------------
+
+    def stop(self, instance_id: str, reason: Reason) -> None:
+        """Stop the instance's tree in a task of its own (SPEC rule 2)."""
+        assert self._nursery is not None, "attach() first"
+        self._nursery.start_soon(self._stop, instance_id, reason)
+
+    async def _stop(self, instance_id: str, reason: Reason) -> None:
+        running = self.running.get(instance_id)
+        outcome = StopOutcome()
+        if running is not None:
+            adapter = running.adapter
+            # Bounded and shielded: a stop that was begun is always finished,
+            # even while the daemon shuts down.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(adapter.stop_timeout + STOP_MARGIN_S) as bound:
+                    try:
+                        outcome = await stop_tree(
+                            running.tree,
+                            stop_signal=int(adapter.stop_signal),
+                            stop_timeout=adapter.stop_timeout,
+                            reap=self.reaper.reap,
+                            child_exited=self.reaper.child_exited,
+                        )
+                    except OSError as exc:
+                        log.error("tree.stop_failed", instance=instance_id, error=str(exc))
+                        outcome = self.kill_now(instance_id, running)
+                    if not running.root_reaped.is_set():
+                        with trio.move_on_after(1):
+                            await running.root_reaped.wait()
+                if bound.cancelled_caught:
+                    # The stop overran its bound (a starved worker thread, a
+                    # process stuck in the kernel): never forget a tree alive.
+                    outcome = self.kill_now(instance_id, running)
+            self._forget(instance_id, running)
+            self.metrics.reaps.labels(adapter.name, reason.value).inc()
+        log.info(
+            "tree.reaped" if outcome.clean else "tree.reap_incomplete",
+            instance=instance_id,
+            reason=reason.value,
+            signalled=len(outcome.signalled),
+            killed=len(outcome.killed),
+            survivors=[m.pid for m in outcome.survivors],
+        )
+        self.report(self.registry.tree_gone(instance_id, now=self.now()))
+
+    def _forget(self, instance_id: str, running: RunningInstance) -> None:
+        """A tree is gone (or given up on): close its pipes, keep its stderr tail."""
+        running.root.close_stdio()
+        if not running.root_reaped.is_set():
+            # The root outlived its stop (the report says so). subprocess must
+            # never poll it on its own: the reaper still owns its status.
+            running.root.reaped(-signal.SIGKILL)
+        self.remove_cgroup(instance_id)
+        self.finished_logs[instance_id] = running.root.stderr_tail
+        while len(self.finished_logs) > FINISHED_LOGS_KEPT:
+            self.finished_logs.popitem(last=False)
+        del self.running[instance_id]
+        running.stopped.set()
+        self.record.mark_dirty()
+        self.generation += 1
+
+    def kill_now(self, instance_id: str, running: RunningInstance) -> StopOutcome:
+        """SIGKILL a tree at once, synchronously; the members still there are survivors."""
+        if self.cgroups is not None:
+            try:
+                self.cgroups.kill(instance_id)
+            except OSError as exc:
+                log.error("cgroup.kill_failed", instance=instance_id, error=str(exc))
+        members = {running.root.id, *running.tree.known}
+        killed = [m for m in members if signal_member(m, signal.SIGKILL)]
+        return StopOutcome(killed=killed, survivors=[m for m in members if not _surely_gone(m, self.pid)])
+
+    def kill_everything_now(self) -> None:
+        """Last resort when the daemon is dying of a bug: SIGKILL every tracked
+        tree at once, synchronously, so that no adapter outlives its owner."""
+        for instance_id, running in self.running.items():
+            self.kill_now(instance_id, running)
+
+    async def wait_all_stopped(self) -> None:
+        """Wait for every spawn in flight to report in, then for every tree to
+        be gone. Cancellation: returns early; nothing is left half-done."""
+        for spawning in list(self._spawning.values()):
+            await spawning.wait()
+        for running in list(self.running.values()):
+            await running.stopped.wait()
+
+    def settle_vanished_roots(self) -> None:
+        """A root that has exited although its watcher never heard of it (one
+        WNOWAIT peek per root): routed as if the reaper had seen it."""
+        for instance_id, running in list(self.running.items()):
+            if running.root_reaped.is_set() or not subreaper.child_has_exited(running.root.pid):
+                continue
+            self.reaper.reap()
+            if not running.root_reaped.is_set():
+                log.warning("adapter.root_vanished", instance=instance_id, pid=running.root.pid)
+                _root_reaped(running, -1)
+
+    # -- what a request may read -------------------------------------------------
+
+    def stderr_tail(self, instance_id: str) -> collections.deque[bytes] | None:
+        """The stderr tail of a running or lately stopped instance, if any."""
+        running = self.running.get(instance_id)
+        if running is not None:
+            return running.root.stderr_tail
+        return self.finished_logs.get(instance_id)
+
+    def stdio_duplicates(self, instance_id: str) -> tuple[int, int] | None:
+        """New duplicates of the instance's stdin (write end) and stdout (read
+        end), owned by the caller; None if it has no pipes (stdio = "null", or
+        it is stopping). Duplicates, because the instance may stop and close
+        its own ends while the caller still holds these."""
+        running = self.running.get(instance_id)
+        if running is None or running.root.stdin_fd is None or running.root.stdout_fd is None:
+            return None
+        return os.dup(running.root.stdin_fd), os.dup(running.root.stdout_fd)
+
+    # -- cgroups -----------------------------------------------------------------
+
+    def _claim_spare(self, instance_id: str) -> int | None:
+        """The open directory of the spare cgroup `instance_id` is named after, if any."""
+        return self.spares.claim(instance_id) if self.spares is not None else None
+
+    def _close_spare(self, instance_id: str) -> None:
+        fd = self._claim_spare(instance_id)
+        if fd is not None:
+            os.close(fd)
+
+    def remove_cgroup(self, instance_id: str) -> None:
+        """Remove an instance's cgroup if there is one; a failure is logged."""
+        if self.cgroups is not None:
+            try:
+                self.cgroups.remove(instance_id)
+            except OSError as exc:
+                log.warning("cgroup.remove_failed", instance=instance_id, error=str(exc))
+
+
+def _root_reaped(running: RunningInstance, returncode: int) -> None:
+    running.returncode = returncode
+    # Tell subprocess the child is gone, so it never waits for it itself.
+    running.root.reaped(returncode)
+    running.root_reaped.set()
+
+
+def _stderr_line(instance_id: str, line: str) -> None:
+    log.info("adapter.stderr", instance=instance_id, line=line)
+
+
+def _stderr_dropped(instance_id: str, lines: int) -> None:
+    log.warning("adapter.stderr_dropped", instance=instance_id, lines=lines,
+                reason="over the stderr log budget; only the last lines are kept, for `logs`")
+
+
+def _surely_gone(member: process.ProcessId, our_pid: int) -> bool:
+    """`process.is_gone`, where a process that cannot be looked at (EMFILE)
+    counts as still there: a sweep will look again."""
+    try:
+        return process.is_gone(member, our_pid=our_pid)
+    except OSError:
+        return False

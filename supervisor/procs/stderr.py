@@ -1,0 +1,161 @@
+"""An instance's stderr: read without pause, kept as a bounded tail for
+`logs`, and logged within a budget.
+
+The root's stderr pipe is inherited by its whole tree. `capture_stderr` reads
+it until the last writer is gone, keeps the last STDERR_LINES lines raw
+(decoded only when asked for, by `decode_tail`), and passes lines on to the
+daemon's log as a `LineBudget` allows; past the budget lines are only counted,
+and the pipe is read a pipe's worth at a time, so a flooding adapter can
+neither busy the trio thread nor grow the log without bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+# Lines of adapter stderr kept per instance for the `logs` method. Enough for a
+# stack trace or two; bounded so a chatty adapter cannot grow the daemon.
+STDERR_LINES = 1000
+
+# Longest stderr line kept as one; a longer line is cut into pieces this long.
+STDERR_LINE_BYTES = 4096
+
+# Stderr lines of one instance that go to the daemon's log: this many at
+# once, then this many a second (a token bucket); the rest only reach the
+# tail (`logs`), and their number is logged at most every
+# STDERR_DROPS_REPORT_S. Rendering and writing every line of an adapter that
+# writes stderr in a loop would take the trio thread from every client
+# (docs/performance.md, "stderr"); journald's own default for a whole service
+# is 10,000 messages per 30 s.
+STDERR_LOG_BURST = 1000
+STDERR_LOG_PER_S = 100.0
+STDERR_DROPS_REPORT_S = 1.0
+
+# Past its budget, an instance's stderr is read at most once in this long,
+# a pipe's worth (64 KiB) at a time, rather than a few lines at a time as
+# fast as they come. The writer blocks on a full pipe meanwhile, which caps a
+# flood at about a pipe's worth per pause; below the budget nothing waits.
+STDERR_FLOOD_PAUSE_S = 0.02
+
+
+class StderrSource(Protocol):
+    """What `capture_stderr` reads and fills: a root's (`spawner.RootProcess`)."""
+
+    stderr_fd: int
+    stderr_tail: collections.deque[bytes]
+
+
+class LineBudget:
+    """How many of an instance's stderr lines may be logged: `burst` at once,
+    refilled at `per_s` a second. Pure: the caller passes the time."""
+
+    def __init__(self, now: float, *, burst: int = STDERR_LOG_BURST, per_s: float = STDERR_LOG_PER_S) -> None:
+        self.burst = burst
+        self.per_s = per_s
+        self._tokens = float(burst)
+        self._refilled_at = now
+        self._dropped = 0
+        self._reported_at = now
+
+    def take(self, lines: int, now: float) -> int:
+        """How many of `lines` new lines to log (the first ones); the rest are
+        counted as dropped."""
+        self._tokens = min(float(self.burst), self._tokens + (now - self._refilled_at) * self.per_s)
+        self._refilled_at = now
+        granted = min(lines, int(self._tokens))
+        self._tokens -= granted
+        self._dropped += lines - granted
+        return granted
+
+    def report_due_at(self) -> float | None:
+        """When the dropped lines not yet reported are due to be, if any are."""
+        return self._reported_at + STDERR_DROPS_REPORT_S if self._dropped else None
+
+    def dropped_to_report(self, now: float, *, final: bool = False) -> int:
+        """The lines dropped since the last report, if one is due (every
+        STDERR_DROPS_REPORT_S, or `final`ly); else 0."""
+        if not self._dropped or (not final and now - self._reported_at < STDERR_DROPS_REPORT_S):
+            return 0
+        dropped, self._dropped, self._reported_at = self._dropped, 0, now
+        return dropped
+
+
+async def capture_stderr(
+    root: StderrSource, on_line: Callable[[str], None], on_dropped: Callable[[int], None] = lambda lines: None
+) -> None:
+    """Read the root's stderr pipe (which every descendant inherits) until all
+    writers are gone, keeping the tail in `root.stderr_tail` and passing lines
+    to `on_line` as a `LineBudget` allows; `on_dropped(count)` is told how many
+    it did not allow, STDERR_DROPS_REPORT_S after the first of them (input or
+    not) and at the end, so that every line is logged or counted. A line
+    longer than STDERR_LINE_BYTES is cut into pieces. Past the budget, reads
+    come at most every STDERR_FLOOD_PAUSE_S, and each costs a few C-level
+    passes over its bytes, however many lines it holds. Cancellation: stops
+    reading, still reports what was dropped; the pipe is closed either way."""
+    stream = trio.lowlevel.FdStream(root.stderr_fd)
+    budget = LineBudget(trio.current_time())
+
+    def report_dropped(*, final: bool = False) -> None:
+        dropped = budget.dropped_to_report(trio.current_time(), final=final)
+        if dropped:
+            on_dropped(dropped)
+
+    def emit(pieces: list[bytes]) -> bool:
+        """Log and keep `pieces`; False if the budget did not cover them all."""
+        logged = budget.take(len(pieces), trio.current_time())
+        for raw in pieces[:logged]:
+            on_line(_decode_line(raw))
+        root.stderr_tail.extend(pieces[-STDERR_LINES:])
+        report_dropped()
+        return logged == len(pieces)
+
+    async with stream:
+        try:
+            buffer = b""
+            while True:
+                due = budget.report_due_at()
+                chunk = None
+                with trio.move_on_at(math.inf if due is None else due):
+                    try:
+                        chunk = await stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                if chunk is None:
+                    report_dropped()  # quiet since lines were dropped: say so now
+                    continue
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                while len(buffer) > STDERR_LINE_BYTES:
+                    lines.append(buffer[:STDERR_LINE_BYTES])
+                    buffer = buffer[STDERR_LINE_BYTES:]
+                pieces = lines
+                if max(map(len, lines), default=0) > STDERR_LINE_BYTES:
+                    pieces = [
+                        raw[start:start + STDERR_LINE_BYTES]
+                        for raw in lines
+                        for start in range(0, max(len(raw), 1), STDERR_LINE_BYTES)
+                    ]
+                if pieces and not emit(pieces):
+                    await trio.sleep(STDERR_FLOOD_PAUSE_S)
+            if buffer:
+                emit([buffer])
+        finally:
+            report_dropped(final=True)
+
+
+def decode_tail(tail: collections.deque[bytes], last: int) -> list[str]:
+    """The last `last` lines of a stderr tail, decoded, oldest first."""
+    skip = max(0, len(tail) - last)
+    return [_decode_line(raw) for raw in itertools.islice(tail, skip, None)]
+
+
+def _decode_line(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").rstrip("\r")
