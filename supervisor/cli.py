@@ -43,6 +43,7 @@ CLEAR_SCREEN = "\x1b[H\x1b[J"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="adapter-supervisor",
         description="Owns adapter process trees: leases over a Unix socket, whole-tree reaping, orphan sweeps.",
@@ -108,6 +109,12 @@ def _positive_seconds(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on `argv` (default: sys.argv[1:]) and return the exit
+    status of the module docstring: a bad config, the daemon's errors, a daemon
+    that cannot be reached, Ctrl-C during a client command and a closed stdout
+    become statuses, not exceptions. Raises SystemExit for --help and --version
+    (status 0), usage errors (argparse's status 2) and a --param without "="
+    (status 1)."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         from supervisor.serve import serve
@@ -251,7 +258,8 @@ def human_age(seconds: float | None) -> str:
 
 def render_status(result: Mapping[str, Any], now: float) -> str:
     """The status as a summary line and a table: one row per instance with its
-    job, adapter, state, root pid, process count, refcount, age and tree RSS."""
+    job, adapter, state, root pid, process count, refcount, age and tree RSS.
+    Raises KeyError if `result` lacks a field the daemon's `status` sends."""
     daemon = result["daemon"]
     lines = [
         f"daemon pid {daemon['pid']}  up {human_age(daemon['uptime_s'])}  "
@@ -279,7 +287,8 @@ def _render_table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def render_reports(items: list[dict[str, Any]]) -> str:
-    """Sweep reports as a table, one row per sweep."""
+    """Sweep reports as a table, one row per sweep. Raises KeyError if a report
+    lacks a field the daemon's reports carry."""
     if not items:
         return "no sweep reports yet"
     rows = [("WHEN", "KIND", "DURATION", "SCANNED", "ORPHANS", "EXPIRED", "OVER MEM", "RECLAIMED", "ERRORS")]

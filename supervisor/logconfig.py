@@ -47,15 +47,14 @@ MAX_HELD_LINES = 64
 class TurnWriter:
     """Where the daemon's log lines go: `out`, a turn of the event loop later.
 
-    A write on a terminal, a pipe or a file costs little, but the first system
-    calls after the CPU has been idle cost tens of microseconds each on a
-    virtual machine, and a request's log line used to sit between its work
-    and its reply. As a trio instrument, this writer holds the lines logged on
-    the trio thread during one scheduler turn and writes them in one go when
-    the turn ends (`before_io_wait`), after that turn's replies went out; at
-    most a turn late, in order. Lines from other threads, or while no trio run
-    is going on, are written at once; a turn that logs MAX_HELD_LINES lines
-    writes them then. A line that cannot be written (stderr closed) is
+    A log line written between a request's work and its reply would delay the
+    reply by a system call, and the first system calls after the CPU has been
+    idle cost the most. As a trio instrument, this writer holds the lines
+    logged on the trio thread during one scheduler turn and writes them in one
+    go when the turn ends (`before_io_wait`), after that turn's replies went
+    out; at most a turn late, in order. Lines from other threads, or while no
+    trio run is going on, are written at once; a turn that logs MAX_HELD_LINES
+    lines writes them then. A line that cannot be written (stderr closed) is
     dropped: there is nowhere else to say so. Lines held when the process is
     killed outright (SIGKILL, a crash in C) are lost: at most one turn's.
     """
@@ -133,7 +132,8 @@ def configure_logging(
     `stream` is not a terminal, console on a terminal). Events go to `stream`
     (default stderr). `journald` says whether `stream` is the journal (None:
     detect it from $JOURNAL_STREAM); when it is, each line gets its `<N>`
-    priority prefix whatever the format.
+    priority prefix whatever the format. Raises KeyError for a `level` that is
+    not in LEVELS; a `log_format` other than "json" and "auto" means console.
     """
     out = stream if stream is not None else sys.stderr
     if journald is None:
@@ -163,9 +163,8 @@ def configure_logging(
 
 
 def json_line(event: dict[str, Any], **_: Any) -> str:
-    """An event as one JSON object: msgspec's encoder, several times faster than
-    json.dumps on the daemon's request path. What JSON cannot hold is logged as
-    its repr()."""
+    """An event as one JSON object, encoded by msgspec (this runs on the
+    daemon's request path). What JSON cannot hold is logged as its repr()."""
     return msgspec.json.encode(event, enc_hook=repr).decode()
 
 

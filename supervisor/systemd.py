@@ -174,7 +174,8 @@ class Notifier:
 
     Sending never blocks and never raises: a notification that cannot be sent
     (systemd's queue full, the socket gone) is logged as `systemd.notify_failed`
-    and dropped, since the daemon's job must not depend on it.
+    and dropped, since the daemon's job must not depend on it. Making one with an
+    address raises OSError if no socket can be created (no descriptor left).
     """
 
     def __init__(self, address: str | bytes | None, *, watchdog_period: float | None = None) -> None:
@@ -192,7 +193,8 @@ class Notifier:
 
         Removes the three variables from `environ` (default `os.environ`) so
         that child processes do not inherit them. A value that is not an
-        address this module speaks is logged and gives a no-op notifier.
+        address this module speaks is logged and gives a no-op notifier. Raises
+        OSError if the notification socket cannot be created.
         """
         env = os.environ if environ is None else environ
         values = {name: env.pop(name) for name in NOTIFY_VARIABLES if name in env}
@@ -227,7 +229,8 @@ class Notifier:
         return True
 
     def ready(self, status: str | None = None) -> bool:
-        """READY=1: the daemon accepts connections (again, after a reload)."""
+        """READY=1: the daemon accepts connections (again, after a reload).
+        Raises ValueError for a `status` that holds a newline."""
         return self.notify(READY=1, **({"STATUS": status} if status is not None else {}))
 
     def reloading(self) -> bool:
@@ -235,7 +238,8 @@ class Notifier:
         return self.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def stopping(self, status: str | None = None) -> bool:
-        """STOPPING=1: shutdown has begun."""
+        """STOPPING=1: shutdown has begun. Raises ValueError for a `status` that
+        holds a newline."""
         return self.notify(STOPPING=1, **({"STATUS": status} if status is not None else {}))
 
     def close(self) -> None:
@@ -270,8 +274,10 @@ async def report_status(
 ) -> None:
     """Send STATUS=`describe()` every `interval` seconds when the text changed.
 
-    `describe` runs on the trio thread and must not block. Returns at once
-    without a notify socket; cancellation stops the reports.
+    `describe` runs on the trio thread and must not block; what it raises
+    propagates and ends the reports, and so does the ValueError of a text
+    that holds a newline. Returns at once without a notify socket;
+    cancellation stops the reports.
     """
     task_status.started()
     if not notifier.enabled:
@@ -309,11 +315,6 @@ def listen_fds_with_names(environ: MutableMapping[str, str] | None = None) -> li
                 sock.close()
             raise ActivationError(f"passed descriptor {fd} ({name}) is unusable: {exc.strerror or exc}") from None
     return sockets
-
-
-def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
-    """The sockets passed by socket activation, in order (see `listen_fds_with_names`)."""
-    return [sock for _, sock in listen_fds_with_names(environ)]
 
 
 def activated_listener(environ: MutableMapping[str, str] | None = None, *, name: str = CONTROL_FD_NAME) -> socket.socket | None:

@@ -116,6 +116,8 @@ class PipeSendStream(anyio.abc.ByteSendStream):
                 raise anyio.BrokenResourceError from exc
 
     async def aclose(self) -> None:
+        """Close the descriptor; idempotent. It is closed even if the call is
+        cancelled."""
         if not self._closed:
             self._closed = True
             anyio.notify_closing(self._fd)
@@ -133,7 +135,8 @@ class PipeReceiveStream(anyio.abc.ByteReceiveStream):
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """Some bytes, at most `max_bytes`. Raises anyio.EndOfStream once every
-        writer closed the pipe, anyio.ClosedResourceError after `aclose`."""
+        writer closed the pipe, anyio.ClosedResourceError after `aclose`.
+        Cancellation raises Cancelled before anything is read: no byte is lost."""
         await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._closed:
@@ -148,6 +151,8 @@ class PipeReceiveStream(anyio.abc.ByteReceiveStream):
             return data
 
     async def aclose(self) -> None:
+        """Close the descriptor; idempotent. It is closed even if the call is
+        cancelled."""
         if not self._closed:
             self._closed = True
             anyio.notify_closing(self._fd)
@@ -175,7 +180,8 @@ class AsyncLease(LeaseInfo):
     async def wait_exited(self) -> AdapterExited:
         """Wait until the adapter is gone (or going, on shutdown) and say how.
         Raises LeaseLost if the connection ended first (ConnectionLost for a
-        detached lease, which lives on). Cancellable."""
+        detached lease, which lives on). Cancellation raises Cancelled and
+        changes nothing."""
         await self._ended.wait()
         if self.exited is None:
             if self.detached:
@@ -195,7 +201,12 @@ class AsyncLease(LeaseInfo):
     async def release(self) -> ReleaseResult | None:
         """Give the lease back and close its pipes; None if the daemon had already
         let it go or it was released before. Raises ConnectionLost if the
-        connection is gone (a bound lease went with it), TimeoutError."""
+        connection is gone (a bound lease went with it), TimeoutError.
+
+        Cancellation raises Cancelled with `released` still False (and stdout
+        perhaps still open): the release may or may not have reached the
+        daemon, and calling again is safe (it returns None if the first one went
+        through)."""
         if self.released:
             return None
         await self.aclose_stdio()
@@ -211,16 +222,21 @@ class AsyncLease(LeaseInfo):
         return result
 
     async def renew(self, ttl: float | None = None) -> float:
-        """Extend a detached lease by `ttl` (default: its own); returns the new expiry."""
+        """Extend a detached lease by `ttl` (default: its own); returns the new expiry.
+        Raises what `AsyncClient.renew` raises. On an error or cancellation
+        `expires_at` is left as it was (a cancelled renewal may still have been
+        made by the daemon)."""
         self.expires_at = await self._client.renew(self.token, ttl)
         return self.expires_at
 
     async def logs(self, lines: int = 100) -> list[str]:
-        """The tail of the adapter's stderr."""
+        """The tail of the adapter's stderr. Raises and is cancelled as
+        `AsyncClient.logs` is."""
         return await self._client.logs(lease=self.token, lines=lines)
 
     async def aclose_stdio(self) -> None:
-        """Close this lease's ends of the adapter's pipes (the adapter keeps running)."""
+        """Close this lease's ends of the adapter's pipes (the adapter keeps running).
+        Cancellation may leave stdout open; calling again closes what is left."""
         for stream in (self.stdin, self.stdout):
             if stream is not None:
                 await stream.aclose()
@@ -302,6 +318,9 @@ class AsyncClient:
     that block). Any number of tasks may use one client at once. `timeout`
     bounds each wait for an answer (None: wait forever); entering raises
     OSError if the socket cannot be connected.
+
+    Every request method raises what the blocking `Client`'s method of the same
+    name raises, and is cancelled as `call_with_fds` is.
     """
 
     def __init__(self, path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
@@ -337,7 +356,8 @@ class AsyncClient:
         return await self._task_group.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
-        """End the connection now (the daemon releases its bound leases)."""
+        """End the connection now (the daemon releases its bound leases).
+        Idempotent; the connection is closed even if the call is cancelled."""
         self._close()
         await anyio.lowlevel.checkpoint()
 
@@ -350,15 +370,20 @@ class AsyncClient:
 
     async def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
         """Send one request and return its result. Raises DaemonError (a subclass
-        named for the error), ConnectionLost, or TimeoutError."""
+        named for the error), ConnectionLost, or TimeoutError; cancelled as
+        `call_with_fds` is."""
         result, fds = await self.call_with_fds(method, params)
         close_fds(fds)
         return result
 
     async def call_with_fds(self, method: str, params: Mapping[str, Any] | None = None) -> tuple[Any, list[int]]:
         """Like `call`, also returning the fds passed with the answer (the caller
-        owns them). If cancelled or timed out, a lease the daemon grants anyway
-        is released by the client when the answer comes."""
+        owns them); raises as `call` does. If cancelled or timed out, a lease the
+        daemon grants anyway is released by the client when the answer comes.
+
+        Cancellation raises Cancelled. A request line whose sending has begun is
+        sent whole first (shielded, at most SEND_TIMEOUT_S); its answer, if it
+        comes, is disposed of: fds closed, a granted lease released."""
         if self._failure is not None:
             raise fresh_error(self._failure)
         request_id, line = self._session.request(method, params)
@@ -380,7 +405,8 @@ class AsyncClient:
 
     async def next_notification(self) -> dict[str, Any]:
         """The oldest notification not yet taken (the whole JSON object). Raises
-        ConnectionLost once the connection ended and none are left. Cancellable."""
+        ConnectionLost once the connection ended and none are left. Cancellation
+        raises Cancelled and takes no notification."""
         while not self._notifications:
             if self._failure is not None:
                 raise fresh_error(self._failure)
@@ -391,13 +417,16 @@ class AsyncClient:
     # -- the API (see `supervisor.client.Client` for what each raises) --
 
     async def hello(self) -> HelloResult:
+        """As `Client.hello`; cancelled as `call_with_fds` is."""
         return await self.call("hello")  # type: ignore[no-any-return]
 
     async def acquire(
         self, job: str, adapter: str, *, params: Mapping[str, str] | None = None, fds: bool = False,
         detach: bool = False, ttl: float | None = None,
     ) -> AsyncLease:
-        """Take a lease the caller must `release()`; prefer `lease()`."""
+        """Take a lease the caller must `release()`; prefer `lease()`. Raises as
+        `Client.acquire` does. Cancellation raises Cancelled; a lease the daemon
+        grants anyway is released when its answer comes."""
         return await self._acquire(acquire_params(job, adapter, params=params, fds=fds, detach=detach, ttl=ttl))
 
     def lease(
@@ -406,31 +435,44 @@ class AsyncClient:
         """``async with client.lease(job, adapter) as lease:`` a bound lease,
         released when the block exits however it exits (cancellation included).
         Raises what `acquire` raises on entry, and `LeaseLost` on a normal exit if
-        the connection ended meanwhile."""
+        the connection ended meanwhile. The release on the way out is shielded
+        from cancellation and bounded by `RELEASE_TIMEOUT_S`; if it fails while
+        the block raised, the failure is added to that exception as a note."""
         return _AsyncLeaseScope(self, acquire_params(job, adapter, params=params, fds=fds, detach=False, ttl=None))
 
     async def release(self, lease: LeaseInfo | str) -> ReleaseResult:
+        """As `Client.release`; cancelled as `call_with_fds` is (the release
+        may still reach the daemon)."""
         token = lease.token if isinstance(lease, LeaseInfo) else lease
         return await self.call("release", {"lease": token})  # type: ignore[no-any-return]
 
     async def renew(self, lease: LeaseInfo | str, ttl: float | None = None) -> float:
+        """As `Client.renew`; cancelled as `call_with_fds` is (the renewal may
+        still reach the daemon)."""
         token = lease.token if isinstance(lease, LeaseInfo) else lease
         params: dict[str, Any] = {"lease": token} | ({"ttl": ttl} if ttl is not None else {})
         return float((await self.call("renew", params))["expires_at"])
 
     async def release_job(self, job: str) -> ReleaseJobResult:
+        """As `Client.release_job`; cancelled as `call_with_fds` is (the release
+        may still reach the daemon)."""
         return await self.call("release_job", {"job": job})  # type: ignore[no-any-return]
 
     async def status(self, job: str | None = None) -> Status:
+        """As `Client.status`; cancelled as `call_with_fds` is."""
         return await self.call("status", {"job": job} if job is not None else {})  # type: ignore[no-any-return]
 
     async def sweep(self, *, deep: bool = False) -> dict[str, Any]:
+        """As `Client.sweep`; cancelled as `call_with_fds` is (the sweep still
+        runs in the daemon)."""
         return await self.call("sweep", {"deep": True} if deep else {})  # type: ignore[no-any-return]
 
     async def reports(self, limit: int = 10) -> list[dict[str, Any]]:
+        """As `Client.reports`; cancelled as `call_with_fds` is."""
         return (await self.call("reports", {"limit": limit}))["reports"]  # type: ignore[no-any-return]
 
     async def logs(self, instance: str | None = None, *, lease: str | None = None, lines: int = 100) -> list[str]:
+        """As `Client.logs`; cancelled as `call_with_fds` is."""
         return (await self.call("logs", logs_params(instance, lease, lines)))["lines"]  # type: ignore[no-any-return]
 
     # -- internals --

@@ -70,31 +70,19 @@ from supervisor.client.session import (
     FDS_PER_LEASE,
     SHUTDOWN_REASON,
     AdapterExited,
-    Conflict,
     ConnectionLost,
     DaemonError,
-    DaemonStatus,
     HelloResult,
-    InstanceStatus,
-    InternalError,
-    InvalidParams,
-    InvalidRequest,
     LeaseInfo,
     LeaseLost,
-    LimitReached,
-    MethodNotFound,
     Notice,
-    PermissionDenied,
     Refusal,
     ReleaseJobResult,
     ReleaseResult,
     Reply,
     Session,
-    ShuttingDown,
-    SpawnFailed,
     Status,
     Stray,
-    UnknownAdapter,
     UnknownLease,
     acquire_params,
     close_fds,
@@ -186,12 +174,13 @@ class Lease(LeaseInfo):
         self._client._forget(self)
 
     def renew(self, ttl: float | None = None) -> float:
-        """Extend a detached lease by `ttl` (default: its own); returns the new expiry."""
+        """Extend a detached lease by `ttl` (default: its own); returns the new expiry.
+        Raises what `Client.renew` raises, leaving `expires_at` as it was."""
         self.expires_at = self._client.renew(self.token, ttl)
         return self.expires_at
 
     def logs(self, lines: int = 100) -> list[str]:
-        """The tail of the adapter's stderr."""
+        """The tail of the adapter's stderr. Raises what `Client.logs` raises."""
         return self._client.logs(lease=self.token, lines=lines)
 
     def close_stdio(self) -> None:
@@ -283,6 +272,11 @@ class Client:
     Raises OSError if the socket cannot be connected. Use as a context manager or
     call `close`. `timeout` bounds each wait for an answer (None: wait forever).
 
+    Every request method raises ConnectionLost once the connection has ended,
+    TimeoutError when no answer comes within `timeout`, and the `DaemonError`
+    subclass the daemon answers with (ShuttingDown for most methods once the
+    daemon is stopping); each method names the errors particular to it.
+
     Reading: one thread at a time holds the reading role (`_reading`) and is the
     only one that reads the socket. A caller waiting for an answer takes the role
     when it is free and reads until its answer came, so a call is one send and
@@ -347,7 +341,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """End the connection: the daemon releases its bound leases. Idempotent."""
+        """End the connection: the daemon releases its bound leases. Idempotent.
+        Waits for the reader thread to end unless called from it."""
         self._closing = True
         self.sock.close()
         with self._lock:
@@ -372,8 +367,9 @@ class Client:
 
     def call_with_fds(self, method: str, params: Mapping[str, Any] | None = None) -> tuple[Any, list[int]]:
         """Like `call`, also returning the fds passed with the answer (the caller
-        owns and must close them). If the wait ends without the answer (timeout,
-        KeyboardInterrupt), a lease it grants later is released by the client."""
+        owns and must close them); raises as `call` does. If the wait ends without
+        the answer (timeout, KeyboardInterrupt), a lease it grants later is
+        released by the client."""
         with self._lock:
             if self._failure is not None:
                 raise fresh_error(self._failure)
@@ -417,6 +413,8 @@ class Client:
     # -- the API --
 
     def hello(self) -> HelloResult:
+        """The daemon's identity: name, version, protocol, pid and instance id.
+        Raises as `call` does."""
         return self.call("hello")  # type: ignore[no-any-return]
 
     def acquire(
@@ -429,7 +427,8 @@ class Client:
         `params` fills the adapter's {param:NAME} placeholders; `fds` asks for its
         stdin/stdout; `detach` with `ttl` makes a lease that outlives this
         connection until it expires. Raises UnknownAdapter, InvalidParams,
-        Conflict, LimitReached, SpawnFailed, ShuttingDown, ConnectionLost.
+        Conflict, LimitReached, SpawnFailed, ShuttingDown, ConnectionLost,
+        TimeoutError (a lease granted after the time ran out is released).
         """
         return self._acquire(acquire_params(job, adapter, params=params, fds=fds, detach=detach, ttl=ttl))
 
@@ -440,34 +439,45 @@ class Client:
         return _LeaseScope(self, acquire_params(job, adapter, params=params, fds=fds, detach=False, ttl=None))
 
     def release(self, lease: Lease | str) -> ReleaseResult:
-        """Release a lease by object or token. Raises UnknownLease, PermissionDenied."""
+        """Release a lease by object or token. Raises UnknownLease, PermissionDenied,
+        ConnectionLost, TimeoutError."""
         token = lease.token if isinstance(lease, LeaseInfo) else lease
         return self.call("release", {"lease": token})  # type: ignore[no-any-return]
 
     def renew(self, lease: Lease | str, ttl: float | None = None) -> float:
-        """Extend a detached lease; returns its new expiry (Unix time)."""
+        """Extend a detached lease; returns its new expiry (Unix time). Raises
+        UnknownLease (also for one that has expired), PermissionDenied,
+        InvalidParams for a lease that is not detached, ConnectionLost,
+        TimeoutError."""
         token = lease.token if isinstance(lease, LeaseInfo) else lease
         params: dict[str, Any] = {"lease": token} | ({"ttl": ttl} if ttl is not None else {})
         return float(self.call("renew", params)["expires_at"])
 
     def release_job(self, job: str) -> ReleaseJobResult:
         """Release every lease of `job`, whichever connection holds it (same uid or
-        root); their holders get `adapter_exited` with reason "released"."""
+        root); their holders get `adapter_exited` with reason "released". Raises
+        PermissionDenied, releasing nothing, if a lease belongs to another uid;
+        ConnectionLost, TimeoutError."""
         return self.call("release_job", {"job": job})  # type: ignore[no-any-return]
 
     def status(self, job: str | None = None) -> Status:
+        """The daemon and its instances (those of `job` only, if given). Raises
+        as `call` does."""
         return self.call("status", {"job": job} if job is not None else {})  # type: ignore[no-any-return]
 
     def sweep(self, *, deep: bool = False) -> dict[str, Any]:
-        """Run an orphan sweep now; returns its report."""
+        """Run an orphan sweep now; returns its report. Raises as `call` does."""
         return self.call("sweep", {"deep": True} if deep else {})  # type: ignore[no-any-return]
 
     def reports(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The most recent sweep reports, newest first."""
+        """The most recent sweep reports, newest first. Raises as `call` does."""
         return self.call("reports", {"limit": limit})["reports"]  # type: ignore[no-any-return]
 
     def logs(self, instance: str | None = None, *, lease: str | None = None, lines: int = 100) -> list[str]:
-        """The tail of an instance's stderr, named by instance id or by lease token."""
+        """The tail of an instance's stderr, named by instance id or by lease token.
+        Raises ValueError unless exactly one is given (nothing is sent), UnknownLease
+        for a lease that does not exist, InvalidParams for an instance neither
+        running nor finished recently, ConnectionLost, TimeoutError."""
         return self.call("logs", logs_params(instance, lease, lines))["lines"]  # type: ignore[no-any-return]
 
     # -- internals --

@@ -276,9 +276,9 @@ class Registry:
     ) -> Acquired:
         """Take a lease on the live instance of (job, adapter), creating it if needed.
 
-        Raises `Conflict` when a live instance runs with other params, `LimitReached`
-        when a new instance would pass `max_instances`, `InvalidParams` for a detached
-        lease without a ttl.
+        Raises `ShuttingDown` after `shutdown`, `Conflict` when a live instance runs
+        with other params, `LimitReached` when a new instance would pass
+        `max_instances`, `InvalidParams` for a detached lease without a ttl.
         """
         if self.closed:
             raise ShuttingDown("the daemon is shutting down and starts no new leases")
@@ -350,7 +350,12 @@ class Registry:
         )
 
     def renew(self, token: str, *, uid: int, now: float, ttl: float | None = None) -> float:
-        """Push a detached lease's expiry to now + ttl (default: its own ttl); returns it."""
+        """Push a detached lease's expiry to now + ttl (default: its own ttl); returns it.
+
+        Raises `UnknownLease` for a lease that does not exist or is due for expiry,
+        `PermissionDenied` for a lease of another uid (unless root), `InvalidParams`
+        for a lease bound to its connection.
+        """
         lease = self._lease_or_raise(token)
         self._check_may_touch(lease, uid)
         if lease.expires_at is not None and lease.expires_at <= now:
@@ -401,7 +406,11 @@ class Registry:
     # -- feedback from the shell ---------------------------------------------
 
     def spawned(self, instance_id: str, *, pid: int, now: float) -> list[Action]:
-        """The root of a STARTING instance runs as `pid`."""
+        """The root of a STARTING instance runs as `pid`.
+
+        Only for an instance this registry asked to spawn; any other id is a bug
+        in the shell and fails (KeyError, AssertionError).
+        """
         instance = self.instances[instance_id]
         assert instance.state is State.STARTING, instance.state
         instance.state = State.RUNNING
@@ -416,7 +425,10 @@ class Registry:
         return actions
 
     def spawn_failed(self, instance_id: str) -> list[Action]:
-        """The root of a STARTING instance could not be started: forget it and its leases."""
+        """The root of a STARTING instance could not be started: forget it and its leases.
+
+        Only for an instance this registry asked to spawn, as for `spawned`.
+        """
         instance = self.instances[instance_id]
         assert instance.state is State.STARTING, instance.state
         self._discard_leases(instance)

@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -73,7 +73,7 @@ class Peer(Protocol):
     def notify(self, method: str, params: object) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """An operation's answer. `fds` ride on the reply's line (SCM_RIGHTS) and
     belong to the reply: whoever sends it closes them once sent (or not).
@@ -82,7 +82,8 @@ class Reply:
 
     result: Any
     fds: tuple[int, ...] = ()
-    after: AfterReply = field(default_factory=list)
+    # () unless the operation left work: then a list of its own.
+    after: AfterReply | tuple[()] = ()
 
 
 class Engine:
@@ -276,7 +277,8 @@ class Engine:
 
     # -- the operations ------------------------------------------------------------
 
-    def hello(self) -> Reply:
+    def hello(self, peer: Peer, params: protocol.HelloParams) -> Reply:
+        """Who answers: server, version, protocol, pid, this run's id."""
         return Reply({
             "server": SERVER_NAME,
             "version": __version__,
@@ -440,19 +442,19 @@ class Engine:
         log.info("job.released", job=params.job, released=released.released, instances=released.instances)
         return Reply({"released": released.released, "instances": released.instances})
 
-    def status_is_fresh(self) -> bool:
+    def status_answers_now(self, params: protocol.StatusParams) -> bool:
         """Whether `status_now` can answer: the tree scan it shows is fresh."""
         return self.scans.fresh() is not None
 
-    def status_now(self, params: protocol.StatusParams) -> Reply:
+    def status_now(self, peer: Peer, params: protocol.StatusParams) -> Reply:
         """The status answer, from the fresh scan. Raises RuntimeError unless
-        `status_is_fresh()` (then `status` waits for a scan)."""
+        `status_answers_now()` (else `status` waits for a scan)."""
         members = self.scans.fresh()
         if members is None:
             raise RuntimeError("status_now() without a fresh scan")
         return self._status(params, members)
 
-    async def status(self, params: protocol.StatusParams) -> Reply:
+    async def status(self, peer: Peer, params: protocol.StatusParams) -> Reply:
         """The status answer, after a fresh scan of the trees if need be.
         Cancellation: raises Cancelled; the scan goes on for other callers."""
         return self._status(params, await self.scans.members())
@@ -524,16 +526,18 @@ class Engine:
             raise InvalidParams(f"no instance {instance_id!r} is running or finished recently")
         return Reply({"lines": decode_tail(tail, params.lines)})
 
-    async def sweep(self, params: protocol.SweepParams) -> Reply:
+    async def sweep(self, peer: Peer, params: protocol.SweepParams) -> Reply:
         """Run a manual sweep now (after any sweep under way) and answer its
         report. Cancellation: see `Sweeper.sweep`."""
         report = await self.sweeper.sweep("manual", deep=params.deep)
         return Reply(reports.to_builtins(report))
 
-    def recent_reports(self, params: protocol.ReportsParams) -> Reply:
+    def recent_reports(self, peer: Peer, params: protocol.ReportsParams) -> Reply:
+        """The latest sweep reports, newest first."""
         return Reply({"reports": [reports.to_builtins(r) for r in self.reports.latest(params.limit)]})
 
-    def metrics_text(self) -> Reply:
+    def metrics_text(self, peer: Peer, params: protocol.MetricsParams) -> Reply:
+        """Every metric in the Prometheus text format."""
         return Reply({"text": self.metrics.exposition()})
 
     def count_error(self, code: int) -> None:

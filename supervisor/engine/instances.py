@@ -50,9 +50,13 @@ STOP_MARGIN_S = 5.0
 AfterReply = list[Callable[[], None]]
 
 
-def run_after(work: AfterReply) -> None:
-    """Run after-reply work now, in order, and empty the list. A piece that
-    fails is logged and does not stop the others; nothing is raised."""
+def run_after(work: AfterReply | tuple[()]) -> None:
+    """Run after-reply work now, in order, and empty the list (so that it
+    runs once however often this is called). A piece that fails is logged
+    and does not stop the others; nothing is raised."""
+    if not work:
+        return
+    assert isinstance(work, list)
     pieces = list(work)
     work.clear()
     for fn in pieces:

@@ -64,7 +64,8 @@ FALLBACK_KILL_PASSES = 64
 PROBE_KILL_TIMEOUT = 2.0
 
 # rmdir of a cgroup whose last process was just reaped should succeed at once; allow
-# this many 1 ms retries in case the kernel lags, which keeps detection under 50 ms.
+# this many 1 ms retries in case the kernel lags, so that a probe cgroup that stays
+# busy fails detection promptly instead of holding up start-up.
 PROBE_RMDIR_RETRIES = 20
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -385,7 +386,8 @@ class CgroupManager:
         """Pids in the instance's cgroup and in every sub-cgroup the adapter made, sorted.
 
         Empty if the cgroup does not exist. A process that has exited is not listed,
-        even before it is reaped.
+        even before it is reaped. Raises OSError if a cgroup.procs that exists
+        cannot be read (a cgroup removed meanwhile counts as empty).
         """
         return _pids_under(self._path(instance_id))
 
@@ -396,11 +398,16 @@ class CgroupManager:
         kernels without it, each pid is signalled through `process.signal_process`
         until a pass finds no new pid. Does nothing if the cgroup does not exist.
         Returns without waiting for the processes to die; see `populated`.
+        Raises OSError if the kernel refuses the kill.
         """
         _kill(self._path(instance_id))
 
     def populated(self, instance_id: str) -> bool:
-        """True while a live process is in the instance's cgroup or a sub-cgroup."""
+        """True while a live process is in the instance's cgroup or a sub-cgroup.
+
+        False if the cgroup does not exist. Raises OSError for any other failure
+        to read its cgroup.events.
+        """
         try:
             text = _read_text(self._path(instance_id) / "cgroup.events")
         except FileNotFoundError:
@@ -421,7 +428,8 @@ class CgroupManager:
 
     def remove_base(self) -> bool:
         """Remove `base` if no instance cgroup is left in it (at daemon exit).
-        Returns whether it is gone; never raises for a busy or missing base."""
+        Returns whether it is gone; never raises for a busy or missing base,
+        raises OSError for any other failure."""
         try:
             self.base.rmdir()
         except FileNotFoundError:
@@ -433,7 +441,10 @@ class CgroupManager:
         return True
 
     def instances(self) -> list[str]:
-        """Names of the instance cgroups under `base`, sorted (for start-up sweeps)."""
+        """Names of the instance cgroups under `base`, sorted (for start-up sweeps).
+
+        Empty if `base` does not exist; raises OSError if it cannot be listed.
+        """
         try:
             entries = list(os.scandir(self.base))
         except FileNotFoundError:
@@ -447,7 +458,8 @@ class CgroupManager:
     def instance_of(self, pid: int) -> str | None:
         """The instance whose cgroup (or a sub-cgroup of it) holds `pid`, or None.
 
-        None also when `pid` is gone or is in no cgroup under `base`.
+        None also when `pid` is gone or is in no cgroup under `base`. Raises
+        OSError if /proc cannot be read (the first call reads the mount table).
         """
         base_path = self._base_cgroup_path
         if base_path is None:

@@ -197,7 +197,8 @@ def signal_process(proc: ProcessId, sig: int) -> bool:
 
     Returns True if the signal was delivered; False if the process is gone, the pid
     now belongs to another process, or it is already a zombie. Raises PermissionError
-    if we may not signal it.
+    if we may not signal it, and OSError (EMFILE, ENFILE) when no descriptor is left
+    for the pidfd.
     """
     if proc.pid <= 0:
         return False  # no process has such a pid; never let it reach the kernel
@@ -226,7 +227,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def uptime_ticks() -> int:
-    """Clock ticks since boot now, comparable with `ProcStat.start_time`."""
+    """Clock ticks since boot now, comparable with `ProcStat.start_time`.
+
+    Raises OSError if /proc/uptime cannot be read (no /proc mounted).
+    """
     with open("/proc/uptime") as uptime:
         return int(float(uptime.read().split()[0]) * CLOCK_TICKS)
 
@@ -234,7 +238,8 @@ def uptime_ticks() -> int:
 def scan_processes() -> list[ProcStat]:
     """Return the stat of every process (not thread) in /proc at about this moment.
 
-    Processes that exit during the scan are left out.
+    Processes that exit during the scan are left out. Raises OSError if /proc
+    cannot be listed (no /proc mounted).
     """
     table = []
     for name in os.listdir("/proc"):
@@ -272,16 +277,3 @@ def descendants(root_pid: int, table: Iterable[ProcStat]) -> list[ProcStat]:
         frontier = next_frontier
     return found
 
-
-def tagged(table: Iterable[ProcStat], tag: str | None = None) -> dict[int, str]:
-    """Map pid to instance tag for the processes in `table` that carry a tag.
-
-    With `tag`, only processes carrying exactly that tag are returned. Reads each
-    process's environment, so a process that exited since the scan is skipped.
-    """
-    found: dict[int, str] = {}
-    for stat in table:
-        value = read_environ_tag(stat.pid)
-        if value is not None and (tag is None or value == tag):
-            found[stat.pid] = value
-    return found

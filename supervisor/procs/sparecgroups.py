@@ -1,17 +1,15 @@
 """Instance cgroups made ahead of time.
 
-A child cloned into a cgroup made in the last few tens of milliseconds waits
-inside clone3 (about 0.6 ms on the development host, twice what the whole
-spawn costs otherwise); into one made earlier it costs nothing extra. So the
-daemon keeps a few empty instance cgroups ready, each named by the id of an
-instance not yet acquired, and hands those names out as new instance ids:
-a cold acquire then pays neither the mkdir nor the wait.
+A child cloned into a cgroup made moments before waits inside clone3, longer
+than the rest of its spawn takes; into one made earlier it costs nothing extra.
+So the daemon keeps a few empty instance cgroups ready, each named by the id
+of an instance not yet acquired, and hands those names out as new instance
+ids: a cold acquire then pays neither the mkdir nor the wait.
 
 cgroup v2 refuses to rename cgroups, which is why the id is chosen when the
 cgroup is made, not when the instance is. Each spare also comes with its
-directory open, the fd clone3 needs (opening a cgroup directory costs tens of
-microseconds too): `claim` hands it over when the spawn comes. Runs only on
-the trio thread. A
+directory open, the fd clone3 needs, so that the spawn does not open it:
+`claim` hands it over when the spawn comes. Runs only on the trio thread. A
 spare left by a crash is an empty instance cgroup of no live instance, which
 the next start's sweep removes like any other.
 """
@@ -73,9 +71,13 @@ class SpareCgroups:
         return frozenset(self._ready)
 
     async def run(self) -> None:
-        """Make spares until there are `spares`, then wait for one to be taken.
-        One mkdir at a time on this thread (tens of microseconds). A cgroup that
-        cannot be made is logged and tried again on the next take."""
+        """Make spares until there are `spares`, then wait for one to be taken;
+        runs until `close` or cancellation. One mkdir at a time on this thread,
+        with a checkpoint between two. A cgroup that cannot be made is logged and
+        tried again on the next take; nothing is raised for it.
+
+        Cancellation: raises Cancelled between two mkdirs or while waiting; the
+        spares made so far stay ready for `take` and are removed by `close`."""
         while not self._closed:
             while len(self._ready) < self._spares and not self._closed:
                 name = self._new_id()

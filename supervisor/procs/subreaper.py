@@ -108,7 +108,8 @@ def waitable_children() -> list[int]:
 
 def child_has_exited(pid: int) -> bool:
     """Whether our child `pid` has exited (waitable, or already reaped by
-    someone), without reaping it: one WNOWAIT peek, about a microsecond."""
+    someone), without reaping it: one WNOWAIT peek, a single system call and
+    no /proc read. Never raises."""
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
@@ -137,7 +138,8 @@ class ChildReaper:
     def watch_root(self, pid: int, on_exit: Callable[[int], None], *, spawned_after: float) -> None:
         """Call `on_exit(returncode)` once `pid` (our child) is reaped, at once if
         it already was. `spawned_after` is a trio time before the fork: a status
-        reaped earlier belonged to another process that had the same pid."""
+        reaped earlier belonged to another process that had the same pid.
+        Raises what `on_exit` raises when it runs at once."""
         unclaimed = self._unclaimed.pop(pid, None)
         if unclaimed is not None and unclaimed[1] >= spawned_after:
             on_exit(unclaimed[0])
@@ -151,7 +153,9 @@ class ChildReaper:
             self._unclaimed.clear()
 
     def reap(self) -> None:
-        """Reap every waitable child now; never blocks."""
+        """Reap every waitable child now; never blocks. Raises only what an
+        `on_exit` callback raises: that child is reaped and its callback
+        dropped, and children not yet reaped wait for the next call."""
         reaped = False
         while True:
             waitable = waitable_children()
@@ -175,7 +179,8 @@ class ChildReaper:
             self._exited = trio.Event()
 
     async def child_exited(self) -> None:
-        """Wait until the next time `reap` reaps something."""
+        """Wait until the next time `reap` reaps something. Cancellation raises
+        Cancelled and changes nothing."""
         await self._exited.wait()
 
     def take_adopted(self) -> list[tuple[int, int]]:
@@ -184,7 +189,11 @@ class ChildReaper:
         return adopted
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Reap on every SIGCHLD until cancelled. Started before the first spawn."""
+        """Reap on every SIGCHLD until cancelled; `started` once the SIGCHLD
+        handler is installed and a first `reap` is done. Started before the
+        first spawn. Cancellation ends it and restores the previous SIGCHLD
+        handler; a child that exits afterwards stays unreaped until `reap` is
+        called. Raises what `reap` raises."""
         with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
             self.reap()
             task_status.started()

@@ -2,11 +2,11 @@
 
 A cold acquire blocks the trio thread in clone3 until the new root has exec'd.
 The root's exec wakes the thread, often onto the CPU the root is running on,
-and the fair scheduler then lets the root finish its time slice first: on a
-small host the reply waited 1-4 ms (a scheduler tick) for an adapter's
-start-up code. Linux 6.12 and later let a SCHED_OTHER thread ask for a shorter
-slice (`sched_attr.sched_runtime`); a woken thread with a shorter slice than
-the running one preempts it at once (the PREEMPT_SHORT feature). The daemon's
+and the fair scheduler then lets the root finish its time slice first, so the
+reply would wait up to a scheduler tick for an adapter's start-up code. Linux
+6.12 and later let a SCHED_OTHER thread ask for a shorter slice
+(`sched_attr.sched_runtime`); a woken thread with a shorter slice than the
+running one preempts it at once (the PREEMPT_SHORT feature). The daemon's
 thread is idle almost all the time, so a short slice costs it nothing and
 takes nothing from the adapters' share of the CPU.
 

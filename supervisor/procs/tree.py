@@ -35,8 +35,9 @@ MAX_POLL_S = 0.025
 # stop is reported as failed. SPEC rule 2 allows stop_timeout + 1 s in all.
 KILL_GRACE_S = 0.9
 
-# In fallback mode a rescan of the whole process table costs milliseconds on a
-# busy host; do it at most this often while waiting for a tree to die.
+# In fallback mode a rescan reads the stat of every process on the host, work
+# that grows with the host, not with the tree; do it at most this often while
+# waiting for a tree to die.
 FALLBACK_RESCAN_S = 0.1
 
 
@@ -57,7 +58,8 @@ class InstanceTree:
 
         Safe in a worker thread: it reads only immutable fields and the `known`
         snapshot it is given, and returns data. The caller, on the trio thread,
-        passes the result to `remember`.
+        passes the result to `remember`. Raises OSError if the instance's cgroup
+        or /proc cannot be read.
         """
         if self.cgroup is not None:
             listed = self.cgroup.pids(self.instance_id)
@@ -103,8 +105,14 @@ class InstanceTree:
         self.known |= seen
 
     async def members(self) -> list[process.ProcStat]:
-        """The live members now. A cgroup read is cheap enough for the trio
-        thread; a process-table scan runs in a worker thread."""
+        """The live members now, remembered (see `remember`). A cgroup read is
+        cheap enough for the trio thread; a process-table scan runs in a worker
+        thread. Raises OSError as `scan` does, remembering nothing then.
+
+        Cancellation: in cgroup mode there is no checkpoint, so it always
+        completes. In process-table mode Cancelled is raised only before the
+        scan starts; a scan once started is finished, remembered and returned,
+        and the cancellation takes effect at the caller's next checkpoint."""
         known = frozenset(self.known)
         if self.cgroup is not None:
             stats = self.scan(known)
@@ -119,7 +127,8 @@ def scan_trees(
 ) -> dict[str, list[process.ProcStat]]:
     """Blocking: members of many trees, from (tree, known-members snapshot)
     pairs. For a worker thread: reads only, returns data. In process-table mode
-    one scan of /proc serves every tree."""
+    one scan of /proc serves every tree. Raises OSError as `InstanceTree.scan`
+    does."""
     if not snapshots:
         return {}
     first_tree = next(iter(snapshots.values()))[0]
@@ -174,6 +183,11 @@ async def stop_tree(
     children); `child_exited` waits for the next SIGCHLD so dying trees are
     noticed without busy polling. Returns once no member is alive or left a
     zombie, or after `stop_timeout` + `KILL_GRACE_S` with the survivors listed.
+    A member that may not be signalled is logged (see `signal_member`) and
+    listed among the survivors if it outlives the stop. Raises OSError if the
+    instance's cgroup (or /proc) cannot be read or the cgroup cannot be killed,
+    and what `reap` or `child_exited` raise; the tree may then be left
+    half-stopped.
 
     Cancellation: the caller is expected to shield this; if cancelled anyway the
     tree may be left half-stopped and the next sweep finishes the job.
@@ -228,7 +242,9 @@ async def wait_gone(
     child of `our_pid` is not gone until reaped). `rescan`, if given, may add
     newcomers to `tracked`; it runs at most every `rescan_interval` seconds and
     once more when everything looks gone (a member may have forked just before
-    dying). Returns whether all are gone. Cancellation: returns nothing, raises."""
+    dying). Returns whether all are gone; raises what `reap`, `child_exited`
+    or `rescan` raise. Cancellation: raises Cancelled; whatever was signalled
+    stays signalled and `tracked` keeps what was added to it."""
     poll = FIRST_POLL_S
     last_rescan = trio.current_time()
 

@@ -24,7 +24,6 @@ import resource
 import socket as stdlib_socket
 import stat
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -39,7 +38,7 @@ from supervisor.core.errors import (
     SupervisorError,
 )
 from supervisor.engine.engine import Engine, Reply
-from supervisor.engine.instances import run_after
+from supervisor.engine.instances import AfterReply, run_after
 from supervisor.server.connection import Connection
 from supervisor.server.methods import PARAMS, Method, Started, Waits, method_for
 from supervisor.server.readhub import ReadHub
@@ -299,7 +298,7 @@ class ControlServer:
                 return _Handback(messages=messages[index:])
             fatal = False
             fds: tuple[int, ...] = ()
-            after: list[Callable[[], None]] = []
+            after: AfterReply | tuple[()] = ()
             if isinstance(message, protocol.BadMessage):
                 line = self._rejection(connection, message)
                 fatal = message.fatal
@@ -322,7 +321,7 @@ class ControlServer:
 
     def _answer_now(
         self, connection: Connection, request: protocol.Request
-    ) -> tuple[bytes, tuple[int, ...], list[Callable[[], None]]] | None:
+    ) -> tuple[bytes, tuple[int, ...], AfterReply | tuple[()]] | None:
         """The response line to `request` made without waiting, with its fds
         and after-work; None (having changed nothing) if it must wait, or if
         it would pass fds while another line is under way. Raises nothing."""
@@ -335,9 +334,9 @@ class ControlServer:
             assert method.now is not None
             reply = method.now(self.engine, connection, request.params)
         except SupervisorError as exc:
-            return self._error_line(connection, request, exc), (), []
+            return self._error_line(connection, request, exc), (), ()
         except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
-            return self._crash_line(connection, request), (), []
+            return self._crash_line(connection, request), (), ()
         return self._result_line(connection, request, reply), reply.fds, reply.after
 
     def _result_line(self, connection: Connection, request: protocol.Request, reply: Reply) -> bytes:
@@ -411,7 +410,7 @@ class ControlServer:
             line = self._result_line(connection, request, reply)
         started()
         fds = reply.fds if reply is not None else ()
-        after = reply.after if reply is not None else []
+        after = reply.after if reply is not None else ()
         try:
             taken = connection.try_send(line, fds)
             if taken:

@@ -73,19 +73,16 @@ async def _acquire(engine: Engine, peer: Peer, params: protocol.AcquireParams, s
 
 
 async def _status(engine: Engine, peer: Peer, params: protocol.StatusParams, started: Started) -> Reply:
-    return await engine.status(params)
+    return await engine.status(peer, params)
 
 
 async def _sweep(engine: Engine, peer: Peer, params: protocol.SweepParams, started: Started) -> Reply:
     started()
-    return await engine.sweep(params)
+    return await engine.sweep(peer, params)
 
 
 METHODS: dict[str, Method] = {
-    "hello": Method(
-        protocol.HelloParams, lambda engine, peer, params: engine.hello(), None,
-        Waits.NEVER, while_stopping=True,
-    ),
+    "hello": Method(protocol.HelloParams, Engine.hello, None, Waits.NEVER, while_stopping=True),
     "acquire": Method(
         protocol.AcquireParams, Engine.acquire_now, _acquire,
         Waits.LONG, while_stopping=False, ready=Engine.acquire_answers_now,
@@ -94,19 +91,13 @@ METHODS: dict[str, Method] = {
     "renew": Method(protocol.RenewParams, Engine.renew, None, Waits.NEVER, while_stopping=False),
     "release_job": Method(protocol.ReleaseJobParams, Engine.release_job, None, Waits.NEVER, while_stopping=True),
     "status": Method(
-        protocol.StatusParams, lambda engine, peer, params: engine.status_now(params), _status,
-        Waits.BRIEFLY, while_stopping=True, ready=lambda engine, params: engine.status_is_fresh(),
+        protocol.StatusParams, Engine.status_now, _status,
+        Waits.BRIEFLY, while_stopping=True, ready=Engine.status_answers_now,
     ),
     "logs": Method(protocol.LogsParams, Engine.logs, None, Waits.NEVER, while_stopping=True),
     "sweep": Method(protocol.SweepParams, None, _sweep, Waits.LONG, while_stopping=False),
-    "reports": Method(
-        protocol.ReportsParams, lambda engine, peer, params: engine.recent_reports(params), None,
-        Waits.NEVER, while_stopping=True,
-    ),
-    "metrics": Method(
-        protocol.MetricsParams, lambda engine, peer, params: engine.metrics_text(), None,
-        Waits.NEVER, while_stopping=True,
-    ),
+    "reports": Method(protocol.ReportsParams, Engine.recent_reports, None, Waits.NEVER, while_stopping=True),
+    "metrics": Method(protocol.MetricsParams, Engine.metrics_text, None, Waits.NEVER, while_stopping=True),
 }
 
 # What the codec accepts: every method of the table, with its params.

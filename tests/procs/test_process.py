@@ -176,15 +176,12 @@ def test_environment_tags(spawn) -> None:
     assert process.read_environ_tag(plain_child.pid) is None
     assert process.read_supervisor_env(plain_child.pid) == {}
 
-    table = [process.read_stat(tagged_child.pid), process.read_stat(plain_child.pid)]
-    assert process.tagged(table) == {tagged_child.pid: "inst-1"}
-    assert process.tagged(table, "inst-1") == {tagged_child.pid: "inst-1"}
-    assert process.tagged(table, "inst-2") == {}
-
+    # A process that exited since a scan reads as untagged, not as an error:
+    # the sweep and the tree scan read the tags of a table that may be stale.
     tagged_child.kill()
     tagged_child.wait(timeout=5)
     assert process.read_environ_tag(tagged_child.pid) is None
-    assert process.tagged(table) == {}
+    assert process.read_supervisor_env(tagged_child.pid) == {}
 
 
 def test_read_cmdline(spawn) -> None:
