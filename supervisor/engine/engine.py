@@ -447,12 +447,10 @@ class Engine:
         return self.scans.fresh() is not None
 
     def status_now(self, peer: Peer, params: protocol.StatusParams) -> Reply:
-        """The status answer, from the fresh scan. Raises RuntimeError unless
-        `status_answers_now()` (else `status` waits for a scan)."""
-        members = self.scans.fresh()
-        if members is None:
-            raise RuntimeError("status_now() without a fresh scan")
-        return self._status(params, members)
+        """The status answer, from the latest scan: call it only in the turn
+        in which `status_answers_now()` said yes (else `status` waits for a
+        fresh scan)."""
+        return self._status(params, self.scans.latest())
 
     async def status(self, peer: Peer, params: protocol.StatusParams) -> Reply:
         """The status answer, after a fresh scan of the trees if need be.

@@ -43,6 +43,11 @@ class ScanCache:
         """What `members` would return at once, or None if it would wait for a scan."""
         return self._members if self._is_fresh() else None
 
+    def latest(self) -> Members:
+        """The latest scan's members, fresh or not: for a caller that has just
+        seen `fresh()` answer, in the same turn."""
+        return self._members
+
     async def members(self) -> Members:
         """The members of every running tree, from a fresh enough scan.
         Cancellation: the caller stops waiting; the scan goes on for others."""

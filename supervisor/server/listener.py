@@ -325,14 +325,15 @@ class ControlServer:
         """The response line to `request` made without waiting, with its fds
         and after-work; None (having changed nothing) if it must wait, or if
         it would pass fds while another line is under way. Raises nothing."""
+        engine, params = self.engine, request.params
         try:
-            method = method_for(self.engine, request)
-            if not method.answers_now(self.engine, request.params):
+            method = method_for(engine, request)
+            now = method.now
+            if now is None or not method.ready(engine, params):
                 return None
-            if getattr(request.params, "fds", False) and connection.sending:
+            if connection.sending and isinstance(params, protocol.AcquireParams) and params.fds:
                 return None
-            assert method.now is not None
-            reply = method.now(self.engine, connection, request.params)
+            reply = now(engine, connection, params)
         except SupervisorError as exc:
             return self._error_line(connection, request, exc), (), ()
         except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
