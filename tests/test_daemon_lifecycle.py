@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from supervisor.procs import process
-from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
+from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, trio_call, wait_all_gone
 
 STOP_TIMEOUT = 1.0
 
@@ -30,6 +30,20 @@ STOP_TIMEOUT = 1.0
 @pytest.fixture(params=["cgroup", "cgroup-subprocess", "process-table"])
 def mode(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def wait_gone_times(members: dict[str, process.ProcessId], daemon_pid: int, timeout: float) -> dict[str, float]:
+    """When (time.monotonic) each member was first seen gone, waiting up to
+    `timeout` for all; a member still there then is left out. A member is seen
+    gone no earlier than it died, so `seen - t >= d` proves it lived `d` after `t`."""
+    deadline = time.monotonic() + timeout
+    gone_at: dict[str, float] = {}
+    while len(gone_at) < len(members) and time.monotonic() <= deadline:
+        for role, member in members.items():
+            if role not in gone_at and process.is_gone(member, our_pid=daemon_pid):
+                gone_at[role] = time.monotonic()
+        time.sleep(0.01)
+    return gone_at
 
 
 def daemon_settings(mode: str) -> dict[str, object]:
@@ -174,12 +188,13 @@ def test_a_tree_that_ignores_sigterm_is_killed_after_stop_timeout(start_daemon, 
     members = read_pidfile(pidfile)
     released_at = time.monotonic()
     client.call("release", {"lease": lease["lease"]})
-    time.sleep(0.3)
-    # Still inside the grace period: SIGTERM was ignored and SIGKILL not yet sent.
-    assert all(process.is_running(m) for m in members.values())
-    assert wait_all_gone(members, daemon.pid, 0.6 + 1.0 - (time.monotonic() - released_at)) == {}
+    gone_at = wait_gone_times(members, daemon.pid, 0.6 + 1.0)
+    assert set(gone_at) == set(members), "not gone within stop_timeout + 1 s"
+    # SIGTERM was ignored, so each member lived until the SIGKILL that comes
+    # only once stop_timeout has run out after the release.
+    assert all(at - released_at >= 0.6 for at in gone_at.values()), gone_at
     reaped = daemon.wait_for_event("tree.reaped", instance=lease["instance"])
-    assert reaped["killed"] >= len(members)
+    assert reaped["signalled"] >= len(members) and reaped["killed"] >= len(members)
 
 
 def test_a_root_that_exits_on_its_own_takes_its_tree_along_and_holders_are_told(start_daemon, tmp_path: Path, mode: str) -> None:
@@ -225,8 +240,9 @@ def test_stdio_is_passed_to_the_client_with_the_lease(start_daemon) -> None:
     finally:
         stdin.close()
         stdout.close()
-    status = client.call("status")["instances"][0]
-    assert status["instance"] == result["instance"] and len(status["pids"]) == 3
+    # cat answering says nothing of the subshell: wait for it to have started its sleep.
+    assert eventually(lambda: len(client.call("status")["instances"][0]["pids"]) == 3)
+    assert client.call("status")["instances"][0]["instance"] == result["instance"]
 
 
 def test_the_bundled_demo_adapter_is_a_three_process_echo_tree(start_daemon, tmp_path: Path) -> None:
@@ -238,8 +254,13 @@ def test_the_bundled_demo_adapter_is_a_three_process_echo_tree(start_daemon, tmp
     with os.fdopen(fds[0], "wb", buffering=0) as stdin, os.fdopen(fds[1], "rb", buffering=0) as stdout:
         stdin.write(b"hello\n")
         assert stdout.readline() == b"hello\n"
-    pids = client.call("status")["instances"][0]["pids"]
-    assert len(pids) == 3
+    # cat answering says nothing of the subshell: wait for it to have started its sleep.
+    def three_pids() -> list[int] | None:
+        pids = client.call("status")["instances"][0]["pids"]
+        return pids if len(pids) == 3 else None
+
+    pids = eventually(three_pids)
+    assert pids is not None, client.call("status")["instances"][0]["pids"]
     members = {str(p): process.identify(p) for p in pids}
     assert client.call("logs", {"instance": result["instance"]})["lines"] == ["demo adapter for job try-me"]
     client.call("release", {"lease": result["lease"]})
@@ -267,7 +288,12 @@ async def test_forty_concurrent_acquires_of_one_pair_spawn_exactly_one_instance(
     assert [line.split()[0] for line in pidfile.read_text().splitlines()].count("root") == 1
     for conn in conns[:39]:
         await conn.aclose()
-    await trio.sleep(0.3)
+    # Once the daemon has seen the 39 closes (only the last one and this status
+    # request are connected), their leases are released: one still holds the tree.
+    with trio.fail_after(5):
+        while (status := (await trio_call(daemon.socket, "status"))["result"])["daemon"]["connections"] != 2:
+            await trio.sleep(0.01)
+    assert [(i["state"], i["refcount"]) for i in status["instances"]] == [("running", 1)]
     assert all(process.is_running(m) for m in members.values()), "39 of 40 closed: one lease still holds the tree"
     await conns[39].aclose()
     assert await trio.to_thread.run_sync(wait_all_gone, members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
@@ -355,14 +381,16 @@ def test_linger_keeps_an_unleased_instance_for_reuse(start_daemon, tmp_path: Pat
     client = daemon.client()
     first = client.call("acquire", {"job": "job-1", "adapter": "slow"})
     assert client.call("release", {"lease": first["lease"]}) == {"refcount": 0, "stopping": False}
-    time.sleep(0.3)
+    states = {i["instance"]: i["state"] for i in client.call("status")["instances"]}
+    assert states == {first["instance"]: "lingering"}
     again = client.call("acquire", {"job": "job-1", "adapter": "slow"})
     assert again["instance"] == first["instance"] and again["spawned"] is False
     members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
+    released_at = time.monotonic()
     client.call("release", {"lease": again["lease"]})
-    time.sleep(0.4)
-    assert all(process.is_running(m) for m in members.values()), "stopped before its linger ran out"
-    assert wait_all_gone(members, daemon.pid, 0.8 + STOP_TIMEOUT + 1.0) == {}
+    gone_at = wait_gone_times(members, daemon.pid, 0.8 + STOP_TIMEOUT + 1.0)
+    assert set(gone_at) == set(members), "not stopped once its linger ran out"
+    assert all(at - released_at >= 0.8 for at in gone_at.values()), "stopped before its linger ran out"
 
 
 def test_an_acquire_during_a_stop_waits_for_the_old_tree_to_be_gone(start_daemon, tmp_path: Path) -> None:
@@ -406,9 +434,12 @@ def test_a_detached_lease_outlives_its_connection(start_daemon, tmp_path: Path) 
     with daemon.client() as first:
         lease = first.call("acquire", {"job": "job-1", "adapter": "tree", "detach": True, "ttl": 60})
     members = read_pidfile(pidfile, roles=("root", "child", "grandchild"))
-    time.sleep(0.2)
-    assert all(process.is_running(m) for m in members.values())
     second = daemon.client()
+    # Once the daemon has seen the first connection close, the lease is still there.
+    assert eventually(lambda: second.call("status")["daemon"]["connections"] == 1)
+    status = second.call("status")
+    assert status["daemon"]["leases"] == 1 and status["instances"][0]["state"] == "running"
+    assert all(process.is_running(m) for m in members.values())
     assert second.call("release", {"lease": lease["lease"]})["refcount"] == 0
     assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
 

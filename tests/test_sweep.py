@@ -7,11 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from supervisor.engine import staterecord
 from supervisor.procs import process
 from supervisor.client import DaemonError
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
@@ -130,7 +130,9 @@ def test_acquires_past_the_memory_budget_are_refused_with_the_figures(start_daem
     client = daemon.client()
     first = client.call("acquire", {"job": "job-1", "adapter": "tree"})
     read_pidfile(tmp_path / "pids", roles=("root", "child", "grandchild"))
-    time.sleep(1.1)  # past the budget check's cache
+    # The budget check reads the same tree scan as `status`: once that shows the
+    # tree past the budget, so does every later check.
+    assert eventually(lambda: client.call("status")["daemon"]["rss_bytes"] > 2**20)
     with pytest.raises(DaemonError) as error:
         client.call("acquire", {"job": "job-2", "adapter": "tree"})
     assert error.value.code == 1004
@@ -157,7 +159,9 @@ def test_a_restart_after_kill_9_reaps_everything_the_previous_run_left(start_dae
     ]
     members = {f"a-{k}": v for k, v in read_pidfile(tmp_path / "a").items()}
     members |= {f"b-{k}": v for k, v in read_pidfile(tmp_path / "b").items()}
-    time.sleep(0.5)  # let the durable record catch up with the spawns
+    # Let the durable record catch up with the spawns.
+    roots = {lease["pid"] for lease in leases}
+    assert eventually(lambda: roots <= {m.pid for m in staterecord.recorded_processes(staterecord.read_record(str(state)))})
     client.close()
     first.popen.kill()
     first.popen.wait()
@@ -191,8 +195,13 @@ def test_no_sweep_touches_a_stranger_with_the_same_command_line(start_daemon, tm
         client.call("sweep", {"deep": True})
         client.call("release", {"lease": lease["lease"]})
         for _ in range(3):
-            client.call("sweep", {"deep": True})
-        time.sleep(0.5)  # a few periodic sweeps too
+            last = client.call("sweep", {"deep": True})
+
+        def periodic_sweeps_since() -> int:
+            reports = client.call("reports", {"limit": 100})["reports"]
+            return sum(r["kind"] == "periodic" and r["started_at"] > last["started_at"] for r in reports)
+
+        assert eventually(lambda: periodic_sweeps_since() >= 2)  # a few periodic sweeps too
         reports = client.call("reports", {"limit": 100})["reports"]
         assert all(o["pid"] != stranger.pid for r in reports for o in r["orphans"])
         assert stranger.poll() is None
