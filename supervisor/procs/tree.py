@@ -77,13 +77,17 @@ class InstanceTree:
         tags: Mapping[int, str | None] | None = None,
     ) -> list[process.ProcStat]:
         """Blocking (may read environments): the members found in a scanned
-        `table`: descendants of the root, the root, descendants of the daemon
+        `table`: the root and its descendants (while the root's pid is still
+        the root's), descendants of the daemon
         carrying the instance tag, and known members still alive. `tags` (from
         `daemon_tags`) may be passed when scanning many trees in one table."""
         by_pid = {s.pid: s for s in table}
-        members = {s.pid: s for s in process.descendants(self.root.pid, table)}
+        members: dict[int, process.ProcStat] = {}
         root = by_pid.get(self.root.pid)
+        # Descent counts only from the root itself: once it is reaped its pid
+        # may belong to a stranger, whose children are no members.
         if root is not None and root.start_time == self.root.start_time:
+            members = {s.pid: s for s in process.descendants(self.root.pid, table)}
             members[root.pid] = root
         if tags is None:
             tags = daemon_tags(self.daemon_pid, table)

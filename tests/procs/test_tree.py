@@ -157,11 +157,6 @@ def test_the_process_holding_a_dead_roots_pid_is_not_a_member(tmp_path: Path, sp
     assert tree.scan() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "members_in walks the descendants of root.pid without checking that the process "
-    "holding that pid is still the root: once the root is gone and its pid reused, the "
-    "new owner's children become members, and stop_tree signals them"
-))
 def test_the_children_of_a_stranger_that_reused_the_roots_pid_are_not_members(tmp_path: Path, spawn) -> None:
     pidfile = tmp_path / "pids"
     spawn(tree_command(pidfile, "--no-escapee"))
