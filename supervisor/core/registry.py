@@ -82,6 +82,14 @@ class Lease:
     detached: bool
     ttl: float | None = None
     expires_at: float | None = None
+    # A bound lease of a previous incarnation of the daemon: it waits, held by
+    # no connection, for its holder to `resume` it until then.
+    resume_by: float | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        """When `tick` drops it: its expiry, or the end of its wait for `resume`."""
+        return self.resume_by if self.resume_by is not None else self.expires_at
 
 
 @dataclass
@@ -105,6 +113,8 @@ class Instance:
     returncode: int | None = None
     stop_reason: Reason | None = None
     tree_gone: bool = False
+    # Taken over from a previous incarnation of the daemon (`adopt`).
+    adopted: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -187,6 +197,41 @@ class JobReleased:
 class Ticked:
     expired_leases: list[str]
     actions: list[Action]
+    # Bound leases of a previous incarnation nobody resumed in time.
+    unresumed_leases: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    resumed: list[str]
+    not_resumed: list[str]
+
+
+@dataclass(frozen=True)
+class AdoptedLease:
+    """A lease of a previous incarnation, as it recorded it."""
+
+    token: str
+    uid: int
+    detached: bool
+    ttl: float | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AdoptedInstance:
+    """An instance of a previous incarnation whose tree still runs, as it
+    recorded it. `linger_until` is set if it was lingering."""
+
+    id: str
+    job: str
+    adapter: str
+    params: tuple[tuple[str, str], ...]
+    pid: int
+    started_at: float
+    linger: float = 0.0
+    linger_until: float | None = None
+    leases: tuple[AdoptedLease, ...] = ()
 
 
 def _new_token() -> str:
@@ -222,7 +267,8 @@ class Registry:
         # Set by `shutdown`: no new instance starts after it.
         self.closed = False
         # What has a deadline, so `next_deadline` and `tick` cost what is timed,
-        # not what is held: detached lease tokens, and LINGERING instance ids.
+        # not what is held: tokens of detached leases and of leases waiting
+        # for `resume`, and LINGERING instance ids.
         self._expiring: set[str] = set()
         self._lingering: set[str] = set()
 
@@ -254,7 +300,7 @@ class Registry:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which `tick` has something to do, or None."""
-        deadlines = [self.leases[token].expires_at for token in self._expiring]
+        deadlines = [self.leases[token].deadline for token in self._expiring]
         deadlines.extend(self.instances[instance_id].linger_until for instance_id in self._lingering)
         return min((d for d in deadlines if d is not None), default=None)
 
@@ -435,16 +481,18 @@ class Registry:
         self._forget(instance)
         return [InstanceSettled(instance_id, running=False)]
 
-    def root_exited(self, instance_id: str, *, returncode: int, now: float) -> list[Action]:
-        """The root process was reaped. Unless we were stopping it, that is the
-        end of the instance: reap the rest of its tree and tell its holders."""
+    def root_exited(self, instance_id: str, *, returncode: int | None, now: float) -> list[Action]:
+        """The root process was reaped (or, for an adopted root the daemon is
+        not the parent of, seen gone: `returncode` None). Unless we were
+        stopping it, that is the end of the instance: reap the rest of its
+        tree and tell its holders."""
         instance = self.instances.get(instance_id)
         if instance is None:
             return []
         instance.returncode = returncode
         if instance.state in (State.STOPPING, State.EXITED):
             return []
-        reason = Reason.KILLED if returncode < 0 else Reason.EXITED
+        reason = Reason.KILLED if returncode is not None and returncode < 0 else Reason.EXITED
         return self._end(instance, reason)
 
     def terminate(self, instance_id: str, *, reason: Reason) -> list[Action]:
@@ -475,12 +523,19 @@ class Registry:
         return actions
 
     def tick(self, now: float) -> Ticked:
-        """Expire detached leases and end lingering past their linger."""
+        """Expire detached leases, drop leases nobody resumed in time (as a
+        disconnect would), and end lingering past their linger."""
         expired: list[str] = []
+        unresumed: list[str] = []
         actions: list[Action] = []
-        for token in sorted(self._expiring, key=lambda t: self.leases[t].expires_at or 0.0):
+        for token in sorted(self._expiring, key=lambda t: self.leases[t].deadline or 0.0):
             lease = self.leases.get(token)
-            if lease is not None and lease.expires_at is not None and lease.expires_at <= now:
+            if lease is None or lease.deadline is None or lease.deadline > now:
+                continue
+            if lease.resume_by is not None:
+                unresumed.append(lease.token)
+                actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
+            else:
                 expired.append(lease.token)
                 actions += self._drop_lease(lease, now, by_other=True, reason=Reason.LEASE_EXPIRED)
         for instance_id in sorted(self._lingering):
@@ -492,7 +547,82 @@ class Registry:
                 and instance.linger_until <= now
             ):
                 actions += self._stop(instance, Reason.RELEASED)
-        return Ticked(expired_leases=expired, actions=actions)
+        return Ticked(expired_leases=expired, actions=actions, unresumed_leases=unresumed)
+
+    def adopt(self, adopted: AdoptedInstance, *, now: float, resume_grace: float) -> list[Action]:
+        """Take back an instance of a previous incarnation whose tree still
+        runs (SPEC rule 9): RUNNING (or LINGERING, if it was and its linger is
+        not over) with its id, job, adapter, params, pid and leases. Detached
+        leases keep their expiry (one already past expires at the next
+        `tick`); bound leases wait, held by no connection, until
+        `now + resume_grace` for `resume`. An adopted instance with no lease
+        lingers out or stops as a released one would.
+
+        Raises `Conflict` (nothing changed) if its id or its (job, adapter)
+        pair is already taken, or a lease token is.
+        """
+        if adopted.id in self.instances or (adopted.job, adopted.adapter) in self._live:
+            raise Conflict(f"instance {adopted.id} (job {adopted.job!r}, adapter {adopted.adapter!r}) is already known")
+        taken = [lease.token for lease in adopted.leases if lease.token in self.leases]
+        if taken or len({lease.token for lease in adopted.leases}) != len(adopted.leases):
+            raise Conflict(f"instance {adopted.id} has lease tokens already in use")
+        instance = Instance(
+            id=adopted.id,
+            job=adopted.job,
+            adapter=adopted.adapter,
+            params=adopted.params,
+            state=State.RUNNING,
+            linger=adopted.linger,
+            pid=adopted.pid,
+            started_at=adopted.started_at,
+            adopted=True,
+        )
+        self.instances[instance.id] = instance
+        self._live[instance.key] = instance.id
+        for recorded in adopted.leases:
+            lease = Lease(
+                token=recorded.token,
+                instance_id=instance.id,
+                job=instance.job,
+                adapter=instance.adapter,
+                uid=recorded.uid,
+                owner=None,
+                detached=recorded.detached,
+                ttl=recorded.ttl if recorded.detached else None,
+                expires_at=recorded.expires_at if recorded.detached else None,
+                resume_by=None if recorded.detached else now + resume_grace,
+            )
+            self.leases[lease.token] = lease
+            instance.leases.add(lease.token)
+            if lease.deadline is not None:
+                self._expiring.add(lease.token)
+        if instance.leases:
+            return []
+        if adopted.linger_until is not None and adopted.linger_until > now:
+            instance.state = State.LINGERING
+            instance.linger_until = adopted.linger_until
+            self._lingering.add(instance.id)
+            return []
+        return self._stop(instance, Reason.RELEASED)
+
+    def resume(self, tokens: Iterable[str], *, connection: int, uid: int) -> Resumed:
+        """Bind to `connection` the leases among `tokens` that wait for their
+        holder after a restart (see `adopt`) and that `uid` may hold (the
+        acquirer's uid, or root). The rest are listed as not resumed: unknown,
+        not waiting (detached, or bound to a live connection), or another
+        uid's. Raises nothing."""
+        resumed: list[str] = []
+        not_resumed: list[str] = []
+        for token in tokens:
+            lease = self.leases.get(token)
+            if lease is None or lease.resume_by is None or uid not in (ROOT_UID, lease.uid) or token in resumed:
+                not_resumed.append(token)
+                continue
+            lease.owner = connection
+            lease.resume_by = None
+            self._expiring.discard(token)
+            resumed.append(token)
+        return Resumed(resumed=resumed, not_resumed=not_resumed)
 
     def shutdown(self) -> list[Action]:
         """Stop every instance that may hold processes (daemon shutdown).

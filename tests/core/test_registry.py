@@ -1505,3 +1505,109 @@ def test_a_lease_past_its_expiry_cannot_be_renewed_before_the_tick() -> None:
     with pytest.raises(UnknownLease):
         registry.renew(acquired.lease.token, uid=acquired.lease.uid, now=5.0)
     assert registry.tick(5.0).expired_leases == [acquired.lease.token]
+
+
+# -- adoption after a crash, and resume (SPEC rule 9) ----------------------------
+
+from supervisor.core.registry import AdoptedInstance, AdoptedLease  # noqa: E402
+
+GRACE = 30.0
+
+
+def adopted(*leases: AdoptedLease, id: str = "old-1", linger: float = 0.0, linger_until: float | None = None):
+    return AdoptedInstance(
+        id=id, job=JOB, adapter=ADAPTER, params=(("workdir", "/w"),), pid=777, started_at=5.0,
+        linger=linger, linger_until=linger_until, leases=tuple(leases),
+    )
+
+
+def test_an_adopted_instance_runs_with_its_id_pid_and_leases_held_by_nobody() -> None:
+    registry = make_registry()
+    detached = AdoptedLease("tok-d", uid=UID, detached=True, ttl=600.0, expires_at=700.0)
+    bound = AdoptedLease("tok-b", uid=UID, detached=False)
+    assert registry.adopt(adopted(detached, bound), now=100.0, resume_grace=GRACE) == []
+    instance = registry.instances["old-1"]
+    assert (instance.state, instance.pid, instance.started_at, instance.adopted) == (State.RUNNING, 777, 5.0, True)
+    assert registry.live_instance(JOB, ADAPTER) is instance and instance.refcount == 2
+    assert registry.lease("tok-d").expires_at == 700.0 and registry.lease("tok-d").owner is None
+    assert registry.lease("tok-b").resume_by == 100.0 + GRACE and registry.lease("tok-b").owner is None
+    assert registry.next_deadline() == 100.0 + GRACE
+    # A new acquire of the pair joins the adopted instance.
+    joined = acquire(registry, now=101.0, params={"workdir": "/w"})
+    assert joined.instance is instance and joined.actions == [] and instance.refcount == 3
+
+
+def test_a_bound_lease_nobody_resumes_is_released_after_the_grace_as_on_a_disconnect() -> None:
+    registry = make_registry()
+    registry.adopt(adopted(AdoptedLease("tok-b", uid=UID, detached=False)), now=100.0, resume_grace=GRACE)
+    assert registry.tick(100.0 + GRACE - 0.001).actions == []
+    ticked = registry.tick(100.0 + GRACE)
+    assert ticked.unresumed_leases == ["tok-b"] and ticked.expired_leases == []
+    assert ticked.actions == [StopTree("old-1", Reason.RELEASED)]
+    assert registry.lease("tok-b") is None and registry.instances["old-1"].state is State.STOPPING
+
+
+def test_resume_binds_waiting_leases_of_the_same_uid_or_root_and_says_which() -> None:
+    registry = make_registry()
+    registry.adopt(adopted(
+        AdoptedLease("tok-1", uid=UID, detached=False),
+        AdoptedLease("tok-2", uid=OTHER_UID, detached=False),
+        AdoptedLease("tok-d", uid=UID, detached=True, ttl=600.0, expires_at=700.0),
+    ), now=100.0, resume_grace=GRACE)
+    result = registry.resume(["tok-1", "tok-2", "tok-d", "nope", "tok-1"], connection=9, uid=UID)
+    assert result.resumed == ["tok-1"]
+    assert result.not_resumed == ["tok-2", "tok-d", "nope", "tok-1"]
+    assert registry.lease("tok-1").owner == 9 and registry.lease("tok-1").resume_by is None
+    assert registry.resume(["tok-2"], connection=3, uid=ROOT).resumed == ["tok-2"]
+    # Resumed leases are bound again: no deadline, released with their connection.
+    assert registry.tick(100.0 + GRACE).unresumed_leases == []
+    assert registry.instances["old-1"].refcount == 3
+    registry.connection_closed(9, now=200.0)
+    assert registry.lease("tok-1") is None and registry.lease("tok-2") is not None
+
+
+def test_an_adopted_detached_lease_past_its_expiry_expires_at_the_next_tick() -> None:
+    registry = make_registry()
+    registry.adopt(adopted(AdoptedLease("tok-d", uid=UID, detached=True, ttl=10.0, expires_at=90.0)),
+                   now=100.0, resume_grace=GRACE)
+    ticked = registry.tick(100.0)
+    assert ticked.expired_leases == ["tok-d"]
+    assert ticked.actions == [StopTree("old-1", Reason.LEASE_EXPIRED)]
+
+
+def test_an_adopted_instance_without_leases_lingers_out_or_stops() -> None:
+    registry = make_registry()
+    registry.adopt(adopted(linger=10.0, linger_until=105.0), now=100.0, resume_grace=GRACE)
+    assert registry.instances["old-1"].state is State.LINGERING and registry.next_deadline() == 105.0
+    assert registry.tick(105.0).actions == [StopTree("old-1", Reason.RELEASED)]
+    other = make_registry()
+    assert other.adopt(adopted(linger=10.0, linger_until=90.0), now=100.0, resume_grace=GRACE) == [
+        StopTree("old-1", Reason.RELEASED)
+    ]
+
+
+def test_adopting_a_taken_id_pair_or_token_changes_nothing() -> None:
+    registry = make_registry()
+    acquired = running(registry, params={"workdir": "/w"})
+    before = copy.deepcopy((registry.instances, registry.leases))
+    with pytest.raises(Conflict):
+        registry.adopt(adopted(id="other"), now=1.0, resume_grace=GRACE)  # the pair is live
+    with pytest.raises(Conflict):
+        registry.adopt(adopted(AdoptedLease(acquired.lease.token, uid=UID, detached=False), id=acquired.instance.id),
+                       now=1.0, resume_grace=GRACE)
+    fresh = make_registry()
+    with pytest.raises(Conflict):
+        fresh.adopt(adopted(AdoptedLease("t", uid=UID, detached=False), AdoptedLease("t", uid=UID, detached=False)),
+                    now=1.0, resume_grace=GRACE)
+    assert fresh.instances == {} and fresh.leases == {}
+    assert (registry.instances, registry.leases) == before
+
+
+def test_an_adopted_root_seen_gone_without_a_status_ends_the_instance_as_exited() -> None:
+    registry = make_registry()
+    registry.adopt(adopted(AdoptedLease("tok-b", uid=UID, detached=False)), now=100.0, resume_grace=GRACE)
+    registry.resume(["tok-b"], connection=4, uid=UID)
+    actions = registry.root_exited("old-1", returncode=None, now=101.0)
+    assert actions[0] == StopTree("old-1", Reason.EXITED)
+    notify = actions[1]
+    assert isinstance(notify, NotifyExited) and notify.returncode is None and notify.connections == (4,)
