@@ -54,11 +54,15 @@ from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import choose_spawner
 from supervisor.procs.stderr import decode_tail
+from supervisor.procs.stderrfile import StderrFiles
 from supervisor.procs.subreaper import ChildReaper
 
 log = structlog.get_logger()
 
 SERVER_NAME = "adapter-supervisor"
+
+# The directory under state_dir of the adapters' stderr files.
+STDERR_DIR = "stderr"
 
 # A shutdown waits for the slowest adapter's stop_timeout plus this.
 SHUTDOWN_MARGIN_S = 6.0
@@ -108,6 +112,7 @@ class Engine:
         # Every root's environment starts from this copy of the daemon's,
         # taken once rather than per spawn.
         self._environ = dict(os.environ)
+        self.stderr_files = StderrFiles(os.path.join(self.state_dir, STDERR_DIR))
         self.instances = Instances(
             registry=self.registry,
             adapters=config.adapters,
@@ -115,6 +120,7 @@ class Engine:
             cgroups=cgroups,
             spares=self.spares,
             reaper=self.reaper,
+            stderr_files=self.stderr_files,
             record=self.record,
             metrics=self.metrics,
             now=self.now,
@@ -154,8 +160,13 @@ class Engine:
             self.instances.attach(nursery)
             self.scans.attach(nursery)
             await nursery.start(self.reaper.run)
+            await trio.to_thread.run_sync(self.stderr_files.prepare)
             previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
             await self.sweeper.sweep("startup", deep=True, recorded=staterecord.recorded_processes(previous))
+            # Before any spare is made: a file not followed now is a leftover.
+            for leftover in self.stderr_files.leftovers():
+                self.stderr_files.remove_leftover(leftover)
+            await nursery.start(self.stderr_files.run)
             self.record.mark_dirty()
             if self.spares is not None:
                 nursery.start_soon(self.spares.run)
@@ -577,6 +588,7 @@ class Engine:
             await self.record.write_now()
         if self.spares is not None:
             self.spares.close()
+        self.stderr_files.close()
         if self.cgroups is not None and not self.instances.running:
             self.cgroups.remove_base()
         log.info("daemon.trees_stopped", left=len(self.instances.running))

@@ -12,6 +12,7 @@ runs in a worker thread that touches no state.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +32,7 @@ from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import RootProcess, Spawner, SpawnRequest
 from supervisor.procs.stderr import capture_stderr
+from supervisor.procs.stderrfile import FollowedFile, StderrFiles
 from supervisor.procs.subreaper import ChildReaper
 from supervisor.procs.tree import InstanceTree, StopOutcome, signal_member, stop_tree
 
@@ -77,6 +79,8 @@ class RunningInstance:
     returncode: int | None = None
     stopped: trio.Event = field(default_factory=trio.Event)
     rss_bytes: int = 0
+    # The file the tree writes its stderr to, followed by the daemon.
+    stderr: FollowedFile | None = None
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Instances:
         cgroups: CgroupManager | None,
         spares: SpareCgroups | None,
         reaper: ChildReaper,
+        stderr_files: StderrFiles,
         record: RecordKeeper,
         metrics: Metrics,
         now: Callable[[], float],
@@ -110,6 +115,7 @@ class Instances:
         self.cgroups = cgroups
         self.spares = spares
         self.reaper = reaper
+        self.stderr_files = stderr_files
         self.record = record
         self.metrics = metrics
         self.now = now
@@ -154,12 +160,17 @@ class Instances:
         request = self._request(instance_id)
         if request is None:
             return self._adapter_gone(instance_id)
+        try:
+            request, stderr = self._with_stderr_file(request)
+        except OSError as exc:
+            return self._spawn_failed(instance_id, exc)
         spawned_after = trio.current_time()
         try:
             root = self.spawner.spawn(request, spare_cgroup=self._claim_spare(instance_id))
         except (SpawnFailed, InvalidParams, OSError) as exc:
+            self._drop_stderr(stderr)
             return self._spawn_failed(instance_id, exc)
-        return self._root_started(instance_id, request.adapter, root, spawned_after, after)
+        return self._root_started(instance_id, request.adapter, root, spawned_after, after, stderr)
 
     async def _spawn_in_thread(self, instance_id: str) -> None:
         """Spawn in a worker thread, then report to the registry on the trio
@@ -172,14 +183,20 @@ class Instances:
             if request is None:
                 self.report(self._adapter_gone(instance_id))
                 return
+            try:
+                request, stderr = self._with_stderr_file(request)
+            except OSError as exc:
+                self.report(self._spawn_failed(instance_id, exc))
+                return
             spare = self._claim_spare(instance_id)
             spawned_after = trio.current_time()
             try:
                 root = await trio.to_thread.run_sync(partial(self.spawner.spawn, request, spare_cgroup=spare))
             except (SpawnFailed, InvalidParams, OSError) as exc:
+                self._drop_stderr(stderr)
                 self.report(self._spawn_failed(instance_id, exc))
                 return
-            self.report(self._root_started(instance_id, request.adapter, root, spawned_after, None))
+            self.report(self._root_started(instance_id, request.adapter, root, spawned_after, None, stderr))
         finally:
             self.reaper.spawn_settled()
             del self._spawning[instance_id]
@@ -194,6 +211,17 @@ class Instances:
             return None
         return SpawnRequest(adapter=adapter, instance_id=instance_id, job=instance.job, params=dict(instance.params))
 
+    def _with_stderr_file(self, request: SpawnRequest) -> tuple[SpawnRequest, FollowedFile]:
+        """The request with a new stderr file for the root, and the file
+        followed. Raises OSError (nothing is left open)."""
+        followed = self.stderr_files.take()
+        return dataclasses.replace(request, stderr=followed.fd), followed
+
+    def _drop_stderr(self, stderr: FollowedFile) -> None:
+        """The stderr file of a root that never started."""
+        self.stderr_files.remove(stderr)
+        stderr.close()
+
     def _adapter_gone(self, instance_id: str) -> list[Action]:
         adapter = self.registry.instances[instance_id].adapter
         self.pending(instance_id).error = UnknownAdapter(f"adapter {adapter!r} is no longer configured")
@@ -202,7 +230,7 @@ class Instances:
     def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
         instance = self.registry.instances[instance_id]
         if isinstance(exc, OSError):
-            exc = SpawnFailed(f"could not prepare the cgroup of instance {instance_id}: {exc}")
+            exc = SpawnFailed(f"could not prepare the cgroup or the stderr file of instance {instance_id}: {exc}")
         pending = self.pending(instance_id)
         pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
         log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
@@ -212,7 +240,13 @@ class Instances:
         return self.registry.spawn_failed(instance_id)
 
     def _root_started(
-        self, instance_id: str, adapter: AdapterConfig, root: RootProcess, spawned_after: float, after: AfterReply | None
+        self,
+        instance_id: str,
+        adapter: AdapterConfig,
+        root: RootProcess,
+        spawned_after: float,
+        after: AfterReply | None,
+        stderr: FollowedFile | None,
     ) -> list[Action]:
         """Register a root just spawned. Nothing here waits: the root is
         registered, and watched for by the reaper, before any other task can
@@ -220,7 +254,7 @@ class Instances:
         nothing a reply says."""
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.add(root.id)
-        running = RunningInstance(adapter=adapter, root=root, tree=tree)
+        running = RunningInstance(adapter=adapter, root=root, tree=tree, stderr=stderr)
         self.running[instance_id] = running
         self.reaper.watch_root(
             root.pid, lambda returncode: _root_reaped(running, returncode), spawned_after=spawned_after
@@ -238,11 +272,22 @@ class Instances:
         id: the instance may be stopped and forgotten before they first run.
         The stderr reader owns the pipe's read end, so this must always run."""
         assert self._nursery is not None
-        self._nursery.start_soon(
-            capture_stderr, running.root, partial(_stderr_line, instance_id), partial(_stderr_dropped, instance_id),
-        )
+        self._nursery.start_soon(self._read_stderr, instance_id, running)
         self._nursery.start_soon(self._settle_spawn, instance_id, running)
         self.metrics.spawns.labels(running.adapter.name).inc()
+
+    async def _read_stderr(self, instance_id: str, running: RunningInstance) -> None:
+        """Follow the tree's stderr until its end (the tree is gone and the
+        file drained), then close it. Cancellation: stops reading, closes."""
+        stderr = running.stderr
+        try:
+            await capture_stderr(
+                running.root, partial(_stderr_line, instance_id), partial(_stderr_dropped, instance_id),
+                receive=stderr.receive if stderr is not None else None,
+            )
+        finally:
+            if stderr is not None:
+                stderr.close()
 
     async def _settle_spawn(self, instance_id: str, running: RunningInstance) -> None:
         instance = self.registry.instances.get(instance_id)
@@ -320,6 +365,8 @@ class Instances:
             # never poll it on its own: the reaper still owns its status.
             running.root.reaped(-signal.SIGKILL)
         self.remove_cgroup(instance_id)
+        if running.stderr is not None:
+            self.stderr_files.remove(running.stderr)  # its reader drains it, then closes it
         self.finished_logs[instance_id] = running.root.stderr_tail
         while len(self.finished_logs) > FINISHED_LOGS_KEPT:
             self.finished_logs.popitem(last=False)

@@ -45,7 +45,9 @@ class RootProcess:
     id: process.ProcessId
     stdin_fd: int | None
     stdout_fd: int | None
-    stderr_fd: int
+    # The read end of the root's stderr pipe; None when its stderr is a file
+    # the caller gave (`spawn_root(stderr=...)`).
+    stderr_fd: int | None
     # Only when subprocess started it.
     popen: subprocess.Popen[bytes] | None = None
     # Raw, decoded only when asked for (`decode_tail`): an adapter may write
@@ -119,6 +121,7 @@ def spawn_root(
     clone3: bool = False,
     base_env: Mapping[str, str] | None = None,
     environment: clonespawn.Environment | None = None,
+    stderr: int | None = None,
 ) -> RootProcess:
     """Start the adapter's root for one instance.
 
@@ -127,7 +130,9 @@ def spawn_root(
     `cgroup_fd` is its cgroup.procs (`CgroupManager.join_fd`). The environment
     is `base_env` (default: os.environ) with the adapter's and the tags; a clone3
     spawn may bring it prepared instead (`environment`, from
-    `adapter_environment` with the same base and daemon key). Raises
+    `adapter_environment` with the same base and daemon key). The root's
+    stderr is `stderr` if given (the caller keeps its fd), else a new pipe
+    whose read end the RootProcess holds. Raises
     `InvalidParams` (from rendering the command), `SpawnFailed` with the OS
     reason (missing executable, bad cwd, permission), or
     `clonespawn.Unsupported` (nothing was started; subprocess will work). On
@@ -158,7 +163,10 @@ def spawn_root(
     stdin: int = subprocess.DEVNULL
     stdout: int = subprocess.DEVNULL
     try:
-        stderr_r, stderr_w = pipe(child_reads=False)
+        if stderr is None:
+            stderr_r, stderr_w = pipe(child_reads=False)
+        else:
+            stderr_r, stderr_w = None, stderr
         if adapter.stdio == "pipe":
             stdin_w, stdin = pipe(child_reads=True)
             stdout_r, stdout = pipe(child_reads=False)
@@ -252,6 +260,8 @@ class SpawnRequest:
     instance_id: str
     job: str
     params: Mapping[str, str]
+    # The fd to give the root as its stderr (the caller keeps it); None: a pipe.
+    stderr: int | None = None
 
 
 class Spawner(Protocol):
@@ -303,7 +313,7 @@ class PopenSpawner:
                 join_fd = self._cgroups.join_fd(request.instance_id)
             return spawn_root(
                 request.adapter, instance_id=request.instance_id, job=request.job, params=request.params,
-                daemon_key=self._daemon_key, cgroup_fd=join_fd, base_env=self._base_env,
+                daemon_key=self._daemon_key, cgroup_fd=join_fd, base_env=self._base_env, stderr=request.stderr,
             )
         finally:
             if join_fd is not None:
@@ -338,7 +348,7 @@ class Clone3Spawner:
             return spawn_root(
                 request.adapter, instance_id=request.instance_id, job=request.job, params=request.params,
                 daemon_key=self._daemon_key, cgroup_fd=cgroup_fd, clone3=True,
-                environment=self._environment(request.adapter),
+                environment=self._environment(request.adapter), stderr=request.stderr,
             )
         finally:
             if cgroup_fd is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -45,9 +45,10 @@ STDERR_FLOOD_PAUSE_S = 0.02
 
 
 class StderrSource(Protocol):
-    """What `capture_stderr` reads and fills: a root's (`spawner.RootProcess`)."""
+    """What `capture_stderr` fills, and reads when no `receive` is given: a
+    root's (`spawner.RootProcess`) stderr pipe."""
 
-    stderr_fd: int
+    stderr_fd: int | None
     stderr_tail: collections.deque[bytes]
 
 
@@ -87,18 +88,46 @@ class LineBudget:
 
 
 async def capture_stderr(
-    root: StderrSource, on_line: Callable[[str], None], on_dropped: Callable[[int], None] = lambda lines: None
+    root: StderrSource,
+    on_line: Callable[[str], None],
+    on_dropped: Callable[[int], None] = lambda lines: None,
+    receive: Callable[[], Awaitable[bytes]] | None = None,
 ) -> None:
-    """Read the root's stderr pipe (which every descendant inherits) until all
-    writers are gone, keeping the tail in `root.stderr_tail` and passing lines
-    to `on_line` as a `LineBudget` allows; `on_dropped(count)` is told how many
+    """Read the root's stderr (which every descendant inherits) until its
+    end, keeping the tail in `root.stderr_tail` and passing lines to
+    `on_line` as a `LineBudget` allows; `on_dropped(count)` is told how many
     it did not allow, STDERR_DROPS_REPORT_S after the first of them (input or
     not) and at the end, so that every line is logged or counted. A line
     longer than STDERR_LINE_BYTES is cut into pieces. Past the budget, reads
     come at most every STDERR_FLOOD_PAUSE_S, and each costs a few C-level
-    passes over its bytes, however many lines it holds. Cancellation: stops
-    reading, still reports what was dropped; the pipe is closed either way."""
+    passes over its bytes, however many lines it holds.
+
+    The bytes come from `receive()` (b"" at the end: a followed file's, see
+    `stderrfile.FollowedFile`), or else from the root's stderr pipe until all
+    its writers are gone; the pipe is closed at the end either way.
+    Cancellation: stops reading, still reports what was dropped."""
+    if receive is not None:
+        await _capture(receive, root, on_line, on_dropped)
+        return
+    assert root.stderr_fd is not None, "no pipe to read and no receive given"
     stream = trio.lowlevel.FdStream(root.stderr_fd)
+
+    async def from_pipe() -> bytes:
+        try:
+            return await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async with stream:
+        await _capture(from_pipe, root, on_line, on_dropped)
+
+
+async def _capture(
+    receive: Callable[[], Awaitable[bytes]],
+    root: StderrSource,
+    on_line: Callable[[str], None],
+    on_dropped: Callable[[int], None],
+) -> None:
     budget = LineBudget(trio.current_time())
 
     def report_dropped(*, final: bool = False) -> None:
@@ -115,40 +144,36 @@ async def capture_stderr(
         report_dropped()
         return logged == len(pieces)
 
-    async with stream:
-        try:
-            buffer = b""
-            while True:
-                due = budget.report_due_at()
-                chunk = None
-                with trio.move_on_at(math.inf if due is None else due):
-                    try:
-                        chunk = await stream.receive_some(65536)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        break
-                if chunk is None:
-                    report_dropped()  # quiet since lines were dropped: say so now
-                    continue
-                if not chunk:
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                while len(buffer) > STDERR_LINE_BYTES:
-                    lines.append(buffer[:STDERR_LINE_BYTES])
-                    buffer = buffer[STDERR_LINE_BYTES:]
-                pieces = lines
-                if max(map(len, lines), default=0) > STDERR_LINE_BYTES:
-                    pieces = [
-                        raw[start:start + STDERR_LINE_BYTES]
-                        for raw in lines
-                        for start in range(0, max(len(raw), 1), STDERR_LINE_BYTES)
-                    ]
-                if pieces and not emit(pieces):
-                    await trio.sleep(STDERR_FLOOD_PAUSE_S)
-            if buffer:
-                emit([buffer])
-        finally:
-            report_dropped(final=True)
+    try:
+        buffer = b""
+        while True:
+            due = budget.report_due_at()
+            chunk = None
+            with trio.move_on_at(math.inf if due is None else due):
+                chunk = await receive()
+            if chunk is None:
+                report_dropped()  # quiet since lines were dropped: say so now
+                continue
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            while len(buffer) > STDERR_LINE_BYTES:
+                lines.append(buffer[:STDERR_LINE_BYTES])
+                buffer = buffer[STDERR_LINE_BYTES:]
+            pieces = lines
+            if max(map(len, lines), default=0) > STDERR_LINE_BYTES:
+                pieces = [
+                    raw[start:start + STDERR_LINE_BYTES]
+                    for raw in lines
+                    for start in range(0, max(len(raw), 1), STDERR_LINE_BYTES)
+                ]
+            if pieces and not emit(pieces):
+                await trio.sleep(STDERR_FLOOD_PAUSE_S)
+        if buffer:
+            emit([buffer])
+    finally:
+        report_dropped(final=True)
 
 
 def decode_tail(tail: collections.deque[bytes], last: int) -> list[str]:
