@@ -150,7 +150,9 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
     yield start
 
     leftovers: list[str] = []
-    for handle in started:
+    # Every daemon stops before any leftovers are looked for: a later daemon
+    # on the same state_dir may have adopted an earlier one's trees.
+    for handle in reversed(started):
         for client in handle.clients:
             client.close()
         try:
@@ -159,6 +161,7 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
             handle.popen.kill()
             handle.popen.wait()
             leftovers.append(f"daemon {handle.pid} ignored SIGTERM")
+    for handle in started:
         leftovers += kill_tagged_leftovers(handle)
         text = handle.log_path.read_text()
         if "Traceback" in text or '"request.crashed"' in text or '"daemon.crashed"' in text:

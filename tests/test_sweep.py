@@ -146,7 +146,9 @@ def test_acquires_past_the_memory_budget_are_refused_with_the_figures(start_daem
 
 
 @pytest.mark.parametrize("cgroup", ["auto", "off"])
-def test_a_restart_after_kill_9_reaps_everything_the_previous_run_left(start_daemon, tmp_path: Path, cgroup: str) -> None:
+def test_a_restart_after_kill_9_reaps_what_it_cannot_adopt(start_daemon, tmp_path: Path, cgroup: str) -> None:
+    # The restart's config no longer has the adapters of the trees left
+    # running: they are reaped, not adopted (tests/test_adoption.py has the rest).
     state = tmp_path / "state"
     adapters = tree_adapter("tree", pidfile=tmp_path / "a", stop_timeout=STOP_TIMEOUT) + tree_adapter(
         "other", pidfile=tmp_path / "b", stop_timeout=STOP_TIMEOUT
@@ -169,13 +171,14 @@ def test_a_restart_after_kill_9_reaps_everything_the_previous_run_left(start_dae
     assert all(process.is_running(m) for m in members.values())
     os.unlink(first.socket)  # a SIGKILLed daemon cannot remove its socket
 
-    second = start_daemon(adapters, state_dir=state, cgroup=cgroup)
+    second = start_daemon(tree_adapter("unrelated", pidfile=tmp_path / "c"), state_dir=state, cgroup=cgroup)
     assert wait_all_gone(members, second.pid, STOP_TIMEOUT + 2.0) == {}
     history = second.client().call("reports", {"limit": 50})["reports"]
     # Newest first; the history also holds the first run's reports (from reports.jsonl).
     startups = [r for r in history if r["kind"] == "startup"]
     assert len(startups) == 2
     startup = startups[0]
+    assert startup["adopted"] == []
     reported = {o["pid"] for o in startup["orphans"]}
     assert {m.pid for m in members.values()} <= reported
     by_pid = {o["pid"]: o for o in startup["orphans"]}

@@ -242,6 +242,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     metrics_textfile: str | None = None
     # A client that does not read what the daemon sends for this long is dropped.
     send_timeout: float = 10.0
+    # After a crash, the bound leases of the previous incarnation wait this
+    # long for their holders to `resume` them before they are released.
+    resume_grace: float = 30.0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -391,6 +394,7 @@ class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reports_max_bytes: _ReportsSize | UnsetType = UNSET
     metrics_textfile: str | UnsetType = UNSET
     send_timeout: Annotated[float, Meta(gt=0, le=3600)] | UnsetType = UNSET
+    resume_grace: Annotated[float, Meta(ge=0, le=3600)] | UnsetType = UNSET
     memory_budget: _NonZeroSize | UnsetType = UNSET
     allowed_uids: tuple[_Id, ...] | UnsetType = UNSET
     allowed_gids: tuple[_Id, ...] | UnsetType = UNSET

@@ -192,6 +192,17 @@ class MetricsParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`metrics` takes no params."""
 
 
+# Tokens one `resume` may name: far more than one client holds.
+MAX_RESUME_LEASES = 4096
+
+
+class ResumeParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`resume`: take back, on this connection, bound leases of a previous
+    incarnation of the daemon."""
+
+    leases: Annotated[list[LeaseToken], msgspec.Meta(max_length=MAX_RESUME_LEASES)]
+
+
 Params = (
     HelloParams
     | AcquireParams
@@ -203,6 +214,7 @@ Params = (
     | ReportsParams
     | LogsParams
     | MetricsParams
+    | ResumeParams
 )
 
 

@@ -37,6 +37,8 @@ from supervisor.core.registry import (
     LIVE_STATES,
     Acquired,
     Action,
+    AdoptedInstance,
+    AdoptedLease,
     InstanceSettled,
     NotifyExited,
     Reason,
@@ -50,6 +52,7 @@ from supervisor.engine import metrics, reports, staterecord
 from supervisor.engine.instances import AfterReply, Instances, PendingSpawn, run_after
 from supervisor.engine.scans import Members, ScanCache
 from supervisor.engine.sweep import Sweeper
+from supervisor.procs import process
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import choose_spawner
@@ -102,6 +105,8 @@ class Engine:
         self.state_dir = config.daemon.state_dir
         self.daemon_key = staterecord.daemon_key(self.state_dir)
         self.shutting_down = False
+        # This incarnation's number on the state_dir (set by `run`).
+        self.generation = 0
         self.peers: dict[int, Peer] = {}
         self.metrics = metrics.Metrics(self._live_state)
         self.spares = SpareCgroups(cgroups, new_instance_id) if cgroups is not None else None
@@ -150,9 +155,10 @@ class Engine:
     # -- running -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Reap what a previous run left (a `startup` sweep), then serve until
-        cancelled. Owns every process task; call `shutdown` before cancelling,
-        or trees are left for the next start's sweep."""
+        """Count this incarnation, adopt the trees a previous one left running
+        that it can prove are its own, reap the rest (a `startup` sweep), then
+        serve until cancelled. Owns every process task; call `shutdown`
+        before cancelling, or trees are left for the next start."""
         self._clock_offset = time.time() - trio.current_time()
         for report in await trio.to_thread.run_sync(self.reports.read_history):
             self.reports.remember(report)
@@ -161,8 +167,12 @@ class Engine:
             self.scans.attach(nursery)
             await nursery.start(self.reaper.run)
             await trio.to_thread.run_sync(self.stderr_files.prepare)
+            self.generation = await trio.to_thread.run_sync(staterecord.next_generation, self.state_dir)
             previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
-            await self.sweeper.sweep("startup", deep=True, recorded=staterecord.recorded_processes(previous))
+            adopted = self._adopt(previous)
+            await self.sweeper.sweep(
+                "startup", deep=True, recorded=staterecord.recorded_processes(previous), adopted=adopted
+            )
             # Before any spare is made: a file not followed now is a leftover.
             for leftover in self.stderr_files.leftovers():
                 self.stderr_files.remove_leftover(leftover)
@@ -174,6 +184,57 @@ class Engine:
             nursery.start_soon(self.sweeper.run_periodically)
             nursery.start_soon(self.record.run)
             task_status.started()
+
+    def _adopt(self, previous: staterecord.StateRecord | None) -> list[str]:
+        """Take over the instances of the previous incarnation (SPEC rule 9)
+        that were running or lingering, whose adapter is still configured, and
+        whose root is still the recorded (pid, start time); returns their ids.
+        Anything else it left is for the startup sweep to reap."""
+        if previous is None or previous.version < 2:
+            return []
+        now = self.now()
+        adopted: list[str] = []
+        for recorded in previous.instances:
+            if recorded.state not in (State.RUNNING.value, State.LINGERING.value) or recorded.root is None:
+                continue
+            adapter = self.config.adapters.get(recorded.adapter)
+            if adapter is None:
+                log.info("adapter.not_adopted", instance=recorded.instance, reason="its adapter is no longer configured")
+                continue
+            root = process.ProcessId(recorded.root.pid, recorded.root.start_time)
+            try:
+                pidfd = process.open_pidfd(root)
+            except OSError as exc:
+                log.warning("adapter.not_adopted", instance=recorded.instance, reason=f"no pidfd: {exc.strerror}")
+                continue
+            if pidfd is None:
+                log.info("adapter.not_adopted", instance=recorded.instance, reason="its root is gone")
+                continue
+            leases = tuple(
+                AdoptedLease(token=l.token, uid=l.uid, detached=l.detached, ttl=l.ttl, expires_at=l.expires_at)
+                for l in recorded.leases
+            )
+            try:
+                actions = self.registry.adopt(AdoptedInstance(
+                    id=recorded.instance, job=recorded.job, adapter=recorded.adapter,
+                    params=tuple(sorted(recorded.params.items())), pid=root.pid,
+                    started_at=recorded.started_at if recorded.started_at is not None else now,
+                    linger=recorded.linger, linger_until=recorded.linger_until, leases=leases,
+                ), now=now, resume_grace=self.config.daemon.resume_grace)
+            except Conflict as exc:
+                os.close(pidfd)
+                log.warning("adapter.not_adopted", instance=recorded.instance, reason=exc.message)
+                continue
+            stderr = self.stderr_files.follow_existing(recorded.stderr_file) if recorded.stderr_file else None
+            members = [process.ProcessId(p.pid, p.start_time) for p in recorded.processes]
+            self.instances.adopt(recorded.instance, adapter, root, members, pidfd, stderr)
+            self.execute(actions)
+            adopted.append(recorded.instance)
+            log.info("adapter.adopted", instance=recorded.instance, job=recorded.job, adapter=recorded.adapter,
+                     pid=root.pid, leases=len(leases))
+        if adopted:
+            self.record.mark_dirty()
+        return adopted
 
     async def _expire_deadlines(self) -> None:
         """Release expired detached leases and end lingering instances on time.
@@ -193,9 +254,15 @@ class Engine:
         ticked = self.registry.tick(self.now())
         for token in ticked.expired_leases:
             log.info("lease.expired", lease=token[:8])
+        for token in ticked.unresumed_leases:
+            log.info("lease.not_resumed", lease=token[:8], reason="its holder did not resume it within resume_grace")
         if ticked.expired_leases:
             self.metrics.releases.labels("expired").inc(len(ticked.expired_leases))
             self.sweeper.leases_expired(ticked.expired_leases)
+        if ticked.unresumed_leases:
+            self.metrics.releases.labels("not_resumed").inc(len(ticked.unresumed_leases))
+        if ticked.expired_leases or ticked.unresumed_leases:
+            self.record.mark_dirty()
         self.execute(ticked.actions)
 
     def _deadlines_may_have_changed(self) -> None:
@@ -251,13 +318,31 @@ class Engine:
         for instance_id, running in self.instances.running.items():
             instance = self.registry.instances.get(instance_id)
             members = {running.root.id, *running.tree.known}
+            leases = []
+            if instance is not None:
+                for token in instance.leases:
+                    lease = self.registry.leases[token]
+                    leases.append(staterecord.RecordedLease(
+                        token=token, uid=lease.uid, detached=lease.detached, ttl=lease.ttl, expires_at=lease.expires_at,
+                    ))
             recorded.append(staterecord.RecordedInstance(
                 instance=instance_id,
                 job=instance.job if instance else "",
                 adapter=running.adapter.name,
                 processes=[staterecord.RecordedProcess(m.pid, m.start_time) for m in members],
+                state=instance.state.value if instance else State.STOPPING.value,
+                params=dict(instance.params) if instance else {},
+                root=staterecord.RecordedProcess(running.root.id.pid, running.root.id.start_time),
+                started_at=instance.started_at if instance else None,
+                linger=instance.linger if instance else 0.0,
+                linger_until=instance.linger_until if instance else None,
+                leases=leases,
+                stderr_file=running.stderr.path.name if running.stderr is not None else None,
             ))
-        return staterecord.StateRecord(daemon_pid=self.pid, daemon_key=self.daemon_key, instances=recorded)
+        return staterecord.StateRecord(
+            daemon_pid=self.pid, daemon_key=self.daemon_key, version=staterecord.RECORD_VERSION,
+            boot_id=staterecord.current_boot_id(), generation=self.generation, instances=recorded,
+        )
 
     def _live_state(self) -> metrics.LiveState:
         instances: collections.Counter[str] = collections.Counter()
@@ -285,6 +370,7 @@ class Engine:
         self.execute(self.registry.connection_closed(peer.id, now=self.now()))
         if len(self.registry.leases) < before:
             self.metrics.releases.labels("disconnect").inc(before - len(self.registry.leases))
+            self.record.mark_dirty()
 
     # -- the operations ------------------------------------------------------------
 
@@ -296,6 +382,7 @@ class Engine:
             "protocol": protocol.PROTOCOL_VERSION,
             "pid": self.pid,
             "instance_id": self.run_id,
+            "generation": self.generation,
         })
 
     def acquire_answers_now(self, params: protocol.AcquireParams) -> bool:
@@ -372,6 +459,7 @@ class Engine:
         starting = acquired.instance.state is State.STARTING
         pending = self.instances.pending(acquired.instance.id) if starting else None
         self.execute(acquired.actions, after)
+        self.record.mark_dirty()
         return acquired, refcount, pending
 
     def _acquire_reply(
@@ -434,6 +522,7 @@ class Engine:
         lease = self.registry.lease(params.lease)
         released = self.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
+        self.record.mark_dirty()
         self.metrics.releases.labels("release").inc()
         if lease is not None:
             log.info("lease.released", lease=params.lease[:8], instance=lease.instance_id, refcount=released.refcount)
@@ -443,15 +532,28 @@ class Engine:
         """Extend a detached lease. Raises UnknownLease, PermissionDenied, InvalidParams."""
         expires_at = self.registry.renew(params.lease, uid=peer.uid, now=self.now(), ttl=params.ttl)
         self._deadlines_may_have_changed()
+        self.record.mark_dirty()
         return Reply({"expires_at": expires_at})
 
     def release_job(self, peer: Peer, params: protocol.ReleaseJobParams) -> Reply:
         """Release every lease of a job, whoever holds it (SPEC rule 5). Raises PermissionDenied."""
         released = self.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
+        self.record.mark_dirty()
         self.metrics.releases.labels("release_job").inc(released.released)
         log.info("job.released", job=params.job, released=released.released, instances=released.instances)
         return Reply({"released": released.released, "instances": released.instances})
+
+    def resume(self, peer: Peer, params: protocol.ResumeParams) -> Reply:
+        """Take back, bound to this connection, leases of a previous
+        incarnation that wait for their holder (SPEC rule 9): those of the
+        peer's uid (any, for root). Answers which were resumed. Raises nothing."""
+        resumed = self.registry.resume(params.leases, connection=peer.id, uid=peer.uid)
+        if resumed.resumed:
+            self.record.mark_dirty()
+            self._deadlines_may_have_changed()
+        log.info("leases.resumed", connection=peer.id, resumed=len(resumed.resumed), not_resumed=len(resumed.not_resumed))
+        return Reply({"resumed": resumed.resumed, "not_resumed": resumed.not_resumed})
 
     def status_answers_now(self, params: protocol.StatusParams) -> bool:
         """Whether `status_now` can answer: the tree scan it shows is fresh."""
@@ -490,6 +592,7 @@ class Engine:
                 "refcount": instance.refcount,
                 "started_at": instance.started_at,
                 "rss_bytes": rss_bytes,
+                "adopted": instance.adopted,
             })
         daemon = self.config.daemon
         return Reply({
@@ -497,6 +600,7 @@ class Engine:
                 "pid": self.pid,
                 "version": __version__,
                 "instance_id": self.run_id,
+                "generation": self.generation,
                 "started_at": self.started_at,
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "instances": len(self.registry.instances),

@@ -81,6 +81,8 @@ class RunningInstance:
     rss_bytes: int = 0
     # The file the tree writes its stderr to, followed by the daemon.
     stderr: FollowedFile | None = None
+    # Taken over from a previous incarnation: the root is not the daemon's child.
+    adopted: bool = False
 
 
 @dataclass
@@ -310,6 +312,51 @@ class Instances:
         pending = self._pending.pop(instance_id, None)
         if pending is not None:
             pending.settled.set()
+
+    # -- adoption -----------------------------------------------------------------
+
+    def adopt(
+        self,
+        instance_id: str,
+        adapter: AdapterConfig,
+        root: process.ProcessId,
+        members: Iterable[process.ProcessId],
+        pidfd: int,
+        stderr: FollowedFile | None,
+    ) -> None:
+        """Take over the running tree of an instance a previous incarnation
+        started (the registry has adopted it already). The root is not the
+        daemon's child: its exit is seen through `pidfd` (which this owns),
+        with no return code. Its stdin and stdout pipes died with the previous
+        incarnation; its stderr file is followed on."""
+        tree = InstanceTree(instance_id=instance_id, root=root, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree.known.update(members)
+        tree.known.add(root)
+        running = RunningInstance(
+            adapter=adapter,
+            root=RootProcess(id=root, stdin_fd=None, stdout_fd=None, stderr_fd=None),
+            tree=tree,
+            stderr=stderr,
+            adopted=True,
+        )
+        self.running[instance_id] = running
+        self.generation += 1
+        assert self._nursery is not None, "attach() first"
+        if stderr is not None:
+            self._nursery.start_soon(self._read_stderr, instance_id, running)
+        self._nursery.start_soon(self._watch_adopted_root, instance_id, running, pidfd)
+
+    async def _watch_adopted_root(self, instance_id: str, running: RunningInstance, pidfd: int) -> None:
+        """Wait for an adopted root to exit (its pidfd turns readable), then
+        report it. Cancellation: stops watching; the pidfd is closed."""
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        running.returncode = None
+        running.root_reaped.set()
+        log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=None, adopted=True)
+        self.report(self.registry.root_exited(instance_id, returncode=None, now=self.now()))
 
     # -- stopping ----------------------------------------------------------------
 

@@ -49,6 +49,8 @@ class SweepReport(msgspec.Struct, kw_only=True):
     over_memory: list[str] = []
     reclaimed_rss_bytes: int = 0
     errors: list[str] = []
+    # Startup only: instances of the previous incarnation taken over, not reaped.
+    adopted: list[str] = []
 
 
 _encoder = msgspec.json.Encoder()

@@ -1,13 +1,22 @@
-"""The durable record of live instances in `state_dir`.
+"""The durable record of live instances in `state_dir`, and the generation.
 
 If the daemon dies (even by `kill -9`), its next run reads this record to find
-what the previous run left, besides the instance tag and the cgroups. The file
-is replaced atomically (write to a temporary file, fsync, rename, fsync the
-directory), so it is always either the old or the new version, never torn.
+what the previous run left, besides the instance tag and the cgroups, and to
+adopt the trees that still run (SPEC rule 9): each instance with its state,
+params, root, members, stderr file and leases, tokens included. The file is
+mode 0600 (it holds lease tokens) and is replaced atomically (write to a
+temporary file, fsync, rename, fsync the directory), so it is always either
+the old or the new version, never torn.
+
+The format is versioned (`RECORD_VERSION`); a record of version 1 (no version
+field, no leases) still names processes, so they are reaped, not adopted.
+`generation` (its own file) counts the incarnations of the daemon on this
+state_dir: a start, a restart after a crash, an upgrade.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -20,6 +29,11 @@ from supervisor.procs import process
 from supervisor.engine.diskwrite import write_bounded
 
 RECORD_FILE = "instances.json"
+GENERATION_FILE = "generation"
+
+# The format this code writes; it reads it and every older one.
+RECORD_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})
 
 # The record is rewritten at most this often: a burst of spawns costs one
 # write, and a kill -9 loses at most this much (the tag and cgroup scans of
@@ -32,21 +46,46 @@ class RecordedProcess(msgspec.Struct, frozen=True):
     start_time: int
 
 
+class RecordedLease(msgspec.Struct, frozen=True, kw_only=True):
+    token: str
+    uid: int
+    detached: bool
+    ttl: float | None = None
+    # Wall-clock seconds.
+    expires_at: float | None = None
+
+
 class RecordedInstance(msgspec.Struct, frozen=True, kw_only=True):
     instance: str
     job: str
     adapter: str
+    # Every member known, the root included.
     processes: list[RecordedProcess]
+    # Version 2 on: what adoption needs.
+    state: str = ""
+    params: dict[str, str] = {}
+    root: RecordedProcess | None = None
+    started_at: float | None = None
+    linger: float = 0.0
+    # Wall-clock seconds, while lingering.
+    linger_until: float | None = None
+    leases: list[RecordedLease] = []
+    # The name of its stderr file in the stderr directory.
+    stderr_file: str | None = None
 
 
 class StateRecord(msgspec.Struct, kw_only=True):
     daemon_pid: int
     daemon_key: str
+    version: int = 1
     # (pid, start time) names one process only within one boot of the kernel.
-    boot_id: str = msgspec.field(default_factory=lambda: current_boot_id())
+    # Empty in a record that does not say: then it is never trusted.
+    boot_id: str = ""
+    generation: int = 0
     instances: list[RecordedInstance] = []
 
 
+@functools.cache
 def current_boot_id() -> str:
     """The kernel's id of this boot; empty if unavailable."""
     try:
@@ -72,9 +111,12 @@ def write_record(state_dir: str, record: StateRecord) -> None:
     directory = Path(state_dir)
     final = directory / RECORD_FILE
     temporary = directory / f".{RECORD_FILE}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, _encoder.encode(record))
+        os.fchmod(fd, 0o600)
+        data = memoryview(_encoder.encode(record))
+        while data:
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -98,10 +140,33 @@ def read_record(state_dir: str) -> StateRecord | None:
         record = _decoder.decode(data)
     except msgspec.DecodeError:
         return None
+    if record.version not in READABLE_VERSIONS:
+        return None
     if not record.boot_id or record.boot_id != current_boot_id():
         # Written before a reboot: its (pid, start time) pairs may name strangers now.
         return None
     return record
+
+
+def next_generation(state_dir: str) -> int:
+    """Blocking: count this incarnation: one more than the last (1 for the
+    first), written back atomically before it is returned. An unreadable
+    count starts again from 1. Raises OSError if it cannot be written."""
+    path = Path(state_dir) / GENERATION_FILE
+    try:
+        previous = int(path.read_text().strip())
+    except (OSError, ValueError):
+        previous = 0
+    generation = max(previous, 0) + 1
+    temporary = Path(state_dir) / f".{GENERATION_FILE}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{generation}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    return generation
 
 
 def recorded_processes(record: StateRecord | None) -> list[process.ProcessId]:

@@ -256,11 +256,19 @@ class Sweeper:
             await self.sweep("periodic")
 
     async def sweep(
-        self, kind: str, *, deep: bool = False, recorded: Iterable[process.ProcessId] = ()
+        self,
+        kind: str,
+        *,
+        deep: bool = False,
+        recorded: Iterable[process.ProcessId] = (),
+        adopted: Iterable[str] = (),
     ) -> reports.SweepReport:
         """Find and reap orphans, enforce memory limits, settle state that
         disagrees with reality; report it all. `recorded` are (pid, start
-        time) pairs of a previous run, proof that they are ours. Cancellation:
+        time) pairs of a previous run, proof that they are ours; `adopted`
+        the instances taken over from it (for the report). A process proven
+        ours by its tag that names a running instance is a member of that
+        tree, not an orphan. Cancellation:
         may be cancelled while scanning (nothing is changed); shielded once
         reaping starts, so a report is always written."""
         async with self._lock:
@@ -299,6 +307,7 @@ class Sweeper:
                     # Every sweep's reap() above already routes a root that
                     # exited unnoticed; this also catches one reaped elsewhere.
                     self._instances.settle_vanished_roots()
+                self._claim_members(result.candidates)
                 candidates = self._still_orphaned(result.candidates, born_before)
                 orphans = await reap_candidates(
                     candidates,
@@ -326,6 +335,7 @@ class Sweeper:
                     over_memory=over_memory,
                     reclaimed_rss_bytes=sum(o.rss_bytes for o in orphans if o.result == "gone"),
                     errors=errors,
+                    adopted=list(adopted),
                 )
                 await self._file(report)
             return report
@@ -335,6 +345,16 @@ class Sweeper:
         instance in the registry (one being spawned has no tree yet), or spare."""
         spares = self._spares.names() if self._spares is not None else frozenset()
         return frozenset(self._instances.running).union(self._registry.instances, spares)
+
+    def _claim_members(self, candidates: list[Candidate]) -> None:
+        """Candidates that name a running instance by their tag are members it
+        did not know of (an escapee of an adopted tree, re-parented away from
+        the previous incarnation): its tree learns them."""
+        running = self._instances.running
+        for candidate in candidates:
+            tree_of = running.get(candidate.instance) if candidate.instance else None
+            if tree_of is not None and candidate.proof == "tag":
+                tree_of.tree.known.add(candidate.stat.process_id)
 
     def _still_orphaned(self, candidates: list[Candidate], born_before: int) -> list[Candidate]:
         """Drop candidates that became accounted for while the scan ran in its

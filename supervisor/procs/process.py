@@ -223,6 +223,25 @@ def signal_process(proc: ProcessId, sig: int) -> bool:
         os.close(pidfd)
 
 
+def open_pidfd(proc: ProcessId) -> int | None:
+    """A pidfd of `proc` if it is still that process and still running (the
+    caller closes it); None if it is gone, exited, or the pid is another's now.
+    The pidfd is opened first and the identity checked after, so the fd can
+    never name a process that took the pid over. Raises OSError (EMFILE,
+    ENFILE) when no descriptor is left."""
+    if proc.pid <= 0:
+        return None
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return None
+    stat = read_stat(proc.pid)
+    if stat is None or stat.start_time != proc.start_time or stat.state in EXITED_STATES:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -96,6 +96,7 @@ METHODS: dict[str, Method] = {
     ),
     "logs": Method(protocol.LogsParams, Engine.logs, None, Waits.NEVER, while_stopping=True),
     "sweep": Method(protocol.SweepParams, None, _sweep, Waits.LONG, while_stopping=False),
+    "resume": Method(protocol.ResumeParams, Engine.resume, None, Waits.NEVER, while_stopping=False),
     "reports": Method(protocol.ReportsParams, Engine.recent_reports, None, Waits.NEVER, while_stopping=True),
     "metrics": Method(protocol.MetricsParams, Engine.metrics_text, None, Waits.NEVER, while_stopping=True),
 }

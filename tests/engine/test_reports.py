@@ -13,7 +13,7 @@ from supervisor.engine.reports import MEMORY_REPORTS, REPORTS_FILE, Orphan, Repo
 
 REPORT_KEYS = {
     "id", "kind", "started_at", "duration_ms", "scanned", "orphans",
-    "expired_leases", "over_memory", "reclaimed_rss_bytes", "errors",
+    "expired_leases", "over_memory", "reclaimed_rss_bytes", "errors", "adopted",
 }
 ORPHAN_KEYS = {
     "pid", "ppid", "cmdline", "instance", "job", "adapter", "age_s", "rss_bytes", "action", "result",

@@ -35,7 +35,10 @@ from supervisor.procs.process import ProcessId
 
 
 def a_record(*instances: RecordedInstance, daemon_pid: int = 4242) -> StateRecord:
-    return StateRecord(daemon_pid=daemon_pid, daemon_key="0123456789abcdef", instances=list(instances))
+    return StateRecord(
+        daemon_pid=daemon_pid, daemon_key="0123456789abcdef", boot_id=staterecord.current_boot_id(),
+        instances=list(instances),
+    )
 
 
 def an_instance(name: str, *processes: tuple[int, int]) -> RecordedInstance:
@@ -67,8 +70,9 @@ def test_a_written_record_reads_back_as_written(tmp_path: Path) -> None:
     back = read_record(str(tmp_path))
     assert back == record
     assert back.boot_id == staterecord.current_boot_id() != ""
-    # Readable only by its owner and group, and no temporary file left behind.
-    assert stat.S_IMODE((tmp_path / RECORD_FILE).stat().st_mode) == 0o640
+    # Readable only by its owner (it holds lease tokens), and no temporary
+    # file left behind.
+    assert stat.S_IMODE((tmp_path / RECORD_FILE).stat().st_mode) == 0o600
     assert os.listdir(tmp_path) == [RECORD_FILE]
 
 
@@ -133,11 +137,6 @@ def test_a_record_from_another_boot_reads_as_none(tmp_path: Path) -> None:
         assert read_record(str(tmp_path)) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "StateRecord.boot_id defaults to the *current* boot id, and the decoder applies that "
-    "default: a record without a boot_id reads back as this boot's, so its (pid, start time) "
-    "pairs are trusted as proof at start-up"
-))
 def test_a_record_without_a_boot_id_reads_as_none(tmp_path: Path) -> None:
     payload = {
         "daemon_pid": 4242, "daemon_key": "0123456789abcdef",
@@ -207,3 +206,24 @@ async def test_write_now_logs_a_failure_instead_of_raising(tmp_path: Path) -> No
         await keeper.write_now()
     assert [e["event"] for e in logs] == ["state.record_failed"]
     assert "No such file or directory" in logs[0]["error"]
+
+
+def test_a_record_of_an_unknown_version_reads_as_none_and_version_1_still_reads(tmp_path: Path) -> None:
+    record = a_record(an_instance("a", (10, 100)))
+    record.version = 99
+    write_record(str(tmp_path), record)
+    assert read_record(str(tmp_path)) is None
+    # Version 1 (before leases were recorded) had no version field.
+    text = json.loads((tmp_path / RECORD_FILE).read_text())
+    del text["version"]
+    (tmp_path / RECORD_FILE).write_text(json.dumps(text))
+    back = read_record(str(tmp_path))
+    assert back is not None and back.version == 1 and back.instances[0].leases == []
+
+
+def test_the_generation_counts_incarnations_and_survives_a_bad_file(tmp_path: Path) -> None:
+    assert [staterecord.next_generation(str(tmp_path)) for _ in range(3)] == [1, 2, 3]
+    assert (tmp_path / staterecord.GENERATION_FILE).read_text() == "3\n"
+    assert stat.S_IMODE((tmp_path / staterecord.GENERATION_FILE).stat().st_mode) == 0o600
+    (tmp_path / staterecord.GENERATION_FILE).write_text("garbage")
+    assert staterecord.next_generation(str(tmp_path)) == 1

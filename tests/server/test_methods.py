@@ -10,7 +10,9 @@ from supervisor.server.methods import METHODS, PARAMS, Waits
 
 # The methods of the protocol (docs/protocol.md) and which are still served
 # while the daemon shuts down (they read state or give leases back).
-PROTOCOL_METHODS = {"hello", "acquire", "release", "renew", "release_job", "status", "sweep", "reports", "logs", "metrics"}
+PROTOCOL_METHODS = {
+    "hello", "acquire", "release", "renew", "release_job", "status", "sweep", "reports", "logs", "metrics", "resume",
+}
 SERVED_WHILE_STOPPING = {"hello", "status", "logs", "reports", "metrics", "release", "release_job"}
 
 

@@ -1,0 +1,184 @@
+"""Adoption after a crash (SPEC rule 9), against the real daemon: `kill -9`,
+then a new daemon on the same state_dir takes over every tree it can prove
+is its own, with its leases, and reaps the rest. In cgroup and process-table
+modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor.client import DaemonError
+from supervisor.engine import staterecord
+from supervisor.procs import process
+from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
+
+MODES = [pytest.param("auto", id="cgroup"), pytest.param("off", id="process-table")]
+
+# Writes a numbered stderr line every 5 ms, forever: with a pipe, the daemon's
+# death would kill it (SIGPIPE) within milliseconds.
+CHATTY = "import sys, time\ni = 0\nwhile True:\n    sys.stderr.write('tick %d\\n' % i); sys.stderr.flush(); i += 1; time.sleep(0.005)\n"
+
+
+def adapters(tmp_path: Path) -> str:
+    chatty = f"[adapters.chatty]\ncommand = {json.dumps([PYTHON, '-c', CHATTY])}\nstop_timeout = 1.0\n"
+    return tree_adapter("tree", pidfile=tmp_path / "{job}.pids", stop_timeout=1.0) + "\n" + chatty
+
+
+def recorded_tokens(state_dir: Path) -> set[str]:
+    try:
+        record = json.loads((state_dir / staterecord.RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {lease["token"] for instance in record.get("instances", []) for lease in instance.get("leases", [])}
+
+
+def kill_9(daemon) -> None:
+    daemon.popen.send_signal(signal.SIGKILL)
+    daemon.popen.wait(10)
+
+
+def status_by_job(client) -> dict[str, dict]:
+    return {row["job"]: row for row in client.call("status")["instances"]}
+
+
+@pytest.mark.parametrize("cgroup", MODES)
+def test_a_crashed_daemons_trees_are_adopted_with_their_leases_and_released_whole(
+    start_daemon, tmp_path: Path, cgroup: str
+) -> None:
+    settings = {"cgroup": cgroup, "socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state")}
+    first = start_daemon(adapters(tmp_path), **settings)
+    assert first.client().call("hello")["generation"] == 1
+    holder = first.client()
+    detached = holder.call("acquire", {"job": "job-d", "adapter": "tree", "detach": True, "ttl": 600})
+    bound = holder.call("acquire", {"job": "job-b", "adapter": "tree"})
+    chatty = holder.call("acquire", {"job": "job-s", "adapter": "chatty", "detach": True, "ttl": 600})
+    trees = {job: read_pidfile(tmp_path / f"{job}.pids") for job in ("job-d", "job-b")}
+    before = status_by_job(holder)
+    tokens = {detached["lease"], bound["lease"], chatty["lease"]}
+    assert eventually(lambda: tokens <= recorded_tokens(tmp_path / "state")), "the leases never reached the record"
+    assert stat_mode(tmp_path / "state" / staterecord.RECORD_FILE) == 0o600
+
+    kill_9(first)
+    # Nothing the daemon started dies with it: not the trees, not the adapter
+    # writing stderr without pause (no pipe to break).
+    time.sleep(0.5)
+    for members in trees.values():
+        assert all(process.is_running(m) for m in members.values()), members
+    assert process.is_running(process.identify(chatty["pid"]))
+
+    second = start_daemon(adapters(tmp_path), **settings)
+    client = second.client()
+    hello = client.call("hello")
+    assert hello["generation"] == 2 and hello["pid"] == second.pid
+    after = status_by_job(client)
+    for job in ("job-d", "job-b", "job-s"):
+        assert after[job]["adopted"] is True and after[job]["state"] == "running"
+        assert (after[job]["instance"], after[job]["pid"]) == (before[job]["instance"], before[job]["pid"])
+    startup = [r for r in client.call("reports", {"limit": 10})["reports"] if r["kind"] == "startup"][0]
+    assert sorted(startup["adopted"]) == sorted(before[job]["instance"] for job in ("job-d", "job-b", "job-s"))
+    adopted_pids = {m.pid for members in trees.values() for m in members.values()} | {chatty["pid"]}
+    assert not adopted_pids & {o["pid"] for o in startup["orphans"]}, "an adopted process was reaped"
+
+    # The detached lease renews; the bound one waits for its holder to resume it.
+    assert client.call("renew", {"lease": detached["lease"]})["expires_at"] > time.time()
+    resumed = client.call("resume", {"leases": [bound["lease"], detached["lease"], "0" * 24]})
+    assert resumed == {"resumed": [bound["lease"]], "not_resumed": [detached["lease"], "0" * 24]}
+    # stderr is followed on: lines written since the restart reach `logs`.
+    last = int(client.call("logs", {"lease": chatty["lease"], "lines": 1})["lines"][0].split()[1])
+    assert eventually(lambda: int(client.call("logs", {"lease": chatty["lease"], "lines": 1})["lines"][0].split()[1]) > last)
+
+    # A release stops the adopted tree whole, escapee included, though none
+    # of it is the new daemon's child.
+    for job, lease in (("job-b", bound), ("job-d", detached)):
+        assert client.call("release", {"lease": lease["lease"]}) == {"refcount": 0, "stopping": True}
+        assert not wait_all_gone(trees[job], second.pid, timeout=1.0 + 2.0), job
+    client.call("release", {"lease": chatty["lease"]})
+    assert eventually(lambda: not client.call("status")["instances"], timeout=5)
+
+
+def stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("cgroup", MODES)
+def test_a_bound_lease_nobody_resumes_is_released_after_the_grace(start_daemon, tmp_path: Path, cgroup: str) -> None:
+    settings = {"cgroup": cgroup, "socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state"),
+                "resume_grace": 1.0}
+    first = start_daemon(adapters(tmp_path), **settings)
+    bound = first.client().call("acquire", {"job": "job-b", "adapter": "tree"})
+    members = read_pidfile(tmp_path / "job-b.pids")
+    assert eventually(lambda: bound["lease"] in recorded_tokens(tmp_path / "state"))
+    kill_9(first)
+    second = start_daemon(adapters(tmp_path), **settings)
+    client = second.client()
+    assert status_by_job(client)["job-b"]["adopted"] is True
+    second.wait_for_event("lease.not_resumed", timeout=5)
+    assert not wait_all_gone(members, second.pid, timeout=5.0)
+    assert client.call("status")["instances"] == []
+    assert client.call("resume", {"leases": [bound["lease"]]}) == {"resumed": [], "not_resumed": [bound["lease"]]}
+    with pytest.raises(DaemonError) as released:
+        client.call("release", {"lease": bound["lease"]})
+    assert released.value.code == 1002
+
+
+@pytest.mark.parametrize("cgroup", MODES)
+def test_a_tree_whose_root_died_while_the_daemon_was_down_is_reaped_not_adopted(
+    start_daemon, tmp_path: Path, cgroup: str
+) -> None:
+    settings = {"cgroup": cgroup, "socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state")}
+    first = start_daemon(adapters(tmp_path), **settings)
+    lease = first.client().call("acquire", {"job": "job-d", "adapter": "tree", "detach": True, "ttl": 600})
+    members = read_pidfile(tmp_path / "job-d.pids")
+    assert eventually(lambda: lease["lease"] in recorded_tokens(tmp_path / "state"))
+    kill_9(first)
+    os.kill(members["root"].pid, signal.SIGKILL)
+    assert eventually(lambda: not process.is_running(members["root"]))
+    second = start_daemon(adapters(tmp_path), **settings)
+    client = second.client()
+    assert client.call("status")["instances"] == []
+    startup = [r for r in client.call("reports")["reports"] if r["kind"] == "startup"][0]
+    assert startup["adopted"] == []
+    rest = {role: m for role, m in members.items() if role != "root"}
+    assert not wait_all_gone(rest, second.pid, timeout=5.0)
+    assert {m.pid for m in rest.values()} <= {o["pid"] for o in startup["orphans"]}
+    with pytest.raises(DaemonError) as gone:
+        client.call("renew", {"lease": lease["lease"]})
+    assert gone.value.code == 1002
+
+
+def test_a_stranger_holding_a_recorded_root_pid_is_never_adopted_or_signalled(start_daemon, tmp_path: Path) -> None:
+    import subprocess
+
+    stranger = subprocess.Popen(["sleep", "600"])
+    try:
+        identity = eventually(lambda: process.identify(stranger.pid))
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        # A record naming the stranger's pid as a root, with another start
+        # time: the pid was reused since the record was written.
+        reused = staterecord.RecordedProcess(identity.pid, identity.start_time - 1)
+        staterecord.write_record(str(state), staterecord.StateRecord(
+            daemon_pid=1, daemon_key=staterecord.daemon_key(str(state)), version=staterecord.RECORD_VERSION,
+            boot_id=staterecord.current_boot_id(),
+            instances=[staterecord.RecordedInstance(
+                instance="0123456789ab", job="j", adapter="tree", processes=[reused], state="running",
+                root=reused, started_at=time.time(),
+                leases=[staterecord.RecordedLease(token="t" * 24, uid=os.getuid(), detached=True, ttl=60.0,
+                                                  expires_at=time.time() + 60)],
+            )],
+        ))
+        daemon = start_daemon(adapters(tmp_path), state_dir=str(state), cgroup="off")
+        client = daemon.client()
+        assert client.call("status")["instances"] == []
+        startup = [r for r in client.call("reports")["reports"] if r["kind"] == "startup"][0]
+        assert startup["adopted"] == [] and stranger.pid not in {o["pid"] for o in startup["orphans"]}
+        assert stranger.poll() is None and process.is_running(identity)
+    finally:
+        stranger.kill()
+        stranger.wait()
