@@ -70,9 +70,9 @@ def serve(config_path: str) -> int:
 @contextmanager
 def state_dir_lock(state_dir: str) -> Iterator[None]:
     """Hold an exclusive lock on `state_dir` for the daemon's life."""
-    os.makedirs(state_dir, mode=0o750, exist_ok=True)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     path = os.path.join(state_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

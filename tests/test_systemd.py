@@ -592,7 +592,9 @@ def test_units_match_the_daemon_defaults() -> None:
     assert single["Type"] == "notify" and single["NotifyAccess"] == "main"
     assert single["ExecStart"] == f"{INSTALLED_BINARY} serve --config /etc/adapter-supervisor/supervisor.toml"
     assert "-HUP" in single["ExecReload"] and "$MAINPID" in single["ExecReload"]
-    assert single["Restart"] == "on-failure" and single["Delegate"] == "yes" and single["KillMode"] == "mixed"
+    assert single["Restart"] == "on-failure" and single["Delegate"] == "yes"
+    # A crash of the daemon must not take the adapters with it (they are adopted).
+    assert single["KillMode"] == "process" and single["StateDirectoryMode"] == "0700"
     assert single["NoNewPrivileges"] == "yes"
     # The runtime and state directories are the ones the daemon uses as root.
     assert f"/run/{single['RuntimeDirectory']}" == config_module._SYSTEM_RUNTIME_DIR
