@@ -272,6 +272,45 @@ class Registry:
         self._expiring: set[str] = set()
         self._lingering: set[str] = set()
 
+    @classmethod
+    def restore(
+        cls,
+        instances: Iterable[Instance],
+        leases: Iterable[Lease],
+        *,
+        closed: bool = False,
+        new_token: Callable[[], str] = _new_token,
+        new_instance_id: Callable[[], str] = new_instance_id,
+    ) -> Registry:
+        """A registry holding exactly these instances and leases (as another
+        registry had them: an in-place upgrade hands them over). The indexes
+        are derived from their states. Raises ValueError if they do not fit
+        together (a lease of an unknown instance, an instance naming a lease
+        that is not given, two live instances of one pair)."""
+        registry = cls(new_token=new_token, new_instance_id=new_instance_id)
+        registry.closed = closed
+        for instance in instances:
+            registry.instances[instance.id] = instance
+            if instance.state in LIVE_STATES:
+                if instance.key in registry._live:
+                    raise ValueError(f"two live instances of {instance.key}")
+                registry._live[instance.key] = instance.id
+            elif not instance.tree_gone:
+                registry._dying[instance.key] = instance.id
+            if instance.state is State.LINGERING:
+                registry._lingering.add(instance.id)
+        for lease in leases:
+            instance = registry.instances.get(lease.instance_id)
+            if instance is None or lease.token not in instance.leases:
+                raise ValueError(f"lease {lease.token[:8]} does not belong to a given instance")
+            registry.leases[lease.token] = lease
+            if lease.deadline is not None:
+                registry._expiring.add(lease.token)
+        for instance in registry.instances.values():
+            if not instance.leases <= registry.leases.keys():
+                raise ValueError(f"instance {instance.id} names leases that are not given")
+        return registry
+
     # -- queries -------------------------------------------------------------
 
     def live_instance(self, job: str, adapter: str) -> Instance | None:

@@ -1611,3 +1611,54 @@ def test_an_adopted_root_seen_gone_without_a_status_ends_the_instance_as_exited(
     assert actions[0] == StopTree("old-1", Reason.EXITED)
     notify = actions[1]
     assert isinstance(notify, NotifyExited) and notify.returncode is None and notify.connections == (4,)
+
+
+# -- restore: what an in-place upgrade hands over ---------------------------------
+
+
+def restored(registry: Registry) -> Registry:
+    return Registry.restore(
+        copy.deepcopy(list(registry.instances.values())), copy.deepcopy(list(registry.leases.values())),
+        closed=registry.closed, new_token=Numbered("after"), new_instance_id=Numbered("after-inst"),
+    )
+
+
+def indexes(registry: Registry) -> tuple[object, ...]:
+    return (registry._live, registry._dying, registry._expiring, registry._lingering, registry.closed)
+
+
+def test_a_restored_registry_has_the_same_indexes_and_behaves_the_same() -> None:
+    registry = make_registry()
+    running(registry, job="a", detach=True, ttl=50.0)
+    lingering = running(registry, job="b", linger=30.0)
+    registry.release(lingering.lease.token, connection=1, uid=UID, now=1.0)
+    stopping = running(registry, job="c")
+    registry.release(stopping.lease.token, connection=1, uid=UID, now=1.0)
+    waiting = acquire(registry, job="c", now=2.0)  # waits for the stopping tree of job c
+    assert waiting.actions == []
+    exited = running(registry, job="d")
+    registry.root_exited(exited.instance.id, returncode=3, now=3.0)
+    registry.adopt(adopted(AdoptedLease("tok-b", uid=UID, detached=False), id="old-1"), now=4.0, resume_grace=GRACE)
+    copy_ = restored(registry)
+    assert indexes(copy_) == indexes(registry)
+    assert copy_.instances == registry.instances and copy_.leases == registry.leases
+    # The same operations give the same answers on both.
+    assert copy_.next_deadline() == registry.next_deadline() == 31.0  # the linger of job b
+    assert registry.tick(60.0) == copy_.tick(60.0)
+    assert registry.tree_gone(stopping.instance.id, now=61.0) == copy_.tree_gone(stopping.instance.id, now=61.0)
+    assert indexes(copy_) == indexes(registry)
+
+
+def test_restore_refuses_pieces_that_do_not_fit() -> None:
+    registry = make_registry()
+    acquired = running(registry)
+    instance, lease = copy.deepcopy(acquired.instance), copy.deepcopy(acquired.lease)
+    with pytest.raises(ValueError):
+        Registry.restore([instance], [])  # the instance names a lease not given
+    with pytest.raises(ValueError):
+        Registry.restore([], [lease])  # a lease of no instance
+    twin = copy.deepcopy(instance)
+    twin.id = "twin"
+    twin.leases = set()
+    with pytest.raises(ValueError):
+        Registry.restore([instance, twin], [lease])  # two live instances of one pair
