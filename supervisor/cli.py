@@ -21,6 +21,7 @@ from typing import Any
 
 from supervisor import __version__
 from supervisor.client import Client, ConnectionLost, DaemonError, default_socket
+from supervisor.client.session import DEFAULT_TIMEOUT_S
 from supervisor.client.session import acquire_params
 from supervisor.core.config import bundled_config_path, load_config
 from supervisor.core.errors import ConfigError
@@ -37,6 +38,10 @@ EX_BROKEN_PIPE = 128 + signal.SIGPIPE
 # Default seconds between `status --watch` refreshes: often enough to follow a
 # job, rarely enough that the tree scans cost the daemon nothing noticeable.
 WATCH_INTERVAL_S = 2.0
+
+# An upgrade checks the new code (a cold Python start) and waits for what is
+# under way before it answers.
+UPGRADE_TIMEOUT_S = 90.0
 
 # Cursor home, then clear to the end of the screen: redraws a terminal in place.
 CLEAR_SCREEN = "\x1b[H\x1b[J"
@@ -57,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", help="config file (default: the bundled config/supervisor.toml)")
+    serve.add_argument(
+        "--check-upgrade", action="store_true",
+        help="only load the config and print the formats this code reads (what `upgrade` runs first)",
+    )
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path")
@@ -91,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     reports = commands.add_parser("reports", help="recent sweep reports, newest first")
     reports.add_argument("--limit", type=int, default=10)
 
+    commands.add_parser(
+        "upgrade", help="re-execute the daemon in place with the code on disk (same pid; adapters and connections stay)"
+    )
+
     logs = commands.add_parser("logs", help="tail of an instance's stderr")
     logs.add_argument("instance")
     logs.add_argument("--lines", type=int, default=100)
@@ -119,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from supervisor.serve import serve
 
-        return serve(args.config or str(bundled_config_path()))
+        return serve(args.config or str(bundled_config_path()), check_upgrade=args.check_upgrade)
     try:
         if args.command == "check-config":
             return _check_config(args)
@@ -164,7 +177,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run_client_command(args: argparse.Namespace) -> int:
-    with Client(args.socket) as client:
+    timeout = UPGRADE_TIMEOUT_S if args.command == "upgrade" else DEFAULT_TIMEOUT_S
+    with Client(args.socket, timeout=timeout) as client:
         if args.command == "status":
             if args.watch is not None:
                 return _watch_status(client, args)
@@ -190,6 +204,9 @@ def _run_client_command(args: argparse.Namespace) -> int:
             _output(args, {"reports": client.reports(args.limit)}, lambda r: render_reports(r["reports"]))
         elif args.command == "logs":
             _output(args, {"lines": client.logs(args.instance, lines=args.lines)}, lambda r: "\n".join(r["lines"]))
+        elif args.command == "upgrade":
+            _output(args, client.call("upgrade", {}),
+                    lambda r: f"upgraded in place: pid {r['pid']}, version {r['version']}, generation {r['generation']}")
     return EX_OK
 
 

@@ -15,13 +15,17 @@ import gc
 import os
 import resource
 import signal
+import socket as stdlib_socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import structlog
 import trio
 
+from supervisor import __version__, upgrade
+from supervisor.core import protocol
 from supervisor.procs import timeslice
 from supervisor.procs import subreaper
 from supervisor import systemd
@@ -48,19 +52,30 @@ class StartupError(Exception):
     """The daemon cannot start for a reason an operator must fix (not the config)."""
 
 
-def serve(config_path: str) -> int:
-    """Run the daemon on `config_path`; returns the process exit status."""
+def serve(config_path: str, *, check_upgrade: bool = False) -> int:
+    """Run the daemon on `config_path`; returns the process exit status. With
+    `check_upgrade`, only load the config and print what an in-place upgrade
+    needs to know of this code (`supervisor.upgrade.check_output`)."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         configure_logging("auto", "info")
         log.error("config.invalid", error=str(exc))
         return EX_CONFIG
+    if check_upgrade:
+        sys.stdout.buffer.write(upgrade.check_output(config_path) + b"\n")
+        sys.stdout.flush()
+        return EX_OK
     # Lines logged during a turn of the event loop are written when it ends.
     writer = TurnWriter(sys.stderr)
     configure_logging(config.daemon.log_format, config.daemon.log_level, writer)  # type: ignore[arg-type]
     try:
-        trio.run(run_daemon, config, instruments=[writer])
+        handover = upgrade.read_handover(os.environ)
+    except ValueError as exc:
+        log.critical("daemon.handover_unreadable", error=str(exc))
+        return EX_UNAVAILABLE
+    try:
+        trio.run(partial(run_daemon, config, handover=handover, flush_logs=writer.drain), instruments=[writer])
     except StartupError as exc:
         log.error("daemon.start_failed", error=str(exc))
         return EX_UNAVAILABLE
@@ -68,8 +83,17 @@ def serve(config_path: str) -> int:
 
 
 @contextmanager
-def state_dir_lock(state_dir: str) -> Iterator[None]:
-    """Hold an exclusive lock on `state_dir` for the daemon's life."""
+def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int]:
+    """Hold an exclusive lock on `state_dir` for the daemon's life; yields
+    the lock file's fd. `inherited`: that fd, still locked, handed over by
+    the previous image of this process."""
+    if inherited is not None:
+        os.set_inheritable(inherited, False)
+        try:
+            yield inherited
+        finally:
+            os.close(inherited)
+        return
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     path = os.path.join(state_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -80,7 +104,7 @@ def state_dir_lock(state_dir: str) -> Iterator[None]:
             raise StartupError(f"another daemon is already running on state_dir {state_dir}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -129,29 +153,47 @@ def request_latency_slice(slice_us: int) -> None:
     log.info("daemon.latency_slice", slice_us=slice_us, kernel_slice_ns=timeslice.thread_slice_ns())
 
 
-async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_daemon(
+    config: Config,
+    *,
+    handover: upgrade.Handover | None = None,
+    flush_logs: Callable[[], None] = lambda: None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until SIGTERM/SIGINT. Raises StartupError if the socket or state dir is taken.
 
     Under systemd: serves on a socket passed by socket activation instead of
-    binding one (and leaves its file alone), and speaks sd_notify.
+    binding one (and leaves its file alone), and speaks sd_notify. SIGUSR2 (or
+    the `upgrade` method) re-executes the daemon in place; `handover` is what
+    the previous image of this process handed over, if it is such an upgrade.
     """
     notifier = systemd.Notifier.from_environ()
-    try:
-        activated = systemd.activated_listener()
-    except systemd.ActivationError as exc:
-        raise StartupError(str(exc)) from None
+    activated = None
+    if handover is None:
+        try:
+            activated = systemd.activated_listener()
+        except systemd.ActivationError as exc:
+            raise StartupError(str(exc)) from None
     subreaper.become_child_subreaper()
     request_latency_slice(config.daemon.latency_slice_us)
     raise_fd_limit()
-    with state_dir_lock(config.daemon.state_dir):
+    inherited_lock = handover.lock_fd if handover is not None else None
+    with state_dir_lock(config.daemon.state_dir, inherited_lock) as lock_fd:
         # What the receiver puts back when it closes: a stop signal that comes
         # after the shutdown (`timeout` sends SIGTERM to the daemon and then to
         # its process group) must not kill the process on its way out.
         for signum in STOP_AND_RELOAD_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
-        with trio.open_signal_receiver(*STOP_AND_RELOAD_SIGNALS) as signals:
-            if activated is not None:
+        with trio.open_signal_receiver(*STOP_AND_RELOAD_SIGNALS, signal.SIGUSR2) as signals:
+            if handover is not None:
+                os.set_inheritable(handover.listener_fd, False)
+                plain = stdlib_socket.socket(fileno=handover.listener_fd)
+                listener = trio.socket.from_stdlib_socket(plain)
+                socket_activated = handover.socket_activated
+                bound_inode = handover.bound_inode
+            elif activated is not None:
                 listener = trio.socket.from_stdlib_socket(activated)
+                socket_activated, bound_inode = True, None
             else:
                 try:
                     listener = await bind_control_socket(config.daemon.socket, config.daemon.socket_mode)
@@ -159,12 +201,23 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                     if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
                         raise StartupError(str(exc.strerror or exc)) from None
                     raise StartupError(f"cannot bind {config.daemon.socket}: {exc}") from None
-            socket_path = listener.getsockname() if activated is not None else config.daemon.socket
-            # The file we bound, by inode: at exit we remove it only if it is
-            # still ours (a later daemon may have bound the path since).
-            bound_inode = os.stat(config.daemon.socket).st_ino if activated is None else None
-            engine = Engine(config, cgroups=detect_cgroups(config))
-            server = ControlServer(engine)
+                socket_activated = False
+                # The file we bound, by inode: at exit we remove it only if it
+                # is still ours (a later daemon may have bound the path since).
+                bound_inode = os.stat(config.daemon.socket).st_ino
+            socket_path = listener.getsockname()
+            if handover is not None:
+                _take_inheritable_back(handover)
+            engine = Engine(
+                config, cgroups=detect_cgroups(config), handed=handover.engine if handover is not None else None
+            )
+            server = ControlServer(engine, handed=handover.server if handover is not None else None)
+            upgrader = upgrade.Upgrader(
+                engine=engine, server=server, config_path=config.path, lock_fd=lock_fd,
+                listener_fd=listener.fileno(), bound_inode=bound_inode, socket_activated=socket_activated,
+                notifier=notifier, flush_logs=flush_logs,
+            )
+            engine.upgrade_hook = upgrader.upgrade
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(engine.run)
@@ -173,10 +226,13 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                     log.info(
                         "daemon.ready", pid=os.getpid(), socket=socket_path,
                         adapters=sorted(config.adapters), config=config.path,
-                        socket_activated=activated is not None,
+                        socket_activated=socket_activated,
                         cgroup_mode=engine.cgroups is not None,
-                        spawner=engine.spawner_name,
+                        spawner=engine.spawner_name, generation=engine.generation,
+                        upgraded_from=handover.from_version if handover is not None else None,
                     )
+                    if handover is not None and handover.requester is not None:
+                        _answer_upgrade(server, engine, handover.requester)
                     notifier.ready(status=engine.status_line())
                     await nursery.start(systemd.watchdog, notifier)
                     await nursery.start(systemd.report_status, notifier, engine.status_line)
@@ -187,6 +243,9 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                             await _reload(engine)
                             notifier.ready(status=engine.status_line())
                             continue
+                        if signum == signal.SIGUSR2:
+                            nursery.start_soon(upgrader.upgrade, None, None)
+                            continue
                         log.info("daemon.stopping", signal=signal.Signals(signum).name)
                         notifier.stopping(status="stopping every adapter tree")
                         break
@@ -194,16 +253,38 @@ async def run_daemon(config: Config, *, task_status: trio.TaskStatus[None] = tri
                     await engine.shutdown()
                     nursery.cancel_scope.cancel()
             except BaseException:
-                # Only a bug gets here (clients cannot crash the daemon): take
-                # the trees down rather than leave them without an owner.
+                # Only a bug gets here (clients cannot crash the daemon). The
+                # trees are left running and recorded: the next start adopts
+                # them (SPEC rule 9), so a bug never takes an adapter down.
                 log.critical("daemon.crashed", exc_info=True)
-                engine.kill_everything_now()
                 raise
             finally:
                 # A passed socket belongs to the socket unit: its file stays.
                 if bound_inode is not None:
                     _unlink_socket(config.daemon.socket, bound_inode)
     log.info("daemon.stopped")
+
+
+def _take_inheritable_back(handover: upgrade.Handover) -> None:
+    """The fds the previous image left open for this one go back to
+    close-on-exec, so that no adapter inherits them."""
+    fds = [c.fd for c in handover.server.connections]
+    for tree in handover.engine.trees:
+        fds += [fd for fd in (tree.stdin_fd, tree.stdout_fd, tree.stderr_fd) if fd is not None]
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass
+
+
+def _answer_upgrade(server: ControlServer, engine: Engine, requester: upgrade.Requester) -> None:
+    """Answer the `upgrade` request that made this image, on its connection."""
+    connection = server.connection(requester.connection)
+    if connection is None:
+        return
+    result = {"pid": engine.pid, "version": __version__, "generation": engine.generation}
+    connection.queue_line(protocol.encode_result(requester.request_id, result))
 
 
 async def _reload(engine: Engine) -> None:

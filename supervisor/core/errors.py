@@ -22,6 +22,7 @@ LIMIT_REACHED = 1004
 PERMISSION_DENIED = 1005
 SHUTTING_DOWN = 1006
 CONFLICT = 1007
+UPGRADE_FAILED = 1008
 
 
 class SupervisorError(Exception):
@@ -89,6 +90,12 @@ class ShuttingDown(SupervisorError):
 
 class Conflict(SupervisorError):
     code = CONFLICT
+
+
+class UpgradeFailed(SupervisorError):
+    """An in-place upgrade did not happen; the daemon serves on as before."""
+
+    code = UPGRADE_FAILED
 
 
 class ConfigError(Exception):

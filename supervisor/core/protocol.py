@@ -192,6 +192,10 @@ class MetricsParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`metrics` takes no params."""
 
 
+class UpgradeParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`upgrade` takes no params."""
+
+
 # Tokens one `resume` may name: far more than one client holds.
 MAX_RESUME_LEASES = 4096
 
@@ -215,6 +219,7 @@ Params = (
     | LogsParams
     | MetricsParams
     | ResumeParams
+    | UpgradeParams
 )
 
 
@@ -367,6 +372,11 @@ class Decoder:
     def closed(self) -> bool:
         """True once a fatal error was reported; the connection must be closed."""
         return self._closed
+
+    def unread(self) -> bytes:
+        """The bytes fed that do not make a whole line yet (for a decoder
+        that carries on the stream, fed them first)."""
+        return bytes(self._buffer)
 
     def feed(self, data: bytes) -> list[Message]:
         """Take the next bytes of the stream; return the messages they complete.

@@ -22,7 +22,7 @@ import collections
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +32,15 @@ import trio
 from supervisor import __version__
 from supervisor.core import protocol
 from supervisor.core.config import AdapterConfig, Config
-from supervisor.core.errors import Conflict, InvalidParams, LimitReached, UnknownAdapter, UnknownLease
+from supervisor.core.errors import (
+    Conflict,
+    InvalidParams,
+    LimitReached,
+    PermissionDenied,
+    UnknownAdapter,
+    UnknownLease,
+    UpgradeFailed,
+)
 from supervisor.core.registry import (
     LIVE_STATES,
     Acquired,
@@ -48,7 +56,8 @@ from supervisor.core.registry import (
     StopTree,
     new_instance_id,
 )
-from supervisor.engine import metrics, reports, staterecord
+from supervisor.engine import handoff, metrics, reports, staterecord
+from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import AfterReply, Instances, PendingSpawn, run_after
 from supervisor.engine.scans import Members, ScanCache
 from supervisor.engine.sweep import Sweeper
@@ -96,21 +105,34 @@ class Reply:
 class Engine:
     """Leases, instances and process trees of one daemon."""
 
-    def __init__(self, config: Config, *, cgroups: CgroupManager | None = None) -> None:
+    def __init__(
+        self, config: Config, *, cgroups: CgroupManager | None = None, handed: EngineState | None = None
+    ) -> None:
+        """`handed`: the state the previous image of this process handed over
+        in an in-place upgrade (then `run` takes it back instead of adopting
+        and sweeping). Raises ValueError if it is inconsistent."""
         self.config = config
         self.cgroups = cgroups
-        self.run_id = secrets.token_hex(8)
+        self._handed = handed
+        self.run_id = handed.run_id if handed is not None else secrets.token_hex(8)
         self.pid = os.getpid()
-        self.started_at = time.time()
+        self.started_at = handed.started_at if handed is not None else time.time()
         self.state_dir = config.daemon.state_dir
         self.daemon_key = staterecord.daemon_key(self.state_dir)
         self.shutting_down = False
         # This incarnation's number on the state_dir (set by `run`).
         self.generation = 0
+        # Set by whoever can re-execute the daemon in place: called with the
+        # requesting connection's id and request id; returns only if the
+        # upgrade did not happen, with the reason.
+        self.upgrade_hook: Callable[[int | None, int | str | None], Awaitable[str]] | None = None
         self.peers: dict[int, Peer] = {}
         self.metrics = metrics.Metrics(self._live_state)
         self.spares = SpareCgroups(cgroups, new_instance_id) if cgroups is not None else None
-        self.registry = Registry(new_instance_id=self._new_instance_id)
+        if handed is not None:
+            self.registry = handoff.restore_registry(handed, new_instance_id=self._new_instance_id)
+        else:
+            self.registry = Registry(new_instance_id=self._new_instance_id)
         self.reaper = ChildReaper()
         self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
         self.record = staterecord.RecordKeeper(self.state_dir, self._record_snapshot)
@@ -165,14 +187,19 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self.instances.attach(nursery)
             self.scans.attach(nursery)
+            if self._handed is not None:
+                # Before the reaper's first reap: a root that exited during the
+                # exec is waitable now, and must reach its watcher.
+                self._take_back(self._handed)
             await nursery.start(self.reaper.run)
             await trio.to_thread.run_sync(self.stderr_files.prepare)
             self.generation = await trio.to_thread.run_sync(staterecord.next_generation, self.state_dir)
-            previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
-            adopted = self._adopt(previous)
-            await self.sweeper.sweep(
-                "startup", deep=True, recorded=staterecord.recorded_processes(previous), adopted=adopted
-            )
+            if self._handed is None:
+                previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
+                adopted = self._adopt(previous)
+                await self.sweeper.sweep(
+                    "startup", deep=True, recorded=staterecord.recorded_processes(previous), adopted=adopted
+                )
             # Before any spare is made: a file not followed now is a leftover.
             for leftover in self.stderr_files.leftovers():
                 self.stderr_files.remove_leftover(leftover)
@@ -184,6 +211,42 @@ class Engine:
             nursery.start_soon(self.sweeper.run_periodically)
             nursery.start_soon(self.record.run)
             task_status.started()
+
+    def _take_back(self, handed: EngineState) -> None:
+        """Rebuild the running trees the previous image handed over (the
+        registry is restored already), restart the stops it had under way,
+        and add its counters to the metrics."""
+        for tree in handed.trees:
+            adapter = self.config.adapters.get(tree.adapter) or AdapterConfig(name=tree.adapter, command=("true",))
+            self.instances.restore_tree(tree, adapter)
+        for instance in self.registry.instances.values():
+            if instance.state in (State.STOPPING, State.EXITED) and instance.id in self.instances.running:
+                self.instances.stop(instance.id, instance.stop_reason or Reason.RELEASED)
+        self.metrics.add_counters([(c.name, c.labels, c.value) for c in handed.counters])
+        self._deadlines_may_have_changed()
+        self.record.mark_dirty()
+        log.info("daemon.upgraded", instances=len(self.registry.instances), leases=len(self.registry.leases),
+                 trees=len(handed.trees))
+
+    def busy(self) -> str | None:
+        """Why the engine's state cannot be handed over at this moment (a
+        spawn in a worker thread, a sweep or scan under way), or None."""
+        if self.sweeper.busy:
+            return "a sweep is under way"
+        return self.instances.busy()
+
+    def export_state(self) -> tuple[EngineState, list[int]]:
+        """Everything the next image needs, and the fds it must keep open.
+        Call only when not `busy`, on the trio thread, with no checkpoint
+        between this and the exec."""
+        instances, leases = handoff.export_registry(self.registry)
+        trees, fds = self.instances.export_trees()
+        counters = [handoff.HandedCounter(name, labels, value) for name, labels, value in self.metrics.counters()]
+        state = EngineState(
+            run_id=self.run_id, started_at=self.started_at, registry_closed=self.registry.closed,
+            instances=instances, leases=leases, trees=trees, counters=counters,
+        )
+        return state, fds
 
     def _adopt(self, previous: staterecord.StateRecord | None) -> list[str]:
         """Take over the instances of the previous incarnation (SPEC rule 9)
@@ -554,6 +617,18 @@ class Engine:
             self._deadlines_may_have_changed()
         log.info("leases.resumed", connection=peer.id, resumed=len(resumed.resumed), not_resumed=len(resumed.not_resumed))
         return Reply({"resumed": resumed.resumed, "not_resumed": resumed.not_resumed})
+
+    async def upgrade(self, peer: Peer, params: protocol.UpgradeParams, request_id: int | str) -> Reply:
+        """Replace the daemon's code in place (SPEC rule 10); the next image
+        answers the request. Returns only if that did not happen: raises
+        PermissionDenied (only root and the daemon's own uid may upgrade it)
+        or UpgradeFailed with the reason. Cancellation: as the hook's."""
+        if peer.uid not in (0, os.geteuid()):
+            raise PermissionDenied(f"uid {peer.uid} may not upgrade the daemon; only root and its own uid may")
+        if self.upgrade_hook is None:
+            raise UpgradeFailed("this daemon cannot re-execute itself (it was not started by `serve`)")
+        reason = await self.upgrade_hook(peer.id, request_id)
+        raise UpgradeFailed(f"the daemon was not upgraded and serves on: {reason}")
 
     def status_answers_now(self, params: protocol.StatusParams) -> bool:
         """Whether `status_now` can answer: the tree scan it shows is fresh."""

@@ -25,6 +25,7 @@ import trio
 from supervisor.core.config import AdapterConfig
 from supervisor.core.errors import InvalidParams, SpawnFailed, SupervisorError, UnknownAdapter
 from supervisor.core.registry import Action, Reason, Registry
+from supervisor.engine.handoff import HandedTree
 from supervisor.engine.metrics import Metrics
 from supervisor.engine.staterecord import RecordKeeper
 from supervisor.procs import process, subreaper
@@ -358,6 +359,82 @@ class Instances:
         log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=None, adopted=True)
         self.report(self.registry.root_exited(instance_id, returncode=None, now=self.now()))
 
+    # -- an in-place upgrade ------------------------------------------------------
+
+    def busy(self) -> str | None:
+        """Why the trees cannot be handed over right now (a spawn in a worker
+        thread), or None."""
+        return f"{len(self._spawning)} spawns in progress" if self._spawning else None
+
+    def export_trees(self) -> tuple[list[HandedTree], list[int]]:
+        """Every running tree as the next image needs it, and the fds it must
+        keep open (pipes and stderr files). Call only when not `busy`."""
+        trees: list[HandedTree] = []
+        fds: list[int] = []
+        for instance_id, running in self.running.items():
+            root = running.root
+            stderr = running.stderr
+            trees.append(HandedTree(
+                instance_id=instance_id, adapter=running.adapter.name,
+                root_pid=root.id.pid, root_start_time=root.id.start_time,
+                known=sorted((m.pid, m.start_time) for m in running.tree.known),
+                stdin_fd=root.stdin_fd, stdout_fd=root.stdout_fd,
+                stderr_file=stderr.path.name if stderr is not None else None,
+                stderr_fd=stderr.fd if stderr is not None and stderr.fd >= 0 else None,
+                stderr_offset=stderr.offset if stderr is not None else 0,
+                root_reaped=running.root_reaped.is_set(), returncode=running.returncode, adopted=running.adopted,
+            ))
+            fds += [fd for fd in (root.stdin_fd, root.stdout_fd) if fd is not None]
+            if stderr is not None and stderr.fd >= 0:
+                fds.append(stderr.fd)
+        return trees, fds
+
+    def restore_tree(self, handed: HandedTree, adapter: AdapterConfig) -> RunningInstance:
+        """Take back a tree the previous image handed over: the root is still
+        this process's child (same pid across execve), so the reaper watches
+        it as before; its pipes and stderr file are the fds it names."""
+        root_id = process.ProcessId(handed.root_pid, handed.root_start_time)
+        tree = InstanceTree(instance_id=handed.instance_id, root=root_id, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree.known.update(process.ProcessId(pid, start) for pid, start in handed.known)
+        stderr = None
+        if handed.stderr_file is not None and handed.stderr_fd is not None:
+            stderr = self.stderr_files.adopt_open(handed.stderr_file, handed.stderr_fd, handed.stderr_offset)
+        running = RunningInstance(
+            adapter=adapter,
+            root=RootProcess(id=root_id, stdin_fd=handed.stdin_fd, stdout_fd=handed.stdout_fd, stderr_fd=None),
+            tree=tree,
+            stderr=stderr,
+            adopted=handed.adopted,
+        )
+        self.running[handed.instance_id] = running
+        self.generation += 1
+        assert self._nursery is not None, "attach() first"
+        if stderr is not None:
+            self._nursery.start_soon(self._read_stderr, handed.instance_id, running)
+        if handed.root_reaped:
+            running.returncode = handed.returncode
+            running.root_reaped.set()
+        elif handed.adopted and _parent_of(root_id) != self.pid:
+            # Adopted after a crash, so not our child: its exit shows on a pidfd.
+            pidfd = process.open_pidfd(root_id)
+            if pidfd is None:
+                running.root_reaped.set()
+            else:
+                self._nursery.start_soon(self._watch_adopted_root, handed.instance_id, running, pidfd)
+                return running
+        else:
+            self.reaper.watch_root(
+                root_id.pid, lambda returncode: _root_reaped(running, returncode), spawned_after=float("-inf")
+            )
+        self._nursery.start_soon(self._watch_handed_root, handed.instance_id, running)
+        return running
+
+    async def _watch_handed_root(self, instance_id: str, running: RunningInstance) -> None:
+        self.reaper.reap()
+        await running.root_reaped.wait()
+        log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=running.returncode)
+        self.report(self.registry.root_exited(instance_id, returncode=running.returncode, now=self.now()))
+
     # -- stopping ----------------------------------------------------------------
 
     def stop(self, instance_id: str, reason: Reason) -> None:
@@ -502,6 +579,11 @@ def _root_reaped(running: RunningInstance, returncode: int) -> None:
     # Tell subprocess the child is gone, so it never waits for it itself.
     running.root.reaped(returncode)
     running.root_reaped.set()
+
+
+def _parent_of(proc: process.ProcessId) -> int | None:
+    stat = process.read_stat(proc.pid)
+    return stat.ppid if stat is not None and stat.start_time == proc.start_time else None
 
 
 def _stderr_line(instance_id: str, line: str) -> None:

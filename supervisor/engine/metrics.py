@@ -64,6 +64,10 @@ class _LiveCollector(Collector):
             yield family
 
 
+# The attributes of `Metrics` that are counters (an upgrade hands them over).
+COUNTERS = ("spawns", "spawn_failures", "releases", "reaps", "orphans", "protocol_errors")
+
+
 class Metrics:
     """The daemon's metrics, in a registry of its own (not the process-global one)."""
 
@@ -94,6 +98,23 @@ class Metrics:
         self.protocol_errors = Counter(
             f"{PREFIX}_protocol_errors", "Requests answered with an error, by code.", ["code"], registry=self.registry
         )
+
+    def counters(self) -> list[tuple[str, dict[str, str], float]]:
+        """Every counter's value per label set: (attribute, labels, value)."""
+        values = []
+        for attribute in COUNTERS:
+            for family in getattr(self, attribute).collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        values.append((attribute, dict(sample.labels), sample.value))
+        return values
+
+    def add_counters(self, values: list[tuple[str, dict[str, str], float]]) -> None:
+        """Add what `counters` returned (of another instance); unknown names
+        are ignored."""
+        for attribute, labels, value in values:
+            if attribute in COUNTERS and value > 0:
+                getattr(self, attribute).labels(**labels).inc(value)
 
     def exposition(self) -> str:
         """The Prometheus text format of every metric now."""

@@ -245,6 +245,11 @@ class Sweeper:
         # Expired leases (the registry's tick) not yet in a report.
         self._expired: list[str] = []
 
+    @property
+    def busy(self) -> bool:
+        """Whether a sweep is under way."""
+        return self._lock.locked()
+
     def leases_expired(self, tokens: list[str]) -> None:
         """Leases the registry expired: the next report lists them."""
         self._expired += tokens

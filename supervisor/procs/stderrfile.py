@@ -255,6 +255,12 @@ class StderrFiles:
         followed = self._followed[name] = FollowedFile(path, fd, offset=max(0, size - ADOPTED_TAIL_BYTES))
         return followed
 
+    def adopt_open(self, name: str, fd: int, offset: int) -> FollowedFile:
+        """Follow file `name`, already open as `fd` (handed over across an
+        in-place upgrade), from `offset`."""
+        followed = self._followed[name] = FollowedFile(self.directory / name, fd, offset=offset)
+        return followed
+
     def remove(self, followed: FollowedFile) -> None:
         """Stop following a file and delete it (its tree is gone): its reader
         drains what is left, then sees the end, and closes it."""

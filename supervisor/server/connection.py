@@ -77,8 +77,12 @@ class Connection:
 
     def notify(self, method: str, params: object) -> None:
         """Queue a notification; never blocks, never raises."""
+        self.queue_line(protocol.encode_notification(method, params))
+
+    def queue_line(self, line: bytes) -> None:
+        """Queue a whole line to send; never blocks, never raises."""
         if not self.closed:
-            self.notify_nursery.start_soon(self.send, protocol.encode_notification(method, params))
+            self.notify_nursery.start_soon(self.send, line)
 
     async def send(self, line: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send one whole line (with fds on its first byte), after any line

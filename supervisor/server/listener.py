@@ -24,8 +24,10 @@ import resource
 import socket as stdlib_socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import structlog
 import trio
 
@@ -39,7 +41,7 @@ from supervisor.core.errors import (
 )
 from supervisor.engine.engine import Engine, Reply
 from supervisor.engine.instances import AfterReply, run_after
-from supervisor.server.connection import Connection
+from supervisor.server.connection import MAX_IN_FLIGHT, Connection
 from supervisor.server.methods import PARAMS, Method, Started, Waits, method_for
 from supervisor.server.readhub import ReadHub
 
@@ -72,10 +74,6 @@ SO_PEERGROUPS = getattr(stdlib_socket, "SO_PEERGROUPS", 59)
 MAX_PEER_GROUPS = 256
 
 
-def _no_task_to_start() -> None:
-    """`started` for a request answered in the reader: nobody awaits its start."""
-
-
 @dataclass
 class _Handback:
     """What a connection's task must do when the hub hands it back: finish
@@ -92,15 +90,50 @@ class _Handback:
     fatal: bool = False
 
 
-class ControlServer:
-    """Accepts clients on the control socket and serves their requests."""
+class HandedConnection(msgspec.Struct, frozen=True, kw_only=True):
+    """A client connection handed to the next image in an in-place upgrade."""
 
-    def __init__(self, engine: Engine) -> None:
+    fd: int
+    id: int
+    pid: int
+    uid: int
+    gid: int
+    # Bytes read from the peer that do not make a whole line yet.
+    unread: bytes = b""
+
+
+class ServerState(msgspec.Struct, frozen=True, kw_only=True):
+    """Every open connection, and where the next connection's id starts."""
+
+    next_id: int
+    connections: list[HandedConnection]
+
+
+class ControlServer:
+    """Accepts clients on the control socket and serves their requests.
+
+    `pause` (for an in-place upgrade) brings every connection to a point
+    where it can be handed over: nothing decoded and not yet answered,
+    nothing half sent, no request in flight; `export_state` then names them
+    and `resume_serving` carries on if the upgrade did not happen. A server
+    built with `handed` serves the connections of the previous image."""
+
+    def __init__(self, engine: Engine, *, handed: ServerState | None = None) -> None:
         self.engine = engine
-        self._ids = itertools.count(1)
+        self._handed = handed
+        self._ids = itertools.count(handed.next_id if handed is not None else 1)
         self.connections: dict[int, Connection] = {}
         self._listen_scope: trio.CancelScope | None = None
         self._hub: ReadHub | None = None
+        # Pausing for an upgrade: connections lent to the hub are taken back
+        # (`_lent`) and park (`_parked`, with their decoders) until resumed.
+        self._pausing = False
+        self._resumed = trio.Event()
+        self._lent: dict[int, Callable[[], None]] = {}
+        self._parked: dict[int, protocol.Decoder] = {}
+        self._accept_scope: trio.CancelScope | None = None
+        # Accepted sockets not yet a connection (or refused).
+        self._arriving = 0
 
     async def serve(
         self, listener: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -111,6 +144,12 @@ class ControlServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hub.run)
+                if self._handed is not None:
+                    # Registered before `serve` reports started: an answer the
+                    # previous image owes (the upgrade's) can be queued at once.
+                    for handed in self._handed.connections:
+                        connection, decoder, early = self._take_handed(handed, nursery)
+                        nursery.start_soon(self._serve_registered, connection, decoder, early)
                 await self._accept(listener, nursery, task_status)
         finally:
             hub.close()
@@ -119,15 +158,22 @@ class ControlServer:
         with trio.CancelScope() as self._listen_scope:
             task_status.started()
             while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("server.accept_failed", error=os.strerror(exc.errno))
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                nursery.start_soon(self._serve_connection, sock, nursery)
+                if self._pausing:
+                    await self._resumed.wait()
+                    continue
+                sock = None
+                with trio.CancelScope() as self._accept_scope:
+                    try:
+                        sock, _ = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.error("server.accept_failed", error=os.strerror(exc.errno))
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                if sock is not None:
+                    self._arriving += 1
+                    nursery.start_soon(self._serve_connection, sock, nursery)
         listener.close()
         await trio.sleep_forever()
 
@@ -136,7 +182,13 @@ class ControlServer:
             self._listen_scope.cancel()
 
     async def _serve_connection(self, sock: trio.socket.SocketType, server_nursery: trio.Nursery) -> None:
-        pid, uid, gid = _UCRED.unpack(sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size))
+        try:
+            pid, uid, gid = _UCRED.unpack(
+                sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size)
+            )
+        except BaseException:
+            self._arriving -= 1
+            raise
         refusal: SupervisorError | None = None
         if not self._allowed(uid, {gid, *_peer_groups(sock)}):
             refusal = PermissionDenied(
@@ -150,6 +202,7 @@ class ControlServer:
                 f"(max_connections {self.config.max_connections}, or half its open-file limit)"
             )
         if refusal is not None:
+            self._arriving -= 1
             log.warning("connection.refused", pid=pid, uid=uid, gid=gid, code=refusal.code, reason=refusal.message)
             with trio.move_on_after(REFUSE_TIMEOUT_S):
                 try:
@@ -170,12 +223,41 @@ class ControlServer:
             id=next(self._ids), sock=plain, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery,
             send_timeout=self.config.send_timeout,
         )
+        self._arriving -= 1
+        log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
+        await self._serve_open(connection, protocol.Decoder(self.config.max_message_bytes, PARAMS))
+
+    def _take_handed(
+        self, handed: HandedConnection, server_nursery: trio.Nursery
+    ) -> tuple[Connection, protocol.Decoder, list[protocol.Message]]:
+        """A connection the previous image handed over, registered as it left
+        it, with its decoder and the lines its unread bytes already make."""
+        plain = stdlib_socket.socket(fileno=handed.fd)
+        plain.setblocking(False)
+        connection = Connection(
+            id=handed.id, sock=plain, pid=handed.pid, uid=handed.uid, gid=handed.gid,
+            notify_nursery=server_nursery, send_timeout=self.config.send_timeout,
+        )
+        decoder = protocol.Decoder(self.config.max_message_bytes, PARAMS)
+        early = decoder.feed(handed.unread)
         self.connections[connection.id] = connection
         self.engine.connected(connection)
-        log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
+        return connection, decoder, early
+
+    async def _serve_open(self, connection: Connection, decoder: protocol.Decoder) -> None:
+        """Register an open connection and serve it until it ends."""
+        self.connections[connection.id] = connection
+        self.engine.connected(connection)
+        await self._serve_registered(connection, decoder, [])
+
+    async def _serve_registered(
+        self, connection: Connection, decoder: protocol.Decoder, early: list[protocol.Message]
+    ) -> None:
+        """Serve a registered connection until it ends, then release what it held."""
+        plain = connection.sock
         try:
             async with trio.open_nursery() as nursery:
-                if not await self._read_requests(connection, nursery):
+                if not await self._read_requests(connection, nursery, decoder, early):
                     nursery.cancel_scope.cancel()
                 # On a clean end of input the requests in flight still get their
                 # answers (a client may half-close after its last request).
@@ -187,7 +269,13 @@ class ControlServer:
             self.engine.disconnected(connection)
             log.info("connection.closed", connection=connection.id)
 
-    async def _read_requests(self, connection: Connection, nursery: trio.Nursery) -> bool:
+    async def _read_requests(
+        self,
+        connection: Connection,
+        nursery: trio.Nursery,
+        decoder: protocol.Decoder,
+        early: list[protocol.Message],
+    ) -> bool:
         """Serve requests. True on a clean end of input, False when the
         connection must close at once (reset, fatal protocol error).
 
@@ -195,11 +283,17 @@ class ControlServer:
         (`_serve_ready`). What it hands back is served here: requests that
         wait briefly or not at all right here, in order, without a task;
         others each in a task of their own.
+        `early`: lines decoded before (a handed connection's) to serve first.
+        While the server pauses, the connection parks between batches.
         Cancellation: returns nothing, raises Cancelled.
         """
-        decoder = protocol.Decoder(self.config.max_message_bytes, PARAMS)
+        handback = _Handback(messages=early)
         while not connection.closed:
-            handback = await self._lend_to_hub(connection, decoder)
+            if not handback.messages:
+                if self._pausing:
+                    await self._park(connection, decoder)
+                    continue
+                handback = await self._lend_to_hub(connection, decoder)
             await connection.flush()
             if handback.line is not None:
                 await connection.send(handback.line)
@@ -234,7 +328,18 @@ class ControlServer:
                     await nursery.start(self._serve_in_task, connection, message, method)
                 if answered % ANSWERS_PER_TURN == 0:
                     await trio.lowlevel.checkpoint()
+            handback = _Handback()
         return False
+
+    async def _park(self, connection: Connection, decoder: protocol.Decoder) -> None:
+        """Wait, with nothing half done on this connection, until the server
+        resumes serving (or the process execs). Cancellation: returns early."""
+        await connection.flush()
+        self._parked[connection.id] = decoder
+        try:
+            await self._resumed.wait()
+        finally:
+            self._parked.pop(connection.id, None)
 
     async def _lend_to_hub(self, connection: Connection, decoder: protocol.Decoder) -> _Handback:
         """Let the hub serve the connection until it hands it back.
@@ -262,16 +367,27 @@ class ControlServer:
                 connection.close()
                 return
             handback = result
+            self._lent.pop(connection.id, None)
+            hub.unwatch(fd)
+            trio.lowlevel.reschedule(task)
+
+        def take_back() -> None:
+            """The server pauses: hand the connection back with nothing to do."""
+            nonlocal handback
+            handback = _Handback()
+            self._lent.pop(connection.id, None)
             hub.unwatch(fd)
             trio.lowlevel.reschedule(task)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             nonlocal aborted
             aborted = True
+            self._lent.pop(connection.id, None)
             hub.unwatch(fd)
             return trio.lowlevel.Abort.SUCCEEDED
 
         hub.watch(fd, on_readable)
+        self._lent[connection.id] = take_back
         await trio.lowlevel.wait_task_rescheduled(abort)
         assert handback is not None
         return handback
@@ -373,22 +489,14 @@ class ControlServer:
         """`_serve_request` in a task of its own, holding one of the connection's
         in-flight slots until answered. Started once the request's state changes
         are made, so pipelined requests change state in arrival order."""
-        started = False
-
-        def mark_started() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                task_status.started()
-
         try:
-            await self._serve_request(connection, request, method, mark_started)
+            await self._serve_request(connection, request, method, Started(request.id, task_status.started))
         finally:
             connection.in_flight.release()
 
     async def _serve_request(
         self, connection: Connection, request: protocol.Request, method: Method,
-        started: Started = _no_task_to_start,
+        started: Started | None = None,
     ) -> None:
         """Run `request`'s handler and send its answer: the result, or the wire
         error for what it raised (the one place exceptions become wire errors).
@@ -396,6 +504,8 @@ class ControlServer:
         Cancelled; returns without a checkpoint when the handler and the send
         need no wait. The reply's after-work runs once the line is handed to
         the socket, before any wait for the peer."""
+        if started is None:
+            started = Started(request.id)  # answered in the reader: nobody awaits its start
         reply: Reply | None = None
         try:
             if method.answers_now(self.engine, request.params):
@@ -426,6 +536,64 @@ class ControlServer:
             run_after(after)
             for fd in fds:
                 os.close(fd)
+
+    # -- an in-place upgrade ------------------------------------------------------
+
+    async def pause(self, *, requester: int | None, timeout: float) -> str | None:
+        """Stop accepting (the listening socket stays open: new clients wait
+        in its backlog) and bring every connection to a point where it can be
+        handed over, waiting at most `timeout`. `requester` is the connection
+        whose request asked for this (its one request stays in flight).
+        Returns None when every connection is parked, else why not (then call
+        `resume_serving`). Cancellation: raises; call `resume_serving`."""
+        self._pausing = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        for take_back in list(self._lent.values()):
+            take_back()
+        with trio.move_on_after(timeout):
+            while True:
+                waiting = self._not_parked(requester)
+                if not waiting:
+                    return None
+                await trio.sleep(0.002)
+        return f"{len(self._not_parked(requester))} connections were still busy after {timeout:g} s"
+
+    def _not_parked(self, requester: int | None) -> list[int]:
+        busy = []
+        for connection in self.connections.values():
+            if connection.closed:
+                continue
+            in_use = MAX_IN_FLIGHT - connection.in_flight.value - (1 if connection.id == requester else 0)
+            if connection.id not in self._parked or in_use or connection.sending:
+                busy.append(connection.id)
+        if self._arriving:
+            busy.append(-1)
+        return busy
+
+    def export_state(self) -> tuple[ServerState, list[int]]:
+        """The parked connections (call after `pause` succeeded, with no
+        checkpoint before the exec), and the fds to keep open."""
+        handed = []
+        for connection in self.connections.values():
+            decoder = self._parked.get(connection.id)
+            if connection.closed or decoder is None:
+                continue
+            handed.append(HandedConnection(
+                fd=connection.sock.fileno(), id=connection.id, pid=connection.pid, uid=connection.uid,
+                gid=connection.gid, unread=decoder.unread(),
+            ))
+        state = ServerState(next_id=next(self._ids), connections=handed)
+        return state, [c.fd for c in handed]
+
+    def resume_serving(self) -> None:
+        """Carry on after a pause (the upgrade did not happen)."""
+        self._pausing = False
+        resumed, self._resumed = self._resumed, trio.Event()
+        resumed.set()
+
+    def connection(self, connection_id: int) -> Connection | None:
+        return self.connections.get(connection_id)
 
     def _connection_limit(self) -> int:
         """max_connections, but never more than half the open-file limit: the

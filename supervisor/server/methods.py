@@ -19,7 +19,22 @@ from supervisor.core import protocol
 from supervisor.core.errors import MethodNotFound, ShuttingDown
 from supervisor.engine.engine import Engine, Peer, Reply
 
-Started = Callable[[], None]
+class Started:
+    """Handed to a waiting handler with its request: call it once the
+    request's state changes are made (later calls do nothing), so that
+    pipelined requests change state in arrival order. `request_id` is the
+    request's id (an upgrade's answer comes from the next image, by id)."""
+
+    __slots__ = ("request_id", "_on_started")
+
+    def __init__(self, request_id: int | str, on_started: Callable[[], None] | None = None) -> None:
+        self.request_id = request_id
+        self._on_started = on_started
+
+    def __call__(self) -> None:
+        on_started, self._on_started = self._on_started, None
+        if on_started is not None:
+            on_started()
 
 
 class Waits(enum.Enum):
@@ -81,6 +96,11 @@ async def _sweep(engine: Engine, peer: Peer, params: protocol.SweepParams, start
     return await engine.sweep(peer, params)
 
 
+async def _upgrade(engine: Engine, peer: Peer, params: protocol.UpgradeParams, started: Started) -> Reply:
+    started()
+    return await engine.upgrade(peer, params, started.request_id)
+
+
 METHODS: dict[str, Method] = {
     "hello": Method(protocol.HelloParams, Engine.hello, None, Waits.NEVER, while_stopping=True),
     "acquire": Method(
@@ -97,6 +117,7 @@ METHODS: dict[str, Method] = {
     "logs": Method(protocol.LogsParams, Engine.logs, None, Waits.NEVER, while_stopping=True),
     "sweep": Method(protocol.SweepParams, None, _sweep, Waits.LONG, while_stopping=False),
     "resume": Method(protocol.ResumeParams, Engine.resume, None, Waits.NEVER, while_stopping=False),
+    "upgrade": Method(protocol.UpgradeParams, None, _upgrade, Waits.LONG, while_stopping=False),
     "reports": Method(protocol.ReportsParams, Engine.recent_reports, None, Waits.NEVER, while_stopping=True),
     "metrics": Method(protocol.MetricsParams, Engine.metrics_text, None, Waits.NEVER, while_stopping=True),
 }

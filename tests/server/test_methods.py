@@ -12,6 +12,7 @@ from supervisor.server.methods import METHODS, PARAMS, Waits
 # while the daemon shuts down (they read state or give leases back).
 PROTOCOL_METHODS = {
     "hello", "acquire", "release", "renew", "release_job", "status", "sweep", "reports", "logs", "metrics", "resume",
+    "upgrade",
 }
 SERVED_WHILE_STOPPING = {"hello", "status", "logs", "reports", "metrics", "release", "release_job"}
 
