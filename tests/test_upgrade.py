@@ -96,3 +96,105 @@ def test_sigusr2_upgrades_and_a_refused_check_leaves_the_daemon_serving(start_da
     assert hello["generation"] == generation + 1 and hello["pid"] == daemon.pid
     assert client.call("status")["instances"][0]["refcount"] == 1
     client.call("release", {"lease": lease["lease"]})
+
+
+def test_requests_pipelined_across_an_upgrade_are_each_answered_once(start_daemon, tmp_path: Path) -> None:
+    import threading
+
+    daemon = start_daemon(adapters(tmp_path), cgroup="off")
+    sockets = []
+    for _ in range(4):
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(daemon.socket)
+        raw.settimeout(60)
+        sockets.append(raw)
+    upgraded = threading.Event()
+    sent = [0] * len(sockets)
+    answers: dict[int, list[int]] = {i: [] for i in range(len(sockets))}
+    during = [0]
+
+    def send(index: int, raw: socket.socket) -> None:
+        # Requests in small bursts until well after the upgrade, some lines
+        # split with a pause between their halves.
+        finish_at = None
+        while finish_at is None or time.monotonic() < finish_at:
+            for _ in range(10):
+                line = json.dumps({"jsonrpc": "2.0", "id": sent[index], "method": "status", "params": {}}).encode()
+                if sent[index] % 7 == 3:
+                    raw.sendall(line[:10])
+                    time.sleep(0.002)
+                    raw.sendall(line[10:] + b"\n")
+                else:
+                    raw.sendall(line + b"\n")
+                sent[index] += 1
+            time.sleep(0.002)
+            if upgraded.is_set() and finish_at is None:
+                finish_at = time.monotonic() + 0.2
+        # Last, a request whose answer tells the reader it has them all.
+        raw.sendall(b'{"jsonrpc":"2.0","id":"end","method":"hello","params":{}}\n')
+
+    def read(index: int, raw: socket.socket) -> None:
+        reader = raw.makefile("rb")
+        while line := reader.readline():
+            answer = json.loads(line)
+            assert "result" in answer, answer
+            if answer["id"] == "end":
+                break
+            answers[index].append(answer["id"])
+
+    senders = [threading.Thread(target=send, args=(i, s)) for i, s in enumerate(sockets)]
+    readers = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(sockets)]
+    for thread in senders + readers:
+        thread.start()
+    # A client slow to read: its answers fill its socket, so the upgrade's
+    # pause waits for it to read, while the others go on sending (the hub
+    # holds what they send, and hands it over).
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(daemon.socket)
+    slow.settimeout(60)
+    slow.sendall(b"".join(
+        json.dumps({"jsonrpc": "2.0", "id": i, "method": "status", "params": {}}).encode() + b"\n" for i in range(300)
+    ))
+
+    def read_slowly() -> None:
+        time.sleep(1.5)
+        reader = slow.makefile("rb")
+        got = [json.loads(reader.readline())["id"] for _ in range(300)]
+        assert sorted(got) == list(range(300))
+
+    slow_reader = threading.Thread(target=read_slowly)
+    slow_reader.start()
+    time.sleep(0.2)
+    before = sum(sent)
+    generation = daemon.client(timeout=90).call("upgrade", {})["generation"]
+    slow_reader.join(30)
+    assert not slow_reader.is_alive()
+    during[0] = sum(sent) - before
+    upgraded.set()
+    for thread in senders + readers:
+        thread.join(60)
+        assert not thread.is_alive()
+    assert during[0] > 100, "the test sent too little while the upgrade ran to mean anything"
+    for index in answers:
+        assert sorted(answers[index]) == list(range(sent[index])), "a request lost or answered twice"
+    hello = daemon.client().call("hello")
+    assert hello["generation"] == generation and hello["pid"] == daemon.pid
+    for raw in [*sockets, slow]:
+        raw.close()
+
+
+def test_an_upgrade_while_a_tree_stops_and_a_spawn_runs_in_a_thread_loses_neither(start_daemon, tmp_path: Path) -> None:
+    stubborn = tree_adapter("stubborn", pidfile=tmp_path / "stubborn.pids", args=("--ignore-term",), stop_timeout=2.0)
+    daemon = start_daemon(adapters(tmp_path) + "\n" + stubborn, cgroup="off", spawner="subprocess")
+    client = daemon.client()
+    stopping = client.call("acquire", {"job": "job-x", "adapter": "stubborn"})
+    members = read_pidfile(tmp_path / "stubborn.pids")
+    assert client.call("release", {"lease": stopping["lease"]})["stopping"] is True
+    answer = daemon.client(timeout=90).call("upgrade", {})
+    # The stop the old image had begun is finished by the new one: the tree
+    # ignores SIGTERM, so only the SIGKILL after stop_timeout ends it.
+    assert not wait_all_gone(members, daemon.pid, timeout=2.0 + 3.0)
+    assert answer["pid"] == daemon.pid
+    spawned = client.call("acquire", {"job": "job-y", "adapter": "tree"})
+    assert spawned["spawned"] is True and process.is_running(process.identify(spawned["pid"]))
+    client.call("release", {"lease": spawned["lease"]})

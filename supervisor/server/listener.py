@@ -50,6 +50,10 @@ log = structlog.get_logger()
 # Bytes read from a client per receive call.
 RECEIVE_BYTES = 65536
 
+# Bytes the hub holds for one connection while the server pauses for an
+# upgrade; past it, that connection is not read until the pause ends.
+MAX_HELD_BYTES = 1 << 20
+
 # A refused peer gets its error line, then the socket is closed after at most
 # this long even if it never reads.
 REFUSE_TIMEOUT_S = 1.0
@@ -125,12 +129,14 @@ class ControlServer:
         self.connections: dict[int, Connection] = {}
         self._listen_scope: trio.CancelScope | None = None
         self._hub: ReadHub | None = None
-        # Pausing for an upgrade: connections lent to the hub are taken back
-        # (`_lent`) and park (`_parked`, with their decoders) until resumed.
+        # Pausing for an upgrade: the hub goes on reading every connection lent
+        # to it (`_lent`: how to take it back, and its decoder), but holds what
+        # it reads (`_held`) instead of serving it, so that no client blocks
+        # sending while the daemon waits for it to read.
         self._pausing = False
         self._resumed = trio.Event()
-        self._lent: dict[int, Callable[[], None]] = {}
-        self._parked: dict[int, protocol.Decoder] = {}
+        self._lent: dict[int, tuple[Callable[[_Handback], None], protocol.Decoder]] = {}
+        self._held: dict[int, bytearray] = {}
         self._accept_scope: trio.CancelScope | None = None
         # Accepted sockets not yet a connection (or refused).
         self._arriving = 0
@@ -289,10 +295,12 @@ class ControlServer:
         """
         handback = _Handback(messages=early)
         while not connection.closed:
+            if not handback.messages and len(self._held.get(connection.id, b"")) > MAX_HELD_BYTES:
+                # Held too much during a pause: wait it out, then serve it.
+                await connection.flush()
+                await self._resumed.wait()
+                handback = _Handback(messages=decoder.feed(bytes(self._held.pop(connection.id, b""))))
             if not handback.messages:
-                if self._pausing:
-                    await self._park(connection, decoder)
-                    continue
                 handback = await self._lend_to_hub(connection, decoder)
             await connection.flush()
             if handback.line is not None:
@@ -331,15 +339,7 @@ class ControlServer:
             handback = _Handback()
         return False
 
-    async def _park(self, connection: Connection, decoder: protocol.Decoder) -> None:
-        """Wait, with nothing half done on this connection, until the server
-        resumes serving (or the process execs). Cancellation: returns early."""
-        await connection.flush()
-        self._parked[connection.id] = decoder
-        try:
-            await self._resumed.wait()
-        finally:
-            self._parked.pop(connection.id, None)
+
 
     async def _lend_to_hub(self, connection: Connection, decoder: protocol.Decoder) -> _Handback:
         """Let the hub serve the connection until it hands it back.
@@ -371,10 +371,10 @@ class ControlServer:
             hub.unwatch(fd)
             trio.lowlevel.reschedule(task)
 
-        def take_back() -> None:
-            """The server pauses: hand the connection back with nothing to do."""
+        def take_back(given: _Handback) -> None:
+            """Hand the connection back to its task with `given` to do."""
             nonlocal handback
-            handback = _Handback()
+            handback = given
             self._lent.pop(connection.id, None)
             hub.unwatch(fd)
             trio.lowlevel.reschedule(task)
@@ -387,7 +387,7 @@ class ControlServer:
             return trio.lowlevel.Abort.SUCCEEDED
 
         hub.watch(fd, on_readable)
-        self._lent[connection.id] = take_back
+        self._lent[connection.id] = (take_back, decoder)
         await trio.lowlevel.wait_task_rescheduled(abort)
         assert handback is not None
         return handback
@@ -406,6 +406,12 @@ class ControlServer:
             return _Handback(fatal=True)
         if not data:
             return _Handback(end_of_input=True)
+        if self._pausing:
+            held = self._held.setdefault(connection.id, bytearray())
+            held += data
+            # A peer that sends this much while the daemon upgrades has its
+            # connection kept out of the hub (and the upgrade may time out).
+            return _Handback(messages=[]) if len(held) > MAX_HELD_BYTES else None
         messages = decoder.feed(data)
         for index, message in enumerate(messages):
             if connection.closed:
@@ -541,54 +547,61 @@ class ControlServer:
 
     async def pause(self, *, requester: int | None, timeout: float) -> str | None:
         """Stop accepting (the listening socket stays open: new clients wait
-        in its backlog) and bring every connection to a point where it can be
-        handed over, waiting at most `timeout`. `requester` is the connection
-        whose request asked for this (its one request stays in flight).
-        Returns None when every connection is parked, else why not (then call
-        `resume_serving`). Cancellation: raises; call `resume_serving`."""
+        in its backlog) and stop serving: the hub goes on reading every
+        connection but holds what it reads. Waits at most `timeout` for every
+        connection to be lent to the hub with nothing in flight and nothing
+        left to send. `requester` is the connection whose request asked for
+        this (its one request stays in flight). Returns None once all are,
+        else why not (then call `resume_serving`). Cancellation: raises;
+        call `resume_serving`."""
         self._pausing = True
         if self._accept_scope is not None:
             self._accept_scope.cancel()
-        for take_back in list(self._lent.values()):
-            take_back()
         with trio.move_on_after(timeout):
             while True:
-                waiting = self._not_parked(requester)
-                if not waiting:
+                if not self._busy(requester):
                     return None
                 await trio.sleep(0.002)
-        return f"{len(self._not_parked(requester))} connections were still busy after {timeout:g} s"
+        return f"{len(self._busy(requester))} connections were still busy after {timeout:g} s"
 
-    def _not_parked(self, requester: int | None) -> list[int]:
+    def _busy(self, requester: int | None) -> list[int]:
         busy = []
         for connection in self.connections.values():
             if connection.closed:
                 continue
             in_use = MAX_IN_FLIGHT - connection.in_flight.value - (1 if connection.id == requester else 0)
-            if connection.id not in self._parked or in_use or connection.sending:
+            if connection.id not in self._lent or in_use or connection.sending:
                 busy.append(connection.id)
         if self._arriving:
             busy.append(-1)
         return busy
 
     def export_state(self) -> tuple[ServerState, list[int]]:
-        """The parked connections (call after `pause` succeeded, with no
+        """The open connections (call after `pause` succeeded, with no
         checkpoint before the exec), and the fds to keep open."""
         handed = []
         for connection in self.connections.values():
-            decoder = self._parked.get(connection.id)
-            if connection.closed or decoder is None:
+            lent = self._lent.get(connection.id)
+            if connection.closed or lent is None:
                 continue
+            unread = lent[1].unread() + bytes(self._held.get(connection.id, b""))
             handed.append(HandedConnection(
                 fd=connection.sock.fileno(), id=connection.id, pid=connection.pid, uid=connection.uid,
-                gid=connection.gid, unread=decoder.unread(),
+                gid=connection.gid, unread=unread,
             ))
         state = ServerState(next_id=next(self._ids), connections=handed)
         return state, [c.fd for c in handed]
 
     def resume_serving(self) -> None:
-        """Carry on after a pause (the upgrade did not happen)."""
+        """Carry on after a pause (the upgrade did not happen): what the hub
+        held is served now, in order."""
         self._pausing = False
+        for connection_id in list(self._held):
+            lent = self._lent.get(connection_id)
+            if lent is not None:
+                take_back, decoder = lent
+                take_back(_Handback(messages=decoder.feed(bytes(self._held.pop(connection_id)))))
+        # (A connection that held too much to stay lent serves its own.)
         resumed, self._resumed = self._resumed, trio.Event()
         resumed.set()
 
