@@ -87,7 +87,7 @@ def test_a_crashed_daemons_trees_are_adopted_with_their_leases_and_released_whol
 
     # The detached lease renews; the bound one waits for its holder to resume it.
     assert client.call("renew", {"lease": detached["lease"]})["expires_at"] > time.time()
-    resumed = client.call("resume", {"leases": [bound["lease"], detached["lease"], "0" * 24]})
+    resumed = client.resume([bound["lease"], detached["lease"], "0" * 24])
     assert resumed == {"resumed": [bound["lease"]], "not_resumed": [detached["lease"], "0" * 24]}
     # stderr is followed on: lines written since the restart reach `logs`.
     last = int(client.call("logs", {"lease": chatty["lease"], "lines": 1})["lines"][0].split()[1])

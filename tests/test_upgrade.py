@@ -90,7 +90,7 @@ def test_sigusr2_upgrades_and_a_refused_check_leaves_the_daemon_serving(start_da
     # A config the new code rejects: the check fails, nothing changes.
     daemon.config_path.write_text(daemon.config_path.read_text() + "\n[adapters.broken]\ncommand = []\n")
     with pytest.raises(DaemonError) as refused:
-        daemon.client(timeout=90).call("upgrade", {})
+        daemon.client(timeout=90).upgrade()
     assert refused.value.code == 1008 and "check failed" in refused.value.message
     hello = client.call("hello")
     assert hello["generation"] == generation + 1 and hello["pid"] == daemon.pid
@@ -198,3 +198,17 @@ def test_an_upgrade_while_a_tree_stops_and_a_spawn_runs_in_a_thread_loses_neithe
     spawned = client.call("acquire", {"job": "job-y", "adapter": "tree"})
     assert spawned["spawned"] is True and process.is_running(process.identify(spawned["pid"]))
     client.call("release", {"lease": spawned["lease"]})
+
+
+async def test_the_async_client_upgrades_and_resumes(start_daemon, tmp_path: Path) -> None:
+    from supervisor.client import AsyncClient
+
+    daemon = start_daemon(adapters(tmp_path), cgroup="off")
+    async with AsyncClient(daemon.socket, timeout=90) as client:
+        before = await client.hello()
+        answer = await client.upgrade()
+        assert (answer["pid"], answer["generation"]) == (daemon.pid, before["generation"] + 1)
+        # Nothing waits to be resumed after an upgrade: bound leases stayed bound.
+        lease = await client.call("acquire", {"job": "j", "adapter": "tree"})
+        assert await client.resume([lease["lease"]]) == {"resumed": [], "not_resumed": [lease["lease"]]}
+        await client.release(lease["lease"])

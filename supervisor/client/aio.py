@@ -458,6 +458,15 @@ class AsyncClient:
         may still reach the daemon)."""
         return await self.call("release_job", {"job": job})  # type: ignore[no-any-return]
 
+    async def resume(self, leases: Sequence[str]) -> dict[str, list[str]]:
+        """As `Client.resume`; cancelled as `call_with_fds` is."""
+        return await self.call("resume", {"leases": list(leases)})  # type: ignore[no-any-return]
+
+    async def upgrade(self) -> dict[str, Any]:
+        """As `Client.upgrade`; cancelled as `call_with_fds` is (the upgrade
+        may still happen)."""
+        return await self.call("upgrade", {})  # type: ignore[no-any-return]
+
     async def status(self, job: str | None = None) -> Status:
         """As `Client.status`; cancelled as `call_with_fds` is."""
         return await self.call("status", {"job": job} if job is not None else {})  # type: ignore[no-any-return]

@@ -460,6 +460,24 @@ class Client:
         ConnectionLost, TimeoutError."""
         return self.call("release_job", {"job": job})  # type: ignore[no-any-return]
 
+    def resume(self, leases: Sequence[str]) -> dict[str, list[str]]:
+        """After a crash of the daemon (its `hello` shows a higher
+        `generation`), take back on this connection the bound leases of
+        `leases` that the restarted daemon holds for their holder (within its
+        `resume_grace`). Returns `{"resumed": [...], "not_resumed": [...]}`;
+        a lease not resumed is gone (or detached: it needs no resuming).
+        The returned leases are bound to this client from now on, but are not
+        `Lease` objects of it. Raises ConnectionLost, TimeoutError."""
+        return self.call("resume", {"leases": list(leases)})  # type: ignore[no-any-return]
+
+    def upgrade(self) -> dict[str, Any]:
+        """Have the daemon re-execute its code in place (root or the daemon's
+        own uid); returns the new image's `{"pid", "version", "generation"}`.
+        Raises DaemonError (1008: it did not happen, and says why;
+        PermissionDenied), ConnectionLost, TimeoutError (the client's timeout
+        must cover the new code's check, up to 30 s)."""
+        return self.call("upgrade", {})  # type: ignore[no-any-return]
+
     def status(self, job: str | None = None) -> Status:
         """The daemon and its instances (those of `job` only, if given). Raises
         as `call` does."""

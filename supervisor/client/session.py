@@ -196,6 +196,8 @@ class HelloResult(TypedDict):
     protocol: int
     pid: int
     instance_id: str
+    # Incarnations of the daemon on its state_dir: grows on a restart or an upgrade.
+    generation: int
 
 
 class ReleaseResult(TypedDict):
@@ -218,12 +220,15 @@ class InstanceStatus(TypedDict):
     refcount: int
     started_at: float | None
     rss_bytes: int
+    # Taken over from a previous incarnation of the daemon after a crash.
+    adopted: bool
 
 
 class DaemonStatus(TypedDict, total=False):
     pid: int
     version: str
     instance_id: str
+    generation: int
     started_at: float
     uptime_s: float
     instances: int
