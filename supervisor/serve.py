@@ -95,6 +95,16 @@ def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int
             os.close(inherited)
         return
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    owner = os.stat(state_dir).st_uid
+    if owner != os.geteuid():
+        raise StartupError(
+            f"state_dir {state_dir} belongs to uid {owner}, not to this daemon's uid {os.geteuid()}: "
+            "it holds lease tokens and names processes to adopt, so only the daemon's own may be used"
+        )
+    if os.stat(state_dir).st_mode & 0o077:
+        log.warning("daemon.state_dir_mode", state_dir=state_dir, mode="0700",
+                    reason="it holds lease tokens; it was open to others")
+        os.chmod(state_dir, 0o700)
     path = os.path.join(state_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -284,7 +294,11 @@ def _answer_upgrade(server: ControlServer, engine: Engine, requester: upgrade.Re
     if connection is None:
         return
     result = {"pid": engine.pid, "version": __version__, "generation": engine.generation}
-    connection.queue_line(protocol.encode_result(requester.request_id, result))
+    line = protocol.encode_result(requester.request_id, result)
+    # At once if the socket takes it (before the connection's task first runs,
+    # which may find the peer's input ended and close it); else queued.
+    if not connection.try_send(line):
+        connection.queue_line(line)
 
 
 async def _reload(engine: Engine) -> None:

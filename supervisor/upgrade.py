@@ -30,6 +30,8 @@ import structlog
 import trio
 
 from supervisor import __version__, systemd
+from supervisor.core.config import load_config
+from supervisor.core.errors import ConfigError
 from supervisor.engine.engine import Engine
 from supervisor.engine.handoff import EngineState
 from supervisor.server.listener import ControlServer, ServerState
@@ -139,13 +141,18 @@ class Upgrader:
 
     async def upgrade(self, connection: int | None, request_id: int | str | None) -> str:
         """Upgrade now; returns only if that did not happen, with the reason
-        (the daemon then serves on). One upgrade at a time."""
+        (the daemon then serves on). One upgrade at a time: another asked for
+        meanwhile is refused at once."""
+        if self._lock.locked():
+            return "an upgrade is already under way"
         async with self._lock:
             log.info("daemon.upgrade_requested", connection=connection)
-            reason = await check_new_code(self.config_path)
+            reason = await self._check()
             if reason is not None:
                 log.error("daemon.upgrade_refused", reason=reason)
                 return reason
+            if self.engine.shutting_down:
+                return "the daemon began shutting down"
             self.notifier.reloading()
             try:
                 reason = await self.server.pause(requester=connection, timeout=QUIESCE_TIMEOUT_S)
@@ -156,9 +163,25 @@ class Upgrader:
                     reason = self._exec(requester)
             finally:
                 self.server.resume_serving()
-                self.notifier.ready(status=self.engine.status_line())
+                if not self.engine.shutting_down:
+                    self.notifier.ready(status=self.engine.status_line())
             log.error("daemon.upgrade_failed", reason=reason)
             return reason
+
+    async def _check(self) -> str | None:
+        """Why the code on disk may not take over now, or None."""
+        if self.engine.shutting_down:
+            return "the daemon is shutting down"
+        try:
+            config = await trio.to_thread.run_sync(load_config, self.config_path)
+        except ConfigError:
+            config = None  # the check of the new code says why
+        if config is not None:
+            current = self.engine.config.daemon
+            if (config.daemon.state_dir, config.daemon.socket) != (current.state_dir, current.socket):
+                return ("the config file names another state_dir or socket than the daemon uses; "
+                        "those change only with a restart")
+        return await check_new_code(self.config_path)
 
     async def _engine_idle(self) -> str | None:
         with trio.move_on_after(QUIESCE_TIMEOUT_S):
@@ -170,6 +193,8 @@ class Upgrader:
     def _exec(self, requester: Requester | None) -> str:
         """Write the handover and execve; returns only on failure, with the
         reason, having undone what it did. No checkpoint in here."""
+        if self.engine.shutting_down:
+            return "the daemon began shutting down"
         engine_state, engine_fds = self.engine.export_state()
         server_state, server_fds = self.server.export_state()
         handover = Handover(

@@ -212,3 +212,79 @@ async def test_the_async_client_upgrades_and_resumes(start_daemon, tmp_path: Pat
         lease = await client.call("acquire", {"job": "j", "adapter": "tree"})
         assert await client.resume([lease["lease"]]) == {"resumed": [], "not_resumed": [lease["lease"]]}
         await client.release(lease["lease"])
+
+
+def upgrade_in_background(daemon) -> tuple[object, list]:
+    import threading
+
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(daemon.client(timeout=90).upgrade())
+        except Exception as exc:  # noqa: BLE001 (the test looks at what it was)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_sigterm_during_an_upgrade_stops_the_daemon_cleanly_and_every_tree(start_daemon, tmp_path: Path) -> None:
+    stubborn = tree_adapter("stubborn", pidfile=tmp_path / "stubborn.pids", args=("--ignore-term",), stop_timeout=1.0)
+    daemon = start_daemon(stubborn, cgroup="off")
+    daemon.client().call("acquire", {"job": "j", "adapter": "stubborn", "detach": True, "ttl": 600})
+    members = read_pidfile(tmp_path / "stubborn.pids")
+    thread, outcome = upgrade_in_background(daemon)
+    daemon.wait_for_event("daemon.upgrade_requested", timeout=10)
+    daemon.popen.send_signal(signal.SIGTERM)
+    assert daemon.popen.wait(30) == 0
+    thread.join(30)
+    assert outcome and not isinstance(outcome[0], dict), "the upgrade must not happen once stopping began"
+    assert not wait_all_gone(members, daemon.pid, timeout=3.0), "the shutdown did not stop every tree"
+    assert "daemon.upgrading" not in daemon.log_path.read_text()
+
+
+def test_an_adapter_exiting_during_an_upgrade_is_still_notified(start_daemon, tmp_path: Path) -> None:
+    daemon = start_daemon('[adapters.sleeper]\ncommand = ["/bin/sleep", "600"]\nstop_timeout = 1.0\n', cgroup="off")
+    holder = daemon.client()
+    lease = holder.call("acquire", {"job": "j", "adapter": "sleeper"})
+    thread, outcome = upgrade_in_background(daemon)
+    daemon.wait_for_event("daemon.upgrading", timeout=30)
+    os.kill(lease["pid"], signal.SIGKILL)
+    thread.join(60)
+    assert isinstance(outcome[0], dict), outcome
+    notice = holder.next_notification(timeout=10)
+    assert notice["method"] == "adapter_exited" and notice["params"]["instance"] == lease["instance"]
+    assert notice["params"]["reason"] == "killed"
+
+
+def test_a_requester_that_half_closes_gets_its_answer_from_the_new_image(start_daemon, tmp_path: Path) -> None:
+    daemon = start_daemon("", cgroup="off")
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(daemon.socket)
+    raw.settimeout(60)
+    raw.sendall(b'{"jsonrpc":"2.0","id":"up","method":"upgrade","params":{}}\n')
+    raw.shutdown(socket.SHUT_WR)
+    answer = json.loads(raw.makefile("rb").readline())
+    assert answer["id"] == "up" and answer["result"]["pid"] == daemon.pid and answer["result"]["generation"] == 2
+    raw.close()
+
+
+def test_a_second_upgrade_meanwhile_and_a_moved_state_dir_are_refused_at_once(start_daemon, tmp_path: Path) -> None:
+    daemon = start_daemon("", cgroup="off")
+    thread, outcome = upgrade_in_background(daemon)
+    daemon.wait_for_event("daemon.upgrade_requested", timeout=10)
+    started = time.monotonic()
+    with pytest.raises(DaemonError) as second:
+        daemon.client(timeout=90).upgrade()
+    assert second.value.code == 1008 and "already under way" in second.value.message
+    assert time.monotonic() - started < 5
+    thread.join(60)
+    assert isinstance(outcome[0], dict), outcome
+    text = daemon.config_path.read_text().replace(str(daemon.state_dir), str(tmp_path / "elsewhere"))
+    daemon.config_path.write_text(text)
+    with pytest.raises(DaemonError) as moved:
+        daemon.client(timeout=90).upgrade()
+    assert moved.value.code == 1008 and "state_dir" in moved.value.message
+    assert daemon.client().call("hello")["generation"] == 2

@@ -239,6 +239,8 @@ class Engine:
         """Everything the next image needs, and the fds it must keep open.
         Call only when not `busy`, on the trio thread, with no checkpoint
         between this and the exec."""
+        if self.spares is not None:
+            self.spares.drain()  # the next image makes its own
         instances, leases = handoff.export_registry(self.registry)
         trees, fds = self.instances.export_trees()
         counters = [handoff.HandedCounter(name, labels, value) for name, labels, value in self.metrics.counters()]
@@ -273,6 +275,11 @@ class Engine:
             if pidfd is None:
                 log.info("adapter.not_adopted", instance=recorded.instance, reason="its root is gone")
                 continue
+            if not self._carries_our_tag(root, recorded.instance):
+                os.close(pidfd)
+                log.warning("adapter.not_adopted", instance=recorded.instance,
+                            reason="its recorded root does not carry this daemon's instance tag")
+                continue
             leases = tuple(
                 AdoptedLease(token=l.token, uid=l.uid, detached=l.detached, ttl=l.ttl, expires_at=l.expires_at)
                 for l in recorded.leases
@@ -298,6 +305,19 @@ class Engine:
         if adopted:
             self.record.mark_dirty()
         return adopted
+
+    def _carries_our_tag(self, root: process.ProcessId, instance_id: str) -> bool:
+        """Whether `root` (pinned by a pidfd) has this daemon's tag and the
+        instance's in its environment: the record alone is no proof (anyone
+        who could write it could name any process)."""
+        try:
+            env = process.read_supervisor_env(root.pid)
+        except OSError:
+            return False
+        stat = process.read_stat(root.pid)
+        if stat is None or stat.start_time != root.start_time:
+            return False  # the environment read may have been another process's
+        return env.get(process.DAEMON_ENV) == self.daemon_key and env.get(process.INSTANCE_ENV) == instance_id
 
     async def _expire_deadlines(self) -> None:
         """Release expired detached leases and end lingering instances on time.
@@ -627,6 +647,8 @@ class Engine:
             raise PermissionDenied(f"uid {peer.uid} may not upgrade the daemon; only root and its own uid may")
         if self.upgrade_hook is None:
             raise UpgradeFailed("this daemon cannot re-execute itself (it was not started by `serve`)")
+        if self.shutting_down:
+            raise UpgradeFailed("the daemon is shutting down")
         reason = await self.upgrade_hook(peer.id, request_id)
         raise UpgradeFailed(f"the daemon was not upgraded and serves on: {reason}")
 

@@ -91,6 +91,20 @@ class SpareCgroups:
             self._wanted = trio.Event()
             await self._wanted.wait()
 
+    def drain(self) -> None:
+        """Remove every spare now (before an in-place upgrade: the next image
+        makes its own); more are made on the next turn of `run`."""
+        while self._claimable:
+            os.close(self._claimable.popitem()[1])
+        while self._ready:
+            name, fd = self._ready.popitem()
+            os.close(fd)
+            try:
+                self._cgroups.remove(name)
+            except OSError as exc:
+                log.warning("cgroup.remove_failed", instance=name, error=str(exc))
+        self._wanted.set()
+
     def close(self) -> None:
         """Remove every spare and make no more (at shutdown)."""
         self._closed = True

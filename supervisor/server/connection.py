@@ -54,8 +54,10 @@ class Connection:
     gid: int
     # Where notification sends run: the server's nursery, which outlives every
     # connection (a connection's own nursery may already be closing when some
-    # other request's outcome concerns it).
-    notify_nursery: trio.Nursery
+    # other request's outcome concerns it). None until the server serves (a
+    # connection handed over by an upgrade exists before): lines queued
+    # meanwhile wait in `_early`.
+    notify_nursery: trio.Nursery | None
     # A peer that does not read for this long is dropped: one stuck peer must
     # not pin tasks and memory forever (daemon.send_timeout).
     send_timeout: float = 10.0
@@ -64,6 +66,7 @@ class Connection:
     _send_lock: trio.Lock = field(default_factory=trio.Lock)
     # A line begun and not finished: (the line, bytes sent, its fds).
     _unsent: tuple[memoryview, int, tuple[int, ...]] | None = None
+    _early: list[bytes] = field(default_factory=list)
 
     @property
     def sending(self) -> bool:
@@ -81,8 +84,19 @@ class Connection:
 
     def queue_line(self, line: bytes) -> None:
         """Queue a whole line to send; never blocks, never raises."""
-        if not self.closed:
+        if self.closed:
+            return
+        if self.notify_nursery is None:
+            self._early.append(line)
+        else:
             self.notify_nursery.start_soon(self.send, line)
+
+    def start_sending(self, nursery: trio.Nursery) -> None:
+        """Send queued lines from now on in `nursery`, the early ones first."""
+        self.notify_nursery = nursery
+        early, self._early = self._early, []
+        for line in early:
+            self.queue_line(line)
 
     async def send(self, line: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send one whole line (with fds on its first byte), after any line

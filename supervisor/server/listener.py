@@ -124,9 +124,11 @@ class ControlServer:
 
     def __init__(self, engine: Engine, *, handed: ServerState | None = None) -> None:
         self.engine = engine
-        self._handed = handed
         self._ids = itertools.count(handed.next_id if handed is not None else 1)
         self.connections: dict[int, Connection] = {}
+        # Connections handed over by an upgrade are the engine's peers at once,
+        # before its trees are taken back: no notification is lost.
+        self._handed = [self._take_handed(c) for c in handed.connections] if handed is not None else []
         self._listen_scope: trio.CancelScope | None = None
         self._hub: ReadHub | None = None
         # Pausing for an upgrade: the hub goes on reading every connection lent
@@ -137,6 +139,9 @@ class ControlServer:
         self._resumed = trio.Event()
         self._lent: dict[int, tuple[Callable[[_Handback], None], protocol.Decoder]] = {}
         self._held: dict[int, bytearray] = {}
+        # Connections whose peer ended its input, by id, with their decoders:
+        # only their requests in flight keep them open.
+        self._ended: dict[int, protocol.Decoder] = {}
         self._accept_scope: trio.CancelScope | None = None
         # Accepted sockets not yet a connection (or refused).
         self._arriving = 0
@@ -150,12 +155,10 @@ class ControlServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hub.run)
-                if self._handed is not None:
-                    # Registered before `serve` reports started: an answer the
-                    # previous image owes (the upgrade's) can be queued at once.
-                    for handed in self._handed.connections:
-                        connection, decoder, early = self._take_handed(handed, nursery)
-                        nursery.start_soon(self._serve_registered, connection, decoder, early)
+                for connection, decoder, early in self._handed:
+                    connection.start_sending(nursery)
+                    nursery.start_soon(self._serve_registered, connection, decoder, early)
+                self._handed = []
                 await self._accept(listener, nursery, task_status)
         finally:
             hub.close()
@@ -233,16 +236,14 @@ class ControlServer:
         log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
         await self._serve_open(connection, protocol.Decoder(self.config.max_message_bytes, PARAMS))
 
-    def _take_handed(
-        self, handed: HandedConnection, server_nursery: trio.Nursery
-    ) -> tuple[Connection, protocol.Decoder, list[protocol.Message]]:
+    def _take_handed(self, handed: HandedConnection) -> tuple[Connection, protocol.Decoder, list[protocol.Message]]:
         """A connection the previous image handed over, registered as it left
         it, with its decoder and the lines its unread bytes already make."""
         plain = stdlib_socket.socket(fileno=handed.fd)
         plain.setblocking(False)
         connection = Connection(
             id=handed.id, sock=plain, pid=handed.pid, uid=handed.uid, gid=handed.gid,
-            notify_nursery=server_nursery, send_timeout=self.config.send_timeout,
+            notify_nursery=None, send_timeout=self.config.send_timeout,
         )
         decoder = protocol.Decoder(self.config.max_message_bytes, PARAMS)
         early = decoder.feed(handed.unread)
@@ -272,6 +273,7 @@ class ControlServer:
             trio.lowlevel.notify_closing(plain)
             plain.close()
             del self.connections[connection.id]
+            self._ended.pop(connection.id, None)
             self.engine.disconnected(connection)
             log.info("connection.closed", connection=connection.id)
 
@@ -294,6 +296,7 @@ class ControlServer:
         Cancellation: returns nothing, raises Cancelled.
         """
         handback = _Handback(messages=early)
+        await connection.flush()  # an answer the previous image owed may be under way
         while not connection.closed:
             if not handback.messages and len(self._held.get(connection.id, b"")) > MAX_HELD_BYTES:
                 # Held too much during a pause: wait it out, then serve it.
@@ -308,6 +311,10 @@ class ControlServer:
             if handback.fatal:
                 return False
             if handback.end_of_input:
+                # Answers still due go out (requests in flight send their
+                # own); an upgrade may hand the connection over meanwhile.
+                self._ended[connection.id] = decoder
+                await connection.flush()
                 return True
             for answered, message in enumerate(handback.messages, start=1):
                 if connection.closed:
@@ -570,7 +577,8 @@ class ControlServer:
             if connection.closed:
                 continue
             in_use = MAX_IN_FLIGHT - connection.in_flight.value - (1 if connection.id == requester else 0)
-            if connection.id not in self._lent or in_use or connection.sending:
+            idle = connection.id in self._lent or connection.id in self._ended
+            if not idle or in_use or connection.sending:
                 busy.append(connection.id)
         if self._arriving:
             busy.append(-1)
@@ -582,9 +590,10 @@ class ControlServer:
         handed = []
         for connection in self.connections.values():
             lent = self._lent.get(connection.id)
-            if connection.closed or lent is None:
+            decoder = lent[1] if lent is not None else self._ended.get(connection.id)
+            if connection.closed or decoder is None:
                 continue
-            unread = lent[1].unread() + bytes(self._held.get(connection.id, b""))
+            unread = decoder.unread() + bytes(self._held.get(connection.id, b""))
             handed.append(HandedConnection(
                 fd=connection.sock.fileno(), id=connection.id, pid=connection.pid, uid=connection.uid,
                 gid=connection.gid, unread=unread,
