@@ -45,8 +45,6 @@ from supervisor.core.registry import (
     LIVE_STATES,
     Acquired,
     Action,
-    AdoptedInstance,
-    AdoptedLease,
     InstanceSettled,
     NotifyExited,
     Reason,
@@ -56,12 +54,11 @@ from supervisor.core.registry import (
     StopTree,
     new_instance_id,
 )
-from supervisor.engine import handoff, metrics, reports, staterecord
+from supervisor.engine import continuity, handoff, metrics, reports, staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import AfterReply, Instances, PendingSpawn, run_after
 from supervisor.engine.scans import Members, ScanCache
 from supervisor.engine.sweep import Sweeper
-from supervisor.procs import process
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import choose_spawner
@@ -213,15 +210,8 @@ class Engine:
             task_status.started()
 
     def _take_back(self, handed: EngineState) -> None:
-        """Rebuild the running trees the previous image handed over (the
-        registry is restored already), restart the stops it had under way,
-        and add its counters to the metrics."""
-        for tree in handed.trees:
-            adapter = self.config.adapters.get(tree.adapter) or AdapterConfig(name=tree.adapter, command=("true",))
-            self.instances.restore_tree(tree, adapter)
-        for instance in self.registry.instances.values():
-            if instance.state in (State.STOPPING, State.EXITED) and instance.id in self.instances.running:
-                self.instances.stop(instance.id, instance.stop_reason or Reason.RELEASED)
+        """Rebuild what the previous image handed over (see `continuity.take_back`)."""
+        continuity.take_back(handed, adapters=self.config.adapters, registry=self.registry, instances=self.instances)
         self.metrics.add_counters([(c.name, c.labels, c.value) for c in handed.counters])
         self._deadlines_may_have_changed()
         self.record.mark_dirty()
@@ -251,73 +241,14 @@ class Engine:
         return state, fds
 
     def _adopt(self, previous: staterecord.StateRecord | None) -> list[str]:
-        """Take over the instances of the previous incarnation (SPEC rule 9)
-        that were running or lingering, whose adapter is still configured, and
-        whose root is still the recorded (pid, start time); returns their ids.
-        Anything else it left is for the startup sweep to reap."""
-        if previous is None or previous.version < 2:
-            return []
-        now = self.now()
-        adopted: list[str] = []
-        for recorded in previous.instances:
-            if recorded.state not in (State.RUNNING.value, State.LINGERING.value) or recorded.root is None:
-                continue
-            adapter = self.config.adapters.get(recorded.adapter)
-            if adapter is None:
-                log.info("adapter.not_adopted", instance=recorded.instance, reason="its adapter is no longer configured")
-                continue
-            root = process.ProcessId(recorded.root.pid, recorded.root.start_time)
-            try:
-                pidfd = process.open_pidfd(root)
-            except OSError as exc:
-                log.warning("adapter.not_adopted", instance=recorded.instance, reason=f"no pidfd: {exc.strerror}")
-                continue
-            if pidfd is None:
-                log.info("adapter.not_adopted", instance=recorded.instance, reason="its root is gone")
-                continue
-            if not self._carries_our_tag(root, recorded.instance):
-                os.close(pidfd)
-                log.warning("adapter.not_adopted", instance=recorded.instance,
-                            reason="its recorded root does not carry this daemon's instance tag")
-                continue
-            leases = tuple(
-                AdoptedLease(token=l.token, uid=l.uid, detached=l.detached, ttl=l.ttl, expires_at=l.expires_at)
-                for l in recorded.leases
-            )
-            try:
-                actions = self.registry.adopt(AdoptedInstance(
-                    id=recorded.instance, job=recorded.job, adapter=recorded.adapter,
-                    params=tuple(sorted(recorded.params.items())), pid=root.pid,
-                    started_at=recorded.started_at if recorded.started_at is not None else now,
-                    linger=recorded.linger, linger_until=recorded.linger_until, leases=leases,
-                ), now=now, resume_grace=self.config.daemon.resume_grace)
-            except Conflict as exc:
-                os.close(pidfd)
-                log.warning("adapter.not_adopted", instance=recorded.instance, reason=exc.message)
-                continue
-            stderr = self.stderr_files.follow_existing(recorded.stderr_file) if recorded.stderr_file else None
-            members = [process.ProcessId(p.pid, p.start_time) for p in recorded.processes]
-            self.instances.adopt(recorded.instance, adapter, root, members, pidfd, stderr)
-            self.execute(actions)
-            adopted.append(recorded.instance)
-            log.info("adapter.adopted", instance=recorded.instance, job=recorded.job, adapter=recorded.adapter,
-                     pid=root.pid, leases=len(leases))
+        adopted = continuity.adopt_recorded(
+            previous, adapters=self.config.adapters, registry=self.registry, instances=self.instances,
+            stderr_files=self.stderr_files, daemon_key=self.daemon_key, now=self.now(),
+            resume_grace=self.config.daemon.resume_grace, execute=self.execute,
+        )
         if adopted:
             self.record.mark_dirty()
         return adopted
-
-    def _carries_our_tag(self, root: process.ProcessId, instance_id: str) -> bool:
-        """Whether `root` (pinned by a pidfd) has this daemon's tag and the
-        instance's in its environment: the record alone is no proof (anyone
-        who could write it could name any process)."""
-        try:
-            env = process.read_supervisor_env(root.pid)
-        except OSError:
-            return False
-        stat = process.read_stat(root.pid)
-        if stat is None or stat.start_time != root.start_time:
-            return False  # the environment read may have been another process's
-        return env.get(process.DAEMON_ENV) == self.daemon_key and env.get(process.INSTANCE_ENV) == instance_id
 
     async def _expire_deadlines(self) -> None:
         """Release expired detached leases and end lingering instances on time.
@@ -397,34 +328,8 @@ class Engine:
         return spare if spare is not None else new_instance_id()
 
     def _record_snapshot(self) -> staterecord.StateRecord:
-        recorded = []
-        for instance_id, running in self.instances.running.items():
-            instance = self.registry.instances.get(instance_id)
-            members = {running.root.id, *running.tree.known}
-            leases = []
-            if instance is not None:
-                for token in instance.leases:
-                    lease = self.registry.leases[token]
-                    leases.append(staterecord.RecordedLease(
-                        token=token, uid=lease.uid, detached=lease.detached, ttl=lease.ttl, expires_at=lease.expires_at,
-                    ))
-            recorded.append(staterecord.RecordedInstance(
-                instance=instance_id,
-                job=instance.job if instance else "",
-                adapter=running.adapter.name,
-                processes=[staterecord.RecordedProcess(m.pid, m.start_time) for m in members],
-                state=instance.state.value if instance else State.STOPPING.value,
-                params=dict(instance.params) if instance else {},
-                root=staterecord.RecordedProcess(running.root.id.pid, running.root.id.start_time),
-                started_at=instance.started_at if instance else None,
-                linger=instance.linger if instance else 0.0,
-                linger_until=instance.linger_until if instance else None,
-                leases=leases,
-                stderr_file=running.stderr.path.name if running.stderr is not None else None,
-            ))
-        return staterecord.StateRecord(
-            daemon_pid=self.pid, daemon_key=self.daemon_key, version=staterecord.RECORD_VERSION,
-            boot_id=staterecord.current_boot_id(), generation=self.generation, instances=recorded,
+        return continuity.record_snapshot(
+            self.registry, self.instances, daemon_pid=self.pid, daemon_key=self.daemon_key, generation=self.generation
         )
 
     def _live_state(self) -> metrics.LiveState:
