@@ -264,9 +264,11 @@ class Ours(System):
             "linger": 0.0,
             "max_instances": MAX_IDLE_INSTANCES,
         }
+        echo = {"command": ["/bin/cat"], "stdio": "pipe", "stop_signal": "SIGTERM", "stop_timeout": STOP_GRACE_S}
         text = "[daemon]\n" + _toml_table(daemon)
         text += "\n[adapters.tree]\n" + _toml_table(tree)
         text += "\n[adapters.idle]\n" + _toml_table(idle)
+        text += "\n[adapters.echo]\n" + _toml_table(echo)
         self.config_path.write_text(text)
 
     def command(self) -> list[str]:
