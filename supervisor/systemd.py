@@ -183,6 +183,9 @@ class Notifier:
         # Seconds between WATCHDOG=1 pings; None: no watchdog was asked for.
         self.watchdog_period = watchdog_period if address is not None else None
         self._sock: socket.socket | None = None
+        # The variables it was made from, for this process re-executed in
+        # place (`for_reexec`).
+        self._variables: dict[str, str] = {}
         if address is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.setblocking(False)
@@ -206,7 +209,17 @@ class Notifier:
         except ValueError as exc:
             log.warning("systemd.notify_unsupported", error=str(exc))
             return cls(None)
-        return cls(address, watchdog_period=watchdog_period(values, os.getpid() if pid is None else pid))
+        notifier = cls(address, watchdog_period=watchdog_period(values, os.getpid() if pid is None else pid))
+        notifier._variables = values
+        return notifier
+
+    def for_reexec(self) -> dict[str, str]:
+        """The variables to give this same process when it re-executes itself
+        (an in-place upgrade keeps the pid systemd knows as MAINPID)."""
+        variables = dict(self._variables)
+        if "WATCHDOG_PID" in variables:
+            variables["WATCHDOG_PID"] = str(os.getpid())
+        return variables
 
     @property
     def enabled(self) -> bool:

@@ -214,7 +214,7 @@ class Upgrader:
             os.lseek(memfd, 0, os.SEEK_SET)
             for fd in keep:
                 os.set_inheritable(fd, True)
-            env = dict(os.environ, **{HANDOVER_ENV: str(memfd)})
+            env = dict(os.environ, **self.notifier.for_reexec(), **{HANDOVER_ENV: str(memfd)})
             argv = [sys.executable, "-m", "supervisor", "serve", "--config", self.config_path]
             log.info("daemon.upgrading", pid=os.getpid(), connections=len(server_state.connections),
                      trees=len(engine_state.trees), executable=sys.executable)

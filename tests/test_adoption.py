@@ -182,3 +182,44 @@ def test_a_stranger_holding_a_recorded_root_pid_is_never_adopted_or_signalled(st
     finally:
         stranger.kill()
         stranger.wait()
+
+
+@pytest.mark.parametrize("cgroup", MODES)
+def test_a_lingering_tree_is_adopted_lingering_and_a_stopping_one_is_reaped(start_daemon, tmp_path: Path, cgroup: str) -> None:
+    lingering_adapter = tree_adapter("lingerer", pidfile=tmp_path / "linger.pids", stop_timeout=1.0, linger=60.0)
+    stopping_adapter = tree_adapter("stubborn", pidfile=tmp_path / "stubborn.pids", args=("--ignore-term",),
+                                    stop_timeout=30.0)
+    settings = {"cgroup": cgroup, "socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state")}
+    first = start_daemon(lingering_adapter + stopping_adapter, **settings)
+    client = first.client()
+    lingering = client.call("acquire", {"job": "j-l", "adapter": "lingerer"})
+    stopping = client.call("acquire", {"job": "j-s", "adapter": "stubborn"})
+    lingering_members = read_pidfile(tmp_path / "linger.pids")
+    stopping_members = read_pidfile(tmp_path / "stubborn.pids")
+    client.call("release", {"lease": lingering["lease"]})
+    assert client.call("release", {"lease": stopping["lease"]})["stopping"] is True
+    states = {row["job"]: row["state"] for row in client.call("status")["instances"]}
+    assert states == {"j-l": "lingering", "j-s": "stopping"}
+
+    def recorded_states() -> dict[str, str]:
+        try:
+            record = json.loads((tmp_path / "state" / staterecord.RECORD_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {i["job"]: i["state"] for i in record["instances"]}
+
+    assert eventually(lambda: recorded_states() == states)
+    kill_9(first)
+    second = start_daemon(lingering_adapter + stopping_adapter, **settings)
+    client = second.client()
+    rows = {row["job"]: row for row in client.call("status")["instances"]}
+    # The lingering tree comes back lingering; an acquire revives it.
+    assert rows["j-l"]["adopted"] is True and rows["j-l"]["state"] == "lingering"
+    again = client.call("acquire", {"job": "j-l", "adapter": "lingerer"})
+    assert (again["instance"], again["pid"], again["spawned"]) == (lingering["instance"], lingering["pid"], False)
+    # The tree that was being stopped is not adopted: the startup sweep
+    # finishes the stop (SIGKILL after its grace, as it ignores SIGTERM).
+    assert "j-s" not in rows
+    assert not wait_all_gone(stopping_members, second.pid, timeout=10.0)
+    assert all(process.is_running(m) for m in lingering_members.values())
+    client.call("release", {"lease": again["lease"]})

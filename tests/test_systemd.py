@@ -493,6 +493,38 @@ def test_daemon_speaks_sd_notify(tmp_path: Path, daemons: list[subprocess.Popen[
     assert "Traceback" not in log_path.read_text()
 
 
+def test_an_upgrade_says_reloading_then_ready_from_the_same_pid(tmp_path: Path, daemons: list[subprocess.Popen[bytes]]) -> None:
+    config_path, sock = write_config(tmp_path, "upgrade")
+    address = f"adapter-supervisor-test-{secrets.token_hex(8)}"
+    receiver = NotifyReceiver(b"\0" + address.encode())
+    try:
+        env = {**clean_environ(), "NOTIFY_SOCKET": f"@{address}", "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        with open(tmp_path / "upgrade.log", "wb") as log_file:
+            daemon = subprocess.Popen(
+                [PYTHON, "-m", "supervisor", "serve", "--config", str(config_path)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            )
+        daemons.append(daemon)
+        receiver.wait_for(lambda f: "READY" in f, timeout=DAEMON_START_TIMEOUT_S)
+        with Client(sock, timeout=90) as client:
+            lease = client.call("acquire", {"job": "job-1", "adapter": "reporter"})
+            assert client.upgrade()["pid"] == daemon.pid
+            # The adapter started before the upgrade, and one after, inherit
+            # none of systemd's variables.
+            assert inherited(client, lease["instance"]) == []
+            after = client.call("acquire", {"job": "job-2", "adapter": "reporter"})
+            assert inherited(client, after["instance"]) == []
+        # In the order sent: RELOADING=1 from the old image, READY=1 from the new.
+        assert receiver.wait_for(lambda f: "RELOADING" in f, timeout=10).fields["RELOADING"] == "1"
+        assert receiver.wait_for(lambda f: "READY" in f, timeout=10).fields["READY"] == "1"
+        # The new image pings the watchdog too (WATCHDOG_PID is still its pid).
+        receiver.wait_for(lambda f: f == {"WATCHDOG": "1"}, timeout=5)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+    finally:
+        receiver.close()
+
+
 def test_daemon_serves_on_a_passed_socket_and_leaves_it_alone(tmp_path: Path, daemons: list[subprocess.Popen[bytes]]) -> None:
     # The config names the passed socket's path, as /etc/adapter-supervisor
     # and the socket unit both name /run/adapter-supervisor/control.sock.

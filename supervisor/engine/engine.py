@@ -212,6 +212,7 @@ class Engine:
     def _take_back(self, handed: EngineState) -> None:
         """Rebuild what the previous image handed over (see `continuity.take_back`)."""
         continuity.take_back(handed, adapters=self.config.adapters, registry=self.registry, instances=self.instances)
+        self.instances.restore_finished_logs(handed.finished_logs)
         self.metrics.add_counters([(c.name, c.labels, c.value) for c in handed.counters])
         self._deadlines_may_have_changed()
         self.record.mark_dirty()
@@ -237,6 +238,7 @@ class Engine:
         state = EngineState(
             run_id=self.run_id, started_at=self.started_at, registry_closed=self.registry.closed,
             instances=instances, leases=leases, trees=trees, counters=counters,
+            finished_logs=self.instances.export_finished_logs(),
         )
         return state, fds
 

@@ -59,6 +59,9 @@ class HandedTree(msgspec.Struct, frozen=True, kw_only=True):
     stderr_file: str | None = None
     stderr_fd: int | None = None
     stderr_offset: int = 0
+    # The last lines of its stderr, for `logs` (what the file held of them
+    # may have been deallocated).
+    stderr_tail: list[bytes] = []
     # The root was reaped already (its status is `returncode`).
     root_reaped: bool = False
     returncode: int | None = None
@@ -79,6 +82,8 @@ class EngineState(msgspec.Struct, frozen=True, kw_only=True):
     leases: list[HandedLease]
     trees: list[HandedTree]
     counters: list[HandedCounter] = []
+    # The stderr tails of instances stopped lately, oldest first.
+    finished_logs: list[tuple[str, list[bytes]]] = []
 
 
 def export_registry(registry: Registry) -> tuple[list[HandedInstance], list[HandedLease]]:

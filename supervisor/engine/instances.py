@@ -32,7 +32,7 @@ from supervisor.procs import process, subreaper
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import RootProcess, Spawner, SpawnRequest
-from supervisor.procs.stderr import capture_stderr
+from supervisor.procs.stderr import STDERR_LINES, capture_stderr
 from supervisor.procs.stderrfile import FollowedFile, StderrFiles
 from supervisor.procs.subreaper import ChildReaper
 from supervisor.procs.tree import InstanceTree, StopOutcome, signal_member, stop_tree
@@ -382,12 +382,21 @@ class Instances:
                 stderr_file=stderr.path.name if stderr is not None else None,
                 stderr_fd=stderr.fd if stderr is not None and stderr.fd >= 0 else None,
                 stderr_offset=stderr.offset if stderr is not None else 0,
+                stderr_tail=list(root.stderr_tail),
                 root_reaped=running.root_reaped.is_set(), returncode=running.returncode, adopted=running.adopted,
             ))
             fds += [fd for fd in (root.stdin_fd, root.stdout_fd) if fd is not None]
             if stderr is not None and stderr.fd >= 0:
                 fds.append(stderr.fd)
         return trees, fds
+
+    def export_finished_logs(self) -> list[tuple[str, list[bytes]]]:
+        """The stderr tails of instances stopped lately, oldest first."""
+        return [(instance_id, list(tail)) for instance_id, tail in self.finished_logs.items()]
+
+    def restore_finished_logs(self, logs: list[tuple[str, list[bytes]]]) -> None:
+        for instance_id, lines in logs:
+            self.finished_logs[instance_id] = collections.deque(lines, maxlen=STDERR_LINES)
 
     def restore_tree(self, handed: HandedTree, adapter: AdapterConfig) -> RunningInstance:
         """Take back a tree the previous image handed over: the root is still
@@ -399,13 +408,9 @@ class Instances:
         stderr = None
         if handed.stderr_file is not None and handed.stderr_fd is not None:
             stderr = self.stderr_files.adopt_open(handed.stderr_file, handed.stderr_fd, handed.stderr_offset)
-        running = RunningInstance(
-            adapter=adapter,
-            root=RootProcess(id=root_id, stdin_fd=handed.stdin_fd, stdout_fd=handed.stdout_fd, stderr_fd=None),
-            tree=tree,
-            stderr=stderr,
-            adopted=handed.adopted,
-        )
+        root = RootProcess(id=root_id, stdin_fd=handed.stdin_fd, stdout_fd=handed.stdout_fd, stderr_fd=None)
+        root.stderr_tail.extend(handed.stderr_tail)
+        running = RunningInstance(adapter=adapter, root=root, tree=tree, stderr=stderr, adopted=handed.adopted)
         self.running[handed.instance_id] = running
         self.generation += 1
         assert self._nursery is not None, "attach() first"
