@@ -108,14 +108,5 @@ class SpareCgroups:
     def close(self) -> None:
         """Remove every spare and make no more (at shutdown)."""
         self._closed = True
-        self._wanted.set()
-        while self._claimable:
-            os.close(self._claimable.popitem()[1])
-        while self._ready:
-            name, fd = self._ready.popitem()
-            os.close(fd)
-            try:
-                self._cgroups.remove(name)
-            except OSError as exc:
-                log.warning("cgroup.remove_failed", instance=name, error=str(exc))
+        self.drain()
 
