@@ -215,7 +215,10 @@ class Upgrader:
             for fd in keep:
                 os.set_inheritable(fd, True)
             env = dict(os.environ, **self.notifier.for_reexec(), **{HANDOVER_ENV: str(memfd)})
-            argv = [sys.executable, "-m", "supervisor", "serve", "--config", self.config_path]
+            # The command line it was started with (the console script, or
+            # `python -m supervisor`), run anew from disk: same config, and
+            # the same name in `ps` and for pgrep.
+            argv = list(sys.orig_argv)
             log.info("daemon.upgrading", pid=os.getpid(), connections=len(server_state.connections),
                      trees=len(engine_state.trees), executable=sys.executable)
             self.flush_logs()
