@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.client import Client, DaemonError
+from supervisor.client import DaemonError
 from supervisor.procs import process
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
 
@@ -184,17 +184,21 @@ def test_requests_pipelined_across_an_upgrade_are_each_answered_once(start_daemo
 
 
 def test_an_upgrade_while_a_tree_stops_and_a_spawn_runs_in_a_thread_loses_neither(start_daemon, tmp_path: Path) -> None:
-    stubborn = tree_adapter("stubborn", pidfile=tmp_path / "stubborn.pids", args=("--ignore-term",), stop_timeout=2.0)
+    stubborn = tree_adapter("stubborn", pidfile=tmp_path / "stubborn.pids", args=("--ignore-term",), stop_timeout=3.0)
     daemon = start_daemon(adapters(tmp_path) + "\n" + stubborn, cgroup="off", spawner="subprocess")
     client = daemon.client()
     stopping = client.call("acquire", {"job": "job-x", "adapter": "stubborn"})
     members = read_pidfile(tmp_path / "stubborn.pids")
     assert client.call("release", {"lease": stopping["lease"]})["stopping"] is True
+    released = time.monotonic()
+    time.sleep(1.0)
     answer = daemon.client(timeout=90).call("upgrade", {})
-    # The stop the old image had begun is finished by the new one: the tree
-    # ignores SIGTERM, so only the SIGKILL after stop_timeout ends it.
-    assert not wait_all_gone(members, daemon.pid, timeout=2.0 + 3.0)
     assert answer["pid"] == daemon.pid
+    # The stop the old image had begun is finished by the new one, within the
+    # same grace: the tree ignores SIGTERM, so the SIGKILL after stop_timeout
+    # (counted from the release, not from the upgrade) ends it.
+    assert not wait_all_gone(members, daemon.pid, timeout=3.0 + 5.0)
+    assert time.monotonic() - released < 3.0 + 1.0, "the upgrade restarted the stop's grace"
     spawned = client.call("acquire", {"job": "job-y", "adapter": "tree"})
     assert spawned["spawned"] is True and process.is_running(process.identify(spawned["pid"]))
     client.call("release", {"lease": spawned["lease"]})

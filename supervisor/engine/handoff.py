@@ -62,6 +62,8 @@ class HandedTree(msgspec.Struct, frozen=True, kw_only=True):
     # The last lines of its stderr, for `logs` (what the file held of them
     # may have been deallocated).
     stderr_tail: list[bytes] = []
+    # Wall-clock time its stop began, if it is being stopped.
+    stop_began: float | None = None
     # The root was reaped already (its status is `returncode`).
     root_reaped: bool = False
     returncode: int | None = None

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import os
 import signal
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -84,6 +85,9 @@ class RunningInstance:
     stderr: FollowedFile | None = None
     # Taken over from a previous incarnation: the root is not the daemon's child.
     adopted: bool = False
+    # Wall-clock time its stop began (its stop_timeout counts from then,
+    # across an upgrade too).
+    stop_began: float | None = None
 
 
 @dataclass
@@ -382,7 +386,7 @@ class Instances:
                 stderr_file=stderr.path.name if stderr is not None else None,
                 stderr_fd=stderr.fd if stderr is not None and stderr.fd >= 0 else None,
                 stderr_offset=stderr.offset if stderr is not None else 0,
-                stderr_tail=list(root.stderr_tail),
+                stderr_tail=list(root.stderr_tail), stop_began=running.stop_began,
                 root_reaped=running.root_reaped.is_set(), returncode=running.returncode, adopted=running.adopted,
             ))
             fds += [fd for fd in (root.stdin_fd, root.stdout_fd) if fd is not None]
@@ -410,7 +414,9 @@ class Instances:
             stderr = self.stderr_files.adopt_open(handed.stderr_file, handed.stderr_fd, handed.stderr_offset)
         root = RootProcess(id=root_id, stdin_fd=handed.stdin_fd, stdout_fd=handed.stdout_fd, stderr_fd=None)
         root.stderr_tail.extend(handed.stderr_tail)
-        running = RunningInstance(adapter=adapter, root=root, tree=tree, stderr=stderr, adopted=handed.adopted)
+        running = RunningInstance(
+            adapter=adapter, root=root, tree=tree, stderr=stderr, adopted=handed.adopted, stop_began=handed.stop_began
+        )
         self.running[handed.instance_id] = running
         self.generation += 1
         assert self._nursery is not None, "attach() first"
@@ -452,15 +458,19 @@ class Instances:
         outcome = StopOutcome()
         if running is not None:
             adapter = running.adapter
+            if running.stop_began is None:
+                running.stop_began = time.time()
+            # What is left of the grace of a stop an earlier image began.
+            grace = max(0.0, adapter.stop_timeout - max(0.0, time.time() - running.stop_began))
             # Bounded and shielded: a stop that was begun is always finished,
             # even while the daemon shuts down.
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(adapter.stop_timeout + STOP_MARGIN_S) as bound:
+                with trio.move_on_after(grace + STOP_MARGIN_S) as bound:
                     try:
                         outcome = await stop_tree(
                             running.tree,
                             stop_signal=int(adapter.stop_signal),
-                            stop_timeout=adapter.stop_timeout,
+                            stop_timeout=grace,
                             reap=self.reaper.reap,
                             child_exited=self.reaper.child_exited,
                         )
