@@ -27,7 +27,9 @@ CHATTY = "import sys, time\ni = 0\nwhile True:\n    sys.stderr.write('tick %d\\n
 
 def adapters(tmp_path: Path) -> str:
     chatty = f"[adapters.chatty]\ncommand = {json.dumps([PYTHON, '-c', CHATTY])}\nstop_timeout = 1.0\n"
-    return tree_adapter("tree", pidfile=tmp_path / "{job}.pids", stop_timeout=1.0) + "\n" + chatty
+    # Pipes for stdin and stdout, which it never touches: it outlives them.
+    piped = '[adapters.piped]\ncommand = ["/bin/sleep", "600"]\nstdio = "pipe"\nstop_timeout = 1.0\n'
+    return tree_adapter("tree", pidfile=tmp_path / "{job}.pids", stop_timeout=1.0) + "\n" + chatty + piped
 
 
 def recorded_tokens(state_dir: Path) -> set[str]:
@@ -58,9 +60,10 @@ def test_a_crashed_daemons_trees_are_adopted_with_their_leases_and_released_whol
     detached = holder.call("acquire", {"job": "job-d", "adapter": "tree", "detach": True, "ttl": 600})
     bound = holder.call("acquire", {"job": "job-b", "adapter": "tree"})
     chatty = holder.call("acquire", {"job": "job-s", "adapter": "chatty", "detach": True, "ttl": 600})
+    piped = holder.call("acquire", {"job": "job-p", "adapter": "piped", "detach": True, "ttl": 600})
     trees = {job: read_pidfile(tmp_path / f"{job}.pids") for job in ("job-d", "job-b")}
     before = status_by_job(holder)
-    tokens = {detached["lease"], bound["lease"], chatty["lease"]}
+    tokens = {detached["lease"], bound["lease"], chatty["lease"], piped["lease"]}
     assert eventually(lambda: tokens <= recorded_tokens(tmp_path / "state")), "the leases never reached the record"
     assert stat_mode(tmp_path / "state" / staterecord.RECORD_FILE) == 0o600
 
@@ -77,14 +80,18 @@ def test_a_crashed_daemons_trees_are_adopted_with_their_leases_and_released_whol
     hello = client.call("hello")
     assert hello["generation"] == 2 and hello["pid"] == second.pid
     after = status_by_job(client)
-    for job in ("job-d", "job-b", "job-s"):
+    for job in ("job-d", "job-b", "job-s", "job-p"):
         assert after[job]["adopted"] is True and after[job]["state"] == "running"
         assert (after[job]["instance"], after[job]["pid"]) == (before[job]["instance"], before[job]["pid"])
     startup = [r for r in client.call("reports", {"limit": 10})["reports"] if r["kind"] == "startup"][0]
-    assert sorted(startup["adopted"]) == sorted(before[job]["instance"] for job in ("job-d", "job-b", "job-s"))
+    assert sorted(startup["adopted"]) == sorted(before[job]["instance"] for job in ("job-d", "job-b", "job-s", "job-p"))
     adopted_pids = {m.pid for members in trees.values() for m in members.values()} | {chatty["pid"]}
     assert not adopted_pids & {o["pid"] for o in startup["orphans"]}, "an adopted process was reaped"
 
+    # An adopted instance has no pipes left to pass, and says why.
+    with pytest.raises(DaemonError) as no_pipes:
+        client.call("acquire", {"job": "job-p", "adapter": "piped", "fds": True})
+    assert no_pipes.value.code == 1007 and "adopted" in no_pipes.value.message
     # The detached lease renews; the bound one waits for its holder to resume it.
     assert client.call("renew", {"lease": detached["lease"]})["expires_at"] > time.time()
     resumed = client.resume([bound["lease"], detached["lease"], "0" * 24])
@@ -99,6 +106,7 @@ def test_a_crashed_daemons_trees_are_adopted_with_their_leases_and_released_whol
         assert client.call("release", {"lease": lease["lease"]}) == {"refcount": 0, "stopping": True}
         assert not wait_all_gone(trees[job], second.pid, timeout=1.0 + 2.0), job
     client.call("release", {"lease": chatty["lease"]})
+    client.call("release", {"lease": piped["lease"]})
     assert eventually(lambda: not client.call("status")["instances"], timeout=5)
 
 

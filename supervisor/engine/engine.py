@@ -425,7 +425,21 @@ class Engine:
         if params.fds and adapter.stdio != "pipe":
             raise Conflict(f'adapter {adapter.name!r} has stdio = "{adapter.stdio}"; fds need stdio = "pipe"')
         adapter.render_argv(params.job, params.params)  # InvalidParams
+        if params.fds:
+            live = self.registry.live_instance(params.job, params.adapter)
+            running = self.instances.running.get(live.id) if live is not None else None
+            if running is not None and running.root.stdin_fd is None:
+                raise self._no_pipes(live.id, adopted=running.adopted)
         return adapter
+
+    @staticmethod
+    def _no_pipes(instance_id: str, *, adopted: bool) -> Conflict:
+        if adopted:
+            return Conflict(
+                f"instance {instance_id} was adopted after a crash of the daemon: its stdin and stdout "
+                "pipes were lost with the previous incarnation; release it and acquire a new one"
+            )
+        return Conflict(f"instance {instance_id} has no pipes to pass (it is stopping)")
 
     def _commit_acquire(
         self, peer: Peer, params: protocol.AcquireParams, adapter: AdapterConfig, after: AfterReply
@@ -484,8 +498,12 @@ class Engine:
         if params.fds:
             pipes = self.instances.stdio_duplicates(instance.id)
             if pipes is None:
+                # The lease was taken (its instance lost its pipes since, or
+                # while it started): give it back, so the error changes nothing.
                 run_after(after)
-                raise Conflict(f"instance {instance.id} has no pipes to pass (it is stopping)")
+                released = self.registry.release(lease.token, connection=lease.owner or 0, uid=0, now=self.now())
+                self.execute(released.actions)
+                raise self._no_pipes(instance.id, adopted=instance.adopted)
             fds = pipes
         after.append(lambda: log.info(
             "lease.acquired", lease=lease.token[:8], instance=instance.id, job=instance.job,

@@ -106,11 +106,15 @@ async def test_an_acquire_of_a_running_instance_is_answered_on_the_spot(engine: 
     assert len(reply.after) == 1
 
 
-async def test_an_acquire_with_fds_of_an_instance_without_pipes_is_a_conflict(engine: Engine) -> None:
+async def test_an_acquire_with_fds_of_an_instance_without_pipes_is_a_conflict_and_takes_no_lease(
+    engine: Engine,
+) -> None:
     peer = Peer()
-    running_instance(engine, peer)  # registered, but no root: no pipes
+    instance_id = running_instance(engine, peer)  # registered, but no root: no pipes
+    leases = set(engine.registry.leases)
     with pytest.raises(Conflict):
         engine.acquire_now(peer, request("acquire", job="j", adapter="tool", fds=True).params)
+    assert set(engine.registry.leases) == leases and engine.registry.instances[instance_id].refcount == 1
 
 
 async def test_status_is_answered_on_the_spot_once_a_scan_is_fresh(engine: Engine, nursery: trio.Nursery) -> None:
