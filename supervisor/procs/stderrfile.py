@@ -57,6 +57,9 @@ COALESCE_S = 0.01
 # Skipped bytes are logged at most this often per file.
 SKIP_REPORT_S = 1.0
 
+# Reads one `receive` makes looking for the start of a line after a skip.
+REALIGN_READS = 16
+
 # Files created ahead, for the next spawns.
 SPARE_FILES = 4
 
@@ -142,33 +145,46 @@ class FollowedFile:
             await self._changed.wait()
 
     def _read(self) -> bytes:
+        """The next bytes to hand on (b"" if none are there yet), after a
+        skip starting at a line's start. Reads at most REALIGN_READS times
+        while looking for that start, so that a writer that never ends a line
+        cannot hold the trio thread: then (or at the end of what is written)
+        the piece goes on as it is."""
         self._skip_if_behind()
-        data = os.pread(self.fd, READ_BYTES, self._offset)
-        self._offset += len(data)
-        if data and self._realign:
+        data = b""
+        for attempt in range(REALIGN_READS):
+            data = os.pread(self.fd, READ_BYTES, self._offset)
+            self._offset += len(data)
+            if not data or not self._realign:
+                break
             # The first line after a skip starts somewhere in the middle.
             newline = data.find(b"\n")
-            if newline == -1:
-                self.skipped_bytes += len(data)
-                self._skipped_unreported += len(data)
-                return self._read()
+            # Skipped until a line starts: unless that would take more reads
+            # than allowed, or nothing more is there yet.
+            at_end = self._offset >= os.fstat(self.fd).st_size
+            if newline == -1 and attempt < REALIGN_READS - 1 and not at_end:
+                self._count_skipped(len(data))
+                continue
             self._realign = False
-            self.skipped_bytes += newline + 1
-            self._skipped_unreported += newline + 1
-            data = data[newline + 1:]
-            if not data:
-                return self._read()
+            if newline != -1:
+                self._count_skipped(newline + 1)
+                data = data[newline + 1:]
+            if data:
+                break
         if data:
             self._bound()
         return data
+
+    def _count_skipped(self, count: int) -> None:
+        self.skipped_bytes += count
+        self._skipped_unreported += count
 
     def _skip_if_behind(self) -> None:
         offset = self._offset
         size = os.fstat(self.fd).st_size
         if size - offset > KEEP_BYTES:
             target = size - READ_BYTES
-            self.skipped_bytes += target - offset
-            self._skipped_unreported += target - offset
+            self._count_skipped(target - offset)
             self._offset = target
             self._realign = True
         now = trio.current_time()

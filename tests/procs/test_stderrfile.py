@@ -162,3 +162,23 @@ async def test_spares_are_made_ahead_and_a_take_leaves_no_file_behind_when_remov
     assert taken.path.name not in os.listdir(files.directory)
     files.close()
     assert os.listdir(files.directory) == []
+
+
+async def test_a_flood_without_a_single_newline_never_holds_the_reader(files) -> None:
+    followed = files.take()
+    write_fd = os.open(followed.path, os.O_WRONLY | os.O_APPEND)
+    # Far behind, and no line end anywhere: the reader skips, looks for a
+    # line start for a bounded number of reads, then hands a piece on.
+    os.write(write_fd, b"z" * (8 * 2**20))
+    with trio.fail_after(5):
+        data = await followed.receive()
+    assert data and set(data) == {ord("z")}
+    assert followed.offset <= os.fstat(write_fd).st_size
+    assert followed.skipped_bytes >= 8 * 2**20 - 2 * READ_BYTES
+    # And a writer that goes on without a line end is read in bounded bites.
+    os.write(write_fd, b"z" * (4 * 2**20))
+    with trio.fail_after(5):
+        more = await followed.receive()
+    assert 0 < len(more) <= READ_BYTES
+    os.close(write_fd)
+    followed.close()
