@@ -229,8 +229,9 @@ def run(session: Session, *, quick: bool) -> tuple[dict[str, Any], list[tuple[bo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.continuity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 upgrades and 3 restarts instead of 20 and 10")
+    parser.add_argument("--keep", action="store_true", help="keep the daemons' logs and configs")
     args = parser.parse_args(argv)
-    with open_session(log) as session:
+    with open_session(log, keep=args.keep) as session:
         results, verdicts = run(session, quick=args.quick)
     print(json.dumps(results, indent=1))
     for passed, text in verdicts:

@@ -13,10 +13,12 @@ import errno
 import fcntl
 import gc
 import os
+import pathlib
 import resource
 import signal
 import socket as stdlib_socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -39,6 +41,9 @@ from supervisor.engine.staterecord import daemon_key
 
 log = structlog.get_logger()
 
+# When this image had imported its code (for `daemon.upgrade_pause`).
+IMPORTED_NS = time.monotonic_ns()
+
 EX_OK = 0
 EX_UNAVAILABLE = 69  # sysexits: a required resource (socket, lock) is taken
 EX_CONFIG = 78  # sysexits: the configuration is unusable
@@ -54,8 +59,9 @@ class StartupError(Exception):
 
 def serve(config_path: str, *, check_upgrade: bool = False) -> int:
     """Run the daemon on `config_path`; returns the process exit status. With
-    `check_upgrade`, only load the config and print what an in-place upgrade
-    needs to know of this code (`supervisor.upgrade.check_output`)."""
+    `check_upgrade`, only load the config, compile this code's modules to
+    bytecode where that is missing, and print what an in-place upgrade needs
+    to know of this code (`supervisor.upgrade.check_output`)."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -63,6 +69,7 @@ def serve(config_path: str, *, check_upgrade: bool = False) -> int:
         log.error("config.invalid", error=str(exc))
         return EX_CONFIG
     if check_upgrade:
+        upgrade.write_bytecode()
         sys.stdout.buffer.write(upgrade.check_output(config_path) + b"\n")
         sys.stdout.flush()
         return EX_OK
@@ -119,8 +126,17 @@ def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int
         os.close(fd)
 
 
-def detect_cgroups(config: Config) -> CgroupManager | None:
-    """The cgroup manager for this run, or None for the process-table fallback."""
+def detect_cgroups(config: Config, handover: upgrade.Handover | None = None) -> CgroupManager | None:
+    """The cgroup manager for this run, or None for the process-table
+    fallback. After an upgrade, the mode the previous image used: its trees
+    are tracked that way, and its probe already proved the base works."""
+    handed = handover.engine.mode if handover is not None else None
+    if handed is not None:
+        if handed.cgroup_base is None:
+            log.info("daemon.mode", mode="process-table", reason="handed over")
+            return None
+        log.info("daemon.mode", mode="cgroup", base=handed.cgroup_base, reason="handed over")
+        return CgroupManager(pathlib.Path(handed.cgroup_base))
     setting = config.daemon.cgroup
     if setting == "off":
         log.info("daemon.mode", mode="process-table", reason="cgroup = \"off\" in the config")
@@ -139,13 +155,16 @@ def detect_cgroups(config: Config) -> CgroupManager | None:
     return manager
 
 
-def freeze_startup_objects() -> None:
+def freeze_startup_objects(*, collect: bool = True) -> None:
     """Keep what start-up made (modules, classes, the config) out of every
     later garbage collection. A full collection of the daemon's ~30,000
     start-up objects takes milliseconds, and the collector runs one whenever
     requests have allocated enough, in the middle of whichever request that
-    is. Frozen objects live for the whole run anyway."""
-    gc.collect()
+    is. Frozen objects live for the whole run anyway. Without `collect`
+    (an upgrade, which answers no request until this is done) start-up's
+    little garbage is frozen with the rest instead of collected first."""
+    if collect:
+        gc.collect()
     gc.freeze()
 
 
@@ -219,7 +238,7 @@ async def run_daemon(
             if handover is not None:
                 _take_inheritable_back(handover)
             engine = Engine(
-                config, cgroups=detect_cgroups(config), handed=handover.engine if handover is not None else None
+                config, cgroups=detect_cgroups(config, handover), handed=handover.engine if handover is not None else None
             )
             server = ControlServer(engine, handed=handover.server if handover is not None else None)
             upgrader = upgrade.Upgrader(
@@ -231,7 +250,7 @@ async def run_daemon(
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(engine.run)
-                    freeze_startup_objects()
+                    freeze_startup_objects(collect=handover is None)
                     await nursery.start(server.serve, listener)
                     log.info(
                         "daemon.ready", pid=os.getpid(), socket=socket_path,
@@ -241,6 +260,8 @@ async def run_daemon(
                         spawner=engine.spawner_name, generation=engine.generation,
                         upgraded_from=handover.from_version if handover is not None else None,
                     )
+                    if handover is not None:
+                        _log_upgrade_pause(handover)
                     if handover is not None and handover.requester is not None:
                         _answer_upgrade(server, engine, handover.requester)
                     notifier.ready(status=engine.status_line())
@@ -286,6 +307,22 @@ def _take_inheritable_back(handover: upgrade.Handover) -> None:
             os.set_inheritable(fd, False)
         except OSError:
             pass
+
+
+def _log_upgrade_pause(handover: upgrade.Handover) -> None:
+    """How long an upgrade stopped serving, and where that time went: the
+    old image pausing and handing over, this image starting and importing
+    its code, and rebuilding what was handed over."""
+    if not handover.paused_ns:
+        return
+    now = time.monotonic_ns()
+    log.info(
+        "daemon.upgrade_pause",
+        total_ms=round((now - handover.paused_ns) / 1e6, 1),
+        handing_over_ms=round((handover.exec_ns - handover.paused_ns) / 1e6, 1),
+        starting_ms=round((IMPORTED_NS - handover.exec_ns) / 1e6, 1),
+        rebuilding_ms=round((now - IMPORTED_NS) / 1e6, 1),
+    )
 
 
 def _answer_upgrade(server: ControlServer, engine: Engine, requester: upgrade.Requester) -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import py_compile
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +72,41 @@ class Handover(msgspec.Struct, frozen=True, kw_only=True):
     engine: EngineState
     server: ServerState
     requester: Requester | None = None
+    # CLOCK_MONOTONIC (ns, the same clock in the new image) when the old
+    # image paused serving and when it called execve: the new image logs
+    # how long serving stopped, and where the time went.
+    paused_ns: int = 0
+    exec_ns: int = 0
+
+
+def write_bytecode() -> int:
+    """Compile every imported module whose bytecode cache is missing or older
+    than its source, where it can be written; returns how many were.
+
+    Run by the check of new code, so that the new image, which answers no
+    request until it has imported everything, loads bytecode instead of
+    compiling its sources (about 0.1 s of a 0.25 s start where nothing was
+    compiled: an editable install, or PYTHONDONTWRITEBYTECODE set). It
+    writes what `pip install` writes for an installed package; a package
+    directory the daemon cannot write is left alone."""
+    written = 0
+    for module in list(sys.modules.values()):
+        spec = getattr(module, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        cached = getattr(spec, "cached", None)
+        if not origin or not cached or not origin.endswith(".py"):
+            continue
+        try:
+            if os.stat(cached).st_mtime >= os.stat(origin).st_mtime:
+                continue
+        except OSError:
+            pass  # no cache yet
+        try:
+            py_compile.compile(origin, cfile=cached, doraise=True)
+        except (OSError, py_compile.PyCompileError):
+            continue
+        written += 1
+    return written
 
 
 def check_output(config_path: str) -> bytes:
@@ -154,13 +191,14 @@ class Upgrader:
             if self.engine.shutting_down:
                 return "the daemon began shutting down"
             self.notifier.reloading()
+            paused_ns = time.monotonic_ns()
             try:
                 reason = await self.server.pause(requester=connection, timeout=QUIESCE_TIMEOUT_S)
                 if reason is None:
                     reason = await self._engine_idle()
                 if reason is None:
                     requester = Requester(connection, request_id) if connection is not None and request_id is not None else None
-                    reason = self._exec(requester)
+                    reason = self._exec(requester, paused_ns)
             finally:
                 self.server.resume_serving()
                 if not self.engine.shutting_down:
@@ -190,7 +228,7 @@ class Upgrader:
             return None
         return f"{self.engine.busy()} after {QUIESCE_TIMEOUT_S:g} s"
 
-    def _exec(self, requester: Requester | None) -> str:
+    def _exec(self, requester: Requester | None, paused_ns: int) -> str:
         """Write the handover and execve; returns only on failure, with the
         reason, having undone what it did. No checkpoint in here."""
         if self.engine.shutting_down:
@@ -201,6 +239,7 @@ class Upgrader:
             from_version=__version__, lock_fd=self.lock_fd, listener_fd=self.listener_fd,
             bound_inode=self.bound_inode, socket_activated=self.socket_activated,
             engine=engine_state, server=server_state, requester=requester,
+            paused_ns=paused_ns, exec_ns=time.monotonic_ns(),
         )
         keep = [self.lock_fd, self.listener_fd, *engine_fds, *server_fds]
         try:

@@ -292,3 +292,32 @@ def test_a_second_upgrade_meanwhile_and_a_moved_state_dir_are_refused_at_once(st
         daemon.client(timeout=90).upgrade()
     assert moved.value.code == 1008 and "state_dir" in moved.value.message
     assert daemon.client().call("hello")["generation"] == 2
+
+
+def test_the_check_compiles_imported_modules_whose_bytecode_is_missing_or_stale(tmp_path: Path, monkeypatch) -> None:
+    """The new image then starts from bytecode: an upgrade answers nothing
+    until it has imported everything."""
+    import importlib
+    import importlib.util
+    import sys
+
+    from supervisor import upgrade
+
+    source = tmp_path / "warm_me.py"
+    source.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module = importlib.import_module("warm_me")
+    try:
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        assert not cached.exists()
+        assert upgrade.write_bytecode() >= 1
+        assert cached.exists()
+        assert upgrade.write_bytecode() == 0  # up to date now
+        os.utime(source, (time.time() + 10, time.time() + 10))
+        assert upgrade.write_bytecode() == 1  # the source changed since
+        data = cached.read_bytes()
+        assert data[:4] == importlib.util.MAGIC_NUMBER
+    finally:
+        sys.modules.pop("warm_me", None)
+        del module

@@ -239,6 +239,7 @@ class Engine:
             run_id=self.run_id, started_at=self.started_at, registry_closed=self.registry.closed,
             instances=instances, leases=leases, trees=trees, counters=counters,
             finished_logs=self.instances.export_finished_logs(),
+            mode=handoff.HandedMode(str(self.cgroups.base) if self.cgroups is not None else None),
         )
         return state, fds
 
@@ -273,10 +274,10 @@ class Engine:
         for token in ticked.unresumed_leases:
             log.info("lease.not_resumed", lease=token[:8], reason="its holder did not resume it within resume_grace")
         if ticked.expired_leases:
-            self.metrics.releases.labels("expired").inc(len(ticked.expired_leases))
+            self.metrics.releases.inc("expired", amount=len(ticked.expired_leases))
             self.sweeper.leases_expired(ticked.expired_leases)
         if ticked.unresumed_leases:
-            self.metrics.releases.labels("not_resumed").inc(len(ticked.unresumed_leases))
+            self.metrics.releases.inc("not_resumed", amount=len(ticked.unresumed_leases))
         if ticked.expired_leases or ticked.unresumed_leases:
             self.record.mark_dirty()
         self.execute(ticked.actions)
@@ -359,7 +360,7 @@ class Engine:
         before = len(self.registry.leases)
         self.execute(self.registry.connection_closed(peer.id, now=self.now()))
         if len(self.registry.leases) < before:
-            self.metrics.releases.labels("disconnect").inc(before - len(self.registry.leases))
+            self.metrics.releases.inc("disconnect", amount=before - len(self.registry.leases))
             self.record.mark_dirty()
 
     # -- the operations ------------------------------------------------------------
@@ -531,7 +532,7 @@ class Engine:
         released = self.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
         self.record.mark_dirty()
-        self.metrics.releases.labels("release").inc()
+        self.metrics.releases.inc("release")
         if lease is not None:
             log.info("lease.released", lease=params.lease[:8], instance=lease.instance_id, refcount=released.refcount)
         return Reply({"refcount": released.refcount, "stopping": released.stopping})
@@ -548,7 +549,7 @@ class Engine:
         released = self.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
         self.record.mark_dirty()
-        self.metrics.releases.labels("release_job").inc(released.released)
+        self.metrics.releases.inc("release_job", amount=released.released)
         log.info("job.released", job=params.job, released=released.released, instances=released.instances)
         return Reply({"released": released.released, "instances": released.instances})
 
@@ -677,7 +678,7 @@ class Engine:
 
     def count_error(self, code: int) -> None:
         """A request was answered with this error code (for the metrics)."""
-        self.metrics.protocol_errors.labels(str(code)).inc()
+        self.metrics.protocol_errors.inc(str(code))
 
     # -- reload and shutdown -------------------------------------------------------
 

@@ -76,6 +76,14 @@ class HandedCounter(msgspec.Struct, frozen=True):
     value: float
 
 
+class HandedMode(msgspec.Struct, frozen=True):
+    """How the previous image tracked trees: the cgroup base it proved
+    writable (its probe), or None for the process table. The new image
+    carries on the same way without probing again."""
+
+    cgroup_base: str | None
+
+
 class EngineState(msgspec.Struct, frozen=True, kw_only=True):
     run_id: str
     started_at: float
@@ -86,6 +94,8 @@ class EngineState(msgspec.Struct, frozen=True, kw_only=True):
     counters: list[HandedCounter] = []
     # The stderr tails of instances stopped lately, oldest first.
     finished_logs: list[tuple[str, list[bytes]]] = []
+    # Absent in handovers of images that did not say: the new one detects.
+    mode: HandedMode | None = None
 
 
 def export_registry(registry: Registry) -> tuple[list[HandedInstance], list[HandedLease]]:

@@ -242,7 +242,7 @@ class Instances:
         pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
         log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
                     adapter=instance.adapter, error=pending.error.message)
-        self.metrics.spawn_failures.labels(instance.adapter).inc()
+        self.metrics.spawn_failures.inc(instance.adapter)
         self.remove_cgroup(instance_id)
         return self.registry.spawn_failed(instance_id)
 
@@ -281,7 +281,7 @@ class Instances:
         assert self._nursery is not None
         self._nursery.start_soon(self._read_stderr, instance_id, running)
         self._nursery.start_soon(self._settle_spawn, instance_id, running)
-        self.metrics.spawns.labels(running.adapter.name).inc()
+        self.metrics.spawns.inc(running.adapter.name)
 
     async def _read_stderr(self, instance_id: str, running: RunningInstance) -> None:
         """Follow the tree's stderr until its end (the tree is gone and the
@@ -485,7 +485,7 @@ class Instances:
                     # process stuck in the kernel): never forget a tree alive.
                     outcome = self.kill_now(instance_id, running)
             self._forget(instance_id, running)
-            self.metrics.reaps.labels(adapter.name, reason.value).inc()
+            self.metrics.reaps.inc(adapter.name, reason.value)
         log.info(
             "tree.reaped" if outcome.clean else "tree.reap_incomplete",
             instance=instance_id,

@@ -6,18 +6,20 @@ scrape asks, so they can never drift from the registry. The exposition is
 served by the `metrics` method and, if `daemon.metrics_textfile` is set,
 written atomically to that file for node_exporter's textfile collector.
 Everything here runs on the trio thread except `write_textfile`.
+
+The counters are plain dicts and the text format (version 0.0.4) is written
+here: a metrics library would add tens of milliseconds to every start of the
+daemon, and an in-place upgrade answers no request until its new image has
+imported everything (docs/performance.md, "Upgrade latency").
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 PREFIX = "adapter_supervisor"
 
@@ -43,25 +45,67 @@ LIVE_GAUGES = (
 )
 
 
-class _LiveCollector(Collector):
-    """The gauges read at each scrape; `read` is first called then, never at
-    registration (`describe` names the gauges without reading them)."""
+class LabelledCounter:
+    """A counter family: one monotonic value per tuple of label values."""
 
-    def __init__(self, read: Callable[[], LiveState]) -> None:
-        self._read = read
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.labels = labels
+        self.values: dict[tuple[str, ...], float] = {}
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        for name, help_text, _ in LIVE_GAUGES:
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=["adapter"])
+    def inc(self, *label_values: str, amount: float = 1) -> None:
+        """Add `amount` (not negative) to the series of `label_values`."""
+        if len(label_values) != len(self.labels):
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {label_values!r}")
+        if amount < 0:
+            raise ValueError(f"{self.name} only goes up, not by {amount}")
+        self.values[label_values] = self.values.get(label_values, 0) + amount
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self._read()
-        for name, help_text, field_name in LIVE_GAUGES:
-            family = GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=["adapter"])
-            values: Tally[str] = getattr(state, field_name)
-            for adapter, value in sorted(values.items()):
-                family.add_metric([adapter], value)
-            yield family
+    def value(self, *label_values: str) -> float:
+        return self.values.get(label_values, 0)
+
+    def lines(self) -> list[str]:
+        out = [f"# HELP {PREFIX}_{self.name} {_escape_help(self.help_text)}", f"# TYPE {PREFIX}_{self.name} counter"]
+        for label_values, value in sorted(self.values.items()):
+            out.append(f"{PREFIX}_{self.name}_total{_labels(self.labels, label_values)} {_number(value)}")
+        return out
+
+
+class LabelledHistogram:
+    """A histogram family with fixed buckets, one series per label value."""
+
+    def __init__(self, name: str, help_text: str, label: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.label = label
+        self.buckets = buckets
+        # Per label value: counts per bucket (not cumulative; +Inf last), and the sum.
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, label_value: str, value: float) -> None:
+        counts = self.counts.setdefault(label_value, [0] * (len(self.buckets) + 1))
+        index = next((i for i, bound in enumerate(self.buckets) if value <= bound), len(self.buckets))
+        counts[index] += 1
+        self.sums[label_value] = self.sums.get(label_value, 0.0) + value
+
+    def count(self, label_value: str) -> int:
+        return sum(self.counts.get(label_value, ()))
+
+    def lines(self) -> list[str]:
+        full = f"{PREFIX}_{self.name}"
+        out = [f"# HELP {full} {_escape_help(self.help_text)}", f"# TYPE {full} histogram"]
+        for label_value, counts in sorted(self.counts.items()):
+            cumulative = 0
+            for bound, count in zip((*self.buckets, math.inf), counts):
+                cumulative += count
+                labels = _labels((self.label, "le"), (label_value, _number(bound)))
+                out.append(f"{full}_bucket{labels} {cumulative}")
+            labels = _labels((self.label,), (label_value,))
+            out.append(f"{full}_count{labels} {cumulative}")
+            out.append(f"{full}_sum{labels} {_number(self.sums[label_value])}")
+        return out
 
 
 # The attributes of `Metrics` that are counters (an upgrade hands them over).
@@ -69,56 +113,78 @@ COUNTERS = ("spawns", "spawn_failures", "releases", "reaps", "orphans", "protoco
 
 
 class Metrics:
-    """The daemon's metrics, in a registry of its own (not the process-global one)."""
+    """The daemon's metrics."""
 
     def __init__(self, read_live_state: Callable[[], LiveState]) -> None:
         """`read_live_state` is called at each `exposition`, not before."""
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_LiveCollector(read_live_state))
-        self.spawns = Counter(f"{PREFIX}_spawns", "Instance roots started.", ["adapter"], registry=self.registry)
-        self.spawn_failures = Counter(
-            f"{PREFIX}_spawn_failures", "Instance roots that could not be started.", ["adapter"], registry=self.registry
+        self._read_live_state = read_live_state
+        self.spawns = LabelledCounter("spawns", "Instance roots started.", ("adapter",))
+        self.spawn_failures = LabelledCounter("spawn_failures", "Instance roots that could not be started.", ("adapter",))
+        self.releases = LabelledCounter(
+            "releases", "Leases released, by how (release, release_job, disconnect, expired).", ("how",)
         )
-        self.releases = Counter(
-            f"{PREFIX}_releases",
-            "Leases released, by how (release, release_job, disconnect, expired).",
-            ["how"],
-            registry=self.registry,
+        self.reaps = LabelledCounter("tree_reaps", "Instance trees stopped, by reason.", ("adapter", "reason"))
+        self.orphans = LabelledCounter("sweep_orphans", "Orphan processes the sweep reaped, by action.", ("action",))
+        self.sweep_duration = LabelledHistogram(
+            "sweep_duration_seconds", "Duration of sweeps.", "kind", SWEEP_BUCKETS
         )
-        self.reaps = Counter(
-            f"{PREFIX}_tree_reaps", "Instance trees stopped, by reason.", ["adapter", "reason"], registry=self.registry
-        )
-        self.orphans = Counter(
-            f"{PREFIX}_sweep_orphans", "Orphan processes the sweep reaped, by action.", ["action"], registry=self.registry
-        )
-        self.sweep_duration = Histogram(
-            f"{PREFIX}_sweep_duration_seconds", "Duration of sweeps.", ["kind"],
-            buckets=SWEEP_BUCKETS, registry=self.registry,
-        )
-        self.protocol_errors = Counter(
-            f"{PREFIX}_protocol_errors", "Requests answered with an error, by code.", ["code"], registry=self.registry
+        self.protocol_errors = LabelledCounter(
+            "protocol_errors", "Requests answered with an error, by code.", ("code",)
         )
 
     def counters(self) -> list[tuple[str, dict[str, str], float]]:
         """Every counter's value per label set: (attribute, labels, value)."""
         values = []
         for attribute in COUNTERS:
-            for family in getattr(self, attribute).collect():
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        values.append((attribute, dict(sample.labels), sample.value))
+            counter: LabelledCounter = getattr(self, attribute)
+            for label_values, value in counter.values.items():
+                values.append((attribute, dict(zip(counter.labels, label_values)), value))
         return values
 
     def add_counters(self, values: list[tuple[str, dict[str, str], float]]) -> None:
         """Add what `counters` returned (of another instance); unknown names
-        are ignored."""
+        and label sets that do not fit are ignored."""
         for attribute, labels, value in values:
-            if attribute in COUNTERS and value > 0:
-                getattr(self, attribute).labels(**labels).inc(value)
+            if attribute not in COUNTERS or value <= 0:
+                continue
+            counter: LabelledCounter = getattr(self, attribute)
+            if set(labels) == set(counter.labels):
+                counter.inc(*(labels[name] for name in counter.labels), amount=value)
 
     def exposition(self) -> str:
         """The Prometheus text format of every metric now."""
-        return generate_latest(self.registry).decode()
+        state = self._read_live_state()
+        out: list[str] = []
+        for name, help_text, field_name in LIVE_GAUGES:
+            out += [f"# HELP {PREFIX}_{name} {_escape_help(help_text)}", f"# TYPE {PREFIX}_{name} gauge"]
+            values: Tally[str] = getattr(state, field_name)
+            for adapter, value in sorted(values.items()):
+                out.append(f"{PREFIX}_{name}{_labels(('adapter',), (adapter,))} {_number(value)}")
+        for attribute in COUNTERS:
+            out += getattr(self, attribute).lines()
+        out += self.sweep_duration.lines()
+        return "\n".join(out) + "\n"
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    pairs = ",".join(f'{name}="{_escape_label(value)}"' for name, value in zip(names, values))
+    return "{" + pairs + "}"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if float(value).is_integer():
+        return f"{float(value):.1f}"
+    return repr(float(value))
 
 
 def write_textfile(path: str, text: str) -> None:

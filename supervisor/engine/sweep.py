@@ -403,9 +403,9 @@ class Sweeper:
     async def _file(self, report: reports.SweepReport) -> None:
         self._store.remember(report)
         log.info("sweep.report", **reports.to_builtins(report))
-        self._metrics.sweep_duration.labels(report.kind).observe(report.duration_ms / 1000)
+        self._metrics.sweep_duration.observe(report.kind, report.duration_ms / 1000)
         for orphan in report.orphans:
-            self._metrics.orphans.labels(orphan.action).inc()
+            self._metrics.orphans.inc(orphan.action)
         await write_bounded("sweep.report_not_saved", self._store.append_to_file, report)
         textfile = self.config.daemon.metrics_textfile
         if textfile is not None:
