@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    continuity,
     control,
     envs,
     footprint,
@@ -228,6 +229,10 @@ def run_all(session: Session, plan: Plan, results: dict[str, Any]) -> None:
 
     phase("footprint")
     results["footprint"] = footprint.run(session, ours_conns)
+
+    phase("continuity")
+    log("continuity: upgrades under load, then kill -9 and restarts")
+    results["continuity"] = continuity.run(session, quick=plan.name == "quick")
     phase.end()
 
 

@@ -20,6 +20,10 @@ SWEEP_1000_MS = 10.0
 SWEEP_HOST_RATIO = 1.5
 # "80 MB", read as decimal megabytes (the stricter reading).
 RSS_1000_INSTANCES_BYTES = 80_000_000
+# Continuity: the longest wait of a request that overlapped an in-place
+# upgrade, and a restart after kill -9 until it answers.
+UPGRADE_MAX_LATENCY_MS = 250.0
+RESTART_SERVING_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -117,4 +121,50 @@ def judge(results: dict[str, Any]) -> list[Verdict]:
     verdicts.append(_at_most(
         "daemon RSS with 1000 live instances", None if rss is None else rss / 1e6, RSS_1000_INSTANCES_BYTES / 1e6, " MB",
     ))
+    verdicts += judge_continuity(results.get("continuity"))
+    return verdicts
+
+
+def judge_continuity(continuity: dict[str, Any] | None) -> list[Verdict]:
+    """The targets of bench/continuity.py's two workloads."""
+    upgrades = _get(continuity or {}, "upgrades")
+    restarts = _get(continuity or {}, "restarts")
+    verdicts = []
+    if upgrades is None:
+        verdicts.append(Verdict("in-place upgrades under load", "n/a", "all in place", "MISSING"))
+    else:
+        n = upgrades["upgrades"]
+        in_place = not upgrades["upgrades_refused"] and upgrades["generation"] == n + 1 and upgrades["same_pid"]
+        refused = len(upgrades["upgrades_refused"])
+        verdicts.append(Verdict(f"in-place upgrades under load, same pid ({n})",
+                                f"{n - refused} in place, generation {upgrades['generation']}", f"all {n}",
+                                "PASS" if in_place else "FAIL"))
+        for label, value, total in (
+            ("requests failed or unanswered across upgrades", upgrades["failed"] + upgrades["unanswered"],
+             f" of {upgrades['requests']:,}"),
+            ("connections closed by upgrades", upgrades["closed"], ""),
+            ("adapter pids changed by upgrades", upgrades["pids_changed"], ""),
+            ("bytes lost through an fd-passed adapter across upgrades", upgrades["echo_bytes_lost"],
+             f" of {upgrades['echo_bytes']:,}"),
+        ):
+            verdicts.append(Verdict(label, f"{value}{total}", "0", "PASS" if value == 0 else "FAIL"))
+        overlap = upgrades["overlapping"]
+        verdicts.append(_at_most(
+            f"latency of requests overlapping an upgrade, max (p99 {overlap.get('p99_ms')} ms, n={overlap.get('n')})",
+            overlap.get("max_ms"), UPGRADE_MAX_LATENCY_MS, " ms",
+        ))
+    if restarts is None:
+        verdicts.append(Verdict("kill -9 and restart: instances adopted", "n/a", "all", "MISSING"))
+        return verdicts
+    instances, cycles = restarts["instances"], restarts["cycles"]
+    adopted_all = all(a == instances for a in restarts["adopted"]) and restarts["same_pids"]
+    verdicts.append(Verdict(f"kill -9 and restart: instances adopted per cycle ({cycles} cycles)",
+                            f"{restarts['adopted']} of {instances}", "all, same pids", "PASS" if adopted_all else "FAIL"))
+    half = instances // 2
+    verdicts.append(Verdict("kill -9 and restart: bound leases resumed per cycle", f"{restarts['resumed']} of {half}",
+                            "all", "PASS" if all(r == half for r in restarts["resumed"]) else "FAIL"))
+    verdicts.append(Verdict("kill -9 and restart: processes left after releasing every adopted lease",
+                            str(restarts["leaked"]), "0", "PASS" if restarts["leaked"] == 0 else "FAIL"))
+    verdicts.append(_at_most("kill -9 and restart: start to serving (max)", max(restarts["serving_s"], default=None),
+                             RESTART_SERVING_S, " s"))
     return verdicts
