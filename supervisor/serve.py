@@ -38,6 +38,7 @@ from supervisor.core.errors import ConfigError
 from supervisor.logconfig import TurnWriter, configure_logging
 from supervisor.server.listener import ControlServer, bind_control_socket
 from supervisor.engine.staterecord import daemon_key
+from supervisor.engine.stdiostore import StdioStore
 
 log = structlog.get_logger()
 
@@ -198,9 +199,11 @@ async def run_daemon(
     """
     notifier = systemd.Notifier.from_environ()
     activated = None
+    # The adapters' pipes systemd's file-descriptor store passed back.
+    stored: dict[str, int] = {}
     if handover is None:
         try:
-            activated = systemd.activated_listener()
+            activated = systemd.activated_listener(stored=stored)
         except systemd.ActivationError as exc:
             raise StartupError(str(exc)) from None
     subreaper.become_child_subreaper()
@@ -238,7 +241,8 @@ async def run_daemon(
             if handover is not None:
                 _take_inheritable_back(handover)
             engine = Engine(
-                config, cgroups=detect_cgroups(config, handover), handed=handover.engine if handover is not None else None
+                config, cgroups=detect_cgroups(config, handover), handed=handover.engine if handover is not None else None,
+                stdio=StdioStore(notifier if notifier.enabled else None, stored),
             )
             server = ControlServer(engine, handed=handover.server if handover is not None else None)
             upgrader = upgrade.Upgrader(

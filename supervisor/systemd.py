@@ -9,6 +9,11 @@ depends on nothing when it runs outside systemd:
 * sd_listen_fds(3): ``$LISTEN_PID`` names the process the descriptors are for,
   ``$LISTEN_FDS`` how many there are (numbered from 3), ``$LISTEN_FDNAMES`` their
   colon-separated names.
+* The file-descriptor store (sd_pid_notify_with_fds(3), ``FDSTORE=1`` with
+  ``FDNAME=``): descriptors sent with a notification are kept by systemd and
+  passed back, named, through ``$LISTEN_FDS`` when the service starts again
+  (after a crash, with ``FileDescriptorStoreMax=`` set). The daemon keeps its
+  ends of the adapters' stdin/stdout pipes there (`STDIO_FD_PREFIX`).
 * systemd.exec(5) ``$JOURNAL_STREAM``: ``DEVICE:INODE`` of the stream connected to
   the journal, so a process can tell whether its stderr still goes there.
 
@@ -22,6 +27,7 @@ blocking, and one that cannot be sent is logged and dropped.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import sys
@@ -31,6 +37,8 @@ from typing import TextIO
 
 import structlog
 import trio
+
+from supervisor.engine.stdiostore import STDIO_FD_PREFIX
 
 log = structlog.get_logger()
 
@@ -241,6 +249,25 @@ class Notifier:
             return False
         return True
 
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """FDSTORE=1: systemd keeps duplicates of `fds` under `name` and passes
+        them back when the service starts again. True if it was sent (systemd
+        still refuses past FileDescriptorStoreMax=, and says so in its log)."""
+        if self._sock is None or self.address is None:
+            return False
+        message = format_notification({"FDSTORE": 1, "FDNAME": name})
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        try:
+            self._sock.sendmsg([message], ancillary, 0, self.address)
+        except OSError as exc:
+            log.warning("systemd.fdstore_failed", name=name, error=exc.strerror or str(exc))
+            return False
+        return True
+
+    def remove_fds(self, name: str) -> bool:
+        """FDSTOREREMOVE=1: systemd closes what it keeps under `name`."""
+        return self.notify(FDSTOREREMOVE=1, FDNAME=name)
+
     def ready(self, status: str | None = None) -> bool:
         """READY=1: the daemon accepts connections (again, after a reload).
         Raises ValueError for a `status` that holds a newline."""
@@ -307,18 +334,33 @@ async def report_status(
 # Socket activation.
 
 
-def listen_fds_with_names(environ: MutableMapping[str, str] | None = None) -> list[tuple[str, socket.socket]]:
+def listen_fds_with_names(
+    environ: MutableMapping[str, str] | None = None, *, stored: dict[str, int] | None = None
+) -> list[tuple[str, socket.socket]]:
     """The sockets passed to this process by socket activation, with their names.
 
     Implements sd_listen_fds_with_names(unset_environment=1): the variables are
     removed from `environ` (default `os.environ`) whatever they held, and each
-    descriptor is made close-on-exec so adapters never inherit it. Raises
-    ActivationError if the variables are malformed or a descriptor is not open.
+    descriptor is made close-on-exec so adapters never inherit it. Stored
+    stdio pipes (names starting with STDIO_FD_PREFIX) go into `stored`, by
+    name, or are closed when it is None. Raises ActivationError if the
+    variables are malformed or a descriptor is not open.
     """
     env = os.environ if environ is None else environ
     values = {name: env.pop(name) for name in LISTEN_VARIABLES if name in env}
     passed = parse_listen_fds(values, os.getpid())
     sockets = []
+    for fd, name in list(passed):
+        if name.startswith(STDIO_FD_PREFIX):
+            passed.remove((fd, name))
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                continue  # not open: nothing to take back
+            if stored is not None and name not in stored:
+                stored[name] = fd
+            else:
+                os.close(fd)
     for fd, name in passed:
         try:
             os.set_inheritable(fd, False)
@@ -330,15 +372,21 @@ def listen_fds_with_names(environ: MutableMapping[str, str] | None = None) -> li
     return sockets
 
 
-def activated_listener(environ: MutableMapping[str, str] | None = None, *, name: str = CONTROL_FD_NAME) -> socket.socket | None:
+def activated_listener(
+    environ: MutableMapping[str, str] | None = None,
+    *,
+    name: str = CONTROL_FD_NAME,
+    stored: dict[str, int] | None = None,
+) -> socket.socket | None:
     """The listening control socket passed by socket activation, or None.
 
     Picks the descriptor called `name` (or the only one passed) and checks that
     it is a listening AF_UNIX stream socket; the other passed sockets are closed
-    (systemd keeps its own copies). Raises ActivationError if nothing passed is
+    (systemd keeps its own copies). Stored stdio pipes go into `stored` (see
+    `listen_fds_with_names`). Raises ActivationError if nothing passed is
     usable, naming what was wrong.
     """
-    passed = listen_fds_with_names(environ)
+    passed = listen_fds_with_names(environ, stored=stored)
     try:
         chosen_fd = choose_listener([(sock.fileno(), fd_name) for fd_name, sock in passed], name)
     except ActivationError:

@@ -31,6 +31,7 @@ from supervisor.core import config as config_module
 from supervisor import systemd
 from supervisor.client import Client
 from tests.conftest import DAEMON_START_TIMEOUT_S, PYTHON, eventually
+from tests.test_adoption import recorded_tokens
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 INSTALLED_BINARY = "/usr/local/bin/adapter-supervisor"
@@ -661,3 +662,165 @@ def drain(sock: socket.socket) -> list[bytes]:
             received.append(sock.recv(4096, socket.MSG_DONTWAIT))
         except BlockingIOError:
             return received
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of `pid` in /proc (Z: a zombie), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+class StoreReceiver:
+    """The test's end of NOTIFY_SOCKET, as systemd's file-descriptor store:
+    keeps the descriptors sent with FDSTORE=1 by name, drops them on
+    FDSTOREREMOVE=1, and keeps every message."""
+
+    def __init__(self, address: bytes) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.stored: dict[str, list[int]] = {}
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, check: Callable[[dict[str, str]], bool], timeout: float = 10.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching notification within {timeout}s; got {self.messages[-10:]}")
+            self.sock.settimeout(remaining)
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+            except TimeoutError:
+                continue
+            fds: list[int] = []
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % 4
+                    fds += list(memoryview(payload[:usable]).cast("i"))
+            fields = parse_message(data)
+            self.messages.append(fields)
+            if fields.get("FDSTORE") == "1":
+                self.stored.setdefault(fields["FDNAME"], []).extend(fds)
+            else:
+                for fd in fds:
+                    os.close(fd)
+            if fields.get("FDSTOREREMOVE") == "1":
+                for fd in self.stored.pop(fields["FDNAME"], []):
+                    os.close(fd)
+            if check(fields):
+                return fields
+
+    def close(self) -> None:
+        for fds in self.stored.values():
+            for fd in fds:
+                os.close(fd)
+        self.sock.close()
+
+
+def test_the_fd_store_keeps_an_adapters_pipes_through_a_crash(tmp_path: Path, daemons: list[subprocess.Popen[bytes]]) -> None:
+    """An adapter reading stdin (`cat`) outlives a kill -9 of the daemon,
+    because systemd's store holds the daemon's ends of its pipes; the
+    restarted daemon takes them back, adopts the instance with its pipes, and
+    fds passed by a new `acquire` talk to the same process."""
+    sock = str(tmp_path / "store.sock")
+    config_path = tmp_path / "store.toml"
+    config_path.write_text(textwrap.dedent(f"""
+        [daemon]
+        socket = {json.dumps(sock)}
+        state_dir = {json.dumps(str(tmp_path / "store-state"))}
+        log_format = "json"
+        log_level = "debug"
+
+        [adapters.echo]
+        command = ["/bin/cat"]
+        stdio = "pipe"
+        stop_timeout = 2.0
+    """))
+    address = f"adapter-supervisor-test-{secrets.token_hex(8)}"
+    receiver = StoreReceiver(b"\0" + address.encode())
+    env = {**clean_environ(), "NOTIFY_SOCKET": f"@{address}"}
+    argv = [PYTHON, "-m", "supervisor", "serve", "--config", str(config_path)]
+    log_file = open(tmp_path / "store.log", "wb")
+    try:
+        first = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        daemons.append(first)
+        receiver.wait_for(lambda f: "READY" in f, timeout=DAEMON_START_TIMEOUT_S)
+        with Client(sock, timeout=10) as client:
+            lease = client.call("acquire", {"job": "job-1", "adapter": "echo", "detach": True, "ttl": 600})
+        instance, pid = lease["instance"], lease["pid"]
+        names = (f"stdio-{instance}-in", f"stdio-{instance}-out")
+        for name in names:
+            receiver.wait_for(lambda f, name=name: f.get("FDNAME") == name and f.get("FDSTORE") == "1")
+        assert all(len(receiver.stored[name]) == 1 for name in names)
+        # The crash comes once the instance is recorded (what adoption needs).
+        assert eventually(lambda: lease["lease"] in recorded_tokens(tmp_path / "store-state"), timeout=10)
+
+        first.kill()
+        first.wait(10)
+        time.sleep(0.5)  # cat would have read EOF by now without the store
+        assert process_state(pid) not in (None, "Z"), "the adapter died with the daemon"
+
+        specs = [f"{receiver.stored[name][0]}:{name}" for name in names]
+        second = subprocess.Popen(
+            [PYTHON, "-c", ACTIVATE, *specs, "--", *argv],
+            pass_fds=[receiver.stored[name][0] for name in names],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        )
+        daemons.append(second)
+        receiver.wait_for(lambda f: "READY" in f, timeout=DAEMON_START_TIMEOUT_S)
+        with Client(sock, timeout=10) as client:
+            row = next(r for r in client.call("status")["instances"] if r["instance"] == instance)
+            assert row["adopted"] is True and row["pid"] == pid
+            again, (stdin_fd, stdout_fd) = client.call_with_fds("acquire", {"job": "job-1", "adapter": "echo", "fds": True})
+            assert again["instance"] == instance
+            with os.fdopen(stdin_fd, "wb", buffering=0) as stdin, os.fdopen(stdout_fd, "rb", buffering=0) as stdout:
+                stdin.write(b"still here\n")
+                assert stdout.readline() == b"still here\n"
+                client.call("release", {"lease": again["lease"]})
+                client.call("release", {"lease": lease["lease"]})
+                # The tree is gone: the store lets its pipes go.
+                for name in names:
+                    receiver.wait_for(lambda f, name=name: f.get("FDSTOREREMOVE") == "1" and f.get("FDNAME") == name)
+        assert eventually(lambda: process_state(pid) in (None, "Z"), timeout=5)
+        assert receiver.stored == {}
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+    finally:
+        log_file.close()
+        receiver.close()
+    assert "Traceback" not in (tmp_path / "store.log").read_text()
+
+
+def test_stored_pipes_no_instance_takes_are_closed_and_removed_from_the_store(
+    tmp_path: Path, daemons: list[subprocess.Popen[bytes]]
+) -> None:
+    config_path, sock = write_config(tmp_path, "untaken")
+    address = f"adapter-supervisor-test-{secrets.token_hex(8)}"
+    receiver = StoreReceiver(b"\0" + address.encode())
+    read_end, write_end = os.pipe()
+    try:
+        env = {**clean_environ(), "NOTIFY_SOCKET": f"@{address}"}
+        with open(tmp_path / "untaken.log", "wb") as log_file:
+            daemon = subprocess.Popen(
+                [PYTHON, "-c", ACTIVATE, f"{write_end}:stdio-0123456789ab-in", "--",
+                 PYTHON, "-m", "supervisor", "serve", "--config", str(config_path)],
+                pass_fds=[write_end], stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            )
+        daemons.append(daemon)
+        os.close(write_end)
+        # It binds its own socket (a stored pipe is not one to serve on) and
+        # lets the pipe go: its only writer is closed, so the reader sees EOF.
+        removed = receiver.wait_for(lambda f: "FDSTOREREMOVE" in f, timeout=DAEMON_START_TIMEOUT_S)
+        assert removed["FDNAME"] == "stdio-0123456789ab-in"
+        receiver.wait_for(lambda f: "READY" in f, timeout=DAEMON_START_TIMEOUT_S)
+        with Client(sock, timeout=5) as client:
+            assert client.call("hello")["pid"] == daemon.pid
+        assert os.read(read_end, 1) == b""
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+    finally:
+        os.close(read_end)
+        receiver.close()

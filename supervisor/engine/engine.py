@@ -59,6 +59,7 @@ from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import AfterReply, Instances, PendingSpawn, run_after
 from supervisor.engine.scans import Members, ScanCache
 from supervisor.engine.sweep import Sweeper
+from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import choose_spawner
@@ -103,11 +104,18 @@ class Engine:
     """Leases, instances and process trees of one daemon."""
 
     def __init__(
-        self, config: Config, *, cgroups: CgroupManager | None = None, handed: EngineState | None = None
+        self,
+        config: Config,
+        *,
+        cgroups: CgroupManager | None = None,
+        handed: EngineState | None = None,
+        stdio: StdioStore | None = None,
     ) -> None:
         """`handed`: the state the previous image of this process handed over
         in an in-place upgrade (then `run` takes it back instead of adopting
-        and sweeping). Raises ValueError if it is inconsistent."""
+        and sweeping). `stdio`: where the roots' stdin/stdout pipes are kept
+        through a crash (systemd's store), with those it passed back. Raises
+        ValueError if `handed` is inconsistent."""
         self.config = config
         self.cgroups = cgroups
         self._handed = handed
@@ -149,6 +157,7 @@ class Engine:
             metrics=self.metrics,
             now=self.now,
             report=self.execute,
+            stdio=stdio,
         )
         self.scans = ScanCache(self.instances)
         self.sweeper = Sweeper(
@@ -194,6 +203,7 @@ class Engine:
             if self._handed is None:
                 previous = await trio.to_thread.run_sync(staterecord.read_record, self.state_dir)
                 adopted = self._adopt(previous)
+                self.instances.stdio.close_untaken()
                 await self.sweeper.sweep(
                     "startup", deep=True, recorded=staterecord.recorded_processes(previous), adopted=adopted
                 )
@@ -438,7 +448,8 @@ class Engine:
         if adopted:
             return Conflict(
                 f"instance {instance_id} was adopted after a crash of the daemon: its stdin and stdout "
-                "pipes were lost with the previous incarnation; release it and acquire a new one"
+                "pipes were lost with the previous incarnation (no file-descriptor store kept them: "
+                "see FileDescriptorStoreMax= in the systemd unit); release it and acquire a new one"
             )
         return Conflict(f"instance {instance_id} has no pipes to pass (it is stopping)")
 

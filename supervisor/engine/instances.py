@@ -29,6 +29,7 @@ from supervisor.core.registry import Action, Reason, Registry
 from supervisor.engine.handoff import HandedTree
 from supervisor.engine.metrics import Metrics
 from supervisor.engine.staterecord import RecordKeeper
+from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs import process, subreaper
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
@@ -115,6 +116,7 @@ class Instances:
         metrics: Metrics,
         now: Callable[[], float],
         report: Callable[[Iterable[Action]], None],
+        stdio: StdioStore | None = None,
     ) -> None:
         self.registry = registry
         self.adapters = adapters
@@ -127,6 +129,8 @@ class Instances:
         self.metrics = metrics
         self.now = now
         self.report = report
+        # Where the roots' stdin/stdout pipes are kept through a crash.
+        self.stdio = stdio if stdio is not None else StdioStore(None)
         self.pid = os.getpid()
         self.running: dict[str, RunningInstance] = {}
         # The stderr tails of instances stopped lately: the deques themselves,
@@ -263,6 +267,7 @@ class Instances:
         tree.known.add(root.id)
         running = RunningInstance(adapter=adapter, root=root, tree=tree, stderr=stderr)
         self.running[instance_id] = running
+        self.stdio.keep(instance_id, root.stdin_fd, root.stdout_fd)
         self.reaper.watch_root(
             root.pid, lambda returncode: _root_reaped(running, returncode), spawned_after=spawned_after
         )
@@ -332,14 +337,16 @@ class Instances:
         """Take over the running tree of an instance a previous incarnation
         started (the registry has adopted it already). The root is not the
         daemon's child: its exit is seen through `pidfd` (which this owns),
-        with no return code. Its stdin and stdout pipes died with the previous
-        incarnation; its stderr file is followed on."""
+        with no return code. Its stdin and stdout pipes are those systemd's
+        file-descriptor store passed back, if it kept them (else they died
+        with the previous incarnation); its stderr file is followed on."""
+        stdin_fd, stdout_fd = self.stdio.take(instance_id)
         tree = InstanceTree(instance_id=instance_id, root=root, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.update(members)
         tree.known.add(root)
         running = RunningInstance(
             adapter=adapter,
-            root=RootProcess(id=root, stdin_fd=None, stdout_fd=None, stderr_fd=None),
+            root=RootProcess(id=root, stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=None),
             tree=tree,
             stderr=stderr,
             adopted=True,
@@ -498,6 +505,8 @@ class Instances:
 
     def _forget(self, instance_id: str, running: RunningInstance) -> None:
         """A tree is gone (or given up on): close its pipes, keep its stderr tail."""
+        if running.root.stdin_fd is not None or running.root.stdout_fd is not None:
+            self.stdio.forget(instance_id)
         running.root.close_stdio()
         if not running.root_reaped.is_set():
             # The root outlived its stop (the report says so). subprocess must
