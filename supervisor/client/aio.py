@@ -3,7 +3,8 @@
 ``async with AsyncClient(path) as client:`` connects and runs one reader task
 that matches answers to requests by id and routes notifications to leases; it
 has the API of the blocking `supervisor.client.Client`, with ``await``. See that
-module for leases, notifications, errors and why there is no reconnect.
+module for leases, notifications, errors, and why there is no reconnect except
+to resume bound leases after a crash of the daemon (``resume=True``).
 
 Cancellation: a cancelled request never leaves a half-sent line (sends are
 shielded and bounded), and if it was an `acquire` the daemon goes on to grant,
@@ -28,6 +29,11 @@ import anyio.abc
 import anyio.lowlevel
 
 from supervisor.client.session import (
+    DEFAULT_RESUME_S,
+    RECONNECT_INTERVAL_S,
+    Reconnected,
+    reconnect_and_resume,
+    resumed_notice,
     DEFAULT_TIMEOUT_S,
     NOTIFICATION_BACKLOG,
     REFUSAL_GRACE_S,
@@ -323,9 +329,22 @@ class AsyncClient:
     name raises, and is cancelled as `call_with_fds` is.
     """
 
-    def __init__(self, path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        resume: bool | float = False,
+        on_resume: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`resume` and `on_resume`: as for the blocking `Client` (on_resume
+        runs in the reader task)."""
         self.path = path or default_socket()
         self.timeout = timeout
+        self.resume_window = float(DEFAULT_RESUME_S if resume is True else resume or 0.0)
+        self._on_resume = on_resume
+        # The connection ended and a new one is being made (`resume`).
+        self._reconnecting = False
         self.shutting_down = False
         self._sock: socket.socket | None = None
         self._session = Session()
@@ -408,7 +427,7 @@ class AsyncClient:
         ConnectionLost once the connection ended and none are left. Cancellation
         raises Cancelled and takes no notification."""
         while not self._notifications:
-            if self._failure is not None:
+            if self._failure is not None and not self._reconnecting:
                 raise fresh_error(self._failure)
             assert self._notified is not None, "use the client inside `async with`"
             await self._notified.wait()
@@ -553,8 +572,20 @@ class AsyncClient:
             pass  # then the daemon released the lease with the connection
 
     async def _read_loop(self) -> None:
-        assert self._sock is not None
+        """Read until the connection ends; with `resume`, connect again and
+        read on. Cancellation: the connection is closed, bound leases lost."""
         reason = ConnectionLost("the daemon closed the connection")
+        try:
+            while True:
+                reason = await self._read_connection()
+                if not await self._reconnect(reason):
+                    break
+        finally:
+            self._close(ConnectionLost("this client was closed") if self._closing else reason)
+
+    async def _read_connection(self) -> ConnectionLost:
+        """Read the connection until it ends; returns why it did."""
+        assert self._sock is not None
         try:
             while True:
                 try:
@@ -564,16 +595,81 @@ class AsyncClient:
                     continue
                 if not data:
                     close_fds(fds)
-                    break
+                    return ConnectionLost("the daemon closed the connection")
                 for incoming in self._session.receive(data, fds):
                     self._dispatch(incoming)
                 await anyio.lowlevel.checkpoint()
         except ConnectionLost as exc:
-            reason = exc
+            return exc
         except (OSError, anyio.ClosedResourceError) as exc:
-            reason = ConnectionLost(f"the connection to the daemon failed: {exc!r}")
-        finally:
-            self._close(ConnectionLost("this client was closed") if self._closing else reason)
+            return ConnectionLost(f"the connection to the daemon failed: {exc!r}")
+
+    async def _reconnect(self, reason: ConnectionLost) -> bool:
+        """With `resume`: keep the bound leases, connect again and take them
+        back (True once connected). Else, or if no daemon answers in time,
+        False (the caller closes, and the leases are lost)."""
+        if self.resume_window <= 0 or self._closing or self._refusal is not None:
+            return False
+        self._suspend(reason)
+        deadline = anyio.current_time() + self.resume_window
+        reconnected: Reconnected | None = None
+        while reconnected is None and not self._closing:
+            # Leases released meanwhile are left to the daemon's grace.
+            tokens = [lease.token for lease in self._leases.values() if not lease.detached]
+            try:
+                reconnected = await anyio.to_thread.run_sync(
+                    reconnect_and_resume, self.path, tokens, self.timeout,
+                    lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+                )
+            except (OSError, ConnectionLost, DaemonError):
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    break
+                await anyio.sleep(min(RECONNECT_INTERVAL_S, remaining))
+        self._reconnecting = False
+        if reconnected is None or self._closing:
+            if reconnected is not None:
+                reconnected.sock.close()
+            # No new connection: the leases kept for resuming are lost after all.
+            self._wake_notified()
+            for lease in list(self._leases.values()):
+                lease._end(None)
+            return False
+        reconnected.sock.setblocking(False)
+        self._sock, self._session = reconnected.sock, reconnected.session
+        self._failure = None
+        self.shutting_down = False
+        self._ended = anyio.Event()
+        for token in reconnected.lost:
+            lease = self._leases.get(token)
+            if lease is not None:
+                lease._end(None)
+        notice = resumed_notice(reconnected)
+        self._notifications.append(notice)
+        self._wake_notified()
+        if self._on_resume is not None:
+            run_callback(self._on_resume, notice["params"])
+        for incoming in reconnected.later:
+            self._dispatch(incoming)
+        return True
+
+    def _suspend(self, reason: ConnectionLost) -> None:
+        """The connection ended and will be made again: calls fail meanwhile,
+        bound leases are kept."""
+        self._reconnecting = True
+        if self._sock is not None and self._sock.fileno() != -1:
+            anyio.notify_closing(self._sock)
+            self._sock.close()
+        self._failure = reason
+        self._fail_pending(reason)
+        close_fds(self._session.leftover_fds())
+        if self._ended is not None:
+            self._ended.set()
+
+    def _wake_notified(self) -> None:
+        assert self._notified is not None
+        self._notified.set()
+        self._notified = anyio.Event()
 
     def _dispatch(self, incoming: Reply | Notice | Refusal | Stray) -> None:
         if isinstance(incoming, Reply):
@@ -585,9 +681,7 @@ class AsyncClient:
             waiter.event.set()
         elif isinstance(incoming, Notice):
             self._notifications.append(incoming.message)
-            assert self._notified is not None
-            self._notified.set()
-            self._notified = anyio.Event()
+            self._wake_notified()
             self._route_notice(incoming)
         elif isinstance(incoming, Refusal):
             self._refusal = incoming.error

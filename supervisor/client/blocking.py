@@ -45,6 +45,20 @@ raises `LeaseLost`; and a `lease()` block whose body finished normally raises
 carry on, open a new client and acquire again. Detached leases (``detach=True``
 with a ``ttl``) survive their connection and can be renewed or released by token
 from any client of the same uid.
+
+The one exception is a crash or restart of the daemon: the daemon that comes
+back adopts the running adapters and holds their bound leases for its
+`resume_grace` (30 s by default), for their holder to take back with
+`resume`. A client made with ``resume=True`` (or a number of seconds) does
+that itself: when its connection ends, it keeps its bound leases (calls made
+meanwhile raise ConnectionLost, `lost` is True), connects again every 0.2 s
+for up to that long, and resumes them. It then tells the holder either way:
+the leases the daemon gave back simply carry on (their fds never stopped
+working), those it did not are ended as above (`LeaseLost`), and a
+``{"method": "resumed", "params": {"resumed": [...], "lost": [...],
+"generation": n}}`` notification is added to `next_notification()` (and
+passed to `on_resume`, if given). If no daemon answers in time, every bound
+lease is lost as without `resume`.
 """
 
 from __future__ import annotations
@@ -64,7 +78,12 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from supervisor.client.session import (
+    DEFAULT_RESUME_S,
     DEFAULT_TIMEOUT_S,
+    RECONNECT_INTERVAL_S,
+    Reconnected,
+    reconnect_and_resume,
+    resumed_notice,
     NOTIFICATION_BACKLOG,
     REFUSAL_GRACE_S,
     FDS_PER_LEASE,
@@ -287,9 +306,22 @@ class Client:
     to another caller still waiting, if any, else back to the reader thread.
     """
 
-    def __init__(self, path: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        resume: bool | float = False,
+        on_resume: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`resume`: after a lost connection, connect again and take back the
+        bound leases for up to this many seconds (True: DEFAULT_RESUME_S),
+        then call `on_resume` with the `resumed` notification's params (on
+        the reader thread; keep it short). See the module docstring."""
         self.path = path or default_socket()
         self.timeout = timeout
+        self.resume_window = float(DEFAULT_RESUME_S if resume is True else resume or 0.0)
+        self._on_resume = on_resume
         self.sock = _ClientSocket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -317,11 +349,7 @@ class Client:
         self._reader_poll.register(self._wake_fd, select.EPOLLIN)
         self._caller_poll = select.poll()  # used by the role holder only
         self._caller_poll.register(self.sock.fileno(), select.POLLIN)
-        if timeout is not None:
-            # A blocking read gives up after `timeout` by itself, so the first
-            # read of a call needs no poll before it (see _read_as_caller).
-            seconds = math.ceil(timeout * 1e6) / 1e6
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", int(seconds), round(seconds % 1 * 1e6)))
+        self._set_receive_timeout()
         self._send_lock = threading.Lock()
         self._session = Session()
         self._pending: dict[int, _Waiter] = {}
@@ -330,9 +358,18 @@ class Client:
         self._refusal: DaemonError | None = None
         self._failure: Exception | None = None
         self._closing = False
+        # The connection ended and a new one is being made (`resume`).
+        self._reconnecting = False
         self.shutting_down = False
         self._reader = threading.Thread(target=self._read_loop, name=f"adapter-supervisor-client {self.path}", daemon=True)
         self._reader.start()
+
+    def _set_receive_timeout(self) -> None:
+        if self.timeout is not None:
+            # A blocking read gives up after `timeout` by itself, so the first
+            # read of a call needs no poll before it (see _read_as_caller).
+            seconds = math.ceil(self.timeout * 1e6) / 1e6
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", int(seconds), round(seconds % 1 * 1e6)))
 
     def __enter__(self) -> Self:
         return self
@@ -403,7 +440,8 @@ class Client:
         ConnectionLost once the connection ended and none are left."""
         timeout = self.timeout if timeout is None else timeout
         with self._notified:
-            if not self._notified.wait_for(lambda: self._notifications or self._failure is not None, timeout):
+            ended = lambda: self._failure is not None and not self._reconnecting  # noqa: E731
+            if not self._notified.wait_for(lambda: self._notifications or ended(), timeout):
                 raise TimeoutError(f"no notification within {timeout} s")
             if self._notifications:
                 return self._notifications.popleft()
@@ -615,14 +653,28 @@ class Client:
             self._send(line)
 
     def _read_loop(self) -> None:
-        """The reader thread: reads while no caller holds the role."""
+        """The reader thread: reads while no caller holds the role; with
+        `resume`, connects again when the connection ends."""
+        try:
+            while True:
+                self._connection_ended(self._read_connection())
+                if not self._reconnect():
+                    return
+        finally:
+            with self._lock:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
+                self._reader_poll.close()
+
+    def _read_connection(self) -> ConnectionLost:
+        """Read the connection until it ends; returns why it did."""
         reason = ConnectionLost("the daemon closed the connection")
         try:
             while True:
                 self._reader_poll.poll()
                 with self._lock:
                     if self._failure is not None:
-                        return
+                        return self._failure if isinstance(self._failure, ConnectionLost) else reason
                     if self._reading:
                         # Woken by a hang-up (never masked) while a caller reads:
                         # that caller will see the end; wait for the role.
@@ -650,12 +702,109 @@ class Client:
                         self._pass_role()
         except ConnectionLost as exc:
             reason = exc
-        finally:
-            self._connection_ended(reason)
+        return reason
+
+    def _resuming(self) -> bool:
+        """Whether a lost connection is to be resumed (called with the lock held)."""
+        return self.resume_window > 0 and not self._closing and self._refusal is None
+
+    def _reconnect(self) -> bool:
+        """After the connection ended: with `resume`, connect again and take
+        back the bound leases (True once connected), else end them (False)."""
+        with self._lock:
+            resuming = self._resuming()
+            self._drain_wake()
+            if resuming:
+                # Its hang-up would wake every wait below at once.
+                with contextlib.suppress(OSError, ValueError):
+                    self._reader_poll.unregister(self._sock_fd)
+        deadline = time.monotonic() + self.resume_window
+        reconnected: Reconnected | None = None
+        while resuming and reconnected is None:
             with self._lock:
-                os.close(self._wake_fd)
-                self._wake_fd = -1
-                self._reader_poll.close()
+                # Leases released meanwhile are left to the daemon's grace.
+                tokens = [lease.token for lease in self._leases.values() if not lease.detached]
+            try:
+                reconnected = reconnect_and_resume(
+                    self.path, tokens, self.timeout, lambda: _ClientSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+                )
+            except (OSError, ConnectionLost, DaemonError):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                # Woken early by `close`.
+                self._reader_poll.poll(min(RECONNECT_INTERVAL_S, remaining))
+                with self._lock:
+                    self._drain_wake()
+                    resuming = self._resuming()
+        if reconnected is None:
+            self._end_suspended()
+            return False
+        with self._lock:
+            if self._closing:
+                reconnected.sock.close()
+                resuming = False
+            else:
+                self._install(reconnected)
+        if not resuming:
+            self._end_suspended()
+            return False
+        lost = [self._leases.pop(token) for token in reconnected.lost if token in self._leases]
+        for lease in lost:
+            lease._end(None)
+        notice = resumed_notice(reconnected)
+        with self._lock:
+            self._notifications.append(notice)
+            self._notified.notify_all()
+        if self._on_resume is not None:
+            run_callback(self._on_resume, notice["params"])
+        for incoming in reconnected.later:
+            self._dispatch_incoming(incoming)
+        return True
+
+    def _install(self, reconnected: Reconnected) -> None:
+        """Serve on the new connection from now on (called with the lock held)."""
+        old, self.sock = self.sock, reconnected.sock  # type: ignore[assignment]
+        old.close()
+        self.sock.settimeout(None)
+        self._set_receive_timeout()
+        self._sock_fd = self.sock.fileno()
+        self._reader_poll.register(self._sock_fd, select.EPOLLIN)
+        self._caller_poll = select.poll()
+        self._caller_poll.register(self._sock_fd, select.POLLIN)
+        self._session = reconnected.session
+        self._failure = None
+        self._reconnecting = False
+        self._reading = False
+        self.shutting_down = False
+
+    def _drain_wake(self) -> None:
+        """Reset the reader's wake-up (called with the lock held)."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+
+    def _end_suspended(self) -> None:
+        """No new connection: the leases kept for resuming are lost after all."""
+        with self._lock:
+            self._reconnecting = False
+            self._notified.notify_all()
+            leases = list(self._leases.values())
+        for lease in leases:
+            lease._end(None)
+
+    def _dispatch_incoming(self, incoming: Reply | Notice | Refusal | Stray) -> None:
+        later: list[Callable[[], None]] = []
+        with self._lock:
+            if isinstance(incoming, Notice):
+                self._notifications.append(incoming.message)
+                self._notified.notify_all()
+                later += self._route_notice(incoming)
+            elif isinstance(incoming, Stray):
+                later.append(functools.partial(self._dispose, incoming))
+            elif isinstance(incoming, Reply):
+                close_fds(incoming.fds)
+        for action in later:
+            action()
 
     def _dispatch(self, data: bytes, fds: list[int]) -> None:
         """Route what one read completed; callbacks and releases run after the lock."""
@@ -709,7 +858,9 @@ class Client:
                 waiter.reply = Reply(request_id, "", error=fresh_error(failure))
                 waiter.wake()
             self._pending.clear()
-            leases = list(self._leases.values())
+            # Kept for `_reconnect` to resume, or lost now.
+            self._reconnecting = self._resuming()
+            leases = [] if self._reconnecting else list(self._leases.values())
             self._notified.notify_all()
             self._role_free.notify_all()
             self._wake_reader()

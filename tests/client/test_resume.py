@@ -1,0 +1,108 @@
+"""Clients made with `resume`: after a crash of the daemon, they connect to
+the restarted daemon and take their bound leases back, and say so; without a
+daemon in time, the leases are lost as without `resume`. Real daemons,
+`kill -9`, real adapter trees."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor.client import Client, ConnectionLost, LeaseLost
+from tests.conftest import eventually, read_pidfile, wait_all_gone
+from tests.test_adoption import adapters, kill_9, recorded_tokens
+
+
+def next_resumed(client: Client, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        notice = client.next_notification(timeout=max(0.01, deadline - time.monotonic()))
+        if notice["method"] == "resumed":
+            return notice["params"]
+
+
+def test_a_resuming_client_takes_its_bound_leases_back_after_a_crash(start_daemon, tmp_path: Path) -> None:
+    settings = {"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state"), "resume_grace": 1.5}
+    first = start_daemon(adapters(tmp_path), **settings)
+    told: list[dict] = []
+    with Client(settings["socket"], timeout=10, resume=20, on_resume=told.append) as client:
+        kept = client.acquire("job-k", "tree")
+        dropped = client.acquire("job-d", "tree")
+        members = {job: read_pidfile(tmp_path / f"{job}.pids") for job in ("job-k", "job-d")}
+        assert eventually(lambda: {kept.token, dropped.token} <= recorded_tokens(tmp_path / "state"))
+        kill_9(first)
+        # While the daemon is away: calls fail at once, the leases are kept.
+        assert eventually(lambda: client.lost)
+        with pytest.raises(ConnectionLost):
+            client.status()
+        assert not kept.lost and not dropped.lost
+        # A lease given up meanwhile is not resumed: the daemon lets it go.
+        with pytest.raises(ConnectionLost):
+            dropped.release()
+
+        second = start_daemon(adapters(tmp_path), **settings)
+        resumed = next_resumed(client)
+        assert resumed == {"resumed": [kept.token], "lost": [], "generation": 2}
+        assert told == [resumed]
+        assert not client.lost and not kept.lost
+        rows = {row["job"]: row for row in client.status()["instances"]}
+        assert rows["job-k"]["adopted"] is True and rows["job-k"]["refcount"] == 1
+        # The one not resumed is released after the grace; the kept one lives.
+        assert not wait_all_gone(members["job-d"], second.pid, timeout=6.0)
+        assert eventually(lambda: "job-d" not in {r["job"] for r in client.status()["instances"]}, timeout=5)
+        assert client.release(kept) == {"refcount": 0, "stopping": True}
+        assert not wait_all_gone(members["job-k"], second.pid, timeout=5.0)
+
+
+def test_without_a_daemon_in_time_the_bound_leases_are_lost(start_daemon, tmp_path: Path) -> None:
+    settings = {"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state"), "resume_grace": 1.0}
+    first = start_daemon(adapters(tmp_path), **settings)
+    with Client(settings["socket"], timeout=10, resume=0.5) as client:
+        lease = client.acquire("job-1", "tree")
+        members = read_pidfile(tmp_path / "job-1.pids")
+        assert eventually(lambda: lease.token in recorded_tokens(tmp_path / "state"))
+        kill_9(first)
+        with pytest.raises(LeaseLost):
+            lease.wait_exited(timeout=10)
+        assert client.lost
+    # The next daemon adopts the tree, nobody resumes it, the grace ends it.
+    second = start_daemon(adapters(tmp_path), **settings)
+    assert not wait_all_gone(members, second.pid, timeout=8.0)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_async_client_resumes_too(start_daemon, tmp_path: Path, backend: str) -> None:
+    import anyio
+
+    from supervisor.client import AsyncClient
+
+    settings = {"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state"), "resume_grace": 5.0}
+    first = start_daemon(adapters(tmp_path), **settings)
+    restarted = []
+
+    async def main() -> None:
+        told: list[dict] = []
+        async with AsyncClient(settings["socket"], timeout=10, resume=20, on_resume=told.append) as client:
+            lease = await client.acquire("job-1", "tree")
+            assert eventually(lambda: lease.token in recorded_tokens(tmp_path / "state"))
+            kill_9(first)
+            with anyio.fail_after(5):
+                while not client.lost:
+                    await anyio.sleep(0.01)
+            with pytest.raises(ConnectionLost):
+                await client.status()
+            assert not lease.lost
+            restarted.append(await anyio.to_thread.run_sync(lambda: start_daemon(adapters(tmp_path), **settings)))
+            with anyio.fail_after(15):
+                notice = await client.next_notification()
+                while notice["method"] != "resumed":
+                    notice = await client.next_notification()
+            assert notice["params"] == {"resumed": [lease.token], "lost": [], "generation": 2}
+            assert told == [notice["params"]]
+            assert (await client.release(lease))["refcount"] == 0
+
+    anyio.run(main, backend=backend)
+    members = read_pidfile(tmp_path / "job-1.pids")
+    assert not wait_all_gone(members, restarted[0].pid, timeout=5.0)
