@@ -321,3 +321,45 @@ def test_the_check_compiles_imported_modules_whose_bytecode_is_missing_or_stale(
     finally:
         sys.modules.pop("warm_me", None)
         del module
+
+
+def test_a_peer_that_does_not_read_fails_an_upgrade_fast_and_keeps_its_answers(start_daemon) -> None:
+    """The pause gives up after STUCK_SENDERS_S, not its 10 s: everyone else
+    waits while it lasts. The daemon serves on, the peer loses nothing."""
+    from supervisor.server.listener import STUCK_SENDERS_S
+    from tests.server.test_listener import status_flood
+
+    daemon = start_daemon(send_timeout=30.0)
+    hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hog.connect(daemon.socket)
+    hog.setblocking(False)
+    sent = 0
+    try:
+        flood = status_flood(1, 200)
+        deadline = time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline, "the daemon kept reading a peer that never reads"
+            try:
+                taken = hog.send(flood)
+            except BlockingIOError:
+                break
+            sent += flood[:taken].count(b"\n")  # whole requests only
+        client = daemon.client()
+        began = time.monotonic()
+        with pytest.raises(DaemonError) as refused:
+            client.call("upgrade")
+        took = time.monotonic() - began
+        assert refused.value.code == 1008 and "did not read the answers" in refused.value.message
+        assert took < STUCK_SENDERS_S + 5.0, f"the upgrade held everyone for {took:.1f} s"
+        assert client.call("hello")["generation"] == 1
+        # The hog reads now: every answer it was owed arrives.
+        hog.setblocking(True)
+        hog.settimeout(10)
+        data = b""
+        while data.count(b"\n") < sent:
+            chunk = hog.recv(1 << 20)
+            assert chunk, "the connection ended"
+            data += chunk
+        assert data.count(b"\n") == sent
+    finally:
+        hog.close()

@@ -65,6 +65,11 @@ REFUSE_TIMEOUT_S = 1.0
 # ordinary batch costs no yield beyond the read's own.
 ANSWERS_PER_TURN = 32
 
+# An upgrade's pause gives up this soon when all that keeps it waiting is
+# connections whose peers take none of the line under way: every other client
+# waits while it does, and such a peer is dropped after send_timeout anyway.
+STUCK_SENDERS_S = 1.0
+
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -564,10 +569,21 @@ class ControlServer:
         self._pausing = True
         if self._accept_scope is not None:
             self._accept_scope.cancel()
+        stuck_since: float | None = None
         with trio.move_on_after(timeout):
             while True:
-                if not self._busy(requester):
+                busy = self._busy(requester)
+                if not busy:
                     return None
+                stuck = [self.connections[i] for i in busy if i in self.connections and self.connections[i].has_unsent]
+                if len(stuck) < len(busy):
+                    stuck_since = None
+                elif stuck_since is None:
+                    stuck_since = trio.current_time()
+                elif trio.current_time() - stuck_since >= STUCK_SENDERS_S:
+                    peers = ", ".join(f"connection {c.id} (pid {c.pid})" for c in stuck)
+                    return (f"{peers} did not read the answers sent to it for {STUCK_SENDERS_S:g} s; "
+                            "try again once it reads or is dropped (daemon.send_timeout)")
                 await trio.sleep(0.002)
         return f"{len(self._busy(requester))} connections were still busy after {timeout:g} s"
 
