@@ -37,6 +37,7 @@ from supervisor.engine.engine import Engine
 from supervisor.core.errors import ConfigError
 from supervisor.logconfig import TurnWriter, configure_logging
 from supervisor.server.listener import ControlServer, bind_control_socket
+from supervisor.engine.privatedir import UnsafeDirectory, ensure_private_dir
 from supervisor.engine.staterecord import daemon_key
 from supervisor.engine.stdiostore import StdioStore
 
@@ -102,19 +103,23 @@ def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int
         finally:
             os.close(inherited)
         return
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    owner = os.stat(state_dir).st_uid
-    if owner != os.geteuid():
+    try:
+        ensure_private_dir(state_dir, mode=0o700)
+    except UnsafeDirectory as exc:
         raise StartupError(
-            f"state_dir {state_dir} belongs to uid {owner}, not to this daemon's uid {os.geteuid()}: "
-            "it holds lease tokens and names processes to adopt, so only the daemon's own may be used"
-        )
+            f"refusing state_dir {state_dir}: {exc} (it holds lease tokens and names processes to adopt)"
+        ) from None
+    except OSError as exc:
+        raise StartupError(f"cannot create state_dir {state_dir}: {exc.strerror or exc}") from None
     if os.stat(state_dir).st_mode & 0o077:
         log.warning("daemon.state_dir_mode", state_dir=state_dir, mode="0700",
                     reason="it holds lease tokens; it was open to others")
         os.chmod(state_dir, 0o700)
     path = os.path.join(state_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,6 +232,13 @@ async def run_daemon(
                 listener = trio.socket.from_stdlib_socket(activated)
                 socket_activated, bound_inode = True, None
             else:
+                socket_dir = os.path.dirname(os.path.abspath(config.daemon.socket))
+                try:
+                    ensure_private_dir(socket_dir, mode=socket_dir_mode(config))
+                except UnsafeDirectory as exc:
+                    raise StartupError(f"refusing the socket's directory: {exc}") from None
+                except OSError as exc:
+                    raise StartupError(f"cannot create {socket_dir}: {exc.strerror or exc}") from None
                 try:
                     listener = await bind_control_socket(config.daemon.socket, config.daemon.socket_mode)
                 except OSError as exc:
@@ -361,6 +373,16 @@ def _unlink_socket(path: str, inode: int) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def socket_dir_mode(config: Config) -> int:
+    """The mode a missing socket directory is created with: 0700 when only
+    the daemon's own uid may connect, else 0755 (others must reach the
+    socket file, whose own mode and peer checks decide who may talk)."""
+    daemon = config.daemon
+    if os.geteuid() != 0 and not daemon.allowed_uids and not daemon.allowed_gids:
+        return 0o700
+    return 0o755
 
 
 def raise_fd_limit() -> None:

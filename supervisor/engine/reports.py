@@ -102,7 +102,8 @@ class ReportStore:
             size = 0
         if size and size + len(line) > self.max_file_bytes:
             os.replace(self.path, self.path.with_name(REPORTS_FILE + ".1"))
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # Never through a symlink, and readable by the daemon's uid alone.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, line)
         finally:
