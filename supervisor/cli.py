@@ -275,8 +275,11 @@ def human_age(seconds: float | None) -> str:
 
 def render_status(result: Mapping[str, Any], now: float) -> str:
     """The status as a summary line and a table: one row per instance with its
-    job, adapter, state, root pid, process count, refcount, age and tree RSS.
-    Raises KeyError if `result` lacks a field the daemon's `status` sends."""
+    job, adapter, state (an exited one's reason and return code with it), root
+    pid, process count, refcount, age and tree RSS; then, if any lease is
+    held, one row per lease with its instance, whether it is bound or
+    detached, when it expires and who holds it. Raises KeyError if `result`
+    lacks a field the daemon's `status` sends."""
     daemon = result["daemon"]
     lines = [
         f"daemon pid {daemon['pid']}  up {human_age(daemon['uptime_s'])}  "
@@ -287,15 +290,33 @@ def render_status(result: Mapping[str, Any], now: float) -> str:
         + ("  SHUTTING DOWN" if daemon.get("shutting_down") else "")
     ]
     rows = [("INSTANCE", "JOB", "ADAPTER", "STATE", "PID", "PROCS", "REFCOUNT", "AGE", "RSS")]
+    leases = [("LEASE", "INSTANCE", "KIND", "EXPIRES", "UID", "HOLDER PID")]
     for inst in result["instances"]:
         rows.append((
-            inst["instance"], inst["job"], inst["adapter"], inst["state"], str(inst["pid"] or "-"),
+            inst["instance"], inst["job"], inst["adapter"], _render_state(inst), str(inst["pid"] or "-"),
             str(len(inst["pids"])), str(inst["refcount"]),
             human_age(now - inst["started_at"]) if inst["started_at"] else "-",
             human_bytes(inst["rss_bytes"]),
         ))
+        for lease in inst.get("leases", ()):
+            leases.append((
+                lease["lease"], inst["instance"], "detached" if lease["detached"] else "bound",
+                f"in {human_age(lease['expires_at'] - now)}" if lease["expires_at"] is not None else "-",
+                str(lease["uid"]), str(lease["pid"]) if lease["pid"] is not None else "-",
+            ))
     lines += ["no instances"] if len(rows) == 1 else _render_table(rows)
+    if len(leases) > 1:
+        lines += ["", *_render_table(leases)]
     return "\n".join(lines)
+
+
+def _render_state(inst: Mapping[str, Any]) -> str:
+    """An instance's state; an exited one's says why and with what status
+    ("exited (killed, rc -9)")."""
+    if inst["state"] != "exited" or "reason" not in inst:
+        return str(inst["state"])
+    returncode = inst.get("returncode")
+    return f"exited ({inst['reason']}, rc {'?' if returncode is None else returncode})"
 
 
 def _render_table(rows: Sequence[Sequence[str]]) -> list[str]:

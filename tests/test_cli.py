@@ -101,7 +101,7 @@ def test_status_watch_refreshes_until_ctrl_c_and_exits_0(start_daemon) -> None:
     assert run_cli("--socket", daemon.socket, "acquire", "job-w", "sleeper", "--detach", "--ttl", "30").returncode == 0
     watcher = start_cli("--socket", daemon.socket, "status", "--watch", "0.1")
     try:
-        lines = read_lines(watcher, 10)
+        lines = read_lines(watcher, 20)
         titles = [line for line in lines if line.startswith("every 0.1s")]
         rows = [line.split() for line in lines if line.split()[1:3] == ["job-w", "sleeper"]]
         assert len(titles) >= 2 and len(rows) >= 2, lines
@@ -168,3 +168,21 @@ def test_output_to_a_reader_that_stopped_reading_ends_quietly_with_sigpipes_stat
         os.close(write_end)
     assert completed.returncode == cli.EX_BROKEN_PIPE == 128 + signal.SIGPIPE
     assert "Traceback" not in completed.stderr and "cannot talk to the daemon" not in completed.stderr
+
+
+def test_status_lists_each_lease_under_the_instances_and_why_an_instance_exited() -> None:
+    leases = [
+        {"lease": "0vIlhan7W_QY3NvyUvk4Tm5W", "detached": False, "expires_at": None, "uid": 0, "pid": 4711},
+        {"lease": "Zq81mmPa", "detached": True, "expires_at": NOW + 125, "uid": 1000, "pid": None},
+    ]
+    exited = instance_row(instance="ffff00001111", state="exited", pids=[], returncode=-9, reason="killed", leases=[])
+    text = cli.render_status(status_result([instance_row(leases=leases), exited]), NOW)
+    lines = text.splitlines()
+    assert lines[3].split()[3:7] == ["exited", "(killed,", "rc", "-9)"]
+    blank = lines.index("")
+    header, bound, detached = lines[blank + 1:]
+    assert header.split() == ["LEASE", "INSTANCE", "KIND", "EXPIRES", "UID", "HOLDER", "PID"]
+    assert bound.split() == ["0vIlhan7W_QY3NvyUvk4Tm5W", "a1b2c3d4e5f6", "bound", "-", "0", "4711"]
+    assert detached.split() == ["Zq81mmPa", "a1b2c3d4e5f6", "detached", "in", "2m05s", "1000", "-"]
+    # Without leases there is no lease table.
+    assert "" not in cli.render_status(status_result([instance_row(leases=[])]), NOW).splitlines()

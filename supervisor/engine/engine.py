@@ -43,6 +43,7 @@ from supervisor.core.errors import (
 )
 from supervisor.core.registry import (
     LIVE_STATES,
+    ROOT_UID,
     Acquired,
     Action,
     InstanceSettled,
@@ -73,6 +74,10 @@ SERVER_NAME = "adapter-supervisor"
 # The directory under state_dir of the adapters' stderr files.
 STDERR_DIR = "stderr"
 
+# What `status` shows of another uid's lease token (as much as the logs show of
+# any): enough to tell leases apart, far too little to use one.
+LEASE_PREFIX_CHARS = 8
+
 # A shutdown waits for the slowest adapter's stop_timeout plus this.
 SHUTDOWN_MARGIN_S = 6.0
 
@@ -81,6 +86,8 @@ class Peer(Protocol):
     """What the engine needs of a client connection."""
 
     id: int
+    # The peer's process and user, from SO_PEERCRED when it connected.
+    pid: int
     uid: int
 
     def notify(self, method: str, params: object) -> None: ...
@@ -585,14 +592,14 @@ class Engine:
         """The status answer, from the latest scan: call it only in the turn
         in which `status_answers_now()` said yes (else `status` waits for a
         fresh scan)."""
-        return self._status(params, self.scans.latest())
+        return self._status(peer, params, self.scans.latest())
 
     async def status(self, peer: Peer, params: protocol.StatusParams) -> Reply:
         """The status answer, after a fresh scan of the trees if need be.
         Cancellation: raises Cancelled; the scan goes on for other callers."""
-        return self._status(params, await self.scans.members())
+        return self._status(peer, params, await self.scans.members())
 
-    def _status(self, params: protocol.StatusParams, members: Members) -> Reply:
+    def _status(self, peer: Peer, params: protocol.StatusParams, members: Members) -> Reply:
         # Every control client polls this: list comprehensions rather than
         # generators, and one pass for the total.
         instances = self.registry.instances.values()
@@ -604,7 +611,7 @@ class Engine:
             stats = members.get(instance.id, ())
             rss_bytes = sum([s.rss_bytes for s in stats])
             total_rss += rss_bytes
-            rows.append({
+            row = {
                 "instance": instance.id,
                 "job": instance.job,
                 "adapter": instance.adapter,
@@ -615,7 +622,12 @@ class Engine:
                 "started_at": instance.started_at,
                 "rss_bytes": rss_bytes,
                 "adopted": instance.adopted,
-            })
+                "leases": [self._lease_row(peer, token) for token in sorted(instance.leases)],
+            }
+            if instance.state is State.EXITED:
+                row["returncode"] = instance.returncode
+                row["reason"] = instance.stop_reason.value if instance.stop_reason is not None else None
+            rows.append(row)
         daemon = self.config.daemon
         return Reply({
             "daemon": {
@@ -638,6 +650,21 @@ class Engine:
             },
             "instances": rows,
         })
+
+    def _lease_row(self, peer: Peer, token: str) -> dict[str, Any]:
+        """One lease as `status` shows it to `peer`: the whole token only to
+        the lease's own uid and to root (a token is all it takes to release
+        a lease), else its first LEASE_PREFIX_CHARS characters; `pid` is the
+        holding connection's process, None while no connection holds it."""
+        lease = self.registry.leases[token]
+        holder = self.peers.get(lease.owner) if lease.owner is not None else None
+        return {
+            "lease": token if peer.uid in (ROOT_UID, lease.uid) else token[:LEASE_PREFIX_CHARS],
+            "detached": lease.detached,
+            "expires_at": lease.expires_at,
+            "uid": lease.uid,
+            "pid": holder.pid if holder is not None else None,
+        }
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: live instances and leases."""
