@@ -196,6 +196,10 @@ class UpgradeParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`upgrade` takes no params."""
 
 
+class AdaptersParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`adapters` takes no params."""
+
+
 # Tokens one `resume` may name: far more than one client holds.
 MAX_RESUME_LEASES = 4096
 
@@ -220,6 +224,7 @@ Params = (
     | MetricsParams
     | ResumeParams
     | UpgradeParams
+    | AdaptersParams
 )
 
 

@@ -702,6 +702,27 @@ class Engine:
         """Every metric in the Prometheus text format."""
         return Reply({"text": self.metrics.exposition()})
 
+    def adapters(self, peer: Peer, params: protocol.AdaptersParams) -> Reply:
+        """The configured adapters, by name, each with its number of live
+        instances (starting, running or lingering)."""
+        live = collections.Counter(
+            [instance.adapter for instance in self.registry.instances.values() if instance.state in LIVE_STATES]
+        )
+        return Reply({"adapters": [
+            {
+                "name": adapter.name,
+                "command": list(adapter.command),
+                "params": list(adapter.params),
+                "stdio": adapter.stdio,
+                # null until an adapter can be given a user of its own to run as.
+                "user": getattr(adapter, "user", None),
+                "max_instances": adapter.max_instances,
+                "memory_limit": adapter.memory_limit,
+                "live": live[adapter.name],
+            }
+            for adapter in sorted(self.config.adapters.values(), key=lambda adapter: adapter.name)
+        ]})
+
     def count_error(self, code: int) -> None:
         """A request was answered with this error code (for the metrics)."""
         self.metrics.protocol_errors.labels(str(code)).inc()
