@@ -402,7 +402,10 @@ class Sweeper:
 
     async def _file(self, report: reports.SweepReport) -> None:
         self._store.remember(report)
-        log.info("sweep.report", **reports.to_builtins(report))
+        # A quiet periodic sweep is the normal case, every sweep_interval:
+        # logged at info it would bury what happened.
+        quiet = report.kind == "periodic" and reports.found_nothing(report)
+        (log.debug if quiet else log.info)("sweep.report", **reports.to_builtins(report))
         self._metrics.sweep_duration.labels(report.kind).observe(report.duration_ms / 1000)
         for orphan in report.orphans:
             self._metrics.orphans.labels(orphan.action).inc()
