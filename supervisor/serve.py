@@ -111,12 +111,24 @@ def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StartupError(f"another daemon is already running on state_dir {state_dir}") from None
+            raise StartupError(
+                f"another daemon ({_lock_holder(fd)}) is already running on state_dir {state_dir}"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield fd
     finally:
         os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the state_dir lock, as its holder wrote it: "pid N", or
+    "pid unknown" if it has not written it yet."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
 
 
 def detect_cgroups(config: Config) -> CgroupManager | None:

@@ -229,9 +229,11 @@ def test_a_second_daemon_on_the_same_socket_or_state_dir_refuses_to_start(
     same: dict[str, object] = {"socket": first.socket} if shared == "socket" else {"state_dir": first.state_dir}
     second = start_daemon(tree_adapter("tree", pidfile=pidfile, stop_timeout=STOP_TIMEOUT), wait=False, **same)
     returncode = second.popen.wait(timeout=20)
-    assert returncode != 0
+    assert returncode == 69
     log = second.log_path.read_text()
     assert "already" in log and str(same[shared]) in log
+    # It names the daemon in the way, so that an operator can find it.
+    assert f"pid {first.pid})" in log
     assert "Traceback" not in log
     if shared == "state_dir":
         assert not os.path.exists(second.socket)

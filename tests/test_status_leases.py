@@ -8,16 +8,19 @@ import os
 import time
 from pathlib import Path
 
+from tests import test_daemon_protocol
 from tests.conftest import eventually, read_pidfile, tree_adapter
-from tests.test_daemon_protocol import (  # noqa: F401 (public_dir is a fixture)
+from tests.test_daemon_protocol import (
     NOBODY,
     STOP_TIMEOUT,
     TREE_ROLES,
     Connection,
-    public_dir,
     run_as_nobody,
     start_public_daemon,
 )
+
+# A directory uid 65534 can reach (a fixture).
+public_dir = test_daemon_protocol.public_dir
 
 
 def leases_of(connection: Connection, job: str) -> dict[str, dict[str, object]]:
@@ -54,7 +57,7 @@ def test_status_lists_bound_and_detached_leases_with_their_holders(start_daemon,
         holder.result("release_job", {"job": "j"})
 
 
-def test_another_uid_sees_only_the_first_8_characters_of_a_token(start_daemon, public_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_another_uid_sees_only_the_first_8_characters_of_a_token(start_daemon, public_dir: Path, tmp_path: Path) -> None:
     pidfile = tmp_path / "t.pids"
     adapters = tree_adapter("tree", pidfile=pidfile, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT)
     daemon = start_public_daemon(start_daemon, public_dir, adapters, allowed_uids=[NOBODY])

@@ -246,5 +246,5 @@ def test_two_daemons_on_one_state_dir_cannot_both_run(start_daemon, tmp_path: Pa
     first = start_daemon()
     second = start_daemon(state_dir=first.state_dir, wait=False)
     assert second.popen.wait(20) != 0
-    assert "another daemon is already running on state_dir" in second.log_path.read_text()
+    assert f"another daemon (pid {first.pid}) is already running on state_dir" in second.log_path.read_text()
     assert first.client().call("hello")["pid"] == first.pid
