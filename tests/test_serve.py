@@ -311,7 +311,7 @@ def test_cli_release_job_releases_every_lease_of_the_job(start_daemon, tmp_path:
     [
         pytest.param(("acquire", "job-cli", "missing"), "no adapter named 'missing'", id="unknown-adapter"),
         pytest.param(("release", "no-such-lease"), "no such lease", id="unknown-lease"),
-        pytest.param(("acquire", "job-cli", "tree", "--ttl", "5"), "detach", id="ttl-without-detach"),
+        pytest.param(("acquire", "job-cli", "tree", "--param", "x=1"), 'does not declare param "x"', id="undeclared-param"),
     ],
 )
 def test_cli_exits_1_with_the_daemons_message_on_an_error(start_daemon, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
