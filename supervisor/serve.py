@@ -277,7 +277,7 @@ async def run_daemon(
             except BaseException:
                 # Only a bug gets here (clients cannot crash the daemon). The
                 # trees are left running and recorded: the next start adopts
-                # them (SPEC rule 9), so a bug never takes an adapter down.
+                # them (adoption after a crash), so a bug never takes an adapter down.
                 log.critical("daemon.crashed", exc_info=True)
                 raise
             finally:

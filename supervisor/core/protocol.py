@@ -1,4 +1,4 @@
-"""The control protocol's wire codec (SPEC section 5), without any I/O.
+"""The control protocol's wire codec (docs/protocol.md), without any I/O.
 
 The wire is JSON-RPC 2.0, one message per line: UTF-8, terminated by ``\\n``.
 `Decoder` turns the bytes of one connection into validated `Request` objects or

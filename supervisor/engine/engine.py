@@ -403,7 +403,8 @@ class Engine:
         return self._acquire_reply(params, acquired, refcount, pending, after)
 
     async def acquire(self, peer: Peer, params: protocol.AcquireParams, started: Callable[[], None]) -> Reply:
-        """Take a lease, spawning the instance if none is live (SPEC rule 1),
+        """Take a lease, spawning the instance if none is live (concurrent
+        acquires of one pair spawn one instance),
         and wait for its spawn to settle. Calls `started()` once the lease is
         taken, before any wait for the spawn, so that pipelined requests
         change state in arrival order. Raises SupervisorError: the client's
@@ -533,7 +534,8 @@ class Engine:
             )
 
     def release(self, peer: Peer, params: protocol.ReleaseParams) -> Reply:
-        """Give a lease back (SPEC rule 2). Raises UnknownLease, PermissionDenied."""
+        """Give a lease back; at refcount zero the tree is stopped (after its
+        linger). Raises UnknownLease, PermissionDenied."""
         lease = self.registry.lease(params.lease)
         released = self.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
@@ -551,7 +553,8 @@ class Engine:
         return Reply({"expires_at": expires_at})
 
     def release_job(self, peer: Peer, params: protocol.ReleaseJobParams) -> Reply:
-        """Release every lease of a job, whoever holds it (SPEC rule 5). Raises PermissionDenied."""
+        """Release every lease of a job, whoever holds it (the one call for a
+        job's terminal transition). Raises PermissionDenied."""
         released = self.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
         self.record.mark_dirty()
@@ -561,7 +564,7 @@ class Engine:
 
     def resume(self, peer: Peer, params: protocol.ResumeParams) -> Reply:
         """Take back, bound to this connection, leases of a previous
-        incarnation that wait for their holder (SPEC rule 9): those of the
+        incarnation that wait for their holder after a crash: those of the
         peer's uid (any, for root). Answers which were resumed. Raises nothing."""
         resumed = self.registry.resume(params.leases, connection=peer.id, uid=peer.uid)
         if resumed.resumed:
@@ -571,7 +574,7 @@ class Engine:
         return Reply({"resumed": resumed.resumed, "not_resumed": resumed.not_resumed})
 
     async def upgrade(self, peer: Peer, params: protocol.UpgradeParams, request_id: int | str) -> Reply:
-        """Replace the daemon's code in place (SPEC rule 10); the next image
+        """Replace the daemon's code in place (same pid, everything kept); the next image
         answers the request. Returns only if that did not happen: raises
         PermissionDenied (only root and the daemon's own uid may upgrade it)
         or UpgradeFailed with the reason. Cancellation: as the hook's."""
@@ -746,7 +749,7 @@ class Engine:
         self.instances.kill_everything_now()
 
     async def shutdown(self) -> None:
-        """Tell every client, stop every tree (SPEC rule 2 each) and wait for
+        """Tell every client, stop every tree (as a release would) and wait for
         them, bounded by the largest stop_timeout plus a margin.
         Cancellation: shielded; returns when done."""
         self.shutting_down = True
