@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from supervisor import cli
+from supervisor import cli, display
 from tests.conftest import PYTHON, eventually
 
 SLEEPER = '[adapters.sleeper]\ncommand = ["/bin/sh", "-c", "(sleep 3600 & wait) & exec sleep 3600"]\nstop_timeout = 0.5\n'
@@ -65,7 +65,7 @@ def read_lines(proc: subprocess.Popen[str], wanted: int, timeout: float = 10.0) 
 
 
 def test_status_table_shows_job_adapter_pid_refcount_age_and_rss_in_human_units() -> None:
-    text = cli.render_status(status_result([instance_row(), instance_row(instance="ffff00001111", pid=None, pids=[], state="starting", started_at=None, rss_bytes=0)]), NOW)
+    text = display.render_status(status_result([instance_row(), instance_row(instance="ffff00001111", pid=None, pids=[], state="starting", started_at=None, rss_bytes=0)]), NOW)
     summary, header, first, second = text.splitlines()
     assert "up 1h02m" in summary and "RSS 1.5 GiB of 4.0 GiB budget" in summary and "mode cgroup" in summary
     assert header.split() == ["INSTANCE", "JOB", "ADAPTER", "STATE", "PID", "PROCS", "REFCOUNT", "AGE", "RSS"]
@@ -78,20 +78,20 @@ def test_status_table_shows_job_adapter_pid_refcount_age_and_rss_in_human_units(
 def test_status_without_instances_and_while_shutting_down() -> None:
     result = status_result([])
     result["daemon"]["shutting_down"] = True  # type: ignore[index]
-    summary, body = cli.render_status(result, NOW).splitlines()
+    summary, body = display.render_status(result, NOW).splitlines()
     assert summary.endswith("SHUTTING DOWN") and body == "no instances"
 
 
 def test_human_units() -> None:
-    assert [cli.human_bytes(v) for v in (0, 1023, 1024, 5 * 2**20 + 2**19, 3 * 2**30)] == ["0 B", "1023 B", "1.0 KiB", "5.5 MiB", "3.0 GiB"]
-    assert [cli.human_age(s) for s in (None, -3, 59, 60, 3599, 3600, 90061)] == ["-", "0s", "59s", "1m00s", "59m59s", "1h00m", "25h01m"]
+    assert [display.human_bytes(v) for v in (0, 1023, 1024, 5 * 2**20 + 2**19, 3 * 2**30)] == ["0 B", "1023 B", "1.0 KiB", "5.5 MiB", "3.0 GiB"]
+    assert [display.human_age(s) for s in (None, -3, 59, 60, 3599, 3600, 90061)] == ["-", "0s", "59s", "1m00s", "59m59s", "1h00m", "25h01m"]
 
 
 def test_a_watch_frame_redraws_a_terminal_and_appends_in_a_pipe() -> None:
-    on_terminal = cli.watch_frame("TABLE", 2.0, NOW, in_place=True)
-    assert on_terminal.startswith(cli.CLEAR_SCREEN) and on_terminal.endswith("TABLE\n") and "every 2s" in on_terminal
-    in_pipe = cli.watch_frame("TABLE", 0.5, NOW, in_place=False)
-    assert cli.CLEAR_SCREEN not in in_pipe and in_pipe.startswith("every 0.5s") and in_pipe.endswith("TABLE\n\n")
+    on_terminal = display.watch_frame("TABLE", 2.0, NOW, in_place=True)
+    assert on_terminal.startswith(display.CLEAR_SCREEN) and on_terminal.endswith("TABLE\n") and "every 2s" in on_terminal
+    in_pipe = display.watch_frame("TABLE", 0.5, NOW, in_place=False)
+    assert display.CLEAR_SCREEN not in in_pipe and in_pipe.startswith("every 0.5s") and in_pipe.endswith("TABLE\n\n")
 
 
 # -- against the daemon ------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_status_lists_each_lease_under_the_instances_and_why_an_instance_exited(
         {"lease": "Zq81mmPa", "detached": True, "expires_at": NOW + 125, "uid": 1000, "pid": None},
     ]
     exited = instance_row(instance="ffff00001111", state="exited", pids=[], returncode=-9, reason="killed", leases=[])
-    text = cli.render_status(status_result([instance_row(leases=leases), exited]), NOW)
+    text = display.render_status(status_result([instance_row(leases=leases), exited]), NOW)
     lines = text.splitlines()
     assert lines[3].split()[3:7] == ["exited", "(killed,", "rc", "-9)"]
     blank = lines.index("")
@@ -186,7 +186,7 @@ def test_status_lists_each_lease_under_the_instances_and_why_an_instance_exited(
     assert bound.split() == ["0vIlhan7W_QY3NvyUvk4Tm5W", "a1b2c3d4e5f6", "bound", "-", "0", "4711"]
     assert detached.split() == ["Zq81mmPa", "a1b2c3d4e5f6", "detached", "in", "2m05s", "1000", "-"]
     # Without leases there is no lease table.
-    assert "" not in cli.render_status(status_result([instance_row(leases=[])]), NOW).splitlines()
+    assert "" not in display.render_status(status_result([instance_row(leases=[])]), NOW).splitlines()
 
 
 # -- the command line's own habits -------------------------------------------------
@@ -290,14 +290,13 @@ def test_logs_takes_an_instance_or_a_lease(start_daemon) -> None:
     sock = ("--socket", daemon.socket)
     acquired = json.loads(run_cli(*sock, "--json", "acquire", "job-l", "counter", "--detach", "--ttl", "60").stdout)
 
-    def tail(target: str) -> list[str]:
+    client = daemon.client()
+    assert eventually(lambda: len(client.logs(acquired["instance"], lines=3)) == 3, timeout=10.0)
+    for target in (acquired["instance"], acquired["lease"]):
         completed = run_cli(*sock, "--json", "logs", target, "--lines", "3")
         assert completed.returncode == 0, completed.stderr
-        return json.loads(completed.stdout)["lines"]
-
-    for target in (acquired["instance"], acquired["lease"]):
-        lines = eventually(lambda: tail(target) if len(tail(target)) == 3 else None)
-        assert lines and all(line.startswith("line ") for line in lines), target
+        lines = json.loads(completed.stdout)["lines"]
+        assert len(lines) == 3 and all(line.startswith("line ") for line in lines), (target, lines)
     assert run_cli(*sock, "release", acquired["lease"]).returncode == 0
 
 
