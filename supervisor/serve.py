@@ -82,6 +82,16 @@ def serve(config_path: str, *, check_upgrade: bool = False) -> int:
     return EX_OK
 
 
+def _lock_holder(fd: int) -> str:
+    """Who holds the state_dir lock, as its holder wrote it: "pid N", or
+    "pid unknown" if it has not written it yet."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
 @contextmanager
 def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int]:
     """Hold an exclusive lock on `state_dir` for the daemon's life; yields
@@ -119,16 +129,6 @@ def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int
         yield fd
     finally:
         os.close(fd)
-
-
-def _lock_holder(fd: int) -> str:
-    """Who holds the state_dir lock, as its holder wrote it: "pid N", or
-    "pid unknown" if it has not written it yet."""
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        text = ""
-    return f"pid {text}" if text.isdigit() else "pid unknown"
 
 
 def detect_cgroups(config: Config) -> CgroupManager | None:
