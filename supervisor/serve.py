@@ -30,6 +30,7 @@ from supervisor.procs import timeslice
 from supervisor.procs import subreaper
 from supervisor import systemd
 from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
+from supervisor.procs.spawner import command_warnings
 from supervisor.core.config import Config, load_config
 from supervisor.engine.engine import Engine
 from supervisor.core.errors import ConfigError
@@ -74,12 +75,22 @@ def serve(config_path: str, *, check_upgrade: bool = False) -> int:
     except ValueError as exc:
         log.critical("daemon.handover_unreadable", error=str(exc))
         return EX_UNAVAILABLE
+    if handover is None:
+        _log_command_warnings(config)
     try:
         trio.run(partial(run_daemon, config, handover=handover, flush_logs=writer.drain), instruments=[writer])
     except StartupError as exc:
         log.error("daemon.start_failed", error=str(exc))
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def _log_command_warnings(config: Config) -> None:
+    """Log each adapter whose program a spawn would not find or could not
+    run, looked up in this daemon's own environment (as check-config
+    warns)."""
+    for warning in command_warnings(config):
+        log.warning("config.command_warning", config=warning.path, key=warning.key, warning=warning.message)
 
 
 def _lock_holder(fd: int) -> str:
@@ -324,6 +335,7 @@ async def _reload(engine: Engine) -> None:
         log.warning("config.reload_partial", note="socket and state_dir changes apply on restart only")
     engine.reload(config)
     log.info("config.reloaded", config=path, adapters=sorted(config.adapters))
+    _log_command_warnings(config)
 
 
 def _unlink_socket(path: str, inode: int) -> None:

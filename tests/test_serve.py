@@ -138,6 +138,21 @@ def test_sighup_with_a_good_config_adds_adapters_and_changes_only_new_instances(
     assert rows[first["instance"]]["refcount"] == 2
 
 
+def test_a_program_a_spawn_would_not_find_is_logged_at_start_and_on_reload(start_daemon) -> None:
+    daemon = start_daemon('[adapters.gone]\ncommand = ["/no/such/binary"]\n[adapters.fine]\ncommand = ["/bin/true"]\n')
+    warned = daemon.wait_for_event("config.command_warning")
+    assert (warned["key"], warned["level"]) == ("adapters.gone.command", "warning")
+    assert "'/no/such/binary' not found" in warned["warning"] and warned["config"] == str(daemon.config_path)
+    rewrite_adapters(daemon, '[adapters.fine]\ncommand = ["/bin/true"]\n[adapters.later]\ncommand = ["no-such-program-at-all"]\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    daemon.wait_for_event("config.reloaded")
+    later = daemon.wait_for_event("config.command_warning", key="adapters.later.command")
+    assert "not found in PATH" in later["warning"]
+    assert [e["key"] for e in daemon.log_events() if e.get("event") == "config.command_warning"] == [
+        "adapters.gone.command", "adapters.later.command",
+    ]
+
+
 @pytest.mark.parametrize(
     ("broken", "where"),
     [
