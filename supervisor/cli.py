@@ -1,11 +1,11 @@
 """The `adapter-supervisor` command line (also `python -m supervisor`).
 
-`serve` and `check-config` work on config files; every other command is a
-client of a running daemon. Human output by default, `--json` for scripts.
-Exit status: 0 on success, 78 for a bad config, 69 when the daemon cannot be
-reached (or goes away, e.g. during `status --watch`), 1 (with the daemon's
-message, error name and code) when it answers with an error, 130 on Ctrl-C
-(except for `status --watch`, which Ctrl-C ends normally).
+`serve` and `check-config` work on config files, `completion` prints a shell
+completion script; every other command is a client of a running daemon.
+Human output by default, `--json` for scripts. The global options (`--socket`,
+`--json`) go before or after the command. Arguments the daemon would refuse
+are refused here first, in the command line's own terms. Exit statuses: see
+EXIT_STATUSES.
 """
 
 from __future__ import annotations
@@ -16,98 +16,169 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from supervisor import __version__
-from supervisor.client import Client, ConnectionLost, DaemonError, default_socket
+from supervisor import __version__, completion, display
+from supervisor.client import Client, ConnectionLost, DaemonError, InvalidParams, UnknownLease, default_socket
 from supervisor.client.session import DEFAULT_TIMEOUT_S
 from supervisor.client.session import acquire_params
-from supervisor.core.config import bundled_config_path, load_config
-from supervisor.core.errors import ConfigError
+from supervisor.core.config import bundled_config_path, check_config_file
+from supervisor.core.protocol import (
+    MAX_JOB_CHARS,
+    MAX_LEASE_CHARS,
+    MAX_LOG_LINES,
+    MAX_REPORTS_LIMIT,
+    MAX_TTL_SECONDS,
+)
 
 EX_OK = 0
 EX_ERROR = 1
-EX_USAGE = 64
+# argparse's status for a command line it cannot parse; ours for arguments
+# the daemon would refuse.
+EX_USAGE = 2
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 # Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 EX_INTERRUPTED = 130
 EX_BROKEN_PIPE = 128 + signal.SIGPIPE
 
+# Every status the command line exits with, for --help.
+EXIT_STATUSES = f"""\
+exit status:
+  {EX_OK:<4}success (also: `status --watch` ended with Ctrl-C, `logs --follow` of a target that went away)
+  {EX_ERROR:<4}the daemon answered with an error (its message, error name and code are printed)
+  {EX_USAGE:<4}bad command line: an unknown option, a missing or out-of-range argument
+  {EX_UNAVAILABLE:<4}the daemon cannot be reached or went away; for `serve`, another daemon holds its socket or state_dir
+  {EX_CONFIG:<4}the config is bad (check-config, serve)
+  {EX_INTERRUPTED:<4}interrupted by Ctrl-C
+  {EX_BROKEN_PIPE:<4}whoever read the output stopped reading (e.g. `| head`)
+"""
+
 # Default seconds between `status --watch` refreshes: often enough to follow a
 # job, rarely enough that the tree scans cost the daemon nothing noticeable.
 WATCH_INTERVAL_S = 2.0
 
+# Seconds between the polls of `logs --follow`: the protocol offers a tail,
+# not a stream, and a person reading a log notices no half-second delay.
+FOLLOW_INTERVAL_S = 0.5
+
 # An upgrade checks the new code (a cold Python start) and waits for what is
 # under way before it answers.
 UPGRADE_TIMEOUT_S = 90.0
-
-# Cursor home, then clear to the end of the screen: redraws a terminal in place.
-CLEAR_SCREEN = "\x1b[H\x1b[J"
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="adapter-supervisor",
         description="Owns adapter process trees: leases over a Unix socket, whole-tree reaping, orphan sweeps.",
-        epilog="exit status: 0 ok, 1 the daemon answered with an error, 69 the daemon cannot be reached, "
-        "78 bad config, 130 interrupted",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_global_options(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--socket", help="control socket (default: $ADAPTER_SUPERVISOR_SOCKET or the per-user default)")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: its own options)")
 
-    serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--config", help="config file (default: the bundled config/supervisor.toml)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        subparser = commands.add_parser(
+            name, help=help, description=help, epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_global_options(subparser)
+        return subparser
+
+    serve = command("serve", "run the daemon")
+    serve.add_argument("--config", metavar="PATH", help="config file (default: the bundled config/supervisor.toml)")
     serve.add_argument(
         "--check-upgrade", action="store_true",
         help="only load the config and print the formats this code reads (what `upgrade` runs first)",
     )
 
-    check = commands.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("path")
+    check = command("check-config", "validate a config file: every error with its key path, and warnings")
+    check.add_argument("path", metavar="PATH", help="the config file to check")
 
-    status = commands.add_parser("status", help="show instances and leases")
-    status.add_argument("--job")
+    status = command("status", "show instances and their leases")
+    status.add_argument("--job", help="only the instances of this job")
     status.add_argument(
         "--watch", type=_positive_seconds, nargs="?", const=WATCH_INTERVAL_S, metavar="SECONDS",
         help=f"refresh every SECONDS (default {WATCH_INTERVAL_S:g}) until Ctrl-C; with --json, one JSON line per refresh",
     )
 
-    acquire = commands.add_parser("acquire", help="acquire a lease (detached leases outlive this command)")
-    acquire.add_argument("job")
-    acquire.add_argument("adapter")
-    acquire.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    acquire.add_argument("--detach", action="store_true", help="keep the lease after this command exits")
-    acquire.add_argument("--ttl", type=float, help="seconds a detached lease lives unless renewed")
+    command("adapters", "list the configured adapters and their live instances")
 
-    release = commands.add_parser("release", help="release a lease")
-    release.add_argument("lease")
+    acquire = command("acquire", "acquire a lease (detached leases outlive this command)")
+    acquire.add_argument("job", metavar="JOB", help="the job the instance is for (1 to 256 characters)")
+    acquire.add_argument("adapter", metavar="ADAPTER", help="the adapter's name in the config (see `adapters`)")
+    acquire.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="fill in a param the adapter declares; repeat for several",
+    )
+    acquire.add_argument("--detach", action="store_true", help="keep the lease after this command exits (needs --ttl)")
+    acquire.add_argument("--ttl", type=float, metavar="SECONDS", help="seconds a detached lease lives unless renewed")
 
-    renew = commands.add_parser("renew", help="extend a detached lease")
-    renew.add_argument("lease")
-    renew.add_argument("--ttl", type=float)
+    release = command("release", "release a lease")
+    release.add_argument("lease", metavar="LEASE", help="the lease token `acquire` printed")
 
-    release_job = commands.add_parser("release-job", help="release every lease of a job")
-    release_job.add_argument("job")
+    renew = command("renew", "extend a detached lease")
+    renew.add_argument("lease", metavar="LEASE", help="the detached lease's token")
+    renew.add_argument("--ttl", type=float, metavar="SECONDS", help="seconds from now (default: the lease's own ttl)")
 
-    sweep = commands.add_parser("sweep", help="run an orphan sweep now and show its report")
+    release_job = command("release-job", "release every lease of a job")
+    release_job.add_argument("job", metavar="JOB", help="the job whose leases to release, whoever holds them")
+
+    sweep = command("sweep", "run an orphan sweep now and show its report")
     sweep.add_argument("--deep", action="store_true", help="also scan the whole process table for our tag")
 
-    reports = commands.add_parser("reports", help="recent sweep reports, newest first")
-    reports.add_argument("--limit", type=int, default=10)
+    reports = command("reports", "recent sweep reports, newest first")
+    reports.add_argument("--limit", type=int, default=10, metavar="N", help=f"at most N reports (1 to {MAX_REPORTS_LIMIT}, default 10)")
 
-    commands.add_parser(
-        "upgrade", help="re-execute the daemon in place with the code on disk (same pid; adapters and connections stay)"
+    command("upgrade", "re-execute the daemon in place with the code on disk (same pid; adapters and connections stay)")
+
+    logs = command("logs", "tail of an instance's stderr, by instance or lease; --follow for what comes next")
+    logs.add_argument("target", metavar="INSTANCE|LEASE", help="an instance id (see `status`) or a lease token")
+    logs.add_argument("--lines", type=int, default=100, metavar="N", help=f"the last N lines (1 to {MAX_LOG_LINES}, default 100)")
+    logs.add_argument(
+        "-f", "--follow", action="store_true",
+        help=f"then print new lines as they come (polls every {FOLLOW_INTERVAL_S:g} s) until Ctrl-C",
     )
 
-    logs = commands.add_parser("logs", help="tail of an instance's stderr")
-    logs.add_argument("instance")
-    logs.add_argument("--lines", type=int, default=100)
+    command("metrics", "print the daemon's metrics in the Prometheus text format")
+
+    shell = command("completion", "print a shell completion script")
+    shell.add_argument(
+        "shell", choices=completion.SHELLS, metavar="SHELL",
+        help="bash (source it, e.g. from ~/.bashrc) or zsh (put it on $fpath as _adapter-supervisor)",
+    )
     return parser
+
+
+# The global options and their defaults.
+GLOBAL_DEFAULTS: dict[str, Any] = {"socket": None, "json": False}
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    """The global options, added to the main parser and to each command's, so
+    that they go before the command or after it. Their default there is
+    SUPPRESS, so that a command's parser never overwrites what was given
+    before the command; `parse_arguments` fills in GLOBAL_DEFAULTS."""
+    parser.add_argument(
+        "--socket", default=argparse.SUPPRESS, metavar="PATH",
+        help="the daemon's control socket (default: $ADAPTER_SUPERVISOR_SOCKET, else the per-user default)",
+    )
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)` with the global options' defaults filled in,
+    and arguments the daemon would refuse refused (`usage_problem`). Raises
+    SystemExit as argparse does (status 2 for a usage error)."""
+    args = parser.parse_args(argv)
+    for name, default in GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    problem = usage_problem(args)
+    if problem is not None:
+        _command_parser(parser, args.command).error(problem)
+    return args
 
 
 def _positive_seconds(text: str) -> float:
@@ -121,14 +192,59 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with parsed arguments that the daemon would refuse, said
+    in the command line's terms (`--ttl needs --detach`, not the wire's
+    `params.ttl`), or None."""
+    command = args.command
+    for name in ("job", "lease"):
+        problem = _text_problem(name.upper(), getattr(args, name, None), MAX_JOB_CHARS if name == "job" else MAX_LEASE_CHARS)
+        if problem:
+            return problem
+    if command == "acquire":
+        if args.ttl is not None and not args.detach:
+            return "--ttl needs --detach (only a detached lease expires)"
+        if args.detach and args.ttl is None:
+            return "--detach needs --ttl SECONDS (a detached lease must expire unless renewed)"
+        for param in args.param:
+            if "=" not in param:
+                return f"--param needs NAME=VALUE, got {param!r}"
+    if command in ("acquire", "renew") and args.ttl is not None and not 0 < args.ttl <= MAX_TTL_SECONDS:
+        return f"--ttl must be above 0 and at most {MAX_TTL_SECONDS:.0f} seconds (30 days), got {args.ttl:g}"
+    if command == "logs":
+        return _range_problem("--lines", args.lines, MAX_LOG_LINES)
+    if command == "reports":
+        return _range_problem("--limit", args.limit, MAX_REPORTS_LIMIT)
+    return None
+
+
+def _text_problem(name: str, value: str | None, longest: int) -> str | None:
+    if value is None:
+        return None
+    if not 1 <= len(value) <= longest:
+        return f"{name} must be 1 to {longest} characters, got {len(value)}"
+    control = next((c for c in value if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F), None)
+    if control is not None:
+        return f"{name} must not contain control characters (found U+{ord(control):04X})"
+    return None
+
+
+def _range_problem(option: str, value: int, highest: int) -> str | None:
+    if value < 1:
+        return f"{option} must be >= 1, got {value}"
+    if value > highest:
+        return f"{option} must be <= {highest}, got {value}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on `argv` (default: sys.argv[1:]) and return the exit
-    status of the module docstring: a bad config, the daemon's errors, a daemon
-    that cannot be reached, Ctrl-C during a client command and a closed stdout
-    become statuses, not exceptions. Raises SystemExit for --help and --version
-    (status 0), usage errors (argparse's status 2) and a --param without "="
-    (status 1)."""
-    args = build_parser().parse_args(argv)
+    status of EXIT_STATUSES: a bad config, the daemon's errors, a daemon that
+    cannot be reached, Ctrl-C during a client command and a closed stdout
+    become statuses, not exceptions. Raises SystemExit for --help and
+    --version (status 0) and for usage errors (status 2)."""
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
     if args.command == "serve":
         from supervisor.serve import serve
 
@@ -136,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return _check_config(args)
+        if args.command == "completion":
+            script = completion.bash_script(parser) if args.shell == "bash" else completion.zsh_script(parser)
+            sys.stdout.write(script)
+            sys.stdout.flush()
+            return EX_OK
         return _client_main(args)
     except BrokenPipeError:
         # Whoever reads the output stopped reading (`| head`): nothing more can
@@ -145,6 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EX_BROKEN_PIPE
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of command `name`, so that its errors show its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    return parser
 
 
 def _client_main(args: argparse.Namespace) -> int:
@@ -164,15 +293,33 @@ def _client_main(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.path)
-    except ConfigError as exc:
-        _print_error(args, None, str(exc))
-        return EX_CONFIG
+    """`check-config`: every error of the file (status 78 if any), else OK
+    with warnings about what a spawn would trip over."""
+    from supervisor.procs.spawner import command_warnings
+
+    checked = check_config_file(args.path)
+    warnings = command_warnings(checked.config) if checked.config is not None else []
     if args.json:
-        print(json.dumps({"ok": True, "path": config.path, "adapters": sorted(config.adapters)}))
+        print(json.dumps({
+            "ok": checked.config is not None,
+            "path": checked.path,
+            "errors": [{"key": error.key, "message": error.expected} for error in checked.errors],
+            "warnings": [{"key": warning.key, "message": warning.message} for warning in warnings],
+            "adapters": sorted(checked.config.adapters) if checked.config is not None else [],
+        }))
     else:
-        print(f"{config.path}: OK ({len(config.adapters)} adapters: {', '.join(sorted(config.adapters)) or 'none'})")
+        for error in checked.errors:
+            print(f"adapter-supervisor: {error}", file=sys.stderr)
+        for warning in warnings:
+            print(f"adapter-supervisor: warning: {warning}", file=sys.stderr)
+    if checked.config is None:
+        if not args.json:
+            print(f"{checked.path}: {len(checked.errors)} error{'s' if len(checked.errors) != 1 else ''}", file=sys.stderr)
+        return EX_CONFIG
+    if not args.json:
+        adapters = sorted(checked.config.adapters)
+        warned = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+        print(f"{checked.path}: OK ({len(adapters)} adapters: {', '.join(adapters) or 'none'}{warned})")
     return EX_OK
 
 
@@ -182,13 +329,15 @@ def _run_client_command(args: argparse.Namespace) -> int:
         if args.command == "status":
             if args.watch is not None:
                 return _watch_status(client, args)
-            _output(args, client.status(args.job), lambda r: render_status(r, time.time()))
+            _output(args, client.status(args.job), lambda r: display.render_status(r, time.time()))
+        elif args.command == "adapters":
+            _output(args, client.call("adapters", {}), lambda r: display.render_adapters(r["adapters"]))
         elif args.command == "acquire":
-            params = dict(_split_param(p) for p in args.param)
+            params = dict(p.partition("=")[::2] for p in args.param)
             result = client.call("acquire", acquire_params(
                 args.job, args.adapter, params=params, fds=False, detach=args.detach, ttl=args.ttl,
             ))
-            _output(args, result, _render_acquire)
+            _output(args, result, display.render_acquire)
         elif args.command == "release":
             _output(args, client.release(args.lease),
                     lambda r: f"released; refcount now {r['refcount']}{' (stopping the tree)' if r['stopping'] else ''}")
@@ -199,15 +348,75 @@ def _run_client_command(args: argparse.Namespace) -> int:
             _output(args, client.release_job(args.job),
                     lambda r: f"released {r['released']} leases on {len(r['instances'])} instances")
         elif args.command == "sweep":
-            _output(args, client.sweep(deep=args.deep), _render_report)
+            _output(args, client.sweep(deep=args.deep), display.render_report)
         elif args.command == "reports":
-            _output(args, {"reports": client.reports(args.limit)}, lambda r: render_reports(r["reports"]))
+            _output(args, {"reports": client.reports(args.limit)}, lambda r: display.render_reports(r["reports"]))
         elif args.command == "logs":
-            _output(args, {"lines": client.logs(args.instance, lines=args.lines)}, lambda r: "\n".join(r["lines"]))
+            return _logs(client, args)
+        elif args.command == "metrics":
+            _output(args, client.call("metrics", {}), lambda r: r["text"].rstrip("\n"))
         elif args.command == "upgrade":
             _output(args, client.call("upgrade", {}),
                     lambda r: f"upgraded in place: pid {r['pid']}, version {r['version']}, generation {r['generation']}")
     return EX_OK
+
+
+def _logs(client: Client, args: argparse.Namespace) -> int:
+    """`logs`: the tail of the target's stderr, then with --follow the lines
+    that come after it, until Ctrl-C (KeyboardInterrupt propagates) or until
+    the daemon no longer knows the target (status 0, said on stderr). Raises
+    DaemonError if the target is neither an instance nor a lease."""
+    # Each poll of --follow asks for as much as the daemon keeps, so that
+    # the new lines can be told from those already printed (see `new_lines`).
+    window = MAX_LOG_LINES if args.follow else args.lines
+    kind, lines = _first_logs(client, args.target, window)
+    shown = lines[-args.lines:]
+    if args.json:
+        print(json.dumps({"lines": shown}), flush=True)
+    elif shown:
+        print("\n".join(shown), flush=True)
+    while args.follow:
+        time.sleep(FOLLOW_INTERVAL_S)
+        try:
+            latest = client.logs(**{kind: args.target}, lines=window)
+        except (InvalidParams, UnknownLease) as exc:
+            print(f"adapter-supervisor: no longer following {args.target}: {exc.message}", file=sys.stderr)
+            return EX_OK
+        fresh = new_lines(lines, latest)
+        lines = latest
+        if fresh:
+            print(json.dumps({"lines": fresh}) if args.json else "\n".join(fresh), flush=True)
+    return EX_OK
+
+
+def _first_logs(client: Client, target: str, lines: int) -> tuple[str, list[str]]:
+    """The target's tail, asked for as an instance and, if the daemon knows
+    no such instance, as a lease; returns which it was and the lines.
+    Raises DaemonError, saying that it is neither."""
+    try:
+        return "instance", client.logs(target, lines=lines)
+    except InvalidParams as as_instance:
+        try:
+            return "lease", client.logs(lease=target, lines=lines)
+        except UnknownLease:
+            raise InvalidParams(
+                as_instance.code,
+                f"no instance or lease {target!r} is known to the daemon: not running, not finished lately, "
+                "and no lease of that token is held",
+                as_instance.data,
+            ) from None
+
+
+def new_lines(previous: Sequence[str], latest: Sequence[str]) -> list[str]:
+    """The lines of `latest` (a later tail of the same log) that come after
+    `previous`: what follows the longest end of `previous` that `latest`
+    begins with. When more lines came than a tail holds, or the log repeats
+    one line over and over, the overlap is ambiguous and lines can be
+    missed: a tail is all the protocol offers."""
+    for overlap in range(min(len(previous), len(latest)), 0, -1):
+        if previous[len(previous) - overlap:] == latest[:overlap]:
+            return list(latest[overlap:])
+    return list(latest)
 
 
 def _watch_status(client: Client, args: argparse.Namespace) -> int:
@@ -220,25 +429,11 @@ def _watch_status(client: Client, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(result), flush=True)
             else:
-                sys.stdout.write(watch_frame(render_status(result, time.time()), args.watch, time.time(), in_place=in_place))
+                sys.stdout.write(display.watch_frame(display.render_status(result, time.time()), args.watch, time.time(), in_place=in_place))
                 sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return EX_OK
-
-
-def watch_frame(text: str, interval: float, now: float, *, in_place: bool) -> str:
-    """One refresh of `status --watch`: on a terminal it redraws the screen, in a
-    pipe or file frames follow each other, separated by a blank line."""
-    title = f"every {interval:g}s  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}"
-    return f"{CLEAR_SCREEN}{title}\n\n{text}\n" if in_place else f"{title}\n{text}\n\n"
-
-
-def _split_param(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"adapter-supervisor: --param needs NAME=VALUE, got {text!r}")
-    return name, value
 
 
 def _output(args: argparse.Namespace, result: Any, render: Any) -> None:
@@ -250,104 +445,6 @@ def _print_error(args: argparse.Namespace, code: int | None, message: str) -> No
         print(json.dumps({"error": {"code": code, "message": message}}))
     else:
         print(f"adapter-supervisor: {message}", file=sys.stderr)
-
-
-def human_bytes(value: float) -> str:
-    """`value` bytes in binary units: "512 B", "1.5 MiB", "2.0 GiB"."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def human_age(seconds: float | None) -> str:
-    """A duration as "42s", "3m07s" or "5h02m"; "-" for None."""
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def render_status(result: Mapping[str, Any], now: float) -> str:
-    """The status as a summary line and a table: one row per instance with its
-    job, adapter, state, root pid, process count, refcount, age and tree RSS.
-    Raises KeyError if `result` lacks a field the daemon's `status` sends."""
-    daemon = result["daemon"]
-    lines = [
-        f"daemon pid {daemon['pid']}  up {human_age(daemon['uptime_s'])}  "
-        f"{daemon['instances']} instances  {daemon['leases']} leases  {daemon['connections']} connections  "
-        f"RSS {human_bytes(daemon.get('rss_bytes', 0))}"
-        + (f" of {human_bytes(daemon['memory_budget'])} budget" if daemon.get("memory_budget") else "")
-        + f"  mode {'cgroup' if daemon['cgroup_mode'] else 'process-table'}"
-        + ("  SHUTTING DOWN" if daemon.get("shutting_down") else "")
-    ]
-    rows = [("INSTANCE", "JOB", "ADAPTER", "STATE", "PID", "PROCS", "REFCOUNT", "AGE", "RSS")]
-    for inst in result["instances"]:
-        rows.append((
-            inst["instance"], inst["job"], inst["adapter"], inst["state"], str(inst["pid"] or "-"),
-            str(len(inst["pids"])), str(inst["refcount"]),
-            human_age(now - inst["started_at"]) if inst["started_at"] else "-",
-            human_bytes(inst["rss_bytes"]),
-        ))
-    lines += ["no instances"] if len(rows) == 1 else _render_table(rows)
-    return "\n".join(lines)
-
-
-def _render_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-
-
-def render_reports(items: list[dict[str, Any]]) -> str:
-    """Sweep reports as a table, one row per sweep. Raises KeyError if a report
-    lacks a field the daemon's reports carry."""
-    if not items:
-        return "no sweep reports yet"
-    rows = [("WHEN", "KIND", "DURATION", "SCANNED", "ORPHANS", "EXPIRED", "OVER MEM", "RECLAIMED", "ERRORS")]
-    for report in items:
-        rows.append((
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report["started_at"])),
-            report["kind"],
-            f"{report['duration_ms']:.1f} ms",
-            str(report["scanned"]),
-            str(len(report["orphans"])),
-            str(len(report["expired_leases"])),
-            str(len(report["over_memory"])),
-            human_bytes(report["reclaimed_rss_bytes"]),
-            str(len(report["errors"])),
-        ))
-    return "\n".join(_render_table(rows))
-
-
-def _render_report(report: dict[str, Any]) -> str:
-    lines = [render_reports([report])]
-    if report["orphans"]:
-        rows = [("PID", "PPID", "INSTANCE", "JOB", "ADAPTER", "AGE", "RSS", "ACTION", "RESULT", "COMMAND")]
-        for orphan in report["orphans"]:
-            rows.append((
-                str(orphan["pid"]), str(orphan["ppid"]), orphan["instance"] or "-", orphan["job"] or "-",
-                orphan["adapter"] or "-", human_age(orphan["age_s"]), human_bytes(orphan["rss_bytes"]),
-                orphan["action"], orphan["result"], " ".join(orphan["cmdline"])[:60],
-            ))
-        lines += ["", *_render_table(rows)]
-    for label, key in (("expired leases", "expired_leases"), ("over memory_limit", "over_memory"), ("errors", "errors")):
-        if report[key]:
-            lines.append(f"{label}: {', '.join(report[key])}")
-    return "\n".join(lines)
-
-
-def _render_acquire(result: dict[str, Any]) -> str:
-    verb = "spawned" if result["spawned"] else "joined"
-    return (
-        f"lease {result['lease']}\n"
-        f"{verb} instance {result['instance']} (job {result['job']}, adapter {result['adapter']}, "
-        f"pid {result['pid']}, refcount {result['refcount']})"
-    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from supervisor.procs import timeslice
 from supervisor.procs import subreaper
 from supervisor import systemd
 from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
+from supervisor.procs.spawner import command_warnings
 from supervisor.core.config import Config, load_config
 from supervisor.engine.engine import Engine
 from supervisor.core.errors import ConfigError
@@ -83,12 +84,32 @@ def serve(config_path: str, *, check_upgrade: bool = False) -> int:
     except ValueError as exc:
         log.critical("daemon.handover_unreadable", error=str(exc))
         return EX_UNAVAILABLE
+    if handover is None:
+        _log_command_warnings(config)
     try:
         trio.run(partial(run_daemon, config, handover=handover, flush_logs=writer.drain), instruments=[writer])
     except StartupError as exc:
         log.error("daemon.start_failed", error=str(exc))
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def _log_command_warnings(config: Config) -> None:
+    """Log each adapter whose program a spawn would not find or could not
+    run, looked up in this daemon's own environment (as check-config
+    warns)."""
+    for warning in command_warnings(config):
+        log.warning("config.command_warning", config=warning.path, key=warning.key, warning=warning.message)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the state_dir lock, as its holder wrote it: "pid N", or
+    "pid unknown" if it has not written it yet."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
 
 
 @contextmanager
@@ -124,7 +145,9 @@ def state_dir_lock(state_dir: str, inherited: int | None = None) -> Iterator[int
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StartupError(f"another daemon is already running on state_dir {state_dir}") from None
+            raise StartupError(
+                f"another daemon ({_lock_holder(fd)}) is already running on state_dir {state_dir}"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield fd
@@ -302,7 +325,7 @@ async def run_daemon(
             except BaseException:
                 # Only a bug gets here (clients cannot crash the daemon). The
                 # trees are left running and recorded: the next start adopts
-                # them (SPEC rule 9), so a bug never takes an adapter down.
+                # them (adoption after a crash), so a bug never takes an adapter down.
                 log.critical("daemon.crashed", exc_info=True)
                 raise
             finally:
@@ -365,6 +388,7 @@ async def _reload(engine: Engine) -> None:
         log.warning("config.reload_partial", note="socket and state_dir changes apply on restart only")
     engine.reload(config)
     log.info("config.reloaded", config=path, adapters=sorted(config.adapters))
+    _log_command_warnings(config)
 
 
 def _unlink_socket(path: str, inode: int) -> None:

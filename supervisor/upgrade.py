@@ -1,5 +1,6 @@
 """In-place upgrade: the daemon re-executes its entry point from disk, same pid,
-and hands the new image everything it holds (SPEC rule 10).
+and hands the new image everything it holds (docs/architecture.md, "What
+crosses from one incarnation to the next").
 
 The old image first proves the new code can take over: it runs the entry
 point as a child in check mode (`serve --check-upgrade`), which loads the

@@ -1,4 +1,4 @@
-"""Adoption after a crash (SPEC rule 9), against the real daemon: `kill -9`,
+"""Adoption after a crash, against the real daemon: `kill -9`,
 then a new daemon on the same state_dir takes over every tree it can prove
 is its own, with its leases, and reaps the rest. In cgroup and process-table
 modes."""

@@ -1,4 +1,4 @@
-"""SPEC section 5 against the real daemon over its real socket: every bad input
+"""The control protocol (docs/protocol.md) against the real daemon over its real socket: every bad input
 gets its error code, and the connection or the daemon survives as specified.
 
 Most tests share one daemon (module scope) and keep out of each other's way by

@@ -138,6 +138,21 @@ def test_sighup_with_a_good_config_adds_adapters_and_changes_only_new_instances(
     assert rows[first["instance"]]["refcount"] == 2
 
 
+def test_a_program_a_spawn_would_not_find_is_logged_at_start_and_on_reload(start_daemon) -> None:
+    daemon = start_daemon('[adapters.gone]\ncommand = ["/no/such/binary"]\n[adapters.fine]\ncommand = ["/bin/true"]\n')
+    warned = daemon.wait_for_event("config.command_warning")
+    assert (warned["key"], warned["level"]) == ("adapters.gone.command", "warning")
+    assert "'/no/such/binary' not found" in warned["warning"] and warned["config"] == str(daemon.config_path)
+    rewrite_adapters(daemon, '[adapters.fine]\ncommand = ["/bin/true"]\n[adapters.later]\ncommand = ["no-such-program-at-all"]\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    daemon.wait_for_event("config.reloaded")
+    later = daemon.wait_for_event("config.command_warning", key="adapters.later.command")
+    assert "not found in PATH" in later["warning"]
+    assert [e["key"] for e in daemon.log_events() if e.get("event") == "config.command_warning"] == [
+        "adapters.gone.command", "adapters.later.command",
+    ]
+
+
 @pytest.mark.parametrize(
     ("broken", "where"),
     [
@@ -229,9 +244,11 @@ def test_a_second_daemon_on_the_same_socket_or_state_dir_refuses_to_start(
     same: dict[str, object] = {"socket": first.socket} if shared == "socket" else {"state_dir": first.state_dir}
     second = start_daemon(tree_adapter("tree", pidfile=pidfile, stop_timeout=STOP_TIMEOUT), wait=False, **same)
     returncode = second.popen.wait(timeout=20)
-    assert returncode != 0
+    assert returncode == 69
     log = second.log_path.read_text()
     assert "already" in log and str(same[shared]) in log
+    # It names the daemon in the way, so that an operator can find it.
+    assert f"pid {first.pid})" in log
     assert "Traceback" not in log
     if shared == "state_dir":
         assert not os.path.exists(second.socket)
@@ -309,7 +326,7 @@ def test_cli_release_job_releases_every_lease_of_the_job(start_daemon, tmp_path:
     [
         pytest.param(("acquire", "job-cli", "missing"), "no adapter named 'missing'", id="unknown-adapter"),
         pytest.param(("release", "no-such-lease"), "no such lease", id="unknown-lease"),
-        pytest.param(("acquire", "job-cli", "tree", "--ttl", "5"), "detach", id="ttl-without-detach"),
+        pytest.param(("acquire", "job-cli", "tree", "--param", "x=1"), 'does not declare param "x"', id="undeclared-param"),
     ],
 )
 def test_cli_exits_1_with_the_daemons_message_on_an_error(start_daemon, tmp_path: Path, args: tuple[str, ...], message: str) -> None:

@@ -34,6 +34,22 @@ def test_a_sweep_that_finds_nothing_still_reports(start_daemon) -> None:
     assert json.loads(lines[-1])["id"] == report["id"]
 
 
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_periodic_sweep_that_finds_nothing_is_logged_at_debug_the_others_at_info(start_daemon, level: str) -> None:
+    daemon = start_daemon(sweep_interval=0.1, log_level=level)
+    client = daemon.client()
+    assert eventually(lambda: sum(r["kind"] == "periodic" for r in client.call("reports", {"limit": 50})["reports"]) >= 3)
+    manual = client.call("sweep")
+    daemon.wait_for_event("sweep.report", id=manual["id"])
+    logged = [e for e in daemon.log_events() if e.get("event") == "sweep.report"]
+    assert {(e["kind"], e["level"]) for e in logged if e["kind"] != "periodic"} == {("startup", "info"), ("manual", "info")}
+    periodic = [e for e in logged if e["kind"] == "periodic"]
+    if level == "info":
+        assert periodic == []
+    else:
+        assert len(periodic) >= 3 and {e["level"] for e in periodic} == {"debug"}
+
+
 def test_the_periodic_sweep_reaps_an_untagged_escapee_the_tree_stop_could_not_see(start_daemon, tmp_path: Path) -> None:
     # Process-table mode: an escapee that double-forked and threw its environment
     # away is neither a descendant of the root nor tagged. It is still the
@@ -230,5 +246,5 @@ def test_two_daemons_on_one_state_dir_cannot_both_run(start_daemon, tmp_path: Pa
     first = start_daemon()
     second = start_daemon(state_dir=first.state_dir, wait=False)
     assert second.popen.wait(20) != 0
-    assert "another daemon is already running on state_dir" in second.log_path.read_text()
+    assert f"another daemon (pid {first.pid}) is already running on state_dir" in second.log_path.read_text()
     assert first.client().call("hello")["pid"] == first.pid

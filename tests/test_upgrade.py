@@ -1,4 +1,4 @@
-"""In-place upgrade (SPEC rule 10), against the real daemon: the `upgrade`
+"""In-place upgrade, against the real daemon: the `upgrade`
 method, SIGUSR2 and a refused check; same pid, no connection closed, every
 request answered once, adapters and their pipes untouched."""
 

@@ -77,7 +77,7 @@ RESUMED_NOTICE = "resumed"
 
 
 class DaemonError(Exception):
-    """The daemon answered with an error: `code` (SPEC section 5), `message` (written
+    """The daemon answered with an error: `code` (docs/protocol.md, "Errors"), `message` (written
     for a person) and `data` (extra detail, often None)."""
 
     def __init__(self, code: int, message: str, data: object = None) -> None:

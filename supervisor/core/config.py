@@ -1,8 +1,9 @@
-"""The configuration schema and its TOML loader (SPEC section 6).
+"""The configuration schema and its TOML loader (docs/configuration.md).
 
 `load_config` and `parse_config` turn a TOML document into frozen `Config` values or
 raise `ConfigError` naming the file, the key path and what was expected; nothing else
-escapes them. msgspec checks the shape against private "raw" structs whose special
+escapes them. `check_config` and `check_config_file` report every error of a
+document instead of the first. msgspec checks the shape against private "raw" structs whose special
 scalars (sizes, signals, file modes, choices) are small custom types decoded by
 `_dec_hook`; the loader then checks what a schema cannot express (command templates,
 environment names, path limits) and builds the public structs, whose defaults are the
@@ -17,7 +18,8 @@ import pathlib
 import re
 import signal
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any, Self
 
@@ -49,7 +51,8 @@ _SIZE_TEXT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # The portable POSIX environment name: every shell and runtime can read it back.
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# The daemon tags every process with variables under this prefix (SPEC 3.7); a
+# The daemon tags every process with variables under this prefix (how it proves
+# a process is its own); a
 # config that set them could make the daemon lose track of, or claim, a tree.
 RESERVED_ENV_PREFIX = "ADAPTER_SUPERVISOR_"
 
@@ -406,56 +409,159 @@ class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class _RawConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    daemon: _RawDaemon = msgspec.field(default_factory=_RawDaemon)
-    # Converted one by one in parse_config, so that errors can name the adapter
-    # (msgspec reports a dict value's path as `[...]`).
+    # Each table is converted on its own in `check_config`, and each adapter
+    # too, so that an error can name the adapter (msgspec reports a dict
+    # value's path as `[...]`) and every table's errors are found, not only
+    # the first error of the document.
+    daemon: dict[str, Any] = {}
     adapters: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """Something in a config that works but probably not as meant (e.g. an
+    adapter command whose program is missing): reported, never refused."""
+
+    path: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.key}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """What `check_config` found: the config, if it is valid, else every error."""
+
+    path: str
+    config: Config | None
+    errors: list[ConfigError]
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the config file at `path`.
 
     `Config.path` is the absolute path. Raises ConfigError, and nothing else, when
-    the file cannot be read, is not UTF-8 or is not a valid config.
+    the file cannot be read, is not UTF-8 or is not a valid config (the first
+    error `check_config_file` would report).
     """
-    absolute = os.path.abspath(os.fspath(path))
-    try:
-        with open(absolute, "rb") as file:
-            content = file.read()
-    except OSError as exc:
-        raise ConfigError(absolute, "", f"cannot read the file: {exc.strerror or exc}") from None
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(absolute, f"byte {exc.start}", "expected UTF-8 text") from None
-    return parse_config(text, absolute)
+    return _valid(check_config_file(path))
 
 
 def parse_config(text: str, path: str = _STRING_PATH) -> Config:
     """Validate the TOML document `text`, reporting errors against `path`.
 
     Relative paths in the document are resolved against the directory of `path`,
-    or against the current directory when `path` is "<string>". Raises ConfigError.
+    or against the current directory when `path` is "<string>". Raises
+    ConfigError (the first error `check_config` would report).
     """
+    return _valid(check_config(text, path))
+
+
+def _valid(checked: ConfigCheck) -> Config:
+    if checked.config is None:
+        raise checked.errors[0]
+    return checked.config
+
+
+def check_config_file(path: str | os.PathLike[str]) -> ConfigCheck:
+    """`check_config` of the file at `path` (made absolute). A file that cannot
+    be read or is not UTF-8 is one error. Raises nothing."""
+    absolute = os.path.abspath(os.fspath(path))
+    try:
+        with open(absolute, "rb") as file:
+            content = file.read()
+    except OSError as exc:
+        return ConfigCheck(absolute, None, [ConfigError(absolute, "", f"cannot read the file: {exc.strerror or exc}")])
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return ConfigCheck(absolute, None, [ConfigError(absolute, f"byte {exc.start}", "expected UTF-8 text")])
+    return check_config(text, absolute)
+
+
+def check_config(text: str, path: str = _STRING_PATH) -> ConfigCheck:
+    """Validate the TOML document `text` (see `parse_config`) and collect every
+    error: a TOML syntax error is the only one reported (nothing after it can
+    be read); otherwise each key of each table is checked on its own (the
+    top level's, then the daemon's, then each adapter's), and each table as a
+    whole once its keys are valid (the checks between keys: at most one
+    error per table). Raises nothing."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(exc, text, path) from None
+        return ConfigCheck(path, None, [_toml_error(exc, text, path)])
     base_dir = os.getcwd() if path == _STRING_PATH else os.path.dirname(os.path.abspath(path))
-    raw = _convert(data, _RawConfig, path, ())
+    errors = _key_errors(data, _RawConfig, path, ())
+    daemon = None
+    table = data.get("daemon", {})
+    if isinstance(table, dict):
+        daemon = _checked(errors, table, _RawDaemon, path, ("daemon",), lambda raw: _build_daemon(raw, path, base_dir))
     adapters = {}
-    for name, table in raw.adapters.items():
+    tables = data.get("adapters", {})
+    for name, table in tables.items() if isinstance(tables, dict) else ():
         if not ADAPTER_NAME.fullmatch(name):
-            raise ConfigError(
+            errors.append(ConfigError(
                 path,
                 _format_key(("adapters", name)),
                 "expected an adapter name of 1 to 64 letters, digits, '_', '.' or '-',"
                 " starting with a letter or digit",
-            )
-        raw_adapter = _convert(table, _RawAdapter, path, ("adapters", name))
-        adapters[name] = _build_adapter(name, raw_adapter, path, base_dir)
-    daemon = _build_daemon(raw.daemon, path, base_dir)
-    return Config(path=path, daemon=daemon, adapters=adapters)
+            ))
+            continue
+        if not isinstance(table, dict):
+            errors.append(ConfigError(path, _format_key(("adapters", name)), f"expected a table, got {_show(table)}"))
+            continue
+        adapter = _checked(
+            errors, table, _RawAdapter, path, ("adapters", name),
+            lambda raw, name=name: _build_adapter(name, raw, path, base_dir),  # type: ignore[misc]
+        )
+        if adapter is not None:
+            adapters[name] = adapter
+    if errors or daemon is None:
+        return ConfigCheck(path, None, errors)
+    return ConfigCheck(path, Config(path=path, daemon=daemon, adapters=adapters), [])
+
+
+def _checked(
+    errors: list[ConfigError],
+    table: dict[str, Any],
+    raw_type: type[Any],
+    path: str,
+    prefix: tuple[str, ...],
+    build: Callable[[Any], Any],
+) -> Any:
+    """The public struct `build` makes of `table` once its keys are valid,
+    or None with what is wrong added to `errors`."""
+    found = _key_errors(table, raw_type, path, prefix)
+    if found:
+        errors.extend(found)
+        return None
+    try:
+        return build(_convert(table, raw_type, path, prefix))
+    except ConfigError as exc:
+        errors.append(exc)
+        return None
+
+
+def _key_errors(table: dict[str, Any], raw_type: type[Any], path: str, prefix: tuple[str, ...]) -> list[ConfigError]:
+    """Every key of `table` that is unknown to `raw_type` or whose value is
+    wrong, and every required key it lacks: each key converted on its own."""
+    fields = {field.name: field for field in msgspec.structs.fields(raw_type)}
+    errors = []
+    for key, value in table.items():
+        field = fields.get(key)
+        if field is None:
+            errors.append(ConfigError(path, _format_key(prefix + (key,)), f"unknown key (allowed here: {', '.join(fields)})"))
+            continue
+        try:
+            msgspec.convert(value, field.type, dec_hook=_dec_hook)
+        except msgspec.ValidationError as exc:
+            errors.append(_validation_error(str(exc), value, field.type, path, prefix + (key,)))
+    for name, field in fields.items():
+        if field.required and name not in table:
+            errors.append(ConfigError(path, _format_key(prefix + (name,)), "missing required key"))
+    return errors
 
 
 def _build_adapter(name: str, raw: _RawAdapter, path: str, base_dir: str) -> AdapterConfig:

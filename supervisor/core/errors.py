@@ -14,7 +14,7 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 
-# Application codes (SPEC section 5).
+# Application codes (docs/protocol.md, "Errors").
 UNKNOWN_ADAPTER = 1001
 UNKNOWN_LEASE = 1002
 SPAWN_FAILED = 1003

@@ -1,4 +1,4 @@
-"""The control protocol's wire codec (SPEC section 5), without any I/O.
+"""The control protocol's wire codec (docs/protocol.md), without any I/O.
 
 The wire is JSON-RPC 2.0, one message per line: UTF-8, terminated by ``\\n``.
 `Decoder` turns the bytes of one connection into validated `Request` objects or
@@ -196,6 +196,10 @@ class UpgradeParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`upgrade` takes no params."""
 
 
+class AdaptersParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`adapters` takes no params."""
+
+
 # Tokens one `resume` may name: far more than one client holds.
 MAX_RESUME_LEASES = 4096
 
@@ -220,6 +224,7 @@ Params = (
     | MetricsParams
     | ResumeParams
     | UpgradeParams
+    | AdaptersParams
 )
 
 

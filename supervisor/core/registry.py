@@ -38,7 +38,7 @@ from supervisor.core.errors import (
 
 ROOT_UID = 0
 
-# 18 random bytes = 144 bits, above the 128 the spec asks for, and a whole
+# 18 random bytes = 144 bits, above the 128 that make a token unguessable, and a whole
 # number of base64 characters (24).
 LEASE_TOKEN_BYTES = 18
 
@@ -590,7 +590,7 @@ class Registry:
 
     def adopt(self, adopted: AdoptedInstance, *, now: float, resume_grace: float) -> list[Action]:
         """Take back an instance of a previous incarnation whose tree still
-        runs (SPEC rule 9): RUNNING (or LINGERING, if it was and its linger is
+        runs, after a crash: RUNNING (or LINGERING, if it was and its linger is
         not over) with its id, job, adapter, params, pid and leases. Detached
         leases keep their expiry (one already past expires at the next
         `tick`); bound leases wait, held by no connection, until

@@ -1,4 +1,5 @@
-"""Continuity across incarnations of the daemon (SPEC rules 9 and 10): what
+"""Continuity across incarnations of the daemon (adoption after a crash,
+in-place upgrade): what
 the durable record says of the engine, adopting from it after a crash, and
 taking back what an in-place upgrade handed over.
 """
@@ -70,7 +71,7 @@ def adopt_recorded(
     resume_grace: float,
     execute: Callable[[Iterable[Action]], None],
 ) -> list[str]:
-    """Take over the instances of the previous incarnation (SPEC rule 9)
+    """Take over the instances of the previous incarnation after a crash
     that were running or lingering, whose adapter is still configured, and
     whose root is still the recorded (pid, start time) and carries this
     daemon's tag and the instance's; returns their ids. Anything else it left

@@ -43,6 +43,7 @@ from supervisor.core.errors import (
 )
 from supervisor.core.registry import (
     LIVE_STATES,
+    ROOT_UID,
     Acquired,
     Action,
     InstanceSettled,
@@ -74,6 +75,10 @@ SERVER_NAME = "adapter-supervisor"
 # The directory under state_dir of the adapters' stderr files.
 STDERR_DIR = "stderr"
 
+# What `status` shows of another uid's lease token (as much as the logs show of
+# any): enough to tell leases apart, far too little to use one.
+LEASE_PREFIX_CHARS = 8
+
 # A shutdown waits for the slowest adapter's stop_timeout plus this.
 SHUTDOWN_MARGIN_S = 6.0
 
@@ -82,6 +87,8 @@ class Peer(Protocol):
     """What the engine needs of a client connection."""
 
     id: int
+    # The peer's process and user, from SO_PEERCRED when it connected.
+    pid: int
     uid: int
 
     def notify(self, method: str, params: object) -> None: ...
@@ -407,7 +414,8 @@ class Engine:
         return self._acquire_reply(params, acquired, refcount, pending, after)
 
     async def acquire(self, peer: Peer, params: protocol.AcquireParams, started: Callable[[], None]) -> Reply:
-        """Take a lease, spawning the instance if none is live (SPEC rule 1),
+        """Take a lease, spawning the instance if none is live (concurrent
+        acquires of one pair spawn one instance),
         and wait for its spawn to settle. Calls `started()` once the lease is
         taken, before any wait for the spawn, so that pipelined requests
         change state in arrival order. Raises SupervisorError: the client's
@@ -538,7 +546,8 @@ class Engine:
             )
 
     def release(self, peer: Peer, params: protocol.ReleaseParams) -> Reply:
-        """Give a lease back (SPEC rule 2). Raises UnknownLease, PermissionDenied."""
+        """Give a lease back; at refcount zero the tree is stopped (after its
+        linger). Raises UnknownLease, PermissionDenied."""
         lease = self.registry.lease(params.lease)
         released = self.registry.release(params.lease, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
@@ -556,7 +565,8 @@ class Engine:
         return Reply({"expires_at": expires_at})
 
     def release_job(self, peer: Peer, params: protocol.ReleaseJobParams) -> Reply:
-        """Release every lease of a job, whoever holds it (SPEC rule 5). Raises PermissionDenied."""
+        """Release every lease of a job, whoever holds it (the one call for a
+        job's terminal transition). Raises PermissionDenied."""
         released = self.registry.release_job(params.job, connection=peer.id, uid=peer.uid, now=self.now())
         self.execute(released.actions)
         self.record.mark_dirty()
@@ -566,7 +576,7 @@ class Engine:
 
     def resume(self, peer: Peer, params: protocol.ResumeParams) -> Reply:
         """Take back, bound to this connection, leases of a previous
-        incarnation that wait for their holder (SPEC rule 9): those of the
+        incarnation that wait for their holder after a crash: those of the
         peer's uid (any, for root). Answers which were resumed. Raises nothing."""
         resumed = self.registry.resume(params.leases, connection=peer.id, uid=peer.uid)
         if resumed.resumed:
@@ -576,7 +586,7 @@ class Engine:
         return Reply({"resumed": resumed.resumed, "not_resumed": resumed.not_resumed})
 
     async def upgrade(self, peer: Peer, params: protocol.UpgradeParams, request_id: int | str) -> Reply:
-        """Replace the daemon's code in place (SPEC rule 10); the next image
+        """Replace the daemon's code in place (same pid, everything kept); the next image
         answers the request. Returns only if that did not happen: raises
         PermissionDenied (only root and the daemon's own uid may upgrade it)
         or UpgradeFailed with the reason. Cancellation: as the hook's."""
@@ -597,14 +607,14 @@ class Engine:
         """The status answer, from the latest scan: call it only in the turn
         in which `status_answers_now()` said yes (else `status` waits for a
         fresh scan)."""
-        return self._status(params, self.scans.latest())
+        return self._status(peer, params, self.scans.latest())
 
     async def status(self, peer: Peer, params: protocol.StatusParams) -> Reply:
         """The status answer, after a fresh scan of the trees if need be.
         Cancellation: raises Cancelled; the scan goes on for other callers."""
-        return self._status(params, await self.scans.members())
+        return self._status(peer, params, await self.scans.members())
 
-    def _status(self, params: protocol.StatusParams, members: Members) -> Reply:
+    def _status(self, peer: Peer, params: protocol.StatusParams, members: Members) -> Reply:
         # Every control client polls this: list comprehensions rather than
         # generators, and one pass for the total.
         instances = self.registry.instances.values()
@@ -616,7 +626,7 @@ class Engine:
             stats = members.get(instance.id, ())
             rss_bytes = sum([s.rss_bytes for s in stats])
             total_rss += rss_bytes
-            rows.append({
+            row = {
                 "instance": instance.id,
                 "job": instance.job,
                 "adapter": instance.adapter,
@@ -627,7 +637,12 @@ class Engine:
                 "started_at": instance.started_at,
                 "rss_bytes": rss_bytes,
                 "adopted": instance.adopted,
-            })
+                "leases": [self._lease_row(peer, token) for token in sorted(instance.leases)],
+            }
+            if instance.state is State.EXITED:
+                row["returncode"] = instance.returncode
+                row["reason"] = instance.stop_reason.value if instance.stop_reason is not None else None
+            rows.append(row)
         daemon = self.config.daemon
         return Reply({
             "daemon": {
@@ -650,6 +665,21 @@ class Engine:
             },
             "instances": rows,
         })
+
+    def _lease_row(self, peer: Peer, token: str) -> dict[str, Any]:
+        """One lease as `status` shows it to `peer`: the whole token only to
+        the lease's own uid and to root (a token is all it takes to release
+        a lease), else its first LEASE_PREFIX_CHARS characters; `pid` is the
+        holding connection's process, None while no connection holds it."""
+        lease = self.registry.leases[token]
+        holder = self.peers.get(lease.owner) if lease.owner is not None else None
+        return {
+            "lease": token if peer.uid in (ROOT_UID, lease.uid) else token[:LEASE_PREFIX_CHARS],
+            "detached": lease.detached,
+            "expires_at": lease.expires_at,
+            "uid": lease.uid,
+            "pid": holder.pid if holder is not None else None,
+        }
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: live instances and leases."""
@@ -687,6 +717,27 @@ class Engine:
         """Every metric in the Prometheus text format."""
         return Reply({"text": self.metrics.exposition()})
 
+    def adapters(self, peer: Peer, params: protocol.AdaptersParams) -> Reply:
+        """The configured adapters, by name, each with its number of live
+        instances (starting, running or lingering)."""
+        live = collections.Counter(
+            [instance.adapter for instance in self.registry.instances.values() if instance.state in LIVE_STATES]
+        )
+        return Reply({"adapters": [
+            {
+                "name": adapter.name,
+                "command": list(adapter.command),
+                "params": list(adapter.params),
+                "stdio": adapter.stdio,
+                # null until an adapter can be given a user of its own to run as.
+                "user": getattr(adapter, "user", None),
+                "max_instances": adapter.max_instances,
+                "memory_limit": adapter.memory_limit,
+                "live": live[adapter.name],
+            }
+            for adapter in sorted(self.config.adapters.values(), key=lambda adapter: adapter.name)
+        ]})
+
     def count_error(self, code: int) -> None:
         """A request was answered with this error code (for the metrics)."""
         self.metrics.protocol_errors.inc(str(code))
@@ -710,7 +761,7 @@ class Engine:
         self.instances.kill_everything_now()
 
     async def shutdown(self) -> None:
-        """Tell every client, stop every tree (SPEC rule 2 each) and wait for
+        """Tell every client, stop every tree (as a release would) and wait for
         them, bounded by the largest stop_timeout plus a margin.
         Cancellation: shielded; returns when done."""
         self.shutting_down = True

@@ -456,7 +456,7 @@ class Instances:
     # -- stopping ----------------------------------------------------------------
 
     def stop(self, instance_id: str, reason: Reason) -> None:
-        """Stop the instance's tree in a task of its own (SPEC rule 2)."""
+        """Stop the instance's tree in a task of its own: stop_signal to every member, stop_timeout of grace, then SIGKILL."""
         assert self._nursery is not None, "attach() first"
         self._nursery.start_soon(self._stop, instance_id, reason)
 

@@ -1,6 +1,7 @@
-"""Sweep reports: their shape (SPEC section 4) and where they are kept.
+"""Sweep reports: their shape (see docs/protocol.md, `sweep`) and where they are kept.
 
-A report is kept three ways: logged as one `sweep.report` event, held in a
+A report is kept three ways: logged as one `sweep.report` event (at debug
+level for a periodic sweep that found nothing, which is most of them), held in a
 bounded in-memory history served by the `reports` method, and appended to
 `state_dir/reports.jsonl`, which is rotated once it passes its size bound
 (one previous generation, `reports.jsonl.1`, is kept), so the files never
@@ -51,6 +52,12 @@ class SweepReport(msgspec.Struct, kw_only=True):
     errors: list[str] = []
     # Startup only: instances of the previous incarnation taken over, not reaped.
     adopted: list[str] = []
+
+
+def found_nothing(report: SweepReport) -> bool:
+    """Whether the sweep found nothing to act on or tell: no orphan, expired
+    lease, tree over its memory limit, adopted instance or error."""
+    return not (report.orphans or report.expired_leases or report.over_memory or report.errors or report.adopted)
 
 
 _encoder = msgspec.json.Encoder()

@@ -2,7 +2,7 @@
 
 If the daemon dies (even by `kill -9`), its next run reads this record to find
 what the previous run left, besides the instance tag and the cgroups, and to
-adopt the trees that still run (SPEC rule 9): each instance with its state,
+adopt the trees that still run: each instance with its state,
 params, root, members, stderr file and leases, tokens included. The file is
 mode 0600 (it holds lease tokens) and is replaced atomically (write to a
 temporary file, fsync, rename, fsync the directory), so it is always either

@@ -3,7 +3,7 @@ accounts for, reaping them, and reporting it (`Sweeper`, at the end).
 
 Finding is blocking (it reads /proc and cgroup files) and runs in a worker
 thread: `scan` takes immutable snapshots and returns data. Reaping runs on the
-trio thread. What counts as proof that a process is ours (SPEC rule 7): it is in
+trio thread. What counts as proof that a process is ours (a pid alone never is): it is in
 one of our instance cgroups; or it carries our daemon's tag; or it descends
 from the daemon (a child subreaper, which only ever spawns adapters); or it is a
 (pid, start time) from the durable record of a previous run. A process with none
@@ -402,7 +402,10 @@ class Sweeper:
 
     async def _file(self, report: reports.SweepReport) -> None:
         self._store.remember(report)
-        log.info("sweep.report", **reports.to_builtins(report))
+        # A quiet periodic sweep is the normal case, every sweep_interval:
+        # logged at info it would bury what happened.
+        quiet = report.kind == "periodic" and reports.found_nothing(report)
+        (log.debug if quiet else log.info)("sweep.report", **reports.to_builtins(report))
         self._metrics.sweep_duration.observe(report.kind, report.duration_ms / 1000)
         for orphan in report.orphans:
             self._metrics.orphans.inc(orphan.action)

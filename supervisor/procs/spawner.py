@@ -32,7 +32,7 @@ from typing import Protocol
 
 import structlog
 
-from supervisor.core.config import AdapterConfig
+from supervisor.core.config import AdapterConfig, Config, ConfigWarning
 from supervisor.core.errors import SpawnFailed
 from supervisor.procs import clonespawn, process
 from supervisor.procs.cgroup import CgroupManager
@@ -230,6 +230,34 @@ def _popen(
         close_fds=True,
         preexec_fn=preexec,
     )
+
+
+def command_warnings(config: Config, base: Mapping[str, str] | None = None) -> list[ConfigWarning]:
+    """For each adapter whose program a spawn would not find, or would find
+    but not be allowed to run, a warning at its `command`. The program is
+    looked up as a spawn does: a name without "/" in each directory of PATH
+    (the adapter's `env`, else `base`, default os.environ), a path as given,
+    relative to the adapter's cwd if it has one. `base` should be the
+    daemon's environment: PATH may differ under a service manager. Reads the
+    file system; raises nothing."""
+    environ = os.environ if base is None else base
+    warnings = []
+    for adapter in config.adapters.values():
+        program = adapter.command[0]
+        path = adapter.env.get("PATH", environ.get("PATH"))
+        candidates = [os.fsdecode(c) for c in clonespawn.executable_candidates(program, {} if path is None else {"PATH": path})]
+        if os.path.dirname(program) and adapter.cwd is not None:
+            candidates = [os.path.join(adapter.cwd, program)]
+        files = [candidate for candidate in candidates if os.path.isfile(candidate)]
+        key = f"adapters.{adapter.name}.command"
+        if not files:
+            where = f"in PATH ({path or os.defpath})" if not os.path.dirname(program) else "(no such file)"
+            warnings.append(ConfigWarning(config.path, key, f"program {program!r} not found {where}; a spawn will fail"))
+        elif not any(os.access(candidate, os.X_OK) for candidate in files):
+            warnings.append(ConfigWarning(
+                config.path, key, f"program {program!r} ({files[0]}) is not executable; a spawn will fail"
+            ))
+    return warnings
 
 
 def _describe_spawn_error(adapter: AdapterConfig, argv: list[str], exc: OSError) -> str:

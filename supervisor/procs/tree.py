@@ -32,7 +32,8 @@ FIRST_POLL_S = 0.001
 MAX_POLL_S = 0.025
 
 # How long SIGKILLed processes may take to vanish (and be reaped) before the
-# stop is reported as failed. SPEC rule 2 allows stop_timeout + 1 s in all.
+# stop is reported as failed. A stop promises no process left within
+# stop_timeout + 1 s in all.
 KILL_GRACE_S = 0.9
 
 # In fallback mode a rescan reads the stat of every process on the host, work

@@ -680,7 +680,10 @@ async def bind_control_socket(path: str, mode: int) -> trio.socket.SocketType:
         except OSError:
             os.unlink(path)
         else:
-            raise OSError(errno.EADDRINUSE, f"another daemon is already serving on {path}")
+            listener_pid = _UCRED.unpack(probe.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size))[0]
+            raise OSError(
+                errno.EADDRINUSE, f"another daemon is already serving on {path} (its socket was opened by pid {listener_pid})"
+            )
         finally:
             probe.close()
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)

@@ -120,6 +120,7 @@ METHODS: dict[str, Method] = {
     "upgrade": Method(protocol.UpgradeParams, None, _upgrade, Waits.LONG, while_stopping=False),
     "reports": Method(protocol.ReportsParams, Engine.recent_reports, None, Waits.NEVER, while_stopping=True),
     "metrics": Method(protocol.MetricsParams, Engine.metrics_text, None, Waits.NEVER, while_stopping=True),
+    "adapters": Method(protocol.AdaptersParams, Engine.adapters, None, Waits.NEVER, while_stopping=True),
 }
 
 # What the codec accepts: every method of the table, with its params.

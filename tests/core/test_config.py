@@ -14,6 +14,8 @@ import pytest
 
 from supervisor.core import template
 from supervisor.core.config import (
+    check_config,
+    check_config_file,
     AdapterConfig,
     Config,
     DaemonConfig,
@@ -675,3 +677,74 @@ def test_cgroup_setting_refuses_relative_paths() -> None:
         parse_config('[daemon]\ncgroup = "sys/fs"\n', "/etc/x.toml")
     assert info.value.key == "daemon.cgroup"
     assert "absolute path" in str(info.value)
+
+
+# -- every error at once ---------------------------------------------------------
+
+EVERY_ERROR = """\
+colour = "red"
+[daemon]
+socket_mode = "9999"
+sweep_interval = -1
+nonsense = 1
+[adapters.ok]
+command = ["/bin/true"]
+[adapters.empty]
+command = []
+stop_timeout = "soon"
+[adapters.undeclared]
+command = ["/bin/echo", "{param:dir}"]
+[adapters."no good"]
+command = ["/bin/true"]
+[adapters.untabled]
+[adapters.missing]
+stdio = "pipe"
+"""
+
+
+def test_check_config_reports_every_error_with_its_key_path():
+    checked = check_config(EVERY_ERROR.replace("[adapters.untabled]\n", ""), "/etc/x.toml")
+    assert checked.config is None and checked.path == "/etc/x.toml"
+    assert [error.key for error in checked.errors] == [
+        "colour",
+        "daemon.socket_mode", "daemon.sweep_interval", "daemon.nonsense",
+        "adapters.empty.command", "adapters.empty.stop_timeout",
+        "adapters.undeclared.command",
+        'adapters."no good"',
+        "adapters.missing.command",
+    ]
+    messages = {error.key: error.expected for error in checked.errors}
+    assert messages["daemon.nonsense"].startswith("unknown key (allowed here: socket,")
+    assert messages["adapters.empty.stop_timeout"] == 'expected a number, got "soon"'
+    assert 'param "dir" is not declared' in messages["adapters.undeclared.command"]
+    assert messages["adapters.missing.command"] == "missing required key"
+    assert all(str(error).startswith("/etc/x.toml: ") for error in checked.errors)
+    # parse_config raises the first of them.
+    with pytest.raises(ConfigError) as raised:
+        parse_config(EVERY_ERROR, "/etc/x.toml")
+    assert raised.value.key == "colour"
+
+
+def test_check_config_of_a_valid_document_has_the_config_and_no_error():
+    checked = check_config('[adapters.ok]\ncommand = ["/bin/true"]\n')
+    assert checked.errors == [] and checked.config == parse_config('[adapters.ok]\ncommand = ["/bin/true"]\n')
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("daemon = 5\n", "daemon", "expected a table, got 5"),
+        ("adapters = []\n", "adapters", "expected a table, got an empty array"),
+        ("[adapters]\nx = 1\n", "adapters.x", "expected a table, got 1"),
+        ("[daemon\n", "line 1", "invalid TOML"),
+    ],
+)
+def test_check_config_of_a_table_that_is_no_table(text, key, expected):
+    (error,) = check_config(text).errors
+    assert error.key == key and error.expected.startswith(expected)
+
+
+def test_check_config_file_reports_an_unreadable_file_as_one_error(tmp_path):
+    checked = check_config_file(tmp_path / "absent.toml")
+    assert checked.config is None and [e.expected for e in checked.errors] == ["cannot read the file: No such file or directory"]
+    assert checked.path == str(tmp_path / "absent.toml")

@@ -1507,7 +1507,7 @@ def test_a_lease_past_its_expiry_cannot_be_renewed_before_the_tick() -> None:
     assert registry.tick(5.0).expired_leases == [acquired.lease.token]
 
 
-# -- adoption after a crash, and resume (SPEC rule 9) ----------------------------
+# -- adoption after a crash, and resume ------------------------------------------
 
 from supervisor.core.registry import AdoptedInstance, AdoptedLease  # noqa: E402
 

@@ -9,7 +9,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor.engine.reports import MEMORY_REPORTS, REPORTS_FILE, Orphan, ReportStore, SweepReport, to_builtins
+from supervisor.engine.reports import (
+    MEMORY_REPORTS,
+    REPORTS_FILE,
+    Orphan,
+    ReportStore,
+    SweepReport,
+    found_nothing,
+    to_builtins,
+)
 
 REPORT_KEYS = {
     "id", "kind", "started_at", "duration_ms", "scanned", "orphans",
@@ -151,3 +159,13 @@ def test_history_holds_at_most_what_memory_holds_the_newest_across_both_files(tm
     history = ReportStore(tmp_path, max_file_bytes=1 << 20).read_history()
     assert len(history) == MEMORY_REPORTS
     assert history[0].id == f"r{600 - MEMORY_REPORTS:05d}" and history[-1].id == "r00599"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"orphans": [an_orphan()]}, {"expired_leases": ["abcd1234"]}, {"over_memory": ["i-1"]}, {"errors": ["x"]}, {"adopted": ["i-2"]}],
+)
+def test_a_report_found_nothing_only_when_every_list_is_empty(fields: dict[str, object]) -> None:
+    assert found_nothing(a_report(1))
+    assert found_nothing(a_report(1, reclaimed_rss_bytes=0))
+    assert not found_nothing(a_report(1, **fields))

@@ -149,3 +149,38 @@ def test_the_daemon_tag_is_in_the_environment(clone3: bool) -> None:
         os.kill(root.pid, signal.SIGKILL)
         wait_for(root)
         os.close(root.stderr_fd)
+
+
+# -- programs a spawn would not find -----------------------------------------------
+
+
+def test_command_warnings_name_each_adapter_whose_program_a_spawn_would_not_run(tmp_path) -> None:
+    not_executable = tmp_path / "plain.sh"
+    not_executable.write_text("#!/bin/sh\n")
+    not_executable.chmod(0o644)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tool").write_text("#!/bin/sh\n")
+    (bin_dir / "tool").chmod(0o755)
+    (tmp_path / "work").mkdir()
+    config = parse_config(
+        '[adapters.absent]\ncommand = ["/no/such/binary"]\n'
+        '[adapters.off-path]\ncommand = ["adapter-supervisor-no-such-program"]\n'
+        f'[adapters.plain]\ncommand = ["{not_executable}"]\n'
+        '[adapters.on-path]\ncommand = ["sh", "-c", "true"]\n'
+        f'[adapters.own-path]\ncommand = ["tool"]\nenv = {{ PATH = "{bin_dir}" }}\n'
+        '[adapters.own-path-lacks-sh]\ncommand = ["sh"]\nenv = { PATH = "/nonexistent" }\n'
+        f'[adapters.relative]\ncommand = ["../bin/tool"]\ncwd = "{tmp_path / "work"}"\n'
+        '[adapters.relative-absent]\ncommand = ["./tool"]\ncwd = "/"\n',
+        str(tmp_path / "supervisor.toml"),
+    )
+    warnings = {w.key: w.message for w in spawner.command_warnings(config, {"PATH": "/usr/bin:/bin"})}
+    assert set(warnings) == {
+        "adapters.absent.command", "adapters.off-path.command", "adapters.plain.command",
+        "adapters.own-path-lacks-sh.command", "adapters.relative-absent.command",
+    }
+    assert warnings["adapters.absent.command"] == "program '/no/such/binary' not found (no such file); a spawn will fail"
+    assert "not found in PATH (/usr/bin:/bin)" in warnings["adapters.off-path.command"]
+    assert "in PATH (/nonexistent)" in warnings["adapters.own-path-lacks-sh.command"]
+    assert f"({not_executable}) is not executable" in warnings["adapters.plain.command"]
+    assert all(str(w).startswith(f"{tmp_path / 'supervisor.toml'}: adapters.") for w in spawner.command_warnings(config, {}))

@@ -12,9 +12,9 @@ from supervisor.server.methods import METHODS, PARAMS, Waits
 # while the daemon shuts down (they read state or give leases back).
 PROTOCOL_METHODS = {
     "hello", "acquire", "release", "renew", "release_job", "status", "sweep", "reports", "logs", "metrics", "resume",
-    "upgrade",
+    "upgrade", "adapters",
 }
-SERVED_WHILE_STOPPING = {"hello", "status", "logs", "reports", "metrics", "release", "release_job"}
+SERVED_WHILE_STOPPING = {"hello", "status", "logs", "reports", "metrics", "adapters", "release", "release_job"}
 
 
 def test_the_table_holds_the_protocol_and_the_codec_accepts_exactly_its_methods() -> None:
