@@ -16,15 +16,18 @@ from supervisor.server.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-# What is not the project's own text: tools' caches and installed packages.
-NOT_OURS = {".git", ".venv", ".hypothesis", ".pytest_cache", "__pycache__", "results", ".venvs"}
+# What is not the project's own text: tools' caches (any hidden directory
+# but .ci) and installed packages.
+NOT_OURS = {"__pycache__", "results"}
+OURS_HIDDEN = {".ci"}
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".txt", ".c", ".service", ".socket", ".cfg", ".yaml", ".yml", ""}
 
 
 def project_files() -> list[Path]:
     found = []
     for path in ROOT.rglob("*"):
-        if any(part in NOT_OURS or part.endswith(".egg-info") for part in path.relative_to(ROOT).parts):
+        parts = path.relative_to(ROOT).parts
+        if any(p in NOT_OURS or p.endswith(".egg-info") or (p.startswith(".") and p not in OURS_HIDDEN) for p in parts[:-1]):
             continue
         if path.is_file() and path.suffix in TEXT_SUFFIXES:
             found.append(path)
