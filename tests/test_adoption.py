@@ -232,3 +232,24 @@ def test_a_lingering_tree_is_adopted_lingering_and_a_stopping_one_is_reaped(star
     assert not wait_all_gone(stopping_members, second.pid, timeout=10.0)
     assert all(process.is_running(m) for m in lingering_members.values())
     client.call("release", {"lease": again["lease"]})
+
+
+def test_an_upgrade_after_an_adoption_keeps_the_adopted_trees(start_daemon, tmp_path: Path) -> None:
+    """The startup sweep after a crash is deep; it once took adopted roots
+    (not the daemon's children) for exited ones, and the next upgrade handed
+    them over as such and stopped them."""
+    settings = {"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state")}
+    first = start_daemon(adapters(tmp_path), **settings)
+    lease = first.client().call("acquire", {"job": "job-d", "adapter": "tree", "detach": True, "ttl": 600})
+    members = read_pidfile(tmp_path / "job-d.pids")
+    assert eventually(lambda: lease["lease"] in recorded_tokens(tmp_path / "state"))
+    kill_9(first)
+    second = start_daemon(adapters(tmp_path), **settings)
+    client = second.client(timeout=90)
+    client.call("sweep", {"deep": True})
+    assert client.upgrade()["generation"] == 3
+    row = status_by_job(client)["job-d"]
+    assert (row["state"], row["adopted"], row["pid"]) == ("running", True, lease["pid"])
+    assert all(process.is_running(m) for m in members.values()), members
+    assert client.call("release", {"lease": lease["lease"]})["stopping"] is True
+    assert not wait_all_gone(members, second.pid, timeout=4.0)

@@ -552,6 +552,8 @@ class Instances:
         """A root that has exited although its watcher never heard of it (one
         WNOWAIT peek per root): routed as if the reaper had seen it."""
         for instance_id, running in list(self.running.items()):
+            if running.adopted:
+                continue  # not our child (adopted after a crash): its pidfd tells
             if running.root_reaped.is_set() or not subreaper.child_has_exited(running.root.pid):
                 continue
             self.reaper.reap()
