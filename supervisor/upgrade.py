@@ -119,10 +119,12 @@ def check_output(config_path: str) -> bytes:
 async def check_new_code(config_path: str) -> str | None:
     """Run the entry point on disk in check mode; None if it can take over,
     else why not. Cancellation: the child is killed."""
-    command = [sys.executable, "-m", "supervisor", "serve", "--config", config_path, "--check-upgrade"]
+    # -P and cwd "/": the code checked is the installed package, never a
+    # `supervisor` directory that happens to be where the daemon was started.
+    command = [sys.executable, "-P", "-m", "supervisor", "serve", "--config", config_path, "--check-upgrade"]
     try:
         with trio.fail_after(CHECK_TIMEOUT_S):
-            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False, cwd="/")
     except trio.TooSlowError:
         return f"the new code's check did not finish within {CHECK_TIMEOUT_S:g} s"
     except OSError as exc:
@@ -139,6 +141,17 @@ async def check_new_code(config_path: str) -> str | None:
     if HANDOVER_VERSION not in handovers:
         return f"the new code ({version}) reads handover formats {sorted(handovers)}, not {HANDOVER_VERSION}"
     return None
+
+
+def safe_argv(argv: list[str]) -> list[str]:
+    """The command line to re-execute: `argv` with -P (Python's safe path:
+    nothing from the working directory or the script's directory is put
+    first on sys.path) unless it has it, so that the new image loads the
+    installed package, not a `supervisor` directory in whatever directory the
+    daemon was started from."""
+    if "-P" in argv[1:2] or len(argv) < 2:
+        return list(argv)
+    return [argv[0], "-P", *argv[1:]]
 
 
 def read_handover(environ: dict[str, str] | os._Environ[str]) -> Handover | None:
@@ -258,7 +271,7 @@ class Upgrader:
             # The command line it was started with (the console script, or
             # `python -m supervisor`), run anew from disk: same config, and
             # the same name in `ps` and for pgrep.
-            argv = list(sys.orig_argv)
+            argv = safe_argv(sys.orig_argv)
             log.info("daemon.upgrading", pid=os.getpid(), connections=len(server_state.connections),
                      trees=len(engine_state.trees), executable=sys.executable)
             self.flush_logs()

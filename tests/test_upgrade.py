@@ -363,3 +363,37 @@ def test_a_peer_that_does_not_read_fails_an_upgrade_fast_and_keeps_its_answers(s
         assert data.count(b"\n") == sent
     finally:
         hog.close()
+
+
+def test_the_new_code_is_the_installed_package_not_a_directory_where_the_daemon_was_started(tmp_path: Path) -> None:
+    """`python -m` puts the working directory first on sys.path: a
+    `supervisor` package there must never be what the check runs, nor what
+    the daemon re-executes into (as root)."""
+    import subprocess
+
+    from supervisor.client import Client
+    from tests.conftest import DAEMON_START_TIMEOUT_S, wait_for_socket
+
+    start_dir = tmp_path / "cwd"
+    planted = start_dir / "supervisor"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-was-imported"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('yes')\nraise SystemExit(3)\n")
+    (planted / "__main__.py").write_text("")
+    sock = str(tmp_path / "control.sock")
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'[daemon]\nsocket = "{sock}"\nstate_dir = "{tmp_path / "state"}"\nlog_format = "json"\n'
+                      '[adapters.idle]\ncommand = ["/bin/sleep", "60"]\n')
+    script = Path(PYTHON).parent / "adapter-supervisor"
+    with open(tmp_path / "daemon.log", "wb") as log_file:
+        daemon = subprocess.Popen([str(script), "serve", "--config", str(config)], cwd=start_dir,
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for_socket(sock, daemon, tmp_path / "daemon.log", DAEMON_START_TIMEOUT_S)
+        with Client(sock, timeout=90) as client:
+            assert client.upgrade()["pid"] == daemon.pid
+            assert client.upgrade()["generation"] == 3  # twice: the re-executed image too
+        assert not marker.exists()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
