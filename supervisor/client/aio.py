@@ -32,6 +32,7 @@ from supervisor.client.session import (
     DEFAULT_RESUME_S,
     RECONNECT_INTERVAL_S,
     Reconnected,
+    attempt_timeout,
     reconnect_and_resume,
     resumed_notice,
     DEFAULT_TIMEOUT_S,
@@ -405,11 +406,12 @@ class AsyncClient:
         comes, is disposed of: fds closed, a granted lease released."""
         if self._failure is not None:
             raise fresh_error(self._failure)
-        request_id, line = self._session.request(method, params)
+        session = self._session
+        request_id, line = session.request(method, params)
         waiter = self._pending[request_id] = _Waiter()
         answered = False
         try:
-            await self._send(line)
+            await self._send(line, session)
             with anyio.fail_after(self.timeout):
                 await waiter.event.wait()
             answered = True
@@ -516,7 +518,7 @@ class AsyncClient:
     def _forget(self, lease: LeaseInfo) -> None:
         self._leases.pop(lease.token, None)
 
-    async def _send(self, line: bytes) -> None:
+    async def _send(self, line: bytes, session: Session) -> None:
         """Send one whole line, shielded from cancellation and bounded by
         SEND_TIMEOUT_S (a timeout closes the connection). Raises ConnectionLost."""
         assert self._send_lock is not None and self._ended is not None, "use the client inside `async with`"
@@ -525,7 +527,7 @@ class AsyncClient:
                 error: OSError | None = None
                 with anyio.move_on_after(SEND_TIMEOUT_S) as scope:
                     try:
-                        await self._send_all(line)
+                        await self._send_all(line, session)
                     except OSError as exc:
                         error = exc
                 if scope.cancelled_caught:
@@ -538,10 +540,12 @@ class AsyncClient:
                         raise fresh_error(self._failure) from error
                     raise ConnectionLost(f"cannot send to the daemon: {error}") from error
 
-    async def _send_all(self, line: bytes) -> None:
+    async def _send_all(self, line: bytes, session: Session) -> None:
+        """Send a line made by `session`, only on the connection it belongs
+        to (after a `resume`, its request ids mean nothing on the new one)."""
         view = memoryview(line)
         while view:
-            if self._sock is None or self._failure is not None:
+            if self._sock is None or self._failure is not None or session is not self._session:
                 raise ConnectionLost("the connection ended")
             try:
                 view = view[self._sock.send(view):]
@@ -561,13 +565,14 @@ class AsyncClient:
         close_fds(stray.fds)
         if stray.lease is None or self._failure is not None or self._task_group is None:
             return
-        request_id, line = self._session.request("release", {"lease": stray.lease})
-        self._session.abandon(request_id)
-        self._task_group.start_soon(self._send_quietly, line)
+        session = self._session
+        request_id, line = session.request("release", {"lease": stray.lease})
+        session.abandon(request_id)
+        self._task_group.start_soon(self._send_quietly, line, session)
 
-    async def _send_quietly(self, line: bytes) -> None:
+    async def _send_quietly(self, line: bytes, session: Session) -> None:
         try:
-            await self._send(line)
+            await self._send(line, session)
         except ConnectionLost:
             pass  # then the daemon released the lease with the connection
 
@@ -615,17 +620,31 @@ class AsyncClient:
         reconnected: Reconnected | None = None
         while reconnected is None and not self._closing:
             # Leases released meanwhile are left to the daemon's grace.
-            tokens = [lease.token for lease in self._leases.values() if not lease.detached]
+            tokens = [lease.token for lease in self._leases.values() if not lease.detached and lease.exited is None]
+            attempt: list[socket.socket] = []
+
+            def new_socket() -> socket.socket:
+                attempt.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                return attempt[0]
+
             try:
+                # Abandoned if cancelled (leaving `async with`): its socket is
+                # closed, which ends the attempt in its thread.
                 reconnected = await anyio.to_thread.run_sync(
-                    reconnect_and_resume, self.path, tokens, self.timeout,
-                    lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+                    reconnect_and_resume, self.path, tokens,
+                    attempt_timeout(self.timeout, deadline - anyio.current_time()), new_socket,
+                    abandon_on_cancel=True,
                 )
             except (OSError, ConnectionLost, DaemonError):
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
                     break
                 await anyio.sleep(min(RECONNECT_INTERVAL_S, remaining))
+            except BaseException:
+                for sock in attempt:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                raise
         self._reconnecting = False
         if reconnected is None or self._closing:
             if reconnected is not None:
@@ -644,6 +663,10 @@ class AsyncClient:
             lease = self._leases.get(token)
             if lease is not None:
                 lease._end(None)
+        for token in reconnected.resumed:
+            if token not in self._leases:
+                # Released by the application while the daemon was away.
+                self._dispose(Stray(token, ()))
         notice = resumed_notice(reconnected)
         self._notifications.append(notice)
         self._wake_notified()
@@ -714,6 +737,17 @@ class AsyncClient:
         if self._sock is not None and self._sock.fileno() != -1:
             anyio.notify_closing(self._sock)
             self._sock.close()
+        if self._reconnecting:
+            # Closed while connecting again: the leases kept for resuming
+            # are lost after all.
+            self._reconnecting = False
+            self._fail_pending(self._failure or reason)
+            for event in (self._notified, self._ended):
+                if event is not None:
+                    event.set()
+            for lease in list(self._leases.values()):
+                lease._end(None)
+            return
         if self._failure is not None:
             return
         self._failure = self._refusal or reason

@@ -82,6 +82,7 @@ from supervisor.client.session import (
     DEFAULT_TIMEOUT_S,
     RECONNECT_INTERVAL_S,
     Reconnected,
+    attempt_timeout,
     reconnect_and_resume,
     resumed_notice,
     NOTIFICATION_BACKLOG,
@@ -358,8 +359,10 @@ class Client:
         self._refusal: DaemonError | None = None
         self._failure: Exception | None = None
         self._closing = False
-        # The connection ended and a new one is being made (`resume`).
+        # The connection ended and a new one is being made (`resume`); the
+        # socket of the attempt under way.
         self._reconnecting = False
+        self._attempt: socket.socket | None = None
         self.shutting_down = False
         self._reader = threading.Thread(target=self._read_loop, name=f"adapter-supervisor-client {self.path}", daemon=True)
         self._reader.start()
@@ -384,6 +387,8 @@ class Client:
         self.sock.close()
         with self._lock:
             self._wake_reader()
+            if self._attempt is not None:
+                self._attempt.close()  # wakes a reconnect attempt waiting for an answer
         if threading.current_thread() is not self._reader:
             self._reader.join()
 
@@ -410,7 +415,8 @@ class Client:
         with self._lock:
             if self._failure is not None:
                 raise fresh_error(self._failure)
-            request_id, line = self._session.request(method, params)
+            session = self._session
+            request_id, line = session.request(method, params)
             lead = not self._reading
             if lead:
                 self._take_role()
@@ -418,7 +424,7 @@ class Client:
         answered = False
         try:
             try:
-                self._send(line)
+                self._send(line, session)
             except OSError as exc:
                 # The daemon may have said why it closed (a refusal) just before.
                 if not self._wait(waiter, REFUSAL_GRACE_S):
@@ -552,8 +558,13 @@ class Client:
         with self._lock:
             self._leases.pop(lease.token, None)
 
-    def _send(self, line: bytes) -> None:
+    def _send(self, line: bytes, session: Session) -> None:
+        """Send a line made by `session`. Raises OSError, also when the
+        connection that session belongs to was replaced (`resume`): its
+        request ids mean nothing on the new one."""
         with self._send_lock:
+            if session is not self._session:
+                raise OSError("the connection this request was made for has ended")
             self.sock.sendall(line)
 
     # -- reading --
@@ -647,10 +658,11 @@ class Client:
         with self._lock:
             if self._failure is not None:
                 return  # a bound lease went with the connection
-            request_id, line = self._session.request("release", {"lease": stray.lease})
-            self._session.abandon(request_id)
+            session = self._session
+            request_id, line = session.request("release", {"lease": stray.lease})
+            session.abandon(request_id)
         with contextlib.suppress(OSError):  # then the daemon released it anyway
-            self._send(line)
+            self._send(line, session)
 
     def _read_loop(self) -> None:
         """The reader thread: reads while no caller holds the role; with
@@ -723,12 +735,15 @@ class Client:
         while resuming and reconnected is None:
             with self._lock:
                 # Leases released meanwhile are left to the daemon's grace.
-                tokens = [lease.token for lease in self._leases.values() if not lease.detached]
+                tokens = [lease.token for lease in self._leases.values() if not lease.detached and lease.exited is None]
+            remaining = deadline - time.monotonic()
             try:
                 reconnected = reconnect_and_resume(
-                    self.path, tokens, self.timeout, lambda: _ClientSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self.path, tokens, attempt_timeout(self.timeout, remaining), self._reconnect_socket
                 )
             except (OSError, ConnectionLost, DaemonError):
+                with self._lock:
+                    self._attempt = None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -741,6 +756,7 @@ class Client:
             self._end_suspended()
             return False
         with self._lock:
+            self._attempt = None
             if self._closing:
                 reconnected.sock.close()
                 resuming = False
@@ -752,6 +768,10 @@ class Client:
         lost = [self._leases.pop(token) for token in reconnected.lost if token in self._leases]
         for lease in lost:
             lease._end(None)
+        for token in reconnected.resumed:
+            if token not in self._leases:
+                # Released by the application while the daemon was away.
+                self._dispose(Stray(token, ()))
         notice = resumed_notice(reconnected)
         with self._lock:
             self._notifications.append(notice)
@@ -761,6 +781,15 @@ class Client:
         for incoming in reconnected.later:
             self._dispatch_incoming(incoming)
         return True
+
+    def _reconnect_socket(self) -> socket.socket:
+        """A socket for one reconnect attempt, which `close` can interrupt."""
+        sock = _ClientSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._lock:
+            self._attempt = sock
+            if self._closing:
+                sock.close()
+        return sock
 
     def _install(self, reconnected: Reconnected) -> None:
         """Serve on the new connection from now on (called with the lock held)."""

@@ -68,6 +68,9 @@ SHUTDOWN_REASON = "shutdown"
 # `resume_grace` is 30 s by default: longer is pointless, the leases are gone).
 RECONNECT_INTERVAL_S = 0.2
 DEFAULT_RESUME_S = 30.0
+# One reconnect attempt waits at most this long for its answers (a socket
+# that accepts and does not answer must not use up the whole window).
+RECONNECT_ATTEMPT_S = 2.0
 # The notification a resuming client adds to its own stream when it is
 # connected again: {"resumed": [tokens], "lost": [tokens], "generation": n}.
 RESUMED_NOTICE = "resumed"
@@ -552,11 +555,23 @@ def reconnect_and_resume(
     hello = answers[hello_id].result if answers[hello_id].error is None else None
     resumed: list[str] = []
     if resume_id is not None and answers[resume_id].error is None:
-        resumed = list(answers[resume_id].result.get("resumed", []))
+        result = answers[resume_id].result
+        given = result.get("resumed") if isinstance(result, dict) else None
+        if not isinstance(given, list) or not all(isinstance(token, str) for token in given):
+            sock.close()
+            raise ConnectionLost(f"the daemon answered resume with {result!r}, not a list of tokens")
+        resumed = [token for token in given if token in tokens]
     return Reconnected(
         sock=sock, session=session, resumed=resumed, lost=[t for t in tokens if t not in resumed],
         generation=hello.get("generation") if isinstance(hello, dict) else None, later=later,
     )
+
+
+def attempt_timeout(timeout: float | None, remaining: float) -> float:
+    """How long one reconnect attempt may wait: RECONNECT_ATTEMPT_S, less if
+    the client's timeout or the resume window left is shorter."""
+    bound = min(RECONNECT_ATTEMPT_S, max(remaining, 0.05))
+    return bound if timeout is None else min(timeout, bound)
 
 
 def resumed_notice(reconnected: Reconnected) -> dict[str, Any]:

@@ -61,6 +61,11 @@ class Connection:
     # A peer that does not read for this long is dropped: one stuck peer must
     # not pin tasks and memory forever (daemon.send_timeout).
     send_timeout: float = 10.0
+    # The peer's supplementary groups at connect() (SO_PEERGROUPS): a reload
+    # that narrows allowed_gids is judged against them.
+    groups: tuple[int, ...] = ()
+    # Bytes the peer took so far: whether a slow peer is making progress.
+    sent_bytes: int = 0
     in_flight: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
     closed: bool = False
     _send_lock: trio.Lock = field(default_factory=trio.Lock)
@@ -193,10 +198,13 @@ class Connection:
         try:
             if fds:
                 ancillary = [(stdlib_socket.SOL_SOCKET, stdlib_socket.SCM_RIGHTS, array.array("i", fds))]
-                return self.sock.sendmsg([view], ancillary)
-            return self.sock.send(view)
+                sent = self.sock.sendmsg([view], ancillary)
+            else:
+                sent = self.sock.send(view)
         except BlockingIOError:
             return 0
+        self.sent_bytes += sent
+        return sent
 
     def close(self) -> None:
         """Stop talking to the peer. The fd itself is closed by the connection's

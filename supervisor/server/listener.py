@@ -66,9 +66,11 @@ REFUSE_TIMEOUT_S = 1.0
 ANSWERS_PER_TURN = 32
 
 # An upgrade's pause gives up this soon when all that keeps it waiting is
-# connections whose peers take none of the line under way: every other client
-# waits while it does, and such a peer is dropped after send_timeout anyway.
-STUCK_SENDERS_S = 1.0
+# connections whose peers have taken nothing of the line under way for that
+# long: every other client waits while it does, and such a peer is dropped
+# after send_timeout anyway. A peer that reads, however slowly, is waited for
+# (up to the pause's own bound).
+STUCK_SENDERS_S = 3.0
 
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -109,6 +111,7 @@ class HandedConnection(msgspec.Struct, frozen=True, kw_only=True):
     gid: int
     # Bytes read from the peer that do not make a whole line yet.
     unread: bytes = b""
+    groups: list[int] = []
 
 
 class ServerState(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,7 +207,8 @@ class ControlServer:
             self._arriving -= 1
             raise
         refusal: SupervisorError | None = None
-        if not self._allowed(uid, {gid, *_peer_groups(sock)}):
+        groups = tuple(_peer_groups(sock))
+        if not self._allowed(uid, {gid, *groups}):
             refusal = PermissionDenied(
                 f"uid {uid} / gid {gid} may not use this daemon; add it to allowed_uids or allowed_gids"
             )
@@ -235,7 +239,7 @@ class ControlServer:
         plain.setblocking(False)
         connection = Connection(
             id=next(self._ids), sock=plain, pid=pid, uid=uid, gid=gid, notify_nursery=server_nursery,
-            send_timeout=self.config.send_timeout,
+            send_timeout=self.config.send_timeout, groups=groups,
         )
         self._arriving -= 1
         log.info("connection.opened", connection=connection.id, pid=pid, uid=uid)
@@ -248,7 +252,7 @@ class ControlServer:
         plain.setblocking(False)
         connection = Connection(
             id=handed.id, sock=plain, pid=handed.pid, uid=handed.uid, gid=handed.gid,
-            notify_nursery=None, send_timeout=self.config.send_timeout,
+            notify_nursery=None, send_timeout=self.config.send_timeout, groups=tuple(handed.groups),
         )
         decoder = protocol.Decoder(self.config.max_message_bytes, PARAMS)
         early = decoder.feed(handed.unread)
@@ -570,14 +574,17 @@ class ControlServer:
         if self._accept_scope is not None:
             self._accept_scope.cancel()
         stuck_since: float | None = None
+        progress: list[tuple[int, int]] = []
         with trio.move_on_after(timeout):
             while True:
                 busy = self._busy(requester)
                 if not busy:
                     return None
                 stuck = [self.connections[i] for i in busy if i in self.connections and self.connections[i].has_unsent]
-                if len(stuck) < len(busy):
-                    stuck_since = None
+                # Stuck means taking nothing: a peer that reads slowly is waited for.
+                now_progress = [(c.id, c.sent_bytes) for c in stuck]
+                if len(stuck) < len(busy) or now_progress != progress:
+                    stuck_since, progress = None, now_progress
                 elif stuck_since is None:
                     stuck_since = trio.current_time()
                 elif trio.current_time() - stuck_since >= STUCK_SENDERS_S:
@@ -612,7 +619,7 @@ class ControlServer:
             unread = decoder.unread() + bytes(self._held.get(connection.id, b""))
             handed.append(HandedConnection(
                 fd=connection.sock.fileno(), id=connection.id, pid=connection.pid, uid=connection.uid,
-                gid=connection.gid, unread=unread,
+                gid=connection.gid, unread=unread, groups=list(connection.groups),
             ))
         state = ServerState(next_id=next(self._ids), connections=handed)
         return state, [c.fd for c in handed]
@@ -646,6 +653,25 @@ class ControlServer:
     def config(self) -> DaemonConfig:
         """The daemon section in force (a reload may replace it)."""
         return self.engine.config.daemon
+
+    def drop_disallowed(self) -> list[int]:
+        """After a reload: close the connections of peers the config no longer
+        allows (their bound leases are released as on any disconnect), telling
+        each why first. Returns their ids."""
+        dropped = []
+        for connection in list(self.connections.values()):
+            if connection.closed or self._allowed(connection.uid, {connection.gid, *connection.groups}):
+                continue
+            refusal = PermissionDenied(
+                f"uid {connection.uid} / gid {connection.gid} may no longer use this daemon "
+                "(allowed_uids / allowed_gids changed)"
+            )
+            connection.try_send(protocol.encode_error(None, refusal))
+            connection.close()
+            dropped.append(connection.id)
+            log.warning("connection.no_longer_allowed", connection=connection.id, pid=connection.pid,
+                        uid=connection.uid)
+        return dropped
 
     def _allowed(self, uid: int, gids: set[int]) -> bool:
         return (
