@@ -311,6 +311,7 @@ async def run_daemon(
                         if signum == signal.SIGHUP:
                             notifier.reloading()
                             await _reload(engine)
+                            server.drop_disallowed()
                             notifier.ready(status=engine.status_line())
                             continue
                         if signum == signal.SIGUSR2:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -815,3 +816,51 @@ def test_another_uid_cannot_release_renew_or_release_the_job_of_roots_lease(
         assert root.result("release", {"lease": acquire["result"]["lease"]})["refcount"] == 0
         assert root.result("release", {"lease": held["lease"]})["refcount"] == 0
         assert wait_all_gone(root_members | {f"n-{r}": m for r, m in nobody_members.items()}, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+
+
+# Runs as uid 65534: acquires a bound lease, prints the answer, then prints
+# every message until the daemon ends the connection.
+HOLDER_SCRIPT = r"""
+import json, os, socket, sys
+path, adapter = sys.argv[1], sys.argv[2]
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(20)  # a daemon that never drops it fails the test, not hangs it
+sock.connect(path)
+sock.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "acquire",
+                         "params": {"job": "held", "adapter": adapter}}).encode() + b"\n")
+reader = sock.makefile("rb")
+for line in reader:
+    print(line.decode().strip(), flush=True)
+print("closed", flush=True)
+"""
+
+
+def test_a_uid_a_reload_no_longer_allows_loses_its_connection_and_bound_leases(
+    start_daemon, public_dir: Path, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "held.pids"
+    adapters = tree_adapter("tree", pidfile=pidfile, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT)
+    daemon = start_public_daemon(start_daemon, public_dir, adapters, allowed_uids=[NOBODY])
+    holder = subprocess.Popen([PYTHON, "-c", HOLDER_SCRIPT, daemon.socket, "tree"], stdout=subprocess.PIPE, text=True)
+    try:
+        granted = json.loads(holder.stdout.readline())
+        assert "result" in granted, granted
+        members = read_pidfile(pidfile, roles=TREE_ROLES)
+        config = daemon.config_path.read_text()
+        assert f"allowed_uids = [{NOBODY}]" in config
+        daemon.config_path.write_text(config.replace(f"allowed_uids = [{NOBODY}]", "allowed_uids = []"))
+        daemon.popen.send_signal(signal.SIGHUP)
+        refusal = json.loads(holder.stdout.readline())
+        assert refusal["id"] is None and refusal["error"]["code"] == 1005, refusal
+        assert "no longer" in refusal["error"]["message"]
+        assert holder.stdout.readline().strip() == "closed"
+        # Its bound lease went with the connection: the tree is stopped.
+        assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 2.0) == {}
+        with daemon.client() as root:
+            assert eventually(lambda: root.call("status")["instances"] == [])
+    finally:
+        holder.kill()
+        holder.wait()

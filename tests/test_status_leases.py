@@ -62,20 +62,39 @@ def test_another_uid_sees_only_the_first_8_characters_of_a_token(start_daemon, p
     adapters = tree_adapter("tree", pidfile=pidfile, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT)
     daemon = start_public_daemon(start_daemon, public_dir, adapters, allowed_uids=[NOBODY])
     with Connection(daemon.socket) as root:
-        held = root.result("acquire", {"job": "shared-job", "adapter": "tree"})
-        outcome = run_as_nobody(
-            daemon.socket,
-            [("acquire", {"job": "shared-job", "adapter": "tree", "detach": True, "ttl": 60}), ("status", {"job": "shared-job"})],
-        )
-        acquired, status = outcome["responses"]
+        # uid 65534 spawns the instance; root may join any instance.
+        (acquired,) = run_as_nobody(
+            daemon.socket, [("acquire", {"job": "shared-job", "adapter": "tree", "detach": True, "ttl": 60})]
+        )["responses"]
         own = acquired["result"]["lease"]
+        held = root.result("acquire", {"job": "shared-job", "adapter": "tree"})
+        (status,) = run_as_nobody(daemon.socket, [("status", {"job": "shared-job"})])["responses"]
         (instance,) = status["result"]["instances"]
         seen = {lease["uid"]: lease for lease in instance["leases"]}
         assert seen[0]["lease"] == held["lease"][:8] and len(held["lease"]) > 8
-        assert seen[NOBODY]["lease"] == own and seen[NOBODY]["pid"] not in (None, os.getpid())
+        assert seen[NOBODY]["lease"] == own
         # Root sees every token whole.
         assert set(leases_of(root, "shared-job")) == {held["lease"], own}
         root.result("release_job", {"job": "shared-job"})
+
+
+def test_another_uid_can_neither_join_an_instance_nor_read_its_logs(start_daemon, public_dir: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "t.pids"
+    adapters = tree_adapter("tree", pidfile=pidfile, args=("--no-escapee",), stop_timeout=STOP_TIMEOUT)
+    daemon = start_public_daemon(start_daemon, public_dir, adapters, allowed_uids=[NOBODY])
+    with Connection(daemon.socket) as root:
+        held = root.result("acquire", {"job": "root-job", "adapter": "tree"})
+        join, by_instance, by_lease = run_as_nobody(daemon.socket, [
+            ("acquire", {"job": "root-job", "adapter": "tree"}),
+            ("logs", {"instance": held["instance"]}),
+            ("logs", {"lease": held["lease"]}),
+        ])["responses"]
+        for refused in (join, by_instance, by_lease):
+            assert refused["error"]["code"] == 1005, refused
+        assert "belongs to uid 0" in join["error"]["message"]
+        (instance,) = [i for i in root.result("status", {})["instances"] if i["job"] == "root-job"]
+        assert instance["refcount"] == 1  # the refused join left nothing behind
+        root.result("release_job", {"job": "root-job"})
 
 
 def test_an_exited_instance_says_why_and_with_what_status(start_daemon, tmp_path: Path) -> None:

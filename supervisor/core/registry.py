@@ -115,6 +115,9 @@ class Instance:
     tree_gone: bool = False
     # Taken over from a previous incarnation of the daemon (`adopt`).
     adopted: bool = False
+    # The uid whose acquire spawned it: no other uid but root may join it
+    # (None: not known, from a record or handover that did not say).
+    uid: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -232,6 +235,7 @@ class AdoptedInstance:
     linger: float = 0.0
     linger_until: float | None = None
     leases: tuple[AdoptedLease, ...] = ()
+    uid: int | None = None
 
 
 def _new_token() -> str:
@@ -362,7 +366,8 @@ class Registry:
         """Take a lease on the live instance of (job, adapter), creating it if needed.
 
         Raises `ShuttingDown` after `shutdown`, `Conflict` when a live instance runs
-        with other params, `LimitReached` when a new instance would pass
+        with other params, `PermissionDenied` when it belongs to another uid
+        (root may join any), `LimitReached` when a new instance would pass
         `max_instances`, `InvalidParams` for a detached lease without a ttl.
         """
         if self.closed:
@@ -374,6 +379,11 @@ class Registry:
         instance = self.live_instance(job, adapter)
         spawned = False
         if instance is not None:
+            if instance.uid is not None and uid not in (ROOT_UID, instance.uid):
+                raise PermissionDenied(
+                    f"instance {instance.id} of adapter {adapter!r} for job {job!r} belongs to uid {instance.uid}; "
+                    "another uid cannot join it (use a job id of your own)"
+                )
             if instance.params != frozen_params:
                 raise Conflict(
                     f"instance {instance.id} of adapter {adapter!r} for job {job!r} is running "
@@ -397,6 +407,7 @@ class Registry:
                 state=State.STARTING,
                 linger=linger,
                 waiting_for=self._dying.get((job, adapter)),
+                uid=uid,
             )
             self.instances[instance.id] = instance
             self._live[instance.key] = instance.id
@@ -615,6 +626,7 @@ class Registry:
             pid=adopted.pid,
             started_at=adopted.started_at,
             adopted=True,
+            uid=adopted.uid,
         )
         self.instances[instance.id] = instance
         self._live[instance.key] = instance.id

@@ -52,6 +52,7 @@ def record_snapshot(
             linger_until=instance.linger_until if instance else None,
             leases=leases,
             stderr_file=running.stderr.path.name if running.stderr is not None else None,
+            uid=instance.uid if instance else None,
         ))
     return staterecord.StateRecord(
         daemon_pid=daemon_pid, daemon_key=daemon_key, version=staterecord.RECORD_VERSION,
@@ -110,7 +111,7 @@ def adopt_recorded(
                 id=recorded.instance, job=recorded.job, adapter=recorded.adapter,
                 params=tuple(sorted(recorded.params.items())), pid=root.pid,
                 started_at=recorded.started_at if recorded.started_at is not None else now,
-                linger=recorded.linger, linger_until=recorded.linger_until, leases=leases,
+                linger=recorded.linger, linger_until=recorded.linger_until, leases=leases, uid=recorded.uid,
             ), now=now, resume_grace=resume_grace)
         except Conflict as exc:
             os.close(pidfd)

@@ -687,8 +687,9 @@ class Engine:
         return f"live instances: {live}, leases: {len(self.registry.leases)}"
 
     def logs(self, peer: Peer, params: protocol.LogsParams) -> Reply:
-        """The tail of an instance's stderr, by instance or lease. Raises
-        UnknownLease, InvalidParams (no such instance, running or lately)."""
+        """The tail of an instance's stderr, by instance or lease: to the uid
+        that spawned it and root. Raises UnknownLease, InvalidParams (no such
+        instance, running or lately), PermissionDenied."""
         instance_id = params.instance
         if params.lease is not None:
             lease = self.registry.lease(params.lease)
@@ -696,6 +697,10 @@ class Engine:
                 raise UnknownLease("no such lease: it was never issued, was already released, or expired")
             instance_id = lease.instance_id
         assert instance_id is not None
+        live = self.registry.instances.get(instance_id)
+        owner = live.uid if live is not None else self.instances.finished_owners.get(instance_id)
+        if owner is not None and peer.uid not in (ROOT_UID, owner):
+            raise PermissionDenied(f"instance {instance_id} belongs to uid {owner}; only that uid or root may read its logs")
         tail = self.instances.stderr_tail(instance_id)
         if tail is None:
             if instance_id in self.registry.instances:

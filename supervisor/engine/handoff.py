@@ -46,6 +46,7 @@ class HandedInstance(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str | None = None
     tree_gone: bool = False
     adopted: bool = False
+    uid: int | None = None
 
 
 class HandedTree(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +106,7 @@ def export_registry(registry: Registry) -> tuple[list[HandedInstance], list[Hand
             leases=sorted(i.leases), linger=i.linger, pid=i.pid, started_at=i.started_at,
             linger_until=i.linger_until, waiting_for=i.waiting_for, watchers=sorted(i.watchers),
             returncode=i.returncode, stop_reason=i.stop_reason.value if i.stop_reason else None,
-            tree_gone=i.tree_gone, adopted=i.adopted,
+            tree_gone=i.tree_gone, adopted=i.adopted, uid=i.uid,
         )
         for i in registry.instances.values()
     ]
@@ -128,7 +129,7 @@ def restore_registry(state: EngineState, **factories: object) -> Registry:
             leases=set(i.leases), linger=i.linger, pid=i.pid, started_at=i.started_at,
             linger_until=i.linger_until, waiting_for=i.waiting_for, watchers=set(i.watchers),
             returncode=i.returncode, stop_reason=Reason(i.stop_reason) if i.stop_reason else None,
-            tree_gone=i.tree_gone, adopted=i.adopted,
+            tree_gone=i.tree_gone, adopted=i.adopted, uid=i.uid,
         )
         for i in state.instances
     ]

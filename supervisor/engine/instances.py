@@ -136,6 +136,8 @@ class Instances:
         # The stderr tails of instances stopped lately: the deques themselves,
         # which their readers may still be filling with the last lines.
         self.finished_logs: collections.OrderedDict[str, collections.deque[bytes]] = collections.OrderedDict()
+        # Their instances' uids (`Instance.uid`): who may read them.
+        self.finished_owners: dict[str, int | None] = {}
         # Grows by one whenever a tree is spawned or stopped: scans taken
         # before are out of date.
         self.generation = 0
@@ -516,8 +518,11 @@ class Instances:
         if running.stderr is not None:
             self.stderr_files.remove(running.stderr)  # its reader drains it, then closes it
         self.finished_logs[instance_id] = running.root.stderr_tail
+        instance = self.registry.instances.get(instance_id)
+        self.finished_owners[instance_id] = instance.uid if instance is not None else None
         while len(self.finished_logs) > FINISHED_LOGS_KEPT:
-            self.finished_logs.popitem(last=False)
+            gone, _ = self.finished_logs.popitem(last=False)
+            self.finished_owners.pop(gone, None)
         del self.running[instance_id]
         running.stopped.set()
         self.record.mark_dirty()

@@ -72,6 +72,8 @@ class RecordedInstance(msgspec.Struct, frozen=True, kw_only=True):
     leases: list[RecordedLease] = []
     # The name of its stderr file in the stderr directory.
     stderr_file: str | None = None
+    # The uid that spawned it (who else may join it).
+    uid: int | None = None
 
 
 class StateRecord(msgspec.Struct, kw_only=True):

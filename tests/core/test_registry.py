@@ -537,15 +537,16 @@ def test_release_job_of_an_unknown_job_releases_nothing() -> None:
     ids=["one-of-the-uids", "a-third-uid", "root"],
 )
 def test_release_job_across_uids_is_all_or_nothing(caller_uid: int, allowed: bool) -> None:
+    # Two uids' instances of one job (another uid cannot join an instance).
     registry = make_registry()
     mine = running(registry, connection=1, uid=UID)
-    theirs = acquire(registry, connection=2, uid=2002)
+    theirs = running(registry, connection=2, uid=2002, adapter="other", pid=4343)
     before = snapshot(registry)
     if not allowed:
         with pytest.raises(PermissionDenied):
             registry.release_job(JOB, connection=1, uid=caller_uid, now=1.0)
         assert snapshot(registry) == before
-        assert mine.instance.refcount == 2
+        assert mine.instance.refcount == 1 and theirs.instance.refcount == 1
         return
     result = registry.release_job(JOB, connection=5, uid=caller_uid, now=1.0)
     assert result.released == 2
@@ -1272,9 +1273,12 @@ class Shell:
             acquired = self.registry.acquire(
                 job=job, adapter=adapter, connection=connection, uid=uid, now=self.now, **options
             )
-        except (Conflict, LimitReached, ShuttingDown) as error:
+        except (Conflict, LimitReached, ShuttingDown, PermissionDenied) as error:
             assert snapshot(self.registry) == before
-            if isinstance(error, Conflict):
+            if isinstance(error, PermissionDenied):
+                # Another uid's instance: only root joins it.
+                assert live is not None and uid not in (ROOT, live.uid)
+            elif isinstance(error, Conflict):
                 assert live is not None
             elif isinstance(error, LimitReached):
                 assert live is None
@@ -1282,6 +1286,7 @@ class Shell:
                 assert self.registry.closed
             return
         assert not self.registry.closed
+        assert live is None or uid in (ROOT, live.uid)
         assert acquired.spawned == (live is None)
         if live is not None:
             assert acquired.instance is live
@@ -1662,3 +1667,20 @@ def test_restore_refuses_pieces_that_do_not_fit() -> None:
     twin.leases = set()
     with pytest.raises(ValueError):
         Registry.restore([instance, twin], [lease])  # two live instances of one pair
+
+
+def test_an_instance_belongs_to_the_uid_that_spawned_it() -> None:
+    registry = make_registry()
+    first = acquire(registry, uid=UID)
+    assert first.instance.uid == UID
+    before = snapshot(registry)
+    with pytest.raises(PermissionDenied, match=f"belongs to uid {UID}"):
+        acquire(registry, uid=OTHER_UID, connection=2)
+    assert snapshot(registry) == before  # refused before anything changed
+    assert acquire(registry, uid=UID, connection=3).instance.id == first.instance.id
+    assert acquire(registry, uid=ROOT, connection=4).instance.id == first.instance.id
+    # Root's own instances are root's alone.
+    root_owned = acquire(registry, job="job-2", uid=ROOT)
+    with pytest.raises(PermissionDenied):
+        acquire(registry, job="job-2", uid=UID)
+    assert root_owned.instance.uid == ROOT
