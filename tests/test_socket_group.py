@@ -81,7 +81,9 @@ def write_config(directory: Path, **daemon: object) -> Path:
 
 def test_an_unprivileged_daemon_gives_the_socket_to_a_group_it_belongs_to(public_dir: Path) -> None:
     home = owned_dir(public_dir / "daemon", DAEMON_UID)
-    path = str(home / "control.sock")
+    # A directory the daemon makes: open to others to enter (0755), since
+    # members of socket_group must reach the socket in it.
+    path = str(home / "run" / "control.sock")
     config = write_config(
         public_dir, socket=path, state_dir=str(home / "state"), socket_group=AGENTS_GID, log_format="json",
     )
@@ -92,6 +94,7 @@ def test_an_unprivileged_daemon_gives_the_socket_to_a_group_it_belongs_to(public
         wait_for_socket(path, daemon, public_dir / "daemon.log", DAEMON_START_TIMEOUT_S)
         info = os.stat(path)
         assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (DAEMON_UID, AGENTS_GID, 0o660)
+        assert stat.S_IMODE(os.stat(home / "run").st_mode) == 0o755
         assert hello_served(connect_as(path, NOBODY, groups=(AGENTS_GID,)))
         assert connect_as(path, NOBODY) == {"connect_error": "EACCES"}
     finally:
