@@ -3,6 +3,13 @@
 The library makes spawning fast in cgroup mode (see the C file). It is
 optional: without a C compiler (or off Linux) the build goes on without it and
 the daemon spawns with `subprocess` instead, which it says in its log.
+
+A wheel with the library is tagged `py3-none-linux_<arch>`: the library is
+loaded with ctypes, so it depends on neither the Python version nor its ABI,
+only on the platform. It asks nothing of glibc newer than 2.17 (the C file
+keeps to that), so it loads on any glibc Linux the daemon supports (clone3
+needs Linux 5.3); where it does not load, spawning falls back to subprocess.
+A wheel without it is pure Python (`py3-none-any`).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -43,4 +51,10 @@ class CloneSpawnHook(BuildHookInterface):
             # An editable install finds the library in the source tree itself.
             build_data["force_include"][str(root / LIBRARY)] = str(LIBRARY)
             build_data["pure_python"] = False
-            build_data["infer_tag"] = True
+            build_data["tag"] = f"py3-none-{platform_tag()}"
+
+
+def platform_tag() -> str:
+    """The wheel platform tag of the machine the library is built for:
+    `linux_x86_64`, `linux_aarch64`, ..."""
+    return sysconfig.get_platform().replace("-", "_").replace(".", "_")

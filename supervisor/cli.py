@@ -1,7 +1,8 @@
 """The `adapter-supervisor` command line (also `python -m supervisor`).
 
 `serve` and `check-config` work on config files, `completion` prints a shell
-completion script; every other command is a client of a running daemon.
+completion script, `install-units` prints or writes the systemd units; every
+other command is a client of a running daemon.
 Human output by default, `--json` for scripts. The global options (`--socket`,
 `--json`) go before or after the command. Arguments the daemon would refuse
 are refused here first, in the command line's own terms. Exit statuses: see
@@ -17,9 +18,10 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from supervisor import __version__, completion, display
+from supervisor import __version__, completion, display, units
 from supervisor.client import Client, ConnectionLost, DaemonError, InvalidParams, UnknownLease, default_socket
 from supervisor.client.session import DEFAULT_TIMEOUT_S
 from supervisor.client.session import acquire_params
@@ -38,6 +40,8 @@ EX_ERROR = 1
 # the daemon would refuse.
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
+# sysexits' "cannot create (user) output file".
+EX_CANTCREAT = 73
 EX_CONFIG = 78
 # Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 EX_INTERRUPTED = 130
@@ -50,6 +54,7 @@ exit status:
   {EX_ERROR:<4}the daemon answered with an error (its message, error name and code are printed)
   {EX_USAGE:<4}bad command line: an unknown option, a missing or out-of-range argument
   {EX_UNAVAILABLE:<4}the daemon cannot be reached or went away; for `serve`, another daemon holds its socket or state_dir
+  {EX_CANTCREAT:<4}install-units could not read a shipped unit or write one
   {EX_CONFIG:<4}the config is bad (check-config, serve)
   {EX_INTERRUPTED:<4}interrupted by Ctrl-C
   {EX_BROKEN_PIPE:<4}whoever read the output stopped reading (e.g. `| head`)
@@ -142,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("metrics", "print the daemon's metrics in the Prometheus text format")
+
+    install = command(
+        "install-units", "write the systemd units, with ExecStart= running this installation's adapter-supervisor",
+    )
+    install.add_argument(
+        "--user", action="store_true",
+        help="the user units, for `systemctl --user` (default: the system units, run as root)",
+    )
+    where = install.add_mutually_exclusive_group()
+    where.add_argument(
+        "--print", action="store_true",
+        help="print them, each after a `# PATH` line as `systemctl cat` shows units, instead of writing them",
+    )
+    where.add_argument(
+        "--dir", metavar="DIR",
+        help=f"write them into DIR (default: {units.SYSTEM_UNIT_DIR}, with --user ~/.config/systemd/user)",
+    )
 
     shell = command("completion", "print a shell completion script")
     shell.add_argument(
@@ -257,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(script)
             sys.stdout.flush()
             return EX_OK
+        if args.command == "install-units":
+            return _install_units(args)
         return _client_main(args)
     except BrokenPipeError:
         # Whoever reads the output stopped reading (`| head`): nothing more can
@@ -320,6 +344,34 @@ def _check_config(args: argparse.Namespace) -> int:
         adapters = sorted(checked.config.adapters)
         warned = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
         print(f"{checked.path}: OK ({len(adapters)} adapters: {', '.join(adapters) or 'none'}{warned})")
+    return EX_OK
+
+
+def _install_units(args: argparse.Namespace) -> int:
+    """`install-units`: the shipped units, their ExecStart= running this
+    installation's command, printed or written (status 73 if that fails)."""
+    directory = Path(args.dir) if args.dir else units.default_unit_dir(args.user)
+    try:
+        rendered = units.render_units(args.user)
+        if args.print:
+            if args.json:
+                print(json.dumps({"units": {str(directory / name): text for name, text in rendered.items()}}))
+            else:
+                print("\n".join(f"# {directory / name}\n{text}" for name, text in rendered.items()), end="")
+            return EX_OK
+        written = units.install_units(rendered, directory)
+    except units.UnitsError as exc:
+        _print_error(args, None, str(exc))
+        return EX_CANTCREAT
+    if args.json:
+        print(json.dumps({"units": [{"path": str(w.path), "action": w.action} for w in written]}))
+        return EX_OK
+    for unit in written:
+        print(f"{unit.action}: {unit.path}")
+    exec_start = next(line for line in rendered[units.SERVICE].splitlines() if line.startswith("ExecStart="))
+    systemctl = "systemctl --user" if args.user else "systemctl"
+    print(f"the service runs {exec_start.removeprefix('ExecStart=')}")
+    print(f"once that config exists: {systemctl} daemon-reload && {systemctl} enable --now {units.SOCKET} {units.SERVICE}")
     return EX_OK
 
 

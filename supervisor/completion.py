@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 
 # Destinations of arguments whose value is a path: completed with file names.
-PATH_DESTS = frozenset({"socket", "config", "path"})
+PATH_DESTS = frozenset({"socket", "config", "path", "dir"})
 
 SHELLS = ("bash", "zsh")
 

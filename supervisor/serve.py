@@ -37,7 +37,7 @@ from supervisor.core.config import Config, load_config
 from supervisor.engine.engine import Engine
 from supervisor.core.errors import ConfigError
 from supervisor.logconfig import TurnWriter, configure_logging
-from supervisor.server.listener import ControlServer, bind_control_socket
+from supervisor.server.listener import ControlServer, SocketGroupRefused, bind_control_socket
 from supervisor.engine.privatedir import UnsafeDirectory, ensure_private_dir
 from supervisor.engine.staterecord import daemon_key
 from supervisor.engine.stdiostore import StdioStore
@@ -263,7 +263,11 @@ async def run_daemon(
                 except OSError as exc:
                     raise StartupError(f"cannot create {socket_dir}: {exc.strerror or exc}") from None
                 try:
-                    listener = await bind_control_socket(config.daemon.socket, config.daemon.socket_mode)
+                    listener = await bind_control_socket(
+                        config.daemon.socket, config.daemon.socket_mode, config.daemon.socket_group
+                    )
+                except SocketGroupRefused as exc:
+                    raise StartupError(str(exc)) from None
                 except OSError as exc:
                     if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
                         raise StartupError(str(exc.strerror or exc)) from None
@@ -402,10 +406,11 @@ def _unlink_socket(path: str, inode: int) -> None:
 
 def socket_dir_mode(config: Config) -> int:
     """The mode a missing socket directory is created with: 0700 when only
-    the daemon's own uid may connect, else 0755 (others must reach the
-    socket file, whose own mode and peer checks decide who may talk)."""
+    the daemon's own uid may connect (no allowed_uids, allowed_gids or
+    socket_group), else 0755 (others must reach the socket file, whose own
+    mode and group and the peer checks decide who may talk)."""
     daemon = config.daemon
-    if os.geteuid() != 0 and not daemon.allowed_uids and not daemon.allowed_gids:
+    if os.geteuid() != 0 and not daemon.allowed_uids and not daemon.allowed_gids and daemon.socket_group is None:
         return 0o700
     return 0o755
 

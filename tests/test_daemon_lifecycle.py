@@ -120,11 +120,14 @@ def test_last_release_reaps_the_whole_tree_including_a_setsid_escapee(start_daem
     assert eventually(lambda: client.call("status")["instances"] == [], timeout=1.0)
 
 
-# A seccomp filter (classic BPF, x86_64) that fails clone3 with ENOSYS, as an
-# old kernel or a container runtime's default profile does, and allows the rest.
+# A seccomp filter (classic BPF, x86_64) that fails one system call with ENOSYS,
+# as an old kernel or a container runtime's default profile does, and allows
+# the rest: clone3 (Linux 5.3), or close_range (5.9), which the clone3
+# spawner's child calls.
 _SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH = 0, 4
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _NR_CLONE3 = 435
+_NR_CLOSE_RANGE = 436
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
@@ -139,12 +142,21 @@ class _SockFprog(ctypes.Structure):
 
 
 def refuse_clone3() -> None:
-    """Install the filter in this process (a preexec_fn: the daemon inherits it)."""
+    """Install the filter for clone3 in this process (a preexec_fn: the daemon inherits it)."""
+    refuse_syscall(_NR_CLONE3)
+
+
+def refuse_close_range() -> None:
+    """Install the filter for close_range in this process (a preexec_fn)."""
+    refuse_syscall(_NR_CLOSE_RANGE)
+
+
+def refuse_syscall(number: int) -> None:
     program = (_SockFilter * 6)(
         _SockFilter(_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
         _SockFilter(_BPF_JEQ_K, 0, 3, _AUDIT_ARCH_X86_64),  # another arch: allow
         _SockFilter(_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
-        _SockFilter(_BPF_JEQ_K, 0, 1, _NR_CLONE3),
+        _SockFilter(_BPF_JEQ_K, 0, 1, number),
         _SockFilter(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
         _SockFilter(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
     )
@@ -157,11 +169,12 @@ def refuse_clone3() -> None:
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the clone3 spawner is built for x86_64 only")
+@pytest.mark.parametrize("refuse", [refuse_clone3, refuse_close_range], ids=["clone3", "close_range"])
 def test_when_clone3_is_refused_subprocess_starts_that_very_root_and_every_later_one(
-    start_daemon, tmp_path: Path
+    start_daemon, tmp_path: Path, refuse
 ) -> None:
     daemon = start_daemon(
-        tree_adapter("tree", pidfile=tmp_path / "pids-{job}", stop_timeout=STOP_TIMEOUT), preexec=refuse_clone3
+        tree_adapter("tree", pidfile=tmp_path / "pids-{job}", stop_timeout=STOP_TIMEOUT), preexec=refuse
     )
     client = daemon.client()
     assert client.call("status")["daemon"]["spawner"] == "clone3", "the daemon chose subprocess before trying"

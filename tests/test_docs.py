@@ -29,7 +29,8 @@ def project_files() -> list[Path]:
         parts = path.relative_to(ROOT).parts
         if any(p in NOT_OURS or p.endswith(".egg-info") or (p.startswith(".") and p not in OURS_HIDDEN) for p in parts[:-1]):
             continue
-        if path.is_file() and path.suffix in TEXT_SUFFIXES:
+        # (A worktree's .git is a file naming where its repository lives.)
+        if path.is_file() and path.suffix in TEXT_SUFFIXES and path.name != ".git":
             found.append(path)
     return found
 

@@ -12,6 +12,7 @@ only defaults.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pathlib
@@ -222,6 +223,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     socket: str = msgspec.field(default_factory=default_socket_path)
     socket_mode: int = 0o660
+    # The gid the socket file is given after bind (None: the daemon's own);
+    # its members may connect, as if it were in allowed_gids.
+    socket_group: int | None = None
     state_dir: str = msgspec.field(default_factory=default_state_dir)
     sweep_interval: float = 30.0
     max_connections: int = 1024
@@ -321,6 +325,26 @@ class _FileMode(int):
         return cls(mode)
 
 
+class _Group(int):
+    """A group by name (looked up on this host) or by gid."""
+
+    @classmethod
+    def from_toml(cls, value: Any) -> Self:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if 0 <= value <= MAX_ID:
+                return cls(value)
+            raise ValueError(f"expected a gid from 0 to {MAX_ID}, got {_show(value)}")
+        if not isinstance(value, str) or not value:
+            raise ValueError(f'expected a group name such as "agents" or a gid, got {_show(value)}')
+        try:
+            return cls(grp.getgrnam(value).gr_gid)
+        except KeyError:
+            raise ValueError(
+                "expected a group that exists on this host (create it with groupadd, or give its gid),"
+                f" got {_show(value)}"
+            ) from None
+
+
 class _Choice(str):
     """One of a fixed set of words."""
 
@@ -390,6 +414,7 @@ class _RawAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     socket: str | UnsetType = UNSET
     socket_mode: _FileMode | UnsetType = UNSET
+    socket_group: _Group | UnsetType = UNSET
     state_dir: str | UnsetType = UNSET
     sweep_interval: Annotated[float, Meta(gt=0, le=MAX_SWEEP_INTERVAL)] | UnsetType = UNSET
     max_connections: Annotated[int, Meta(ge=1)] | UnsetType = UNSET

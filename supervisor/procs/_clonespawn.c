@@ -242,9 +242,13 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     args.stack = (uint64_t)(uintptr_t)stack;
     args.stack_size = CHILD_STACK_BYTES;
 
-    /* No handler may run in the child before it has reset them all. */
+    /* No handler may run in the child before it has reset them all.
+       sigprocmask, not pthread_sigmask: with glibc on Linux both set the
+       calling thread's mask alone (and keep glibc's internal signals
+       unblocked), but pthread_sigmask is in libc only since glibc 2.32,
+       and with it the library would not load on older systems. */
     sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    sigprocmask(SIG_SETMASK, &all, &previous);
     clock_gettime(CLOCK_BOOTTIME, &before);
     pid = clone3_run(&args, child_main, &job);
     if (pid < 0 && errno == EINVAL) {
@@ -256,7 +260,7 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     }
     clone_error = errno;
     clock_gettime(CLOCK_BOOTTIME, &after);
-    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    sigprocmask(SIG_SETMASK, &previous, NULL);
 
     if (pid < 0) {
         *stage = STAGE_CLONE;

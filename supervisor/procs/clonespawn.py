@@ -49,8 +49,10 @@ UNSUPPORTED_ERRNOS = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL})
 
 
 class Unsupported(OSError):
-    """clone3 itself was refused (old kernel, seccomp, another architecture):
-    no child was created, and spawning with subprocess will work instead."""
+    """clone3 itself was refused (old kernel, seccomp, another architecture),
+    or the child found the kernel without close_range (before Linux 5.9) and
+    exited before exec: nothing was run, and spawning with subprocess (which
+    does without both) will work instead."""
 
 
 @functools.cache
@@ -184,5 +186,7 @@ def spawn(
     reason = os.strerror(error.value)
     if stage.value == STAGE_CLONE and error.value in UNSUPPORTED_ERRNOS:
         raise Unsupported(error.value, f"clone3 refused: {reason}")
+    if stage.value == STAGE_CLOSE_FDS and error.value == errno.ENOSYS:
+        raise Unsupported(error.value, f"close_range refused: {reason}")
     filename = cwd if stage.value == STAGE_CWD else argv[0] if stage.value == STAGE_EXEC else None
     raise OSError(error.value, f"{reason} ({_STAGE_NAMES.get(stage.value, 'spawning')})", filename)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import array
 import errno
+import grp
 import itertools
+import json
 import os
 import resource
 import socket as stdlib_socket
@@ -210,7 +212,7 @@ class ControlServer:
         groups = tuple(_peer_groups(sock))
         if not self._allowed(uid, {gid, *groups}):
             refusal = PermissionDenied(
-                f"uid {uid} / gid {gid} may not use this daemon; add it to allowed_uids or allowed_gids"
+                f"uid {uid} / gid {gid} may not use this daemon; add it to allowed_uids or allowed_gids (or its user to socket_group)"
             )
         elif self.engine.shutting_down:
             refusal = ShuttingDown("the daemon is shutting down")
@@ -678,6 +680,8 @@ class ControlServer:
             uid in (ROOT_UID, os.geteuid())
             or uid in self.config.allowed_uids
             or not gids.isdisjoint(self.config.allowed_gids)
+            # The group the socket file was given is there to let its members in.
+            or self.config.socket_group in gids
         )
 
 
@@ -690,11 +694,21 @@ def _peer_groups(sock: trio.socket.SocketType) -> list[int]:
     return list(array.array("I", raw[: len(raw) - len(raw) % 4]))
 
 
-async def bind_control_socket(path: str, mode: int) -> trio.socket.SocketType:
-    """Create, bind and listen on the control socket at `path` with `mode`.
+class SocketGroupRefused(Exception):
+    """The kernel refused to give the socket file to `socket_group`: the
+    daemon is neither root nor a member of the group. The message says so
+    and what to do."""
+
+
+async def bind_control_socket(path: str, mode: int, group: int | None = None) -> trio.socket.SocketType:
+    """Create, bind and listen on the control socket at `path` with `mode`,
+    its file given to the gid `group` if one is named.
 
     A stale socket file (nobody answers on it) is replaced; a live one raises
-    `OSError(EADDRINUSE)`, since two daemons must never share a socket.
+    `OSError(EADDRINUSE)`, since two daemons must never share a socket. Raises
+    SocketGroupRefused (having removed the file it bound) if the daemon may
+    not give the file to `group`. Clients can connect only once the file has
+    its group and mode: the socket listens last.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if os.path.lexists(path):
@@ -719,6 +733,25 @@ async def bind_control_socket(path: str, mode: int) -> trio.socket.SocketType:
         await sock.bind(path)
     finally:
         os.umask(old_umask)
+    if group is not None:
+        try:
+            os.chown(path, -1, group)
+        except PermissionError:
+            sock.close()
+            os.unlink(path)
+            raise SocketGroupRefused(
+                f"daemon.socket_group: the daemon (uid {os.geteuid()}) may not give {path} to group "
+                f"{_group_label(group)}: only root or a member of the group may; add the daemon's user "
+                "to the group (then restart its session or service), or leave socket_group unset"
+            ) from None
     os.chmod(path, mode)
     sock.listen(stdlib_socket.SOMAXCONN)
     return sock
+
+
+def _group_label(gid: int) -> str:
+    """`"agents" (gid 4242)`, or `gid 4242` for a gid without a name."""
+    try:
+        return f"{json.dumps(grp.getgrgid(gid).gr_name)} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"

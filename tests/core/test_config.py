@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pathlib
@@ -137,6 +138,15 @@ def test_adapter_defaults(field, expected):
     value = getattr(demo(), field)
     assert value == expected
     assert type(value) is type(expected)
+
+
+def test_socket_group_is_a_group_name_of_this_host_or_a_gid():
+    group = grp.getgrgid(os.getgid())
+    assert parse_config(f'[daemon]\nsocket_group = "{group.gr_name}"').daemon.socket_group == group.gr_gid
+    # A gid needs no name: the kernel knows groups by number.
+    assert parse_config("[daemon]\nsocket_group = 4242").daemon.socket_group == 4242
+    assert type(parse_config("[daemon]\nsocket_group = 4242").daemon.socket_group) is int
+    assert parse_config("[daemon]\n").daemon.socket_group is None
 
 
 def test_every_field_can_be_set():
@@ -387,6 +397,10 @@ def test_unknown_key_message_reads_as_documented():
         ('[daemon]\nallowed_uids = "root"', "daemon.allowed_uids", 'expected an array, got "root"'),
         ("[daemon]\nallowed_uids = [0, -1]", "daemon.allowed_uids[1]", "expected an integer >= 0, got -1"),
         ("[daemon]\nallowed_gids = [4294967295]", "daemon.allowed_gids[0]", "<= 4294967294"),
+        ('[daemon]\nsocket_group = "no-such-group-here"', "daemon.socket_group", "expected a group that exists on this host"),
+        ('[daemon]\nsocket_group = ""', "daemon.socket_group", 'expected a group name such as "agents" or a gid, got ""'),
+        ("[daemon]\nsocket_group = -1", "daemon.socket_group", "expected a gid from 0 to 4294967294, got -1"),
+        ("[daemon]\nsocket_group = true", "daemon.socket_group", "got true"),
         ('[daemon]\nlog_format = "xml"', "daemon.log_format", 'expected one of "auto", "json", "console", got "xml"'),
         ('[daemon]\nspawner = "fork"', "daemon.spawner", 'expected one of "auto", "subprocess", got "fork"'),
         ('[daemon]\nlog_level = "loud"', "daemon.log_level", 'got "loud"'),
