@@ -16,6 +16,7 @@ state_dir: a start, a restart after a crash, an upgrade.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -115,14 +116,20 @@ def write_record(state_dir: str, record: StateRecord) -> None:
     temporary = directory / f".{RECORD_FILE}.{os.getpid()}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        data = memoryview(_encoder.encode(record))
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, final)
+        try:
+            os.fchmod(fd, 0o600)
+            data = memoryview(_encoder.encode(record))
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, final)
+    except BaseException:
+        # A record not written whole is never installed, nor left behind.
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)

@@ -96,6 +96,37 @@ def test_a_write_that_fails_raises_and_leaves_the_old_record(tmp_path: Path) -> 
     assert read_record(str(tmp_path)) == previous
 
 
+# Writes a large record under a file size limit (as on a nearly full file
+# system: the write fails part-way), in a process of its own.
+TORN_WRITE = """
+import resource, signal, sys
+from supervisor.engine.staterecord import RecordedInstance, RecordedProcess, StateRecord, current_boot_id, write_record
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+record = StateRecord(daemon_pid=1, daemon_key="0123456789abcdef", boot_id=current_boot_id(), instances=[
+    RecordedInstance(instance=f"i{n}", job=f"job-{n}", adapter="tree", processes=[RecordedProcess(n, n)])
+    for n in range(2000)
+])
+try:
+    write_record(sys.argv[1], record)
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_record_cut_short_is_neither_installed_nor_left_behind(tmp_path: Path) -> None:
+    import errno
+    import subprocess
+    import sys
+
+    previous = a_record(an_instance("old", (10, 100)))
+    write_record(str(tmp_path), previous)
+    done = subprocess.run([sys.executable, "-c", TORN_WRITE, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str(errno.EFBIG), done.stderr
+    assert read_record(str(tmp_path)) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD_FILE]
+
+
 def test_writing_into_a_missing_directory_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_record(str(tmp_path / "missing"), a_record())
