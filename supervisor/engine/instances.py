@@ -34,7 +34,7 @@ from supervisor.procs import process, subreaper
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import RootProcess, Spawner, SpawnRequest
-from supervisor.procs.stderr import STDERR_LINES, capture_stderr
+from supervisor.procs.stderr import StderrTail, TailBudget, capture_stderr
 from supervisor.procs.stderrfile import FollowedFile, StderrFiles
 from supervisor.procs.subreaper import ChildReaper
 from supervisor.procs.tree import InstanceTree, StopOutcome, signal_member, stop_tree
@@ -135,7 +135,9 @@ class Instances:
         self.running: dict[str, RunningInstance] = {}
         # The stderr tails of instances stopped lately: the deques themselves,
         # which their readers may still be filling with the last lines.
-        self.finished_logs: collections.OrderedDict[str, collections.deque[bytes]] = collections.OrderedDict()
+        self.finished_logs: collections.OrderedDict[str, StderrTail] = collections.OrderedDict()
+        # What every tail, live and finished, holds together.
+        self.tail_budget = TailBudget()
         # Their instances' uids (`Instance.uid`): who may read them.
         self.finished_owners: dict[str, int | None] = {}
         # Grows by one whenever a tree is spawned or stopped: scans taken
@@ -267,6 +269,8 @@ class Instances:
         nothing a reply says."""
         tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
         tree.known.add(root.id)
+        # Nothing was read yet: the tail counts in the daemon's budget from the start.
+        root.stderr_tail = StderrTail(root.stderr_tail, budget=self.tail_budget)
         running = RunningInstance(adapter=adapter, root=root, tree=tree, stderr=stderr)
         self.running[instance_id] = running
         self.stdio.keep(instance_id, root.stdin_fd, root.stdout_fd)
@@ -348,7 +352,10 @@ class Instances:
         tree.known.add(root)
         running = RunningInstance(
             adapter=adapter,
-            root=RootProcess(id=root, stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=None),
+            root=RootProcess(
+                id=root, stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=None,
+                stderr_tail=StderrTail(budget=self.tail_budget),
+            ),
             tree=tree,
             stderr=stderr,
             adopted=True,
@@ -409,7 +416,7 @@ class Instances:
 
     def restore_finished_logs(self, logs: list[tuple[str, list[bytes]]]) -> None:
         for instance_id, lines in logs:
-            self.finished_logs[instance_id] = collections.deque(lines, maxlen=STDERR_LINES)
+            self.finished_logs[instance_id] = StderrTail(lines, budget=self.tail_budget)
 
     def restore_tree(self, handed: HandedTree, adapter: AdapterConfig) -> RunningInstance:
         """Take back a tree the previous image handed over: the root is still
@@ -421,8 +428,10 @@ class Instances:
         stderr = None
         if handed.stderr_file is not None and handed.stderr_fd is not None:
             stderr = self.stderr_files.adopt_open(handed.stderr_file, handed.stderr_fd, handed.stderr_offset)
-        root = RootProcess(id=root_id, stdin_fd=handed.stdin_fd, stdout_fd=handed.stdout_fd, stderr_fd=None)
-        root.stderr_tail.extend(handed.stderr_tail)
+        root = RootProcess(
+            id=root_id, stdin_fd=handed.stdin_fd, stdout_fd=handed.stdout_fd, stderr_fd=None,
+            stderr_tail=StderrTail(handed.stderr_tail, budget=self.tail_budget),
+        )
         running = RunningInstance(
             adapter=adapter, root=root, tree=tree, stderr=stderr, adopted=handed.adopted, stop_began=handed.stop_began
         )
@@ -521,7 +530,8 @@ class Instances:
         instance = self.registry.instances.get(instance_id)
         self.finished_owners[instance_id] = instance.uid if instance is not None else None
         while len(self.finished_logs) > FINISHED_LOGS_KEPT:
-            gone, _ = self.finished_logs.popitem(last=False)
+            gone, tail = self.finished_logs.popitem(last=False)
+            tail.release()
             self.finished_owners.pop(gone, None)
         del self.running[instance_id]
         running.stopped.set()
@@ -568,7 +578,7 @@ class Instances:
 
     # -- what a request may read -------------------------------------------------
 
-    def stderr_tail(self, instance_id: str) -> collections.deque[bytes] | None:
+    def stderr_tail(self, instance_id: str) -> StderrTail | None:
         """The stderr tail of a running or lately stopped instance, if any."""
         running = self.running.get(instance_id)
         if running is not None:

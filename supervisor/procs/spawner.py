@@ -21,7 +21,6 @@ the child on its own.
 
 from __future__ import annotations
 
-import collections
 import errno
 import functools
 import os
@@ -36,7 +35,7 @@ from supervisor.core.config import AdapterConfig, Config, ConfigWarning
 from supervisor.core.errors import SpawnFailed
 from supervisor.procs import clonespawn, process
 from supervisor.procs.cgroup import CgroupManager
-from supervisor.procs.stderr import STDERR_LINES
+from supervisor.procs.stderr import StderrTail
 
 @dataclass
 class RootProcess:
@@ -52,7 +51,7 @@ class RootProcess:
     popen: subprocess.Popen[bytes] | None = None
     # Raw, decoded only when asked for (`decode_tail`): an adapter may write
     # thousands of lines between two `logs` calls.
-    stderr_tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=STDERR_LINES))
+    stderr_tail: StderrTail = field(default_factory=StderrTail)
 
     @property
     def pid(self) -> int:

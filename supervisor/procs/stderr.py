@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Protocol
 
 import trio
@@ -25,6 +25,14 @@ STDERR_LINES = 1000
 
 # Longest stderr line kept as one; a longer line is cut into pieces this long.
 STDERR_LINE_BYTES = 4096
+
+# Bytes of stderr kept per instance (at most STDERR_LINES lines of them), and
+# for all instances together, live and finished: past the total, each tail is
+# cut to an equal share of it as it grows, down to STDERR_TAIL_MIN_BYTES. A
+# thousand instances of 4 KiB lines kept 4 MB each before (docs/performance.md).
+STDERR_TAIL_BYTES = 256 * 1024
+STDERR_TAILS_TOTAL_BYTES = 64 * 1024 * 1024
+STDERR_TAIL_MIN_BYTES = 16 * 1024
 
 # Stderr lines of one instance that go to the daemon's log: this many at
 # once, then this many a second (a token bucket); the rest only reach the
@@ -44,12 +52,84 @@ STDERR_DROPS_REPORT_S = 1.0
 STDERR_FLOOD_PAUSE_S = 0.02
 
 
+class TailBudget:
+    """The bytes every `StderrTail` registered with it holds together."""
+
+    def __init__(self, max_bytes: int = STDERR_TAILS_TOTAL_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.total = 0
+        self.tails = 0
+
+    def share(self) -> int:
+        """The most one tail may hold while they all together hold too much."""
+        return max(STDERR_TAIL_MIN_BYTES, self.max_bytes // max(1, self.tails))
+
+
+class StderrTail:
+    """The last lines of an instance's stderr, raw: at most `max_lines` lines
+    and `max_bytes` bytes, and less while the tails of its `budget` hold more
+    than the budget's total (then its share). The oldest lines go first."""
+
+    def __init__(
+        self,
+        lines: Iterable[bytes] = (),
+        *,
+        budget: TailBudget | None = None,
+        max_lines: int = STDERR_LINES,
+        max_bytes: int = STDERR_TAIL_BYTES,
+    ) -> None:
+        self._lines: collections.deque[bytes] = collections.deque()
+        self.bytes = 0
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self._budget = budget
+        if budget is not None:
+            budget.tails += 1
+        self.extend(lines)
+
+    def extend(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self._lines.append(line)
+            self._grow(len(line))
+        self._trim()
+
+    def append(self, line: bytes) -> None:
+        self.extend((line,))
+
+    def release(self) -> None:
+        """Drop every line and leave the budget (the tail is forgotten)."""
+        self._grow(-self.bytes)
+        self._lines.clear()
+        if self._budget is not None:
+            self._budget.tails -= 1
+            self._budget = None
+
+    def _grow(self, by: int) -> None:
+        self.bytes += by
+        if self._budget is not None:
+            self._budget.total += by
+
+    def _trim(self) -> None:
+        limit = self.max_bytes
+        budget = self._budget
+        if budget is not None and budget.total > budget.max_bytes:
+            limit = min(limit, budget.share())
+        while self._lines and (len(self._lines) > self.max_lines or self.bytes > limit):
+            self._grow(-len(self._lines.popleft()))
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._lines)
+
+
 class StderrSource(Protocol):
     """What `capture_stderr` fills, and reads when no `receive` is given: a
     root's (`spawner.RootProcess`) stderr pipe."""
 
     stderr_fd: int | None
-    stderr_tail: collections.deque[bytes]
+    stderr_tail: StderrTail
 
 
 class LineBudget:
@@ -176,7 +256,7 @@ async def _capture(
         report_dropped(final=True)
 
 
-def decode_tail(tail: collections.deque[bytes], last: int) -> list[str]:
+def decode_tail(tail: StderrTail, last: int) -> list[str]:
     """The last `last` lines of a stderr tail, decoded, oldest first."""
     skip = max(0, len(tail) - last)
     return [_decode_line(raw) for raw in itertools.islice(tail, skip, None)]

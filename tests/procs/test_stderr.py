@@ -106,3 +106,40 @@ async def test_a_reader_cancelled_mid_flood_still_reports_what_it_dropped() -> N
         nursery.cancel_scope.cancel()  # before the next report is due
     assert dropped == [100]
     os.close(write_end)
+
+
+# -- the tail's bounds (pure) ------------------------------------------------------
+
+
+def test_a_tail_keeps_the_last_lines_within_its_lines_and_bytes() -> None:
+    from supervisor.procs.stderr import StderrTail
+
+    tail = StderrTail(max_lines=5, max_bytes=100)
+    tail.extend(b"%02d" % n for n in range(10))
+    assert list(tail) == [b"05", b"06", b"07", b"08", b"09"] and tail.bytes == 10
+    tail.extend([b"x" * 60, b"y" * 30])  # 7 lines: the 2 oldest go
+    assert list(tail) == [b"07", b"08", b"09", b"x" * 60, b"y" * 30] and tail.bytes == 96
+    tail.append(b"w" * 10)  # 106 bytes: the oldest go until it fits
+    assert list(tail) == [b"x" * 60, b"y" * 30, b"w" * 10] and tail.bytes == 100
+    tail.append(b"z" * 100)
+    assert list(tail) == [b"z" * 100]
+
+
+def test_tails_past_their_total_shrink_to_a_share_and_forgotten_ones_give_it_back() -> None:
+    from supervisor.procs.stderr import STDERR_TAIL_MIN_BYTES, StderrTail, TailBudget
+
+    budget = TailBudget(max_bytes=64 * 1024)
+    line = b"a" * 1024
+    tails = [StderrTail(budget=budget, max_bytes=256 * 1024) for _ in range(4)]
+    for tail in tails:
+        tail.extend([line] * 40)  # 40 KiB each, 160 KiB wanted in all
+    # Each tail that grew past the total was cut to its share (64 KiB / 4).
+    assert all(tail.bytes <= 40 * 1024 for tail in tails)
+    assert budget.total == sum(tail.bytes for tail in tails)
+    assert budget.total <= 64 * 1024 + 3 * 24 * 1024
+    for tail in tails:
+        tail.append(line)
+    assert all(tail.bytes <= max(STDERR_TAIL_MIN_BYTES, 16 * 1024) for tail in tails)
+    assert budget.total <= 64 * 1024
+    tails[0].release()
+    assert (budget.tails, len(tails[0]), budget.total) == (3, 0, sum(t.bytes for t in tails[1:]))
