@@ -23,6 +23,16 @@ MEMORY_REPORTS = 500
 
 REPORTS_FILE = "reports.jsonl"
 
+# What one report holds in full, so that a host full of strangers' escapees
+# cannot make every report (and the log, the history and reports.jsonl with
+# it) megabytes long: this many orphans (the rest are counted in
+# `orphans_omitted`), this many bytes of each one's command line (`cmdline_cut`
+# says it was cut), this many errors of this many characters.
+MAX_ORPHANS_IN_FULL = 50
+MAX_CMDLINE_BYTES = 1024
+MAX_ERRORS = 20
+MAX_ERROR_CHARS = 500
+
 
 class Orphan(msgspec.Struct, kw_only=True):
     """One process a sweep found without a live instance, and what it did about it."""
@@ -37,6 +47,8 @@ class Orphan(msgspec.Struct, kw_only=True):
     rss_bytes: int
     action: str  # terminated | killed | reaped_zombie
     result: str  # gone | failed
+    # The command line was longer than MAX_CMDLINE_BYTES and is cut.
+    cmdline_cut: bool = False
 
 
 class SweepReport(msgspec.Struct, kw_only=True):
@@ -52,6 +64,36 @@ class SweepReport(msgspec.Struct, kw_only=True):
     errors: list[str] = []
     # Startup only: instances of the previous incarnation taken over, not reaped.
     adopted: list[str] = []
+    # Orphans acted on but not listed (past MAX_ORPHANS_IN_FULL), and errors
+    # not listed (past MAX_ERRORS).
+    orphans_omitted: int = 0
+    errors_omitted: int = 0
+
+
+def bounded(report: SweepReport) -> SweepReport:
+    """`report` cut to what one report holds in full (the constants above);
+    counts and totals are kept. Pure; `report` is left as it was."""
+    orphans = [_bounded_orphan(o) for o in report.orphans[:MAX_ORPHANS_IN_FULL]]
+    errors = [e[:MAX_ERROR_CHARS] for e in report.errors[:MAX_ERRORS]]
+    return msgspec.structs.replace(
+        report, orphans=orphans, errors=errors,
+        orphans_omitted=report.orphans_omitted + max(0, len(report.orphans) - MAX_ORPHANS_IN_FULL),
+        errors_omitted=report.errors_omitted + max(0, len(report.errors) - MAX_ERRORS),
+    )
+
+
+def _bounded_orphan(orphan: Orphan) -> Orphan:
+    kept: list[str] = []
+    room = MAX_CMDLINE_BYTES
+    for arg in orphan.cmdline:
+        size = len(arg.encode(errors="replace"))
+        if size > room:
+            if room > 0:
+                kept.append(arg.encode(errors="replace")[:room].decode(errors="ignore"))
+            return msgspec.structs.replace(orphan, cmdline=kept, cmdline_cut=True)
+        kept.append(arg)
+        room -= size
+    return orphan
 
 
 def found_nothing(report: SweepReport) -> bool:

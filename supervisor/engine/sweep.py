@@ -329,7 +329,8 @@ class Sweeper:
                         self._instances.remove_cgroup(name)
                 errors += [f"pid {o.pid} survived SIGKILL" for o in orphans if o.result == "failed"]
                 expired, self._expired = self._expired, []
-                report = reports.SweepReport(
+                # Bounded before it goes anywhere (log, history, file, reply).
+                report = reports.bounded(reports.SweepReport(
                     id=secrets.token_hex(6),
                     kind=kind,
                     started_at=started_at,
@@ -341,7 +342,7 @@ class Sweeper:
                     reclaimed_rss_bytes=sum(o.rss_bytes for o in orphans if o.result == "gone"),
                     errors=errors,
                     adopted=list(adopted),
-                )
+                ))
                 await self._file(report)
             return report
 

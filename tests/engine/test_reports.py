@@ -21,10 +21,10 @@ from supervisor.engine.reports import (
 
 REPORT_KEYS = {
     "id", "kind", "started_at", "duration_ms", "scanned", "orphans",
-    "expired_leases", "over_memory", "reclaimed_rss_bytes", "errors", "adopted",
+    "expired_leases", "over_memory", "reclaimed_rss_bytes", "errors", "adopted", "orphans_omitted", "errors_omitted",
 }
 ORPHAN_KEYS = {
-    "pid", "ppid", "cmdline", "instance", "job", "adapter", "age_s", "rss_bytes", "action", "result",
+    "pid", "ppid", "cmdline", "instance", "job", "adapter", "age_s", "rss_bytes", "action", "result", "cmdline_cut",
 }
 
 
@@ -169,3 +169,31 @@ def test_a_report_found_nothing_only_when_every_list_is_empty(fields: dict[str, 
     assert found_nothing(a_report(1))
     assert found_nothing(a_report(1, reclaimed_rss_bytes=0))
     assert not found_nothing(a_report(1, **fields))
+
+
+def test_a_report_is_bounded_in_orphans_command_lines_and_errors() -> None:
+    from supervisor.engine.reports import (
+        MAX_CMDLINE_BYTES, MAX_ERROR_CHARS, MAX_ERRORS, MAX_ORPHANS_IN_FULL, Orphan, SweepReport, bounded,
+    )
+
+    def orphan(pid: int, cmdline: list[str]) -> Orphan:
+        return Orphan(pid=pid, ppid=1, cmdline=cmdline, instance=None, job=None, adapter=None, age_s=1.0,
+                      rss_bytes=10, action="terminated", result="gone")
+
+    huge = ["/usr/bin/x", "a" * (1 << 20)]  # a 1 MB argument
+    report = SweepReport(
+        id="r", kind="periodic", started_at=0.0, duration_ms=1.0, scanned=100,
+        orphans=[orphan(n, huge) for n in range(MAX_ORPHANS_IN_FULL + 20)] + [orphan(9999, ["/bin/sleep", "5"])],
+        errors=["e" * 10_000] * (MAX_ERRORS + 5), reclaimed_rss_bytes=710,
+    )
+    cut = bounded(report)
+    assert len(cut.orphans) == MAX_ORPHANS_IN_FULL and cut.orphans_omitted == 21
+    assert all(o.cmdline_cut and len("".join(o.cmdline).encode()) <= MAX_CMDLINE_BYTES for o in cut.orphans)
+    assert cut.orphans[0].cmdline[0] == "/usr/bin/x"
+    assert len(cut.errors) == MAX_ERRORS and cut.errors_omitted == 5
+    assert all(len(e) == MAX_ERROR_CHARS for e in cut.errors)
+    assert cut.reclaimed_rss_bytes == 710 and cut.scanned == 100  # totals kept
+    assert len(report.orphans) == MAX_ORPHANS_IN_FULL + 21  # the original is left as it was
+    small = orphan(1, ["/bin/sleep", "5"])
+    assert bounded(SweepReport(id="s", kind="manual", started_at=0.0, duration_ms=1.0, scanned=1,
+                               orphans=[small])).orphans == [small]
