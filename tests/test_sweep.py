@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,32 @@ def test_two_daemons_on_one_state_dir_cannot_both_run(start_daemon, tmp_path: Pa
     assert second.popen.wait(20) != 0
     assert f"another daemon (pid {first.pid}) is already running on state_dir" in second.log_path.read_text()
     assert first.client().call("hello")["pid"] == first.pid
+
+
+def test_a_copied_tag_never_gets_a_stranger_signalled(start_daemon, tmp_path: Path) -> None:
+    """The tag anyone could compute (a hash of the state_dir's path) proves
+    nothing; the state_dir's secret tag, which only the daemon's adapters
+    receive, still does."""
+    daemon = start_daemon()
+    public = staterecord.daemon_key(str(daemon.state_dir))
+    secret = (daemon.state_dir / staterecord.TAG_FILE).read_text().strip()
+    assert secret != public and len(secret) == 2 * staterecord.TAG_BYTES
+    assert (daemon.state_dir / staterecord.TAG_FILE).stat().st_mode & 0o777 == 0o600
+
+    def start(tag: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, process.DAEMON_ENV: tag, process.INSTANCE_ENV: "0123456789ab"}
+        return subprocess.Popen(["/bin/sleep", "60"], env=env, start_new_session=True)
+
+    stranger, ours = start(public), start(secret)
+    try:
+        assert eventually(lambda: process.read_supervisor_env(ours.pid).get(process.DAEMON_ENV) == secret)
+        time.sleep(0.05)  # a sweep leaves alone what was born in the clock tick it began in
+        report = daemon.client().call("sweep", {"deep": True})
+        acted_on = {o["pid"] for o in report["orphans"]}
+        assert stranger.pid not in acted_on and stranger.poll() is None
+        assert ours.pid in acted_on and ours.wait(5) is not None, (ours.pid, stranger.pid, report)
+    finally:
+        for popen in (stranger, ours):
+            if popen.poll() is None:
+                popen.kill()
+            popen.wait()

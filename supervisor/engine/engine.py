@@ -131,6 +131,8 @@ class Engine:
         self.started_at = handed.started_at if handed is not None else time.time()
         self.state_dir = config.daemon.state_dir
         self.daemon_key = staterecord.daemon_key(self.state_dir)
+        # The secret tag the adapters carry (proof of ownership in sweeps).
+        self.daemon_tag = staterecord.daemon_tag(self.state_dir)
         self.shutting_down = False
         # This incarnation's number on the state_dir (set by `run`).
         self.generation = 0
@@ -170,7 +172,7 @@ class Engine:
         self.sweeper = Sweeper(
             config=config, registry=self.registry, instances=self.instances, reaper=self.reaper,
             cgroups=cgroups, spares=self.spares, store=self.reports, metrics=self.metrics,
-            daemon_key=self.daemon_key, tick=self._tick, execute=self.execute,
+            daemon_key=self.daemon_tag, tick=self._tick, execute=self.execute,
         )
         self._deadline_changed = trio.Event()
         self._clock_offset = 0.0
@@ -185,7 +187,7 @@ class Engine:
         return self.instances.spawner.name
 
     def _choose_spawner(self, config: Config) -> Any:
-        return choose_spawner(config.daemon.spawner, self.cgroups, daemon_key=self.daemon_key, base_env=self._environ)
+        return choose_spawner(config.daemon.spawner, self.cgroups, daemon_key=self.daemon_tag, base_env=self._environ)
 
     # -- running -------------------------------------------------------------------
 
@@ -263,7 +265,7 @@ class Engine:
     def _adopt(self, previous: staterecord.StateRecord | None) -> list[str]:
         adopted = continuity.adopt_recorded(
             previous, adapters=self.config.adapters, registry=self.registry, instances=self.instances,
-            stderr_files=self.stderr_files, daemon_key=self.daemon_key, now=self.now(),
+            stderr_files=self.stderr_files, daemon_key=self.daemon_tag, now=self.now(),
             resume_grace=self.config.daemon.resume_grace, execute=self.execute,
         )
         if adopted:

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,6 +108,39 @@ def daemon_key(state_dir: str) -> str:
     environment so a later run can tell its own leftovers from another daemon's.
     64 bits of a hash of the resolved path: distinct for distinct directories."""
     return hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
+
+
+TAG_FILE = "tag"
+TAG_BYTES = 16
+
+
+def daemon_tag(state_dir: str) -> str:
+    """Blocking: the value of the daemon's tag in every adapter's environment
+    (ADAPTER_SUPERVISOR_DAEMON), which sweeps take as proof that a process is
+    the daemon's. A secret of the state_dir (random, kept in `state_dir/tag`,
+    0600, made on first use), not anything a stranger can compute: a process
+    someone else starts with a copied tag must never be signalled. Raises
+    OSError if it can be neither read nor made."""
+    path = os.path.join(state_dir, TAG_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    else:
+        with os.fdopen(fd, "rb") as file:
+            value = file.read(64).decode("ascii", "replace").strip()
+        if len(value) == 2 * TAG_BYTES and all(c in "0123456789abcdef" for c in value):
+            return value
+    value = secrets.token_hex(TAG_BYTES)
+    temporary = os.path.join(state_dir, f".{TAG_FILE}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{value}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    return value
 
 
 def write_record(state_dir: str, record: StateRecord) -> None:
