@@ -42,7 +42,6 @@ from supervisor.core.errors import (
     UpgradeFailed,
 )
 from supervisor.core.registry import (
-    LIVE_STATES,
     Acquired,
     Action,
     InstanceSettled,
@@ -61,6 +60,7 @@ from supervisor.engine.scans import Members, ScanCache
 from supervisor.engine.sweep import Sweeper
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
+from supervisor.procs.proctable import TableScanner
 from supervisor.procs.spawner import choose_spawner
 from supervisor.procs.stderr import decode_tail
 from supervisor.procs.stderrfile import StderrFiles
@@ -137,6 +137,9 @@ class Engine:
         # taken once rather than per spawn.
         self._environ = dict(os.environ)
         self.stderr_files = StderrFiles(os.path.join(self.state_dir, STDERR_DIR))
+        # Process-table mode: one table of the host's processes, refreshed
+        # for every tree and sweep that needs it.
+        self.table = TableScanner(self.pid, lambda: self.instances.anchors()) if cgroups is None else None
         self.instances = Instances(
             registry=self.registry,
             adapters=config.adapters,
@@ -149,12 +152,13 @@ class Engine:
             metrics=self.metrics,
             now=self.now,
             report=self.execute,
+            table=self.table,
         )
         self.scans = ScanCache(self.instances)
         self.sweeper = Sweeper(
             config=config, registry=self.registry, instances=self.instances, reaper=self.reaper,
             cgroups=cgroups, spares=self.spares, store=self.reports, metrics=self.metrics,
-            daemon_key=self.daemon_key, tick=self._tick, execute=self.execute,
+            daemon_key=self.daemon_key, tick=self._tick, execute=self.execute, table=self.table,
         )
         self._deadline_changed = trio.Event()
         self._clock_offset = 0.0
@@ -184,6 +188,8 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self.instances.attach(nursery)
             self.scans.attach(nursery)
+            if self.table is not None:
+                self.table.attach(nursery)
             if self._handed is not None:
                 # Before the reaper's first reap: a root that exited during the
                 # exec is waitable now, and must reach its watcher.
@@ -641,8 +647,7 @@ class Engine:
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: live instances and leases."""
-        live = sum(1 for instance in self.registry.instances.values() if instance.state in LIVE_STATES)
-        return f"live instances: {live}, leases: {len(self.registry.leases)}"
+        return f"live instances: {self.registry.count_live()}, leases: {len(self.registry.leases)}"
 
     def logs(self, peer: Peer, params: protocol.LogsParams) -> Reply:
         """The tail of an instance's stderr, by instance or lease. Raises

@@ -31,6 +31,7 @@ from supervisor.engine.metrics import Metrics
 from supervisor.engine.staterecord import RecordKeeper
 from supervisor.procs import process, subreaper
 from supervisor.procs.cgroup import CgroupManager
+from supervisor.procs.proctable import TableScanner
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import RootProcess, Spawner, SpawnRequest
 from supervisor.procs.stderr import STDERR_LINES, capture_stderr
@@ -115,7 +116,9 @@ class Instances:
         metrics: Metrics,
         now: Callable[[], float],
         report: Callable[[Iterable[Action]], None],
+        table: TableScanner | None = None,
     ) -> None:
+        """`table`: the shared process table, in process-table mode."""
         self.registry = registry
         self.adapters = adapters
         self.spawner = spawner
@@ -127,6 +130,7 @@ class Instances:
         self.metrics = metrics
         self.now = now
         self.report = report
+        self.table = table
         self.pid = os.getpid()
         self.running: dict[str, RunningInstance] = {}
         # The stderr tails of instances stopped lately: the deques themselves,
@@ -259,7 +263,8 @@ class Instances:
         registered, and watched for by the reaper, before any other task can
         run. Its reader and watcher tasks go to `after` when given: they change
         nothing a reply says."""
-        tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid,
+                            table=self.table)
         tree.known.add(root.id)
         running = RunningInstance(adapter=adapter, root=root, tree=tree, stderr=stderr)
         self.running[instance_id] = running
@@ -334,7 +339,8 @@ class Instances:
         daemon's child: its exit is seen through `pidfd` (which this owns),
         with no return code. Its stdin and stdout pipes died with the previous
         incarnation; its stderr file is followed on."""
-        tree = InstanceTree(instance_id=instance_id, root=root, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree = InstanceTree(instance_id=instance_id, root=root, cgroup=self.cgroups, daemon_pid=self.pid,
+                            table=self.table)
         tree.known.update(members)
         tree.known.add(root)
         running = RunningInstance(
@@ -407,7 +413,8 @@ class Instances:
         this process's child (same pid across execve), so the reaper watches
         it as before; its pipes and stderr file are the fds it names."""
         root_id = process.ProcessId(handed.root_pid, handed.root_start_time)
-        tree = InstanceTree(instance_id=handed.instance_id, root=root_id, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree = InstanceTree(instance_id=handed.instance_id, root=root_id, cgroup=self.cgroups, daemon_pid=self.pid,
+                            table=self.table)
         tree.known.update(process.ProcessId(pid, start) for pid, start in handed.known)
         stderr = None
         if handed.stderr_file is not None and handed.stderr_fd is not None:
@@ -549,6 +556,15 @@ class Instances:
             if not running.root_reaped.is_set():
                 log.warning("adapter.root_vanished", instance=instance_id, pid=running.root.pid)
                 _root_reaped(running, -1)
+
+    def anchors(self) -> frozenset[process.ProcessId]:
+        """The root and every known member of every tree: what the process
+        table counts as ours, with their descendants (process-table mode)."""
+        anchors: set[process.ProcessId] = set()
+        for running in self.running.values():
+            anchors.add(running.root.id)
+            anchors |= running.tree.known
+        return frozenset(anchors)
 
     # -- what a request may read -------------------------------------------------
 
