@@ -5,8 +5,9 @@ Order: start every daemon at once (ours in cgroup mode for control and
 lifecycle, ours in process-table mode, a fresh ours for the sweep, a fresh ours
 for connections, supervisord, circus); control round trips; start/stop/leaks;
 stop the peers and the control daemon so that the host is quiet; sweep cost in
-both modes; footprint; then stop everything that is left and check that no
-process of the run survives.
+both modes; footprint; the acquire cost as daemons fill (daemons of their
+own); then stop everything that is left and check that no process of the run
+survives.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from bench import (
     control,
     envs,
+    fillcost,
     footprint,
     lifecycle,
     procwatch,
@@ -57,6 +59,7 @@ class Plan:
     trials: dict[str, int]
     sweep_cgroup: sweepcost.SweepPlan
     sweep_process_table: sweepcost.SweepPlan
+    fill: fillcost.FillPlan
     budget_s: float
 
 
@@ -72,7 +75,8 @@ QUICK = Plan(
     # hence 3 of each, spread over the 24 rounds (see lifecycle.run_interleaved).
     trials={"raw": 24, "ours": 24, "ours-process-table": 4, "supervisord": 3, "circus": 3},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=5),
-    sweep_process_table=sweepcost.SweepPlan(levels=(10, 100), samples=4),
+    sweep_process_table=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=4),
+    fill=fillcost.FillPlan(levels=(100, 1000), windows=3),
     budget_s=QUICK_BUDGET_S,
 )
 
@@ -83,6 +87,7 @@ FULL = Plan(
     trials={"raw": 40, "ours": 40, "ours-process-table": 20, "supervisord": 10, "circus": 10},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=40),
     sweep_process_table=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=15),
+    fill=fillcost.FillPlan(levels=(100, 1000, 10000), windows=7),
     budget_s=FULL_BUDGET_S,
 )
 
@@ -228,6 +233,9 @@ def run_all(session: Session, plan: Plan, results: dict[str, Any]) -> None:
 
     phase("footprint")
     results["footprint"] = footprint.run(session, ours_conns)
+    phase("fill")
+    log(f"fill: acquire cost at {', '.join(map(str, plan.fill.levels))} live instances")
+    results["fill"] = fillcost.run(session, plan.fill)
     phase.end()
 
 
