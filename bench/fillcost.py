@@ -7,7 +7,10 @@ registry). Then, in windows that visit every daemon in turn (the host's slow
 and fast phases fall on all levels alike), `BATCH` more instances are acquired
 pipelined and timed, released, and waited for until their processes are gone;
 the daemon's level is back where it was before the next window. A level's
-cost is the median over its windows of the mean time per acquire.
+cost is the median over its windows of the mean time per acquire; the ratio
+of two levels is the median over windows of each window's ratio (a window's
+visits follow each other within a second or so, so a slow stretch of the
+host falls on both sides of most ratios).
 
 `python -m bench.fillcost [--levels 100 1000 10000] [--windows N] [--mode cgroup|process-table] [--old PATH]`
 runs it alone; with `--old`, a checkout of older code (as for `bench.ab`) is
@@ -43,6 +46,8 @@ GONE_TIMEOUT_S = 30.0
 class FillPlan:
     levels: tuple[int, ...]
     windows: int
+    # Acquires timed per window.
+    batch: int = BATCH
 
 
 @dataclass
@@ -132,18 +137,20 @@ def run_variants(
         order = list(keys)
         for window in range(plan.windows):
             for key in order:
-                seconds, got = acquire_batch(clients[key], [f"window-{window}-{n}" for n in range(BATCH)])
+                seconds, got = acquire_batch(clients[key], [f"window-{window}-{n}" for n in range(plan.batch)])
                 windows[key].append(seconds * 1000)
                 release_and_wait(clients[key], got)
             order.reverse()
         low, high = min(plan.levels), max(plan.levels)
         for name in variants:
-            result: dict[str, Any] = {"mode": daemons[name, low].mode(), "batch": BATCH, "levels": {}}
+            result: dict[str, Any] = {"mode": daemons[name, low].mode(), "batch": plan.batch, "levels": {}}
             for level in plan.levels:
                 result["levels"][str(level)] = {"acquire_ms": stats.summarize(windows[name, level], unit="ms"),
                                                 "windows_ms": [round(w, 4) for w in windows[name, level]]}
             result["low"], result["high"] = low, high
-            result["ratio"] = stats.ratio(statistics.median(windows[name, high]), statistics.median(windows[name, low]))
+            result["ratio"] = round(statistics.median(
+                high_ms / low_ms for high_ms, low_ms in zip(windows[name, high], windows[name, low])
+            ), 3)
             results[name] = result
     finally:
         for holder in clients.values():

@@ -181,7 +181,7 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
                  f"{entry['acquire_ms']['min_ms']:.3f} ms", f"{entry['acquire_ms']['max_ms']:.3f} ms"]
                 for level, entry in fill["levels"].items()]
         out += _table(["live instances", "windows", "median per acquire", "min", "max"], rows)
-        out.append(f"  {fill['high']} vs {fill['low']} live instances: {_x(fill.get('ratio'))}")
+        out.append(f"  {fill['high']} vs {fill['low']} live instances: {_x(fill.get('ratio'))} (median of the windows' ratios)")
         out.append("")
     footprint = results.get("footprint")
     if footprint:

@@ -3,14 +3,18 @@
 Without cgroups the daemon finds its processes in /proc. Reading the stat of
 every process at every look costs what the host runs, not what the daemon
 tracks. A `ProcessTable` remembers what earlier looks read, and `refresh`
-reads only what is new: it lists /proc (one directory read), drops the pids
-gone from it, and reads the stat of pids it has not seen, of pids the
-caller wants measured (`reread`), and of pids that may have been reused
-since the last look. A pid is only reused once the kernel's pid counter
-(`/proc/sys/kernel/ns_last_pid`) has come round to it again, so a known pid
-outside the range of pids handed out since the last look is still the
-process that was seen (where the counter cannot be read, every pid is read
-again). The one case this misses is the counter wrapping all the way round
+reads only what is new. A process is new, or a pid reused, only once the
+kernel's pid counter (`/proc/sys/kernel/ns_last_pid`) has handed its pid
+out since the last look, so a look reads the stat of the pids handed out
+since (most of them gone already: a failed open each), and of the pids the
+caller wants measured (`reread`); every other known pid is still the
+process that was seen. Every LIST_EVERY looks, or when more pids were handed
+out than the table holds, or when the counter wrapped or cannot be read, a
+look lists /proc instead: it forgets the pids gone from the listing, and
+reads those it does not know and those the counter may have passed (all of
+them, without a counter). Until such a look, a process that exited stays in
+the table (a reread, or `process.signal_process`'s own check, finds it
+gone). The one case this misses is the counter wrapping all the way round
 between two looks: `pid_max` processes started in one interval.
 
 Whether a process is *ours* (a descendant of the daemon, or of a process the
@@ -31,6 +35,7 @@ shutdown).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +46,11 @@ import trio
 from supervisor.procs import process
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+
+# One look in this many lists /proc (whose cost grows with the host: about
+# half a microsecond per process in the kernel), the others probe only the
+# pids handed out since the look before; the listing forgets what exited.
+LIST_EVERY = 8
 
 # The parent pid of init and kthreadd, which have none.
 NO_PARENT = 0
@@ -61,8 +71,10 @@ class ProcessTable:
     # The instance tag of each of ours that has one, and ours by tag.
     tags: Mapping[int, str] = field(default_factory=dict)
     by_tag: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    # The pid counter when /proc was listed; None if it could not be read.
+    # The pid counter at the look; None if it could not be read.
     last_pid: int | None = None
+    # Looks since /proc was last listed (0: this one listed it).
+    unlisted_looks: int = 0
     # Pids whose stat this look read (the rest are as earlier looks read them).
     read: frozenset[int] = frozenset()
 
@@ -116,6 +128,17 @@ def _maybe_reused(previous: ProcessTable, last_pid: int | None) -> Iterable[int]
     return [pid for pid in known if pid > before or pid <= last_pid]
 
 
+def _handed_out(previous: ProcessTable, last_pid: int | None) -> range | None:
+    """The pids handed out since `previous`, if probing them is the look to
+    make now; None if /proc is to be listed instead."""
+    before = previous.last_pid
+    if before is None or last_pid is None or last_pid < before or previous.unlisted_looks + 1 >= LIST_EVERY:
+        return None
+    if last_pid - before > len(previous.stats):
+        return None
+    return range(before + 1, last_pid + 1)
+
+
 def refresh(
     previous: ProcessTable,
     *,
@@ -126,15 +149,22 @@ def refresh(
     """Blocking: the table now. Reads the stat of new pids, of known pids that
     may have been reused, and of `reread` (for fresh figures); classifies new
     processes as ours (descendants of the daemon or of an `anchor`, or an
-    anchor itself) and reads their tags. Reads no other file. Raises OSError
-    if /proc cannot be listed."""
+    anchor itself) and reads their tags. Reads no other file (but /proc's
+    listing, one look in LIST_EVERY). Raises OSError if /proc cannot be
+    listed."""
     last_pid = read_last_pid()
-    listed = set(map(int, filter(str.isdigit, os.listdir("/proc"))))
     stats = dict(previous.stats)
-    for pid in stats.keys() - listed:
-        del stats[pid]
-    wanted = (listed - previous.stats.keys()) | (listed.intersection(_maybe_reused(previous, last_pid)))
-    wanted |= listed.intersection(reread)
+    handed_out = _handed_out(previous, last_pid)
+    if handed_out is None:
+        listed = set(map(int, filter(str.isdigit, os.listdir("/proc"))))
+        for pid in stats.keys() - listed:
+            del stats[pid]
+        wanted = (listed - previous.stats.keys()) | (listed.intersection(_maybe_reused(previous, last_pid)))
+        wanted |= listed.intersection(reread)
+        unlisted_looks = 0
+    else:
+        wanted = set(handed_out).union(reread)
+        unlisted_looks = previous.unlisted_looks + 1
     wanted.discard(daemon_pid)
     changed: set[int] = set()
     for pid in wanted:
@@ -168,7 +198,7 @@ def refresh(
             frontier.append(child)
     # A new process whose parent was gone before it could be read: read it
     # again (re-parented by now); if its parent is still unknown, leave it
-    # out, to be read as new next time rather than judged on a guess.
+    # out, to be read as new by the next listing rather than judged on a guess.
     for ppid, orphans in new_by_parent.items():
         if ppid in stats or ppid == NO_PARENT:
             continue
@@ -184,6 +214,12 @@ def refresh(
                 stats[pid] = stat  # a child of a stranger
             else:
                 del stats[pid]
+    if not newly_ours and len(ours) == len(previous.ours):
+        # Nothing of ours came or went (the usual look): the indexes stand.
+        return dataclasses.replace(
+            previous, stats=stats, ours=previous.ours, last_pid=last_pid, read=frozenset(wanted),
+            unlisted_looks=unlisted_looks,
+        )
     tags = {pid: tag for pid, tag in previous.tags.items() if pid in ours}
     for pid in newly_ours:
         tag = process.read_environ_tag(pid)
@@ -198,6 +234,7 @@ def refresh(
     return ProcessTable(
         stats=stats, ours=frozenset(ours), children={p: tuple(c) for p, c in children.items()},
         tags=tags, by_tag={t: tuple(p) for t, p in by_tag.items()}, last_pid=last_pid, read=frozenset(wanted),
+        unlisted_looks=unlisted_looks,
     )
 
 

@@ -73,12 +73,22 @@ def test_a_second_look_reads_only_what_is_new(spawn) -> None:
     for pid in second.read:
         assert pid not in first.stats or first.last_pid < pid <= second.last_pid
     assert 1 not in second.read
+    # That look did not even list /proc: it probed the pids handed out since.
+    assert second.unlisted_looks == 1
+    assert set(second.read) <= set(range(first.last_pid + 1, second.last_pid + 1))
     gone = spawn(SLEEP)
-    third = refresh(second, daemon_pid=os.getpid())
+    table = refresh(second, daemon_pid=os.getpid())
+    assert gone.pid in table.ours
     gone.kill()
     gone.wait()
-    fourth = refresh(third, daemon_pid=os.getpid())
-    assert gone.pid in third.ours and gone.pid not in fourth.stats and gone.pid not in fourth.ours
+    # A process that exited is forgotten by the next look that lists /proc:
+    # one in LIST_EVERY.
+    for _ in range(proctable.LIST_EVERY):
+        table = refresh(table, daemon_pid=os.getpid())
+        if table.unlisted_looks == 0:
+            break
+    assert table.unlisted_looks == 0
+    assert gone.pid not in table.stats and gone.pid not in table.ours
 
 
 def test_a_pid_reused_since_the_last_look_is_read_again(spawn) -> None:
