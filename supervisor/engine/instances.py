@@ -560,11 +560,8 @@ class Instances:
     def anchors(self) -> frozenset[process.ProcessId]:
         """The root and every known member of every tree: what the process
         table counts as ours, with their descendants (process-table mode)."""
-        anchors: set[process.ProcessId] = set()
-        for running in self.running.values():
-            anchors.add(running.root.id)
-            anchors |= running.tree.known
-        return frozenset(anchors)
+        roots = [running.root.id for running in self.running.values()]
+        return frozenset(roots).union(*[running.tree.known for running in self.running.values()])
 
     # -- what a request may read -------------------------------------------------
 

@@ -75,6 +75,8 @@ class ProcessTable:
     last_pid: int | None = None
     # Looks since /proc was last listed (0: this one listed it).
     unlisted_looks: int = 0
+    # The anchors this look was given.
+    anchors: frozenset[process.ProcessId] = frozenset()
     # Pids whose stat this look read (the rest are as earlier looks read them).
     read: frozenset[int] = frozenset()
 
@@ -184,10 +186,11 @@ def refresh(
         new_by_parent.setdefault(stats[pid].ppid, []).append(pid)
     frontier = [pid for pid in changed if stats[pid].process_id in anchors]
     frontier += [ppid for ppid in new_by_parent if ppid == daemon_pid or ppid in ours]
-    for anchor in anchors:
-        stat = stats.get(anchor.pid)
-        if anchor.pid not in ours and stat is not None and stat.start_time == anchor.start_time:
-            frontier.append(anchor.pid)
+    if anchors != previous.anchors:  # else every anchor was judged by the look before
+        for anchor in anchors:
+            stat = stats.get(anchor.pid)
+            if anchor.pid not in ours and stat is not None and stat.start_time == anchor.start_time:
+                frontier.append(anchor.pid)
     newly_ours: list[int] = []
     while frontier:
         pid = frontier.pop()
@@ -218,7 +221,7 @@ def refresh(
         # Nothing of ours came or went (the usual look): the indexes stand.
         return dataclasses.replace(
             previous, stats=stats, ours=previous.ours, last_pid=last_pid, read=frozenset(wanted),
-            unlisted_looks=unlisted_looks,
+            unlisted_looks=unlisted_looks, anchors=anchors,
         )
     tags = {pid: tag for pid, tag in previous.tags.items() if pid in ours}
     for pid in newly_ours:
@@ -234,7 +237,7 @@ def refresh(
     return ProcessTable(
         stats=stats, ours=frozenset(ours), children={p: tuple(c) for p, c in children.items()},
         tags=tags, by_tag={t: tuple(p) for t, p in by_tag.items()}, last_pid=last_pid, read=frozenset(wanted),
-        unlisted_looks=unlisted_looks,
+        unlisted_looks=unlisted_looks, anchors=anchors,
     )
 
 
