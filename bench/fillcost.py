@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import stats, systems, wire
+from bench import procwatch, stats, systems, wire
 from bench.session import Session, open_session
 
 # Acquires timed per window, and pipelined at once while filling: one
@@ -134,10 +134,13 @@ def run_variants(
             fill(holder, level, "held")
             session.log(f"fill: {name}: {level} instances held ({time.monotonic() - started:.1f} s to fill)")
         windows: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
+        cpu: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         order = list(keys)
         for window in range(plan.windows):
             for key in order:
+                cpu_before = procwatch.cpu_seconds(daemons[key].pid)
                 seconds, got = acquire_batch(clients[key], [f"window-{window}-{n}" for n in range(plan.batch)])
+                cpu[key].append((procwatch.cpu_seconds(daemons[key].pid) - cpu_before) * 1000 / plan.batch)
                 windows[key].append(seconds * 1000)
                 release_and_wait(clients[key], got)
             order.reverse()
@@ -146,7 +149,8 @@ def run_variants(
             result: dict[str, Any] = {"mode": daemons[name, low].mode(), "batch": plan.batch, "levels": {}}
             for level in plan.levels:
                 result["levels"][str(level)] = {"acquire_ms": stats.summarize(windows[name, level], unit="ms"),
-                                                "windows_ms": [round(w, 4) for w in windows[name, level]]}
+                                                "windows_ms": [round(w, 4) for w in windows[name, level]],
+                                                "daemon_cpu_ms": stats.summarize(cpu[name, level], unit="ms")}
             result["low"], result["high"] = low, high
             result["ratio"] = round(statistics.median(
                 high_ms / low_ms for high_ms, low_ms in zip(windows[name, high], windows[name, low])
@@ -175,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_variants(session, plan, variants, cgroup="auto" if args.mode == "cgroup" else "off")
     for name, result in results.items():
         for level, entry in result["levels"].items():
-            print(f"{name}: {level:>6} instances: {entry['acquire_ms']['median_ms']:.3f} ms per acquire "
-                  f"(windows {entry['windows_ms']})")
+            print(f"{name}: {level:>6} instances: {entry['acquire_ms']['median_ms']:.3f} ms per acquire, daemon CPU "
+                  f"{entry['daemon_cpu_ms']['median_ms']:.3f} ms (windows {entry['windows_ms']})")
         print(f"{name}: {result['high']} vs {result['low']}: {result['ratio']:.2f}x ({result['mode']} mode)")
     return 0
 

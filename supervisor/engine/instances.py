@@ -307,7 +307,10 @@ class Instances:
                  adapter=running.adapter.name, pid=running.root.pid)
         self.record.mark_dirty()
         # A root that died before the SIGCHLD receiver ran is caught here too.
-        self.reaper.reap()
+        # One peek at this child first: a reap looks at every child of the
+        # daemon in the kernel (one per instance), this only at the root.
+        if subreaper.child_has_exited(running.root.pid):
+            self.reaper.reap()
         await running.root_reaped.wait()
         returncode = running.returncode if running.returncode is not None else -1
         log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=returncode)
