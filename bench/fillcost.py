@@ -109,30 +109,44 @@ def fill(holder: Holder, level: int, prefix: str) -> None:
         acquire_batch(holder, [f"{prefix}-{n}" for n in range(start, min(level, start + BATCH))])
 
 
-def run(session: Session, plan: FillPlan, *, cgroup: str = "auto") -> dict[str, Any]:
-    """The workload on this checkout's daemon."""
-    return run_variants(session, plan, {"ours": session.env}, cgroup=cgroup)["ours"]
+def run(
+    session: Session, plan: FillPlan, *, cgroup: str = "auto", held: dict[int, systems.Ours] | None = None
+) -> dict[str, Any]:
+    """The workload on this checkout's daemon. `held`: daemons of another
+    workload already holding a level's instances (idle, detached), used for
+    that level instead of one filled here; they are left running."""
+    return run_variants(session, plan, {"ours": session.env}, cgroup=cgroup, held=held)["ours"]
 
 
 def run_variants(
-    session: Session, plan: FillPlan, variants: dict[str, dict[str, str]], *, cgroup: str = "auto"
+    session: Session,
+    plan: FillPlan,
+    variants: dict[str, dict[str, str]],
+    *,
+    cgroup: str = "auto",
+    held: dict[int, systems.Ours] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The workload on one daemon per level of each variant (name -> the
     daemons' environment), every window visiting every daemon in turn."""
+    held = held or {}
     keys = [(name, level) for name in variants for level in plan.levels]
-    daemons = {
+    started = {
         (name, level): systems.Ours(session.workdir / f"{name}-fill-{level}", variants[name], cgroup=cgroup,
                                     name=f"{name}-fill-{level}", sweep_interval=3600.0)
         for name, level in keys
+        if level not in held
     }
-    session.start_systems(*daemons.values())
+    session.start_systems(*started.values())
+    daemons = {**started, **{(name, level): held[level] for name, level in keys if level in held}}
     clients = {key: Holder(wire.OursClient(daemon.endpoint, timeout=300)) for key, daemon in daemons.items()}
     results: dict[str, dict[str, Any]] = {}
     try:
         for (name, level), holder in clients.items():
-            started = time.monotonic()
+            if (name, level) not in started:
+                continue
+            began = time.monotonic()
             fill(holder, level, "held")
-            session.log(f"fill: {name}: {level} instances held ({time.monotonic() - started:.1f} s to fill)")
+            session.log(f"fill: {name}: {level} instances held ({time.monotonic() - began:.1f} s to fill)")
         windows: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         cpu: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         order = list(keys)
@@ -159,7 +173,7 @@ def run_variants(
     finally:
         for holder in clients.values():
             holder.client.close()
-        for daemon in daemons.values():
+        for daemon in started.values():
             session.stop_system(daemon)
     return results
 

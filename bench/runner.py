@@ -5,9 +5,10 @@ Order: start every daemon at once (ours in cgroup mode for control and
 lifecycle, ours in process-table mode, a fresh ours for the sweep, a fresh ours
 for connections, supervisord, circus); control round trips; start/stop/leaks;
 stop the peers and the control daemon so that the host is quiet; sweep cost in
-both modes; footprint; the acquire cost as daemons fill (daemons of their
-own); then stop everything that is left and check that no process of the run
-survives.
+cgroup mode; the acquire cost as daemons fill (the sweep daemon, still holding
+its 1000 instances, and daemons of its own for the other levels); the sweep
+daemon's shutdown; sweep cost in process-table mode; footprint; then stop
+everything that is left and check that no process of the run survives.
 """
 
 from __future__ import annotations
@@ -228,6 +229,13 @@ def run_all(session: Session, plan: Plan, results: dict[str, Any]) -> None:
     results["sweep"] = {}
     key = "cgroup" if ours_sweep.mode() == "cgroup" else "process-table (cgroup unavailable)"
     sweep = results["sweep"][key] = sweepcost.run(session, ours_sweep, plan.sweep_cgroup)
+    phase("fill")
+    # The sweep daemon holds 1000 idle instances now: the fill workload's
+    # 1000 level, with daemons of its own for the other levels.
+    held = {max(plan.sweep_cgroup.levels): ours_sweep} if ours_sweep.mode() == "cgroup" else {}
+    log(f"fill: acquire cost at {', '.join(map(str, plan.fill.levels))} live instances")
+    results["fill"] = fillcost.run(session, plan.fill, held=held)
+    phase("sweep cgroup shutdown")
     log("sweep: stopping the daemon with its instances")
     sweep["shutdown"] = sweepcost.stop_and_count_leaks(session, ours_sweep)
     phase("sweep process-table")
@@ -236,9 +244,6 @@ def run_all(session: Session, plan: Plan, results: dict[str, Any]) -> None:
 
     phase("footprint")
     results["footprint"] = footprint.run(session, ours_conns)
-    phase("fill")
-    log(f"fill: acquire cost at {', '.join(map(str, plan.fill.levels))} live instances")
-    results["fill"] = fillcost.run(session, plan.fill)
     phase.end()
 
 
