@@ -222,6 +222,12 @@ static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg)
 #endif
 }
 
+/* The calling convention of adapter_spawn; clonespawn.py refuses a library
+   built from another (a stale build), and spawns with subprocess instead. */
+int adapter_spawn_abi(void) {
+    return 2;
+}
+
 /*
  * Spawn argv with envp, trying each of `paths` as the executable. stdio[i] is
  * dup'ed onto fd i (-1: left as inherited); every other fd is closed in the

@@ -28,6 +28,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 LIBRARY = Path(__file__).with_name("_clonespawn.so")
+
+# `adapter_spawn_abi()` of the library this binding calls: a library built
+# from an older _clonespawn.c takes other arguments, and is not used.
+ABI = 2
 _FS_ENCODING = sys.getfilesystemencoding()
 
 # enum spawn_stage in _clonespawn.c.
@@ -63,10 +67,16 @@ class Unsupported(OSError):
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The built library, or None if there is none (or it does not load)."""
+    """The built library, or None if there is none (or it does not load, or
+    was built from another version of _clonespawn.c: a stale build)."""
     try:
         library = ctypes.CDLL(str(LIBRARY), use_errno=True)
-    except OSError:
+        abi = library.adapter_spawn_abi
+    except (OSError, AttributeError):
+        return None
+    abi.restype = ctypes.c_int
+    abi.argtypes = []
+    if abi() != ABI:
         return None
     function = library.adapter_spawn
     function.restype = ctypes.c_long
