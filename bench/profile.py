@@ -13,7 +13,8 @@ Drives one workload at our daemon twice, for a few seconds each:
 cProfile slows pure-Python code more than system calls, so the shares in 2.
 are a map, not a stopwatch; the figures in 1. are. Workloads: `status` (one client), `status32` (32 clients),
 `acquire` (cold acquire + release of the bench tree), `pairs` (warm acquire +
-release), `sweep` (manual sweeps with 1000 idle instances).
+release), `sweep` (manual sweeps with 1000 idle instances), `fill` (acquires of
+idle instances, pipelined, until `FILL_INSTANCES` are held).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import control, procwatch, stats, sweepcost, systems, wire
+from bench import control, fillcost, procwatch, stats, sweepcost, systems, wire
 from bench.session import Session, open_session
 
-WORKLOADS = ("status", "status32", "acquire", "pairs", "sweep")
+WORKLOADS = ("status", "status32", "acquire", "pairs", "sweep", "fill")
 
 # First match wins: (layer, substring of the profiled function's file or name).
 LAYERS = (
@@ -53,6 +54,10 @@ LAYERS = (
 
 # Instances the sweep workload holds (the target's figure).
 SWEEP_INSTANCES = 1000
+
+# Instances the fill workload ends with: enough for any walk of every
+# instance per acquire to stand out.
+FILL_INSTANCES = 5000
 
 # No periodic sweep while profiling: only the workload's own requests count.
 NO_PERIODIC_SWEEP_S = 3600.0
@@ -127,6 +132,16 @@ def drive(session: Session, daemon: systems.Ours, agent: systems.Agent, workload
             agent.request("stop", job=job, pids=[])
             time.sleep(0.05)
             done += 1
+    elif workload == "fill":
+        holder = fillcost.Holder(wire.OursClient(daemon.endpoint, timeout=120))
+        try:
+            for start in range(0, FILL_INSTANCES, fillcost.BATCH):
+                seconds, _ = fillcost.acquire_batch(holder, [f"fill-{n}" for n in range(start, start + fillcost.BATCH)])
+                done += fillcost.BATCH
+                if done % 1000 == 0:
+                    print(f"fill: {seconds * 1000:.3f} ms per acquire at {done} instances")
+        finally:
+            holder.client.close()
     elif workload == "sweep":
         durations = []
         while time.monotonic() < deadline:
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         session.start_systems(daemon)
         operations = drive(session, daemon, prepare(session, daemon, args.workload), args.workload, args.seconds)
         session.stop_system(daemon)
-        if args.workload in ("sweep", "acquire"):
+        if args.workload in ("sweep", "acquire", "fill"):
             print("(the profile below includes setting up: for these workloads read the cumulative times of "
                   "api.sweep / Supervisor.sweep and api.acquire / Supervisor._spawn)")
         print_profile(output, operations, args.top)

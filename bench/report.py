@@ -173,6 +173,16 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
             out.append(f"  daemon shutdown with {leaks['processes']} processes: {leaks['shutdown_s']:.2f} s, "
                        f"{leaks['alive_after_shutdown']} alive afterwards")
         out.append("")
+    fill = results.get("fill")
+    if fill:
+        out.append(f"Acquire cost as the daemon fills, {fill['mode']} mode (pipelined batches of {fill['batch']} "
+                   "on one connection, windows visiting every level in turn)")
+        rows = [[level, entry["acquire_ms"]["n"], f"{entry['acquire_ms']['median_ms']:.3f} ms",
+                 f"{entry['acquire_ms']['min_ms']:.3f} ms", f"{entry['acquire_ms']['max_ms']:.3f} ms"]
+                for level, entry in fill["levels"].items()]
+        out += _table(["live instances", "windows", "median per acquire", "min", "max"], rows)
+        out.append(f"  {fill['high']} vs {fill['low']} live instances: {_x(fill.get('ratio'))} (median of the windows' ratios)")
+        out.append("")
     footprint = results.get("footprint")
     if footprint:
         sweep = results.get("sweep", {}).get("cgroup", {})

@@ -5,8 +5,10 @@ Order: start every daemon at once (ours in cgroup mode for control and
 lifecycle, ours in process-table mode, a fresh ours for the sweep, a fresh ours
 for connections, supervisord, circus); control round trips; start/stop/leaks;
 stop the peers and the control daemon so that the host is quiet; sweep cost in
-both modes; footprint; then stop everything that is left and check that no
-process of the run survives.
+cgroup mode; the acquire cost as daemons fill (the sweep daemon, still holding
+its 1000 instances, and daemons of its own for the other levels); the sweep
+daemon's shutdown; sweep cost in process-table mode; footprint; then stop
+everything that is left and check that no process of the run survives.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench import (
     continuity,
     control,
     envs,
+    fillcost,
     footprint,
     lifecycle,
     procwatch,
@@ -58,6 +61,7 @@ class Plan:
     trials: dict[str, int]
     sweep_cgroup: sweepcost.SweepPlan
     sweep_process_table: sweepcost.SweepPlan
+    fill: fillcost.FillPlan
     budget_s: float
 
 
@@ -73,7 +77,11 @@ QUICK = Plan(
     # hence 3 of each, spread over the 24 rounds (see lifecycle.run_interleaved).
     trials={"raw": 24, "ours": 24, "ours-process-table": 4, "supervisord": 3, "circus": 3},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=5),
-    sweep_process_table=sweepcost.SweepPlan(levels=(10, 100), samples=4),
+    sweep_process_table=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=4),
+    # Batches of 50 in 4 windows (about 4 s in all): the quick run's budget;
+    # the ratio is a median of paired windows, which one slow stretch of the
+    # host moves less than a median of each level's windows.
+    fill=fillcost.FillPlan(levels=(100, 1000), windows=4, batch=50),
     budget_s=QUICK_BUDGET_S,
 )
 
@@ -84,6 +92,7 @@ FULL = Plan(
     trials={"raw": 40, "ours": 40, "ours-process-table": 20, "supervisord": 10, "circus": 10},
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=40),
     sweep_process_table=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=15),
+    fill=fillcost.FillPlan(levels=(100, 1000, 10000), windows=7),
     budget_s=FULL_BUDGET_S,
 )
 
@@ -221,6 +230,13 @@ def run_all(session: Session, plan: Plan, results: dict[str, Any]) -> None:
     results["sweep"] = {}
     key = "cgroup" if ours_sweep.mode() == "cgroup" else "process-table (cgroup unavailable)"
     sweep = results["sweep"][key] = sweepcost.run(session, ours_sweep, plan.sweep_cgroup)
+    phase("fill")
+    # The sweep daemon holds 1000 idle instances now: the fill workload's
+    # 1000 level, with daemons of its own for the other levels.
+    held = {max(plan.sweep_cgroup.levels): ours_sweep} if ours_sweep.mode() == "cgroup" else {}
+    log(f"fill: acquire cost at {', '.join(map(str, plan.fill.levels))} live instances")
+    results["fill"] = fillcost.run(session, plan.fill, held=held)
+    phase("sweep cgroup shutdown")
     log("sweep: stopping the daemon with its instances")
     sweep["shutdown"] = sweepcost.stop_and_count_leaks(session, ours_sweep)
     phase("sweep process-table")

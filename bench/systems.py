@@ -45,8 +45,8 @@ STOP_GRACE_S = 2.0
 # A daemon slower than this to answer its first request has failed to start.
 START_TIMEOUT_S = 30.0
 
-# Instances of the `idle` adapter a daemon may hold (sweep and footprint use 1000).
-MAX_IDLE_INSTANCES = 4000
+# Instances of the `idle` adapter a daemon may hold (the fill cost goes to 10,000).
+MAX_IDLE_INSTANCES = 12000
 
 # Connections our daemon accepts; the footprint workload opens 1000.
 MAX_CONNECTIONS = 2048

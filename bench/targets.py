@@ -24,6 +24,12 @@ RSS_1000_INSTANCES_BYTES = 80_000_000
 # upgrade, and a restart after kill -9 until it answers.
 UPGRADE_MAX_LATENCY_MS = 250.0
 RESTART_SERVING_S = 1.0
+# An acquire at the largest level filled (10,000 in the full run) against one
+# at 100 live instances.
+FILL_RATIO = 1.3
+# Process-table mode against cgroup mode, sweeping 1000 instances in one run.
+PROCESS_TABLE_SWEEP_VS_CGROUP_X = 3.0
+PROCESS_TABLE_SHUTDOWN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,31 @@ def judge(results: dict[str, Any]) -> list[Verdict]:
     rss = _get(sweep or {}, "levels", "1000", "rss_bytes")
     verdicts.append(_at_most(
         "daemon RSS with 1000 live instances", None if rss is None else rss / 1e6, RSS_1000_INSTANCES_BYTES / 1e6, " MB",
+    ))
+
+    table = _get(results, "sweep", "process-table") or {}
+    cgroup_1000 = _get(sweep or {}, "levels", "1000", "duration", "median_ms")
+    table_1000 = _get(table, "levels", "1000", "duration", "median_ms")
+    verdicts.append(_at_most(
+        "periodic sweep, 1000 tracked instances, process-table vs cgroup mode (median ratio)",
+        None if cgroup_1000 is None or table_1000 is None else table_1000 / cgroup_1000,
+        PROCESS_TABLE_SWEEP_VS_CGROUP_X, "x",
+    ))
+    verdicts.append(_at_most(
+        "sweep with 2000 vs 100 unrelated host processes, process-table mode (median ratio)",
+        _get(table, "host_ratio"), SWEEP_HOST_RATIO, "x",
+    ))
+    shutdown = _get(table, "shutdown")
+    verdicts.append(_at_most(
+        "daemon shutdown with 1000 instances, process-table mode",
+        shutdown["shutdown_s"] if shutdown and shutdown.get("processes", 0) >= 1000 else None,
+        PROCESS_TABLE_SHUTDOWN_S, " s",
+    ))
+
+    fill = results.get("fill") or {}
+    verdicts.append(_at_most(
+        f"acquire at {fill.get('high', 'the largest level of')} vs {fill.get('low', 100)} live instances "
+        "(median ratio)", fill.get("ratio"), FILL_RATIO, "x",
     ))
     verdicts += judge_continuity(results.get("continuity"))
     return verdicts

@@ -18,15 +18,24 @@ At most one instance per ``(job, adapter)`` is *live* (STARTING, RUNNING or
 LINGERING). A new instance for a pair whose previous tree is still being stopped
 waits in STARTING until that tree is gone, so two trees of one pair never run at
 once.
+
+Cost: every operation is O(1) or O(log n) in the instances and leases held,
+apart from what it must touch (the leases of the job released, of the
+connection closed; the instances `shutdown` stops). Indexes by pair, job,
+connection, uid and adapter, the successor waiting for each dying tree, and one
+heap of deadlines (`Deadlines`) keep it so; `restore` derives them all.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from supervisor.core.deadlines import Deadlines
 from supervisor.core.errors import (
     Conflict,
     InvalidParams,
@@ -37,6 +46,8 @@ from supervisor.core.errors import (
 )
 
 ROOT_UID = 0
+
+K = TypeVar("K")
 
 # 18 random bytes = 144 bits, above the 128 that make a token unguessable, and a whole
 # number of base64 characters (24).
@@ -238,6 +249,12 @@ class AdoptedInstance:
     uid: int | None = None
 
 
+# The two kinds of deadline in one heap, as the first half of its key: at
+# equal times, leases expire before lingering instances stop.
+LEASE_DEADLINE = 0
+LINGER_DEADLINE = 1
+
+
 def _new_token() -> str:
     return secrets.token_urlsafe(LEASE_TOKEN_BYTES)
 
@@ -270,11 +287,21 @@ class Registry:
         self._dying: dict[tuple[str, str], str] = {}
         # Set by `shutdown`: no new instance starts after it.
         self.closed = False
-        # What has a deadline, so `next_deadline` and `tick` cost what is timed,
-        # not what is held: tokens of detached leases and of leases waiting
-        # for `resume`, and LINGERING instance ids.
-        self._expiring: set[str] = set()
-        self._lingering: set[str] = set()
+        # Every deadline `tick` keeps: (LEASE_DEADLINE, token) of detached
+        # leases and of leases waiting for `resume`, (LINGER_DEADLINE, id) of
+        # LINGERING instances.
+        self._deadlines: Deadlines[tuple[int, str]] = Deadlines()
+        # Lease tokens by job, by holding connection and by uid; dicts used as
+        # sets that keep acquisition order, so actions come out in that order.
+        self._by_job: dict[str, dict[str, None]] = {}
+        self._by_owner: dict[int, dict[str, None]] = {}
+        self._by_uid: dict[int, dict[str, None]] = {}
+        # Instances each connection watches (see `Instance.watchers`).
+        self._watching: dict[int, dict[str, None]] = {}
+        # The STARTING instance waiting for each dying tree, by the dying id.
+        self._successor: dict[str, str] = {}
+        # Instances that hold or may soon hold processes (tree not gone), by adapter.
+        self._holding: collections.Counter[str] = collections.Counter()
 
     @classmethod
     def restore(
@@ -301,15 +328,19 @@ class Registry:
                 registry._live[instance.key] = instance.id
             elif not instance.tree_gone:
                 registry._dying[instance.key] = instance.id
-            if instance.state is State.LINGERING:
-                registry._lingering.add(instance.id)
+            if instance.state is State.LINGERING and instance.linger_until is not None:
+                registry._deadlines.set((LINGER_DEADLINE, instance.id), instance.linger_until)
+            if instance.waiting_for is not None:
+                registry._successor[instance.waiting_for] = instance.id
+            if not instance.tree_gone:
+                registry._holding[instance.adapter] += 1
+            for connection in instance.watchers:
+                registry._watching.setdefault(connection, {})[instance.id] = None
         for lease in leases:
             instance = registry.instances.get(lease.instance_id)
             if instance is None or lease.token not in instance.leases:
                 raise ValueError(f"lease {lease.token[:8]} does not belong to a given instance")
-            registry.leases[lease.token] = lease
-            if lease.deadline is not None:
-                registry._expiring.add(lease.token)
+            registry._add_lease(lease)
         for instance in registry.instances.values():
             if not instance.leases <= registry.leases.keys():
                 raise ValueError(f"instance {instance.id} names leases that are not given")
@@ -335,17 +366,23 @@ class Registry:
 
     def count_instances(self, adapter: str) -> int:
         """Instances of `adapter` that hold or may soon hold processes."""
-        return sum(
-            1
-            for instance in self.instances.values()
-            if instance.adapter == adapter and not instance.tree_gone
-        )
+        return self._holding[adapter]
+
+    def count_live(self) -> int:
+        """Live instances (STARTING, RUNNING or LINGERING): one per pair at most."""
+        return len(self._live)
+
+    def leases_of_job(self, job: str) -> list[Lease]:
+        """Every lease of `job`, in the order they were taken."""
+        return [self.leases[token] for token in self._by_job.get(job, ())]
+
+    def leases_of_uid(self, uid: int) -> list[Lease]:
+        """Every lease taken by `uid`, in the order they were taken."""
+        return [self.leases[token] for token in self._by_uid.get(uid, ())]
 
     def next_deadline(self) -> float | None:
         """The earliest time at which `tick` has something to do, or None."""
-        deadlines = [self.leases[token].deadline for token in self._expiring]
-        deadlines.extend(self.instances[instance_id].linger_until for instance_id in self._lingering)
-        return min((d for d in deadlines if d is not None), default=None)
+        return self._deadlines.earliest()
 
     # -- client operations ---------------------------------------------------
 
@@ -392,7 +429,7 @@ class Registry:
             if instance.state is State.LINGERING:
                 instance.state = State.RUNNING
                 instance.linger_until = None
-                self._lingering.discard(instance.id)
+                self._deadlines.discard((LINGER_DEADLINE, instance.id))
         else:
             if max_instances is not None and self.count_instances(adapter) >= max_instances:
                 raise LimitReached(
@@ -411,9 +448,12 @@ class Registry:
             )
             self.instances[instance.id] = instance
             self._live[instance.key] = instance.id
+            self._holding[adapter] += 1
             spawned = True
             if instance.waiting_for is None:
                 actions.append(Spawn(instance.id))
+            else:
+                self._successor[instance.waiting_for] = instance.id
         lease = Lease(
             token=self._new_token(),
             instance_id=instance.id,
@@ -425,10 +465,8 @@ class Registry:
             ttl=ttl if detach else None,
             expires_at=now + ttl if detach and ttl is not None else None,
         )
-        self.leases[lease.token] = lease
         instance.leases.add(lease.token)
-        if lease.expires_at is not None:
-            self._expiring.add(lease.token)
+        self._add_lease(lease)
         return Acquired(lease=lease, instance=instance, spawned=spawned, actions=actions)
 
     def release(self, token: str, *, connection: int, uid: int, now: float) -> Released:
@@ -464,6 +502,7 @@ class Registry:
         lease.ttl = ttl if ttl is not None else lease.ttl
         assert lease.ttl is not None
         lease.expires_at = now + lease.ttl
+        self._deadlines.set((LEASE_DEADLINE, token), lease.expires_at)
         return lease.expires_at
 
     def release_job(self, job: str, *, connection: int, uid: int, now: float) -> JobReleased:
@@ -472,29 +511,27 @@ class Registry:
         All or nothing: if any lease belongs to another uid and the caller is not
         root, `PermissionDenied` is raised and nothing is released.
         """
-        leases = [lease for lease in self.leases.values() if lease.job == job]
+        leases = self.leases_of_job(job)
         for lease in leases:
             self._check_may_touch(lease, uid)
         actions: list[Action] = []
-        instance_ids: list[str] = []
+        instance_ids: dict[str, None] = {}
         for lease in leases:
-            if lease.instance_id not in instance_ids:
-                instance_ids.append(lease.instance_id)
+            instance_ids[lease.instance_id] = None
             actions += self._drop_lease(lease, now, by_other=lease.owner != connection, reason=Reason.RELEASED)
-        return JobReleased(released=len(leases), instances=instance_ids, actions=actions)
+        return JobReleased(released=len(leases), instances=list(instance_ids), actions=actions)
 
     def connection_closed(self, connection: int, *, now: float) -> list[Action]:
         """Release every lease bound to `connection`; its detached leases live on."""
         # Forget it as a watcher first: a stop caused by this very close must
         # not notify the connection that is gone.
-        for instance in self.instances.values():
-            instance.watchers.discard(connection)
+        for instance_id in self._watching.pop(connection, ()):
+            self.instances[instance_id].watchers.discard(connection)
         actions: list[Action] = []
-        for lease in list(self.leases.values()):
-            if lease.owner != connection:
-                continue
+        for token in list(self._by_owner.get(connection, ())):
+            lease = self.leases[token]
             if lease.detached:
-                lease.owner = None
+                self._set_owner(lease, None)
             else:
                 actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
         return actions
@@ -560,17 +597,16 @@ class Registry:
         instance = self.instances.get(instance_id)
         if instance is None:
             return []
-        instance.tree_gone = True
+        self._mark_tree_gone(instance)
         if self._dying.get(instance.key) == instance_id:
             del self._dying[instance.key]
         if instance.state is State.STOPPING or not instance.leases:
-            del self.instances[instance_id]
-        actions: list[Action] = []
-        for successor in self.instances.values():
-            if successor.waiting_for == instance_id:
-                successor.waiting_for = None
-                actions.append(Spawn(successor.id))
-        return actions
+            self._remove(instance)
+        successor_id = self._successor.pop(instance_id, None)
+        if successor_id is None:
+            return []
+        self.instances[successor_id].waiting_for = None
+        return [Spawn(successor_id)]
 
     def tick(self, now: float) -> Ticked:
         """Expire detached leases, drop leases nobody resumed in time (as a
@@ -578,25 +614,22 @@ class Registry:
         expired: list[str] = []
         unresumed: list[str] = []
         actions: list[Action] = []
-        for token in sorted(self._expiring, key=lambda t: self.leases[t].deadline or 0.0):
-            lease = self.leases.get(token)
-            if lease is None or lease.deadline is None or lease.deadline > now:
+        # Earliest first. Nothing a drop or a stop does here is due by `now`
+        # (a new linger ends after it), so this ends.
+        while (due := self._deadlines.pop_due(now)) is not None:
+            kind, key = due
+            if kind == LINGER_DEADLINE:
+                instance = self.instances[key]
+                assert instance.state is State.LINGERING, instance.state
+                actions += self._stop(instance, Reason.RELEASED)
                 continue
+            lease = self.leases[key]
             if lease.resume_by is not None:
                 unresumed.append(lease.token)
                 actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
             else:
                 expired.append(lease.token)
                 actions += self._drop_lease(lease, now, by_other=True, reason=Reason.LEASE_EXPIRED)
-        for instance_id in sorted(self._lingering):
-            instance = self.instances.get(instance_id)
-            if (
-                instance is not None
-                and instance.state is State.LINGERING
-                and instance.linger_until is not None
-                and instance.linger_until <= now
-            ):
-                actions += self._stop(instance, Reason.RELEASED)
         return Ticked(expired_leases=expired, actions=actions, unresumed_leases=unresumed)
 
     def adopt(self, adopted: AdoptedInstance, *, now: float, resume_grace: float) -> list[Action]:
@@ -630,6 +663,7 @@ class Registry:
         )
         self.instances[instance.id] = instance
         self._live[instance.key] = instance.id
+        self._holding[instance.adapter] += 1
         for recorded in adopted.leases:
             lease = Lease(
                 token=recorded.token,
@@ -643,16 +677,14 @@ class Registry:
                 expires_at=recorded.expires_at if recorded.detached else None,
                 resume_by=None if recorded.detached else now + resume_grace,
             )
-            self.leases[lease.token] = lease
             instance.leases.add(lease.token)
-            if lease.deadline is not None:
-                self._expiring.add(lease.token)
+            self._add_lease(lease)
         if instance.leases:
             return []
         if adopted.linger_until is not None and adopted.linger_until > now:
             instance.state = State.LINGERING
             instance.linger_until = adopted.linger_until
-            self._lingering.add(instance.id)
+            self._deadlines.set((LINGER_DEADLINE, instance.id), adopted.linger_until)
             return []
         return self._stop(instance, Reason.RELEASED)
 
@@ -669,9 +701,9 @@ class Registry:
             if lease is None or lease.resume_by is None or uid not in (ROOT_UID, lease.uid) or token in resumed:
                 not_resumed.append(token)
                 continue
-            lease.owner = connection
+            self._set_owner(lease, connection)
             lease.resume_by = None
-            self._expiring.discard(token)
+            self._deadlines.discard((LEASE_DEADLINE, token))
             resumed.append(token)
         return Resumed(resumed=resumed, not_resumed=not_resumed)
 
@@ -715,13 +747,41 @@ class Registry:
                 f"a lease of job {lease.job!r} is held by uid {lease.uid}; only that uid or root may release it"
             )
 
+    def _add_lease(self, lease: Lease) -> None:
+        """Hold a lease (its instance already names it) and index it."""
+        token = lease.token
+        self.leases[token] = lease
+        self._by_job.setdefault(lease.job, {})[token] = None
+        self._by_uid.setdefault(lease.uid, {})[token] = None
+        if lease.owner is not None:
+            self._by_owner.setdefault(lease.owner, {})[token] = None
+        if lease.deadline is not None:
+            self._deadlines.set((LEASE_DEADLINE, token), lease.deadline)
+
+    def _remove_lease(self, lease: Lease) -> None:
+        """Forget a lease and every index entry of it (not its instance's)."""
+        token = lease.token
+        del self.leases[token]
+        _discard_from(self._by_job, lease.job, token)
+        _discard_from(self._by_uid, lease.uid, token)
+        if lease.owner is not None:
+            _discard_from(self._by_owner, lease.owner, token)
+        self._deadlines.discard((LEASE_DEADLINE, token))
+
+    def _set_owner(self, lease: Lease, owner: int | None) -> None:
+        if lease.owner is not None:
+            _discard_from(self._by_owner, lease.owner, lease.token)
+        lease.owner = owner
+        if owner is not None:
+            self._by_owner.setdefault(owner, {})[lease.token] = None
+
     def _drop_lease(self, lease: Lease, now: float, *, by_other: bool, reason: Reason) -> list[Action]:
-        del self.leases[lease.token]
-        self._expiring.discard(lease.token)
+        self._remove_lease(lease)
         instance = self.instances[lease.instance_id]
         instance.leases.discard(lease.token)
         if by_other and lease.owner is not None:
             instance.watchers.add(lease.owner)
+            self._watching.setdefault(lease.owner, {})[instance.id] = None
         if instance.leases:
             return []
         return self._last_lease_gone(instance, now, reason)
@@ -737,11 +797,11 @@ class Registry:
             if instance.linger > 0:
                 instance.state = State.LINGERING
                 instance.linger_until = now + instance.linger
-                self._lingering.add(instance.id)
+                self._deadlines.set((LINGER_DEADLINE, instance.id), instance.linger_until)
                 return []
             return self._stop(instance, reason)
         if instance.state is State.EXITED and instance.tree_gone:
-            del self.instances[instance.id]
+            self._remove(instance)
         return []
 
     def _begin_dying(self, instance: Instance, state: State, reason: Reason) -> None:
@@ -751,7 +811,7 @@ class Registry:
         instance.state = state
         instance.stop_reason = reason
         instance.linger_until = None
-        self._lingering.discard(instance.id)
+        self._deadlines.discard((LINGER_DEADLINE, instance.id))
         self._dying[instance.key] = instance.id
 
     def _stop(self, instance: Instance, reason: Reason) -> list[Action]:
@@ -790,10 +850,35 @@ class Registry:
 
     def _discard_leases(self, instance: Instance) -> None:
         for token in instance.leases:
-            del self.leases[token]
-            self._expiring.discard(token)
+            self._remove_lease(self.leases[token])
         instance.leases.clear()
 
-    def _forget(self, instance: Instance) -> None:
-        self._release_key(instance)
+    def _mark_tree_gone(self, instance: Instance) -> None:
+        if not instance.tree_gone:
+            instance.tree_gone = True
+            self._holding[instance.adapter] -= 1
+            if not self._holding[instance.adapter]:
+                del self._holding[instance.adapter]
+
+    def _remove(self, instance: Instance) -> None:
+        """Drop an instance the registry is done with (its leases are gone)."""
         del self.instances[instance.id]
+        for connection in instance.watchers:
+            _discard_from(self._watching, connection, instance.id)
+        if instance.waiting_for is not None and self._successor.get(instance.waiting_for) == instance.id:
+            del self._successor[instance.waiting_for]
+
+    def _forget(self, instance: Instance) -> None:
+        """Drop an instance that never had a tree, or whose spawn failed."""
+        self._release_key(instance)
+        self._mark_tree_gone(instance)
+        self._remove(instance)
+
+
+def _discard_from(index: dict[K, dict[str, None]], key: K, item: str) -> None:
+    """Remove `item` from the set `index[key]`, and the set once it is empty."""
+    members = index.get(key)
+    if members is not None:
+        members.pop(item, None)
+        if not members:
+            del index[key]

@@ -63,6 +63,7 @@ from supervisor.engine.sweep import Sweeper
 from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.sparecgroups import SpareCgroups
+from supervisor.procs.proctable import TableScanner
 from supervisor.procs.spawner import choose_spawner
 from supervisor.procs.stderr import decode_tail
 from supervisor.procs.stderrfile import StderrFiles
@@ -154,6 +155,9 @@ class Engine:
         # taken once rather than per spawn.
         self._environ = dict(os.environ)
         self.stderr_files = StderrFiles(os.path.join(self.state_dir, STDERR_DIR))
+        # Process-table mode: one table of the host's processes, refreshed
+        # for every tree and sweep that needs it.
+        self.table = TableScanner(self.pid, lambda: self.instances.anchors()) if cgroups is None else None
         self.instances = Instances(
             registry=self.registry,
             adapters=config.adapters,
@@ -167,12 +171,13 @@ class Engine:
             now=self.now,
             report=self.execute,
             stdio=stdio,
+            table=self.table,
         )
         self.scans = ScanCache(self.instances)
         self.sweeper = Sweeper(
             config=config, registry=self.registry, instances=self.instances, reaper=self.reaper,
             cgroups=cgroups, spares=self.spares, store=self.reports, metrics=self.metrics,
-            daemon_key=self.daemon_tag, tick=self._tick, execute=self.execute,
+            daemon_key=self.daemon_tag, tick=self._tick, execute=self.execute, table=self.table,
         )
         self._deadline_changed = trio.Event()
         self._clock_offset = 0.0
@@ -202,6 +207,8 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self.instances.attach(nursery)
             self.scans.attach(nursery)
+            if self.table is not None:
+                self.table.attach(nursery)
             if self._handed is not None:
                 # Before the reaper's first reap: a root that exited during the
                 # exec is waitable now, and must reach its watcher.
@@ -685,8 +692,7 @@ class Engine:
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: live instances and leases."""
-        live = sum(1 for instance in self.registry.instances.values() if instance.state in LIVE_STATES)
-        return f"live instances: {live}, leases: {len(self.registry.leases)}"
+        return f"live instances: {self.registry.count_live()}, leases: {len(self.registry.leases)}"
 
     def logs(self, peer: Peer, params: protocol.LogsParams) -> Reply:
         """The tail of an instance's stderr, by instance or lease: to the uid

@@ -32,6 +32,7 @@ from supervisor.engine.staterecord import RecordKeeper
 from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs import process, subreaper
 from supervisor.procs.cgroup import CgroupManager
+from supervisor.procs.proctable import TableScanner
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.spawner import RootProcess, Spawner, SpawnRequest
 from supervisor.procs.stderr import StderrTail, TailBudget, capture_stderr
@@ -117,7 +118,9 @@ class Instances:
         now: Callable[[], float],
         report: Callable[[Iterable[Action]], None],
         stdio: StdioStore | None = None,
+        table: TableScanner | None = None,
     ) -> None:
+        """`table`: the shared process table, in process-table mode."""
         self.registry = registry
         self.adapters = adapters
         self.spawner = spawner
@@ -131,6 +134,7 @@ class Instances:
         self.report = report
         # Where the roots' stdin/stdout pipes are kept through a crash.
         self.stdio = stdio if stdio is not None else StdioStore(None)
+        self.table = table
         self.pid = os.getpid()
         self.running: dict[str, RunningInstance] = {}
         # The stderr tails of instances stopped lately: the deques themselves,
@@ -267,7 +271,8 @@ class Instances:
         registered, and watched for by the reaper, before any other task can
         run. Its reader and watcher tasks go to `after` when given: they change
         nothing a reply says."""
-        tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree = InstanceTree(instance_id=instance_id, root=root.id, cgroup=self.cgroups, daemon_pid=self.pid,
+                            table=self.table)
         tree.known.add(root.id)
         # Nothing was read yet: the tail counts in the daemon's budget from the start.
         root.stderr_tail = StderrTail(root.stderr_tail, budget=self.tail_budget)
@@ -313,7 +318,10 @@ class Instances:
                  adapter=running.adapter.name, pid=running.root.pid)
         self.record.mark_dirty()
         # A root that died before the SIGCHLD receiver ran is caught here too.
-        self.reaper.reap()
+        # One peek at this child first: a reap looks at every child of the
+        # daemon in the kernel (one per instance), this only at the root.
+        if subreaper.child_has_exited(running.root.pid):
+            self.reaper.reap()
         await running.root_reaped.wait()
         returncode = running.returncode if running.returncode is not None else -1
         log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=returncode)
@@ -347,7 +355,8 @@ class Instances:
         file-descriptor store passed back, if it kept them (else they died
         with the previous incarnation); its stderr file is followed on."""
         stdin_fd, stdout_fd = self.stdio.take(instance_id)
-        tree = InstanceTree(instance_id=instance_id, root=root, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree = InstanceTree(instance_id=instance_id, root=root, cgroup=self.cgroups, daemon_pid=self.pid,
+                            table=self.table)
         tree.known.update(members)
         tree.known.add(root)
         running = RunningInstance(
@@ -423,7 +432,8 @@ class Instances:
         this process's child (same pid across execve), so the reaper watches
         it as before; its pipes and stderr file are the fds it names."""
         root_id = process.ProcessId(handed.root_pid, handed.root_start_time)
-        tree = InstanceTree(instance_id=handed.instance_id, root=root_id, cgroup=self.cgroups, daemon_pid=self.pid)
+        tree = InstanceTree(instance_id=handed.instance_id, root=root_id, cgroup=self.cgroups, daemon_pid=self.pid,
+                            table=self.table)
         tree.known.update(process.ProcessId(pid, start) for pid, start in handed.known)
         stderr = None
         if handed.stderr_file is not None and handed.stderr_fd is not None:
@@ -575,6 +585,12 @@ class Instances:
             if not running.root_reaped.is_set():
                 log.warning("adapter.root_vanished", instance=instance_id, pid=running.root.pid)
                 _root_reaped(running, -1)
+
+    def anchors(self) -> frozenset[process.ProcessId]:
+        """The root and every known member of every tree: what the process
+        table counts as ours, with their descendants (process-table mode)."""
+        roots = [running.root.id for running in self.running.values()]
+        return frozenset(roots).union(*[running.tree.known for running in self.running.values()])
 
     # -- what a request may read -------------------------------------------------
 

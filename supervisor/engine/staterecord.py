@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,12 @@ READABLE_VERSIONS = frozenset({1, 2})
 # write, and a kill -9 loses at most this much (the tag and cgroup scans of
 # the next start still find those processes).
 RECORD_WRITE_INTERVAL_S = 0.2
+
+# The snapshot is taken on the trio thread and costs every instance held
+# (milliseconds per thousand): after a write, the next waits at least this
+# many times as long as the snapshot took, so the record never takes more
+# than about a tenth of the trio thread however many instances it holds.
+RECORD_SNAPSHOT_SHARE = 10.0
 
 
 class RecordedProcess(msgspec.Struct, frozen=True):
@@ -235,15 +242,21 @@ class RecordKeeper:
         self._dirty.set()
 
     async def run(self) -> None:
-        """Rewrite on every change until cancelled."""
+        """Rewrite on every change until cancelled: at most every
+        RECORD_WRITE_INTERVAL_S, or RECORD_SNAPSHOT_SHARE times the last
+        snapshot's time if that is longer (a record of many instances)."""
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            await self.write_now()
-            await trio.sleep(RECORD_WRITE_INTERVAL_S)
+            took = await self.write_now()
+            await trio.sleep(max(RECORD_WRITE_INTERVAL_S, RECORD_SNAPSHOT_SHARE * took))
 
-    async def write_now(self) -> None:
-        """Write the current snapshot (bounded; failures are logged)."""
+    async def write_now(self) -> float:
+        """Write the current snapshot (bounded; failures are logged). Returns
+        the seconds the snapshot took on the trio thread."""
         async with self._lock:
+            started = time.perf_counter()
             record = self._snapshot()
+            took = time.perf_counter() - started
             await write_bounded("state.record_failed", write_record, self.state_dir, record)
+        return took

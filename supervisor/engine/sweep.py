@@ -11,8 +11,10 @@ of these is never touched, whatever its command line.
 
 Cost: a periodic sweep in cgroup mode reads only the instance cgroups and the
 stat of their members, so it does not grow with unrelated processes on the host.
-The process-table fallback, and any `deep` sweep, read every /proc entry once
-(environments only of the daemon's descendants, or of every process when deep).
+In process-table mode a periodic sweep refreshes the daemon's process table
+(`procs/proctable.py`: one listing of /proc, and the stat of new pids only)
+and then works on the tracked trees alone (`scan_table`). Any `deep` sweep
+reads every /proc entry (and the environment of every process).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import trio
@@ -32,8 +35,9 @@ from supervisor.engine import metrics, reports, scans
 from supervisor.engine.diskwrite import write_bounded
 from supervisor.engine.instances import Instances
 from supervisor.engine.reports import Orphan
-from supervisor.procs import process
+from supervisor.procs import process, proctable
 from supervisor.procs.cgroup import CgroupManager
+from supervisor.procs.proctable import ProcessTable, TableScanner
 from supervisor.procs.sparecgroups import SpareCgroups
 from supervisor.procs.subreaper import ChildReaper
 from supervisor.procs.tree import KILL_GRACE_S, InstanceTree, daemon_tags, signal_member, wait_gone
@@ -65,6 +69,8 @@ class ScanResult:
     candidates: list[Candidate] = field(default_factory=list)
     # Instance cgroups of no live instance (removed once empty).
     stale_cgroups: list[str] = field(default_factory=list)
+    # The process table refreshed by `scan_table`.
+    table: ProcessTable | None = None
 
 
 def scan(
@@ -129,6 +135,46 @@ def scan(
             if process.read_supervisor_env(stat.pid).get(process.DAEMON_ENV) == daemon_key:
                 seen.add(stat.pid)
                 result.candidates.append(_candidate(stat, "tag"))
+    return result
+
+
+def scan_table(
+    previous: ProcessTable,
+    *,
+    anchors: frozenset[process.ProcessId],
+    live: frozenset[str],
+    measured: dict[str, tuple[InstanceTree, frozenset[process.ProcessId]]],
+    daemon_pid: int,
+) -> ScanResult:
+    """Blocking: a periodic sweep's scan in process-table mode, from the
+    daemon's table refreshed (`proctable.refresh`). `anchors` are the roots
+    and known members of every tree, `live` every instance the daemon still
+    owns; `measured` the trees whose members (with fresh figures) are wanted.
+    A process of ours is accounted for if it is an anchor, carries the tag
+    of a live instance, or descends from either; the rest of ours are the
+    candidates, each read again so that a zombie or a reused pid is none.
+    Costs the tracked processes and the new ones, not the host. Changes
+    nothing; raises OSError if /proc cannot be listed."""
+    reread = [m.pid for tree, known in measured.values() for m in (tree.root, *known)]
+    table = proctable.refresh(previous, daemon_pid=daemon_pid, anchors=anchors, reread=reread)
+    result = ScanResult(scanned=len(table.stats), table=table)
+    stats = table.stats
+    accounted = {a.pid for a in anchors if a.pid in stats and stats[a.pid].start_time == a.start_time}
+    for instance_id in live:
+        accounted.update(table.by_tag.get(instance_id, ()))
+    frontier = list(accounted)
+    while frontier:
+        for child in table.children.get(frontier.pop(), ()):
+            if child not in accounted:
+                accounted.add(child)
+                frontier.append(child)
+    for pid in table.ours - accounted:
+        stat = process.read_stat(pid)
+        if stat is None or stat.start_time != stats[pid].start_time or stat.state in process.EXITED_STATES:
+            continue
+        result.candidates.append(_candidate(stat, "descendant"))
+    for instance_id, (tree, known) in measured.items():
+        result.members[instance_id] = table.members(tree.root, known, instance_id)
     return result
 
 
@@ -229,7 +275,9 @@ class Sweeper:
         daemon_key: str,
         tick: Callable[[], None],
         execute: Callable[[Iterable[Action]], None],
+        table: TableScanner | None = None,
     ) -> None:
+        """`table`: the daemon's process table, in process-table mode."""
         self.config = config
         self._registry = registry
         self._instances = instances
@@ -241,6 +289,7 @@ class Sweeper:
         self._daemon_key = daemon_key
         self._tick = tick
         self._execute = execute
+        self._table = table
         self._lock = trio.Lock()
         # Expired leases (the registry's tick) not yet in a report.
         self._expired: list[str] = []
@@ -285,22 +334,31 @@ class Sweeper:
             zombies = self._reaper.take_adopted()
             self._tick()
             running = self._instances.running
-            # In cgroup mode a periodic sweep reads only the trees it must
-            # measure (adapters with a memory_limit): orphans show up as
-            # instance cgroups of no live instance, found by one listing.
-            wanted = [
-                i for i, r in running.items()
-                if deep or self._cgroups is None or r.adapter.memory_limit is not None
-            ]
+            # A periodic sweep reads only the trees it must measure (adapters
+            # with a memory_limit): orphans show up as instance cgroups of no
+            # live instance, found by one listing, or in process-table mode
+            # as processes of ours that no tree accounts for.
+            incremental = not deep and (self._cgroups is not None or self._table is not None)
+            wanted = [i for i, r in running.items() if not incremental or r.adapter.memory_limit is not None]
             snapshots = scans.snapshot(self._instances, wanted)
             live = self._owned_cgroups()
             recorded = list(recorded)
             born_before = process.uptime_ticks()
+            table = self._table
             try:
-                result = await trio.to_thread.run_sync(lambda: scan(
-                    trees=snapshots, live=live, cgroups=self._cgroups, daemon_pid=self._instances.pid,
-                    daemon_key=self._daemon_key, deep=deep, recorded=recorded,
-                ))
+                if table is not None and incremental:
+                    base = table.table
+                    result = await trio.to_thread.run_sync(partial(
+                        scan_table, base, anchors=self._instances.anchors(), live=live, measured=snapshots,
+                        daemon_pid=self._instances.pid,
+                    ))
+                    assert result.table is not None
+                    table.offer(result.table, base)
+                else:
+                    result = await trio.to_thread.run_sync(lambda: scan(
+                        trees=snapshots, live=live, cgroups=self._cgroups, daemon_pid=self._instances.pid,
+                        daemon_key=self._daemon_key, deep=deep, recorded=recorded,
+                    ))
             except OSError as exc:
                 log.error("sweep.scan_failed", error=str(exc))
                 errors.append(f"scan failed: {exc}")

@@ -17,6 +17,15 @@
  * Everything the child does before exec is time the parent sleeps, so the
  * child does as little as it can: the kernel resets the signal handlers
  * (CLONE_CLEAR_SIGHAND, Linux >= 5.5) and the parent works out the start time.
+ *
+ * A child created without CLONE_FILES gets a copy of the parent's whole fd
+ * table, every open file referenced and then closed again before exec: a cost
+ * that grows with the daemon's open fds (one stderr file per instance, one
+ * socket per client). Given `keep_below`, the child is created sharing the
+ * parent's table instead (CLONE_FILES) and its first step is
+ * close_range(keep_below, ~0, CLOSE_RANGE_UNSHARE) (Linux >= 5.9), which gives
+ * it a table of its own holding only the fds below `keep_below`: the parent
+ * puts the child's stdio there beforehand.
  */
 
 #define _GNU_SOURCE
@@ -33,10 +42,12 @@
 /* <linux/sched.h>, spelled out so the build needs no kernel headers. */
 #define SPAWN_CLONE_VM 0x00000100ULL
 #define SPAWN_CLONE_VFORK 0x00004000ULL
+#define SPAWN_CLONE_FILES 0x00000400ULL
 #define SPAWN_CLONE_CLEAR_SIGHAND 0x100000000ULL
 #define SPAWN_CLONE_INTO_CGROUP 0x200000000ULL
 #define SPAWN_SYS_CLONE3 435
 #define SPAWN_SYS_CLOSE_RANGE 436
+#define SPAWN_CLOSE_RANGE_UNSHARE (1U << 1)
 
 /* The child's stack. It holds child_main's few locals and the frames of the
    system call wrappers it calls (nothing of the program it execs, which gets
@@ -75,6 +86,9 @@ struct spawn_job {
     char *const *envp;
     const char *cwd; /* NULL: the parent's */
     int stdio[3];
+    /* > 0: the child shares the parent's fd table until it unshares it,
+       keeping only the fds below this. */
+    int keep_below;
     int new_session;
     /* 1 when the kernel did not clear the signal handlers (no
        CLONE_CLEAR_SIGHAND): the child resets them itself. */
@@ -108,6 +122,13 @@ static int child_main(void *arg) {
        are unblocked. CLONE_CLEAR_SIGHAND did that already, unless the kernel
        is too old for it. SIGPIPE and SIGXFSZ, which Python ignores, are
        restored too, as subprocess does. */
+    /* First of all, while it still shares the parent's fd table: a table of
+       its own, with only the fds the parent placed below keep_below. */
+    if (job->keep_below > 0
+        && syscall(SPAWN_SYS_CLOSE_RANGE, (unsigned int)job->keep_below, ~0U, SPAWN_CLOSE_RANGE_UNSHARE) != 0) {
+        child_fail(job, STAGE_CLOSE_FDS, errno);
+    }
+
     reset.sa_handler = SIG_DFL;
     if (job->reset_handlers) {
         for (int sig = 1; sig < NSIG; sig++) {
@@ -201,10 +222,19 @@ static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg)
 #endif
 }
 
+/* The calling convention of adapter_spawn; clonespawn.py refuses a library
+   built from another (a stale build), and spawns with subprocess instead. */
+int adapter_spawn_abi(void) {
+    return 2;
+}
+
 /*
  * Spawn argv with envp, trying each of `paths` as the executable. stdio[i] is
  * dup'ed onto fd i (-1: left as inherited); every other fd is closed in the
  * child. cgroup_fd >= 0 is an O_DIRECTORY fd of the cgroup to be born in.
+ * keep_below > 0: the child shares the fd table until it unshares it keeping
+ * only the fds below keep_below (see above); every stdio[i] must be below it.
+ * A kernel without CLOSE_RANGE_UNSHARE fails that with STAGE_CLOSE_FDS, EINVAL.
  *
  * Returns the child's pid once it has exec'd, with its start time in
  * *start_time (0 if it could not be read). On failure returns -1 with
@@ -213,13 +243,15 @@ static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg)
  * filter, EINVAL from an old kernel: the caller may fall back).
  */
 long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, const char *cwd, const int *stdio,
-                   int cgroup_fd, int new_session, int *stage, int *error, unsigned long long *start_time) {
+                   int cgroup_fd, int keep_below, int new_session, int *stage, int *error,
+                   unsigned long long *start_time) {
     struct spawn_job job = {
         .paths = paths,
         .argv = argv,
         .envp = envp,
         .cwd = cwd,
         .stdio = {stdio[0], stdio[1], stdio[2]},
+        .keep_below = keep_below,
         .new_session = new_session,
         .reset_handlers = 0,
         .error = 0,
@@ -234,6 +266,9 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
     int clone_error;
 
     args.flags = SPAWN_CLONE_VM | SPAWN_CLONE_VFORK | SPAWN_CLONE_CLEAR_SIGHAND;
+    if (keep_below > 0) {
+        args.flags |= SPAWN_CLONE_FILES;
+    }
     if (cgroup_fd >= 0) {
         args.flags |= SPAWN_CLONE_INTO_CGROUP;
         args.cgroup = (uint64_t)cgroup_fd;

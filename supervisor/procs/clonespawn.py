@@ -7,19 +7,31 @@ the instance cgroup instead of joining it from a forked copy of the daemon
 (which copies the daemon's page tables and then waits for an RCU grace
 period). The library is optional: `load()` returns None when it was not built,
 and the daemon then uses `subprocess`.
+
+The child shares the daemon's fd table until its first step gives it one of
+its own with only the fds below three slots reserved low in the table
+(`StdioSlots`), where its stdio is placed for the spawn: so a spawn costs the
+same with ten open fds or twenty thousand (a copied table costs every open
+fd, twice).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 LIBRARY = Path(__file__).with_name("_clonespawn.so")
+
+# `adapter_spawn_abi()` of the library this binding calls: a library built
+# from an older _clonespawn.c takes other arguments, and is not used.
+ABI = 2
 _FS_ENCODING = sys.getfilesystemencoding()
 
 # enum spawn_stage in _clonespawn.c.
@@ -57,10 +69,16 @@ class Unsupported(OSError):
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The built library, or None if there is none (or it does not load)."""
+    """The built library, or None if there is none (or it does not load, or
+    was built from another version of _clonespawn.c: a stale build)."""
     try:
         library = ctypes.CDLL(str(LIBRARY), use_errno=True)
-    except OSError:
+        abi = library.adapter_spawn_abi
+    except (OSError, AttributeError):
+        return None
+    abi.restype = ctypes.c_int
+    abi.argtypes = []
+    if abi() != ABI:
         return None
     function = library.adapter_spawn
     function.restype = ctypes.c_long
@@ -72,11 +90,51 @@ def load() -> ctypes.CDLL | None:
         ctypes.POINTER(ctypes.c_int),
         ctypes.c_int,
         ctypes.c_int,
+        ctypes.c_int,
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_ulonglong),
     ]
     return library
+
+
+class StdioSlots:
+    """Three fds reserved low in the process's fd table, each /dev/null but
+    while a spawn places its child's stdio there. A child that shares the
+    table copies only the fds below `keep_below` into a table of its own.
+    One spawn at a time places its stdio (a lock)."""
+
+    def __init__(self) -> None:
+        self._null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.fds = tuple(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(3))
+        self.keep_below = max(self.fds) + 1
+        self._lock = threading.Lock()
+        # Cleared for good when the kernel cannot unshare in close_range (< 5.9).
+        self.usable = True
+
+    @contextlib.contextmanager
+    def placed(self, stdio: tuple[int, int, int]) -> Iterator[tuple[int, int, int]]:
+        """`stdio` duplicated into the slots (-1 stays -1), for one spawn; the
+        slots are /dev/null again afterwards, so the daemon holds no extra
+        end of a child's pipe."""
+        with self._lock:
+            try:
+                placed = []
+                for slot, fd in zip(self.fds, stdio, strict=True):
+                    if fd >= 0:
+                        os.dup2(fd, slot, inheritable=False)
+                    placed.append(slot if fd >= 0 else -1)
+                yield placed[0], placed[1], placed[2]
+            finally:
+                for slot in self.fds:
+                    os.dup2(self._null, slot, inheritable=False)
+
+
+@functools.cache
+def stdio_slots() -> StdioSlots:
+    """The process's one set of slots, reserved at the first call: call it
+    early (the spawner does when it is made), while the lowest free fds are low."""
+    return StdioSlots()
 
 
 def _strings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
@@ -172,15 +230,26 @@ def spawn(
         paths = _strings(_candidates(argv[0], env.get("PATH")))
         environment = _strings([_encode(f"{key}={value}") for key, value in env.items()])
     arguments = _strings([_encode(arg) for arg in argv])
-    fds = (ctypes.c_int * 3)(*stdio)
     stage = ctypes.c_int(0)
     error = ctypes.c_int(0)
     start_time = ctypes.c_ulonglong(0)
-    pid = library.adapter_spawn(
-        paths, arguments, environment, None if cwd is None else os.fsencode(cwd), fds,
-        -1 if cgroup_fd is None else cgroup_fd, int(new_session), ctypes.byref(stage), ctypes.byref(error),
-        ctypes.byref(start_time),
-    )
+
+    def attempt(fds: tuple[int, int, int], keep_below: int) -> int:
+        return library.adapter_spawn(
+            paths, arguments, environment, None if cwd is None else os.fsencode(cwd), (ctypes.c_int * 3)(*fds),
+            -1 if cgroup_fd is None else cgroup_fd, keep_below, int(new_session), ctypes.byref(stage),
+            ctypes.byref(error), ctypes.byref(start_time),
+        )
+
+    slots = stdio_slots()
+    pid = -1
+    if slots.usable:
+        with slots.placed(stdio) as placed:
+            pid = attempt(placed, slots.keep_below)
+        if pid < 0 and stage.value == STAGE_CLOSE_FDS and error.value == errno.EINVAL:
+            slots.usable = False  # no CLOSE_RANGE_UNSHARE: copy the whole table from now on
+    if not slots.usable:
+        pid = attempt(stdio, 0)
     if pid > 0:
         return pid, start_time.value
     reason = os.strerror(error.value)

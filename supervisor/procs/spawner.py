@@ -366,6 +366,8 @@ class Clone3Spawner:
         self._base_env = base_env
         # Adapter name -> its environment, prepared once for all its spawns.
         self._environments: dict[str, clonespawn.Environment] = {}
+        # Reserved now, while the daemon's lowest free fds are low.
+        clonespawn.stdio_slots()
 
     def spawn(self, request: SpawnRequest, *, spare_cgroup: int | None = None) -> RootProcess:
         cgroup_fd = spare_cgroup

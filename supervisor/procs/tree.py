@@ -22,6 +22,7 @@ import trio
 
 from supervisor.procs import process
 from supervisor.procs.cgroup import CgroupManager
+from supervisor.procs.proctable import TableScanner
 
 log = structlog.get_logger()
 
@@ -50,6 +51,9 @@ class InstanceTree:
     root: process.ProcessId
     cgroup: CgroupManager | None = None
     daemon_pid: int = field(default_factory=os.getpid)
+    # In process-table mode, the daemon's shared table: `members` asks it
+    # instead of scanning the whole host for this tree alone.
+    table: TableScanner | None = None
     # Every member ever seen: a process that later clears its environment or
     # is re-parented is still recognised by its (pid, start time).
     known: set[process.ProcessId] = field(default_factory=set)
@@ -111,8 +115,12 @@ class InstanceTree:
 
     async def members(self) -> list[process.ProcStat]:
         """The live members now, remembered (see `remember`). A cgroup read is
-        cheap enough for the trio thread; a process-table scan runs in a worker
-        thread. Raises OSError as `scan` does, remembering nothing then.
+        cheap enough for the trio thread; in process-table mode the shared
+        table is refreshed in a worker thread (one refresh serves every tree
+        asking meanwhile), or without one the process table is scanned there.
+        Members from the table are as it last read them (zombies included):
+        their identities are right, their figures may be old. Raises OSError
+        as `scan` does, remembering nothing then.
 
         Cancellation: in cgroup mode there is no checkpoint, so it always
         completes. In process-table mode Cancelled is raised only before the
@@ -121,6 +129,9 @@ class InstanceTree:
         known = frozenset(self.known)
         if self.cgroup is not None:
             stats = self.scan(known)
+        elif self.table is not None:
+            table = await self.table.refreshed()
+            stats = table.members(self.root, known, self.instance_id)
         else:
             stats = await trio.to_thread.run_sync(self.scan, known)
         self.remember(stats, known)

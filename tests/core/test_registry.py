@@ -1228,6 +1228,7 @@ class Shell:
             assert not instances[instance_id].tree_gone
         for instance_id in self.roots:
             assert instances[instance_id].state is not State.STARTING
+        check_indexes(registry)
 
     # -- steps ---------------------------------------------------------------
 
@@ -1430,8 +1431,15 @@ class Shell:
             for token, lease in self.registry.leases.items()
             if lease.expires_at is not None and lease.expires_at <= self.now
         )
+        lingering_due = sorted(
+            instance.id
+            for instance in self.registry.instances.values()
+            if instance.state is State.LINGERING and instance.linger_until is not None and instance.linger_until <= self.now
+        )
         ticked = self.registry.tick(self.now)
         assert sorted(ticked.expired_leases) == due
+        stopped = sorted(a.instance_id for a in ticked.actions if isinstance(a, StopTree) and a.instance_id in lingering_due)
+        assert stopped == lingering_due
         assert not set(due) & self.registry.leases.keys()
         deadline = self.registry.next_deadline()
         assert deadline is None or deadline > self.now
@@ -1486,6 +1494,34 @@ class Shell:
                 for adapter in ADAPTERS:
                     acquired = acquire(registry, job=job, adapter=adapter, now=self.now)
                     assert acquired.actions == [Spawn(acquired.instance.id)]
+
+
+def check_indexes(registry: Registry) -> None:
+    """Every index the registry keeps to answer in O(log n) equals what a walk
+    of all its instances and leases finds (the brute-force reference)."""
+    leases = list(registry.leases.values())
+    instances = list(registry.instances.values())
+    for job in {lease.job for lease in leases} | set(JOBS):
+        assert registry.leases_of_job(job) == [lease for lease in leases if lease.job == job]
+    for uid in {lease.uid for lease in leases} | set(UID_CHOICES):
+        assert registry.leases_of_uid(uid) == [lease for lease in leases if lease.uid == uid]
+    by_owner: dict[int, list[str]] = {}
+    for lease in leases:
+        if lease.owner is not None:
+            by_owner.setdefault(lease.owner, []).append(lease.token)
+    assert {owner: list(tokens) for owner, tokens in registry._by_owner.items()} == by_owner
+    watching: dict[int, set[str]] = {}
+    for instance in instances:
+        for connection in instance.watchers:
+            watching.setdefault(connection, set()).add(instance.id)
+    assert {c: set(ids) for c, ids in registry._watching.items()} == watching
+    assert registry._successor == {i.waiting_for: i.id for i in instances if i.waiting_for is not None}
+    for adapter in {i.adapter for i in instances} | set(ADAPTERS):
+        assert registry.count_instances(adapter) == sum(1 for i in instances if i.adapter == adapter and not i.tree_gone)
+    assert registry.count_live() == sum(1 for i in instances if i.state in (State.STARTING, State.RUNNING, State.LINGERING))
+    deadlines = [lease.deadline for lease in leases if lease.deadline is not None]
+    deadlines += [i.linger_until for i in instances if i.state is State.LINGERING and i.linger_until is not None]
+    assert registry.next_deadline() == min(deadlines, default=None)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -1629,7 +1665,10 @@ def restored(registry: Registry) -> Registry:
 
 
 def indexes(registry: Registry) -> tuple[object, ...]:
-    return (registry._live, registry._dying, registry._expiring, registry._lingering, registry.closed)
+    return (
+        registry._live, registry._dying, registry._deadlines.as_dict(), registry._by_job, registry._by_owner,
+        registry._by_uid, registry._watching, registry._successor, registry._holding, registry.closed,
+    )
 
 
 def test_a_restored_registry_has_the_same_indexes_and_behaves_the_same() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import trio.testing
 from supervisor.engine import staterecord
 from supervisor.engine.staterecord import (
     RECORD_FILE,
+    RECORD_SNAPSHOT_SHARE,
     RECORD_WRITE_INTERVAL_S,
     RecordedInstance,
     RecordedProcess,
@@ -229,6 +231,28 @@ async def test_changes_are_written_soon_but_at_most_once_per_interval(tmp_path: 
     assert len(snapshots.times) == 3
     assert snapshots.times[1] - snapshots.times[0] >= RECORD_WRITE_INTERVAL_S
     assert read_record(str(tmp_path)).daemon_pid == 3
+
+
+async def test_a_slow_snapshot_spaces_the_next_write_by_its_share(tmp_path: Path) -> None:
+    # A record of many instances takes long to snapshot on the trio thread:
+    # the keeper then waits RECORD_SNAPSHOT_SHARE times as long before the
+    # next, so the record's share of the thread stays bounded.
+    slow = 0.05
+    snapshots = Snapshots()
+
+    def slow_snapshot() -> StateRecord:
+        time.sleep(slow)  # real time: what the keeper measures
+        return snapshots()
+
+    keeper = RecordKeeper(str(tmp_path), slow_snapshot)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        keeper.mark_dirty()
+        await on_disk(tmp_path, 1)
+        keeper.mark_dirty()
+        await on_disk(tmp_path, 2)
+        nursery.cancel_scope.cancel()
+    assert snapshots.times[1] - snapshots.times[0] >= RECORD_SNAPSHOT_SHARE * slow > RECORD_WRITE_INTERVAL_S
 
 
 async def test_write_now_logs_a_failure_instead_of_raising(tmp_path: Path) -> None:

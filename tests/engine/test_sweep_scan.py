@@ -21,10 +21,11 @@ import pytest
 import trio
 
 from supervisor.engine.staterecord import daemon_key
-from supervisor.engine.sweep import Candidate, ScanResult, age_seconds, reap_candidates, scan, zombie_orphan
+from supervisor.engine.sweep import Candidate, ScanResult, age_seconds, reap_candidates, scan, scan_table, zombie_orphan
 from supervisor.procs import process, subreaper
 from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from supervisor.procs.process import ProcessId
+from supervisor.procs.proctable import ProcessTable
 from supervisor.procs.tree import InstanceTree, signal_member
 from tests.conftest import PYTHON, TREE, eventually, read_pidfile
 from tests.standin import StandIn, start_standin
@@ -72,8 +73,14 @@ def live_trees(daemon: StandIn, **roots: ProcessId) -> dict[str, tuple[InstanceT
     }
 
 
-def scan_under(daemon: StandIn, key: str, *, trees=None, deep: bool = False, recorded=()) -> ScanResult:
+def scan_under(daemon: StandIn, key: str, *, trees=None, deep: bool = False, recorded=(),
+               table: ProcessTable | None = None) -> ScanResult:
+    """A periodic process-table scan: the full one (`scan`), or, given a
+    table, the incremental one (`scan_table`) from that table."""
     trees = trees or {}
+    if table is not None:
+        anchors = frozenset(tree.root for tree, _ in trees.values())
+        return scan_table(table, anchors=anchors, live=frozenset(trees), measured=trees, daemon_pid=daemon.pid)
     return scan(
         trees=trees, live=frozenset(trees), cgroups=None, daemon_pid=daemon.pid, daemon_key=key, deep=deep,
         recorded=recorded,
@@ -107,7 +114,16 @@ def spawn_ready(spawn, argv: list[str], env: dict[str, str] | None = None) -> tu
 # -- scan, process-table mode --------------------------------------------------------
 
 
-def test_a_tagged_process_of_no_live_instance_is_a_candidate_and_a_live_member_is_not(tmp_path: Path, key: str) -> None:
+@pytest.fixture(params=["full", "table"])
+def table(request) -> ProcessTable | None:
+    """Which periodic process-table scan a test runs: the full scan, or the
+    incremental one from an empty table (what a daemon's first sweep has)."""
+    return ProcessTable() if request.param == "table" else None
+
+
+def test_a_tagged_process_of_no_live_instance_is_a_candidate_and_a_live_member_is_not(
+    tmp_path: Path, key: str, table: ProcessTable | None
+) -> None:
     pidfile = tmp_path / "live"
     with start_standin(
         ([PYTHON, TREE, "--pidfile", str(pidfile)], tags(key, "i-live")),
@@ -117,7 +133,7 @@ def test_a_tagged_process_of_no_live_instance_is_a_candidate_and_a_live_member_i
         live = read_pidfile(pidfile)
         assert daemon.adopted(live["escapee"].pid)
         _, orphan, untagged = daemon.children
-        result = scan_under(daemon, key, trees=live_trees(daemon, **{"i-live": live["root"]}))
+        result = scan_under(daemon, key, trees=live_trees(daemon, **{"i-live": live["root"]}), table=table)
 
         by_pid = {c.stat.pid: c for c in result.candidates}
         assert set(by_pid) == {orphan, untagged}
@@ -145,14 +161,46 @@ time.sleep(3600)
 """
 
 
-def test_a_zombie_descendant_is_left_to_the_reaper(tmp_path: Path, key: str) -> None:
+def test_a_zombie_descendant_is_left_to_the_reaper(tmp_path: Path, key: str, table: ProcessTable | None) -> None:
     marker = tmp_path / "zombie"
     with start_standin(([PYTHON, "-c", ZOMBIE_PARENT, str(marker)], tags(key, "i-dead"))) as daemon:
         assert eventually(marker.exists)
         zombie = int(marker.read_text())
-        result = scan_under(daemon, key)
+        result = scan_under(daemon, key, table=table)
         assert {c.stat.pid for c in result.candidates} == {daemon.children[0]}
         assert process.read_stat(zombie).state == "Z"
+
+
+def test_the_incremental_scan_reads_again_only_what_is_new_and_finds_a_newcomer(tmp_path: Path, key: str) -> None:
+    pidfile, go, forked = tmp_path / "live", tmp_path / "go", tmp_path / "forked"
+    # A process of no live instance that forks a newcomer once told to.
+    forker = (
+        "import os, subprocess, sys, time\n"
+        "while not os.path.exists(sys.argv[1]):\n"
+        "    time.sleep(0.01)\n"
+        "child = subprocess.Popen(['sleep', '3600'])\n"
+        "open(sys.argv[2], 'w').write(str(child.pid))\n"
+        "child.wait()\n"
+    )
+    with start_standin(
+        ([PYTHON, TREE, "--pidfile", str(pidfile), "--no-escapee"], tags(key, "i-live")),
+        ([PYTHON, "-c", forker, str(go), str(forked)], tags(key, "i-gone")),
+    ) as daemon:
+        live = read_pidfile(pidfile, TREE_ROLES)
+        trees = live_trees(daemon, **{"i-live": live["root"]})
+        first = scan_under(daemon, key, trees=trees, table=ProcessTable())
+        shell = daemon.children[1]
+        assert [c.stat.pid for c in first.candidates] == [shell] and 1 in first.table.read
+        go.touch()
+        assert eventually(lambda: forked.exists() and forked.read_text().strip())
+        newcomer = int(forked.read_text())
+        second = scan_under(daemon, key, trees=trees, table=first.table)
+        assert sorted(c.stat.pid for c in second.candidates) == sorted([shell, newcomer])
+        assert newcomer in second.table.read
+        # Neither the host nor the tracked tree was read again.
+        assert 1 not in second.table.read and live["child"].pid not in second.table.read
+        members = {s.pid for s in second.members["i-live"]}
+        assert members == {m.pid for m in live.values()}
 
 
 def test_a_stranger_with_a_copied_daemon_tag_is_a_candidate_of_deep_sweeps_only(key: str, spawn) -> None:

@@ -136,6 +136,41 @@ def test_the_child_starts_clean_new_session_only_stdio_open_default_signals(null
     assert pid == sid
 
 
+def test_a_child_gets_only_its_stdio_however_many_fds_the_parent_holds_and_the_slots_let_go(null: int) -> None:
+    # The child shares the parent's fd table until it takes its own with only
+    # the fds below the slots: what lies above them must not reach it, and
+    # after the spawn the slots hold nothing of the child's (else the parent
+    # would keep a pipe's write end open, and never see its end).
+    slots = clonespawn.stdio_slots()
+    extras = [os.open(os.devnull, os.O_RDONLY) for _ in range(1500)]
+    try:
+        for extra in extras:
+            os.set_inheritable(extra, True)
+        assert max(extras) > slots.keep_below
+        _, fds = run(["/bin/ls", "/proc/self/fd"], null=null)
+        _, target = run(["/bin/readlink", "/proc/self/fd/1"], null=null)
+    finally:
+        for extra in extras:
+            os.close(extra)
+    assert fds.split() == ["0", "1", "2", "3"]
+    assert target.startswith("pipe:")
+    assert slots.usable
+    for slot in slots.fds:
+        assert os.readlink(f"/proc/self/fd/{slot}") == os.devnull
+
+
+def test_without_the_shared_table_a_spawn_still_closes_every_other_fd(null: int, monkeypatch) -> None:
+    # What a kernel without CLOSE_RANGE_UNSHARE (< 5.9) gets: the copied table.
+    monkeypatch.setattr(clonespawn.stdio_slots(), "usable", False)
+    extra = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(extra, True)
+    try:
+        status, fds = run(["/bin/ls", "/proc/self/fd"], null=null)
+    finally:
+        os.close(extra)
+    assert status == 0 and fds.split() == ["0", "1", "2", "3"]
+
+
 def test_a_program_is_looked_up_in_the_childs_path_not_the_daemons(null: int, tmp_path) -> None:
     script = tmp_path / "only-here"
     script.write_text("#!/bin/sh\necho found\n")
