@@ -10,8 +10,10 @@ import stat
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
+from supervisor.client import DaemonError
 from supervisor.procs import process
 from supervisor.procs.stderr import STDERR_LINES, STDERR_LOG_BURST, STDERR_LOG_PER_S
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, wait_all_gone
@@ -236,3 +238,49 @@ def test_the_last_words_of_a_flooding_adapter_that_exits_reach_logs(start_daemon
             return client.call("logs", {"instance": instance, "lines": 1})["lines"]
 
         assert eventually(lambda: last_line() == ["FATAL last words"], timeout=5), last_line()
+
+
+@pytest.mark.parametrize("cgroup", [pytest.param("off", id="process-table"), pytest.param("auto", id="cgroup")])
+def test_periodic_sweeps_at_the_fd_limit_neither_crash_nor_leak(start_daemon, tmp_path: Path, cgroup: str) -> None:
+    """Instances with pipes and idle connections take every fd the daemon has;
+    the periodic sweeps that follow must fail softly (and say so), acquires
+    past the limit must be refused with 1004, and everything must still stop."""
+    daemon = start_daemon(
+        '[adapters.piped]\ncommand = ["/bin/sleep", "60"]\nstdio = "pipe"\nstop_timeout = 0.5\n',
+        nofile=64, cgroup=cgroup, sweep_interval=0.2,
+    )
+    client = daemon.client()
+    granted, refused = [], []
+    for n in range(30):
+        try:
+            result, fds = client.call_with_fds("acquire", {"job": f"job-{n}", "adapter": "piped", "fds": True})
+        except DaemonError as exc:
+            refused.append(exc.code)
+            continue
+        for fd in fds:
+            os.close(fd)
+        granted.append(result)
+    idle = []
+    for _ in range(10):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(daemon.socket)
+        except OSError:
+            sock.close()
+            break
+        idle.append(sock)
+    try:
+        time.sleep(1.5)  # several periodic sweeps at the limit
+        assert daemon.popen.poll() is None, daemon.log_path.read_text()[-3000:]
+        assert set(refused) <= {1004}, refused
+        assert granted, "no acquire succeeded at all"
+    finally:
+        for sock in idle:
+            sock.close()
+    pids = [g["pid"] for g in granted]
+    client.call("release_job", {"job": "job-0"})
+    for g in granted:
+        client.call("release", {"lease": g["lease"]}) if g["job"] != "job-0" else None
+    assert eventually(lambda: client.call("status")["instances"] == [], timeout=10)
+    assert eventually(lambda: not [p for p in pids if process.identify(p) is not None and process.is_running(process.identify(p))], timeout=5)
+    assert daemon.popen.poll() is None

@@ -12,6 +12,7 @@ runs in a worker thread that touches no state.
 from __future__ import annotations
 
 import collections
+import errno
 import dataclasses
 import os
 import signal
@@ -24,7 +25,7 @@ import structlog
 import trio
 
 from supervisor.core.config import AdapterConfig
-from supervisor.core.errors import InvalidParams, SpawnFailed, SupervisorError, UnknownAdapter
+from supervisor.core.errors import InvalidParams, LimitReached, SpawnFailed, SupervisorError, UnknownAdapter
 from supervisor.core.registry import Action, Reason, Registry
 from supervisor.engine.handoff import HandedTree
 from supervisor.engine.metrics import Metrics
@@ -248,10 +249,16 @@ class Instances:
 
     def _spawn_failed(self, instance_id: str, exc: SpawnFailed | InvalidParams | OSError) -> list[Action]:
         instance = self.registry.instances[instance_id]
+        exhausted = _exhausted(exc)
         if isinstance(exc, OSError):
             exc = SpawnFailed(f"could not prepare the cgroup or the stderr file of instance {instance_id}: {exc}")
         pending = self.pending(instance_id)
         pending.error = exc if isinstance(exc, SpawnFailed) else SpawnFailed(exc.message)
+        if exhausted is not None:
+            # Not the adapter's fault: the daemon is out of a resource (1004).
+            pending.error = LimitReached(
+                f"{pending.error.message}; the daemon is out of {exhausted}: release instances or raise its limits"
+            )
         log.warning("adapter.spawn_failed", instance=instance_id, job=instance.job,
                     adapter=instance.adapter, error=pending.error.message)
         self.metrics.spawn_failures.inc(instance.adapter)
@@ -636,6 +643,23 @@ def _root_reaped(running: RunningInstance, returncode: int) -> None:
     # Tell subprocess the child is gone, so it never waits for it itself.
     running.root.reaped(returncode)
     running.root_reaped.set()
+
+
+# What an acquire fails on for want of the daemon's own resources (1004).
+_EXHAUSTION = {
+    errno.EMFILE: "file descriptors (its RLIMIT_NOFILE)",
+    errno.ENFILE: "file descriptors (the system's file table)",
+    errno.ENOMEM: "memory",
+    errno.EAGAIN: "processes or threads (RLIMIT_NPROC or pid_max)",
+}
+
+
+def _exhausted(exc: BaseException) -> str | None:
+    """Which resource of the daemon's `exc` (or its cause) says ran out, if any."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, OSError) and error.errno in _EXHAUSTION:
+            return _EXHAUSTION[error.errno]
+    return None
 
 
 def _parent_of(proc: process.ProcessId) -> int | None:

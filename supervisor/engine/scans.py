@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import structlog
 import trio
 
 from supervisor.engine.instances import Instances
@@ -22,6 +23,9 @@ SCAN_CACHE_S = 0.25
 
 Members = dict[str, list[process.ProcStat]]
 Snapshots = dict[str, tuple[InstanceTree, frozenset[process.ProcessId]]]
+
+
+log = structlog.get_logger()
 
 
 class ScanCache:
@@ -67,8 +71,16 @@ class ScanCache:
         generation = self._instances.generation
         try:
             snapshots = snapshot(self._instances, list(self._instances.running))
-            members = await trio.to_thread.run_sync(scan_trees, snapshots)
-            remember(self._instances, members, snapshots)
+            try:
+                members = await trio.to_thread.run_sync(scan_trees, snapshots)
+            except OSError as exc:
+                # Out of fds or memory: answer with the last scan's members for
+                # as long as a fresh one would be kept, rather than not at all
+                # (or scanning again at once, in a loop).
+                log.warning("scan.failed", error=str(exc))
+                members = self._members
+            else:
+                remember(self._instances, members, snapshots)
             self._members = members
             self._scanned_at = trio.current_time()
             self._scanned_generation = generation

@@ -19,6 +19,7 @@ reads every /proc entry (and the environment of every process).
 
 from __future__ import annotations
 
+import errno
 import secrets
 import signal
 import time
@@ -307,7 +308,12 @@ class Sweeper:
         """Sweep every `sweep_interval` until cancelled."""
         while True:
             await trio.sleep(self.config.daemon.sweep_interval)
-            await self.sweep("periodic")
+            try:
+                await self.sweep("periodic")
+            except OSError as exc:
+                # A resource ran out (fds, memory) somewhere no narrower
+                # handler covers: this sweep is lost, the daemon is not.
+                log.error("sweep.failed", error=str(exc), errno=errno.errorcode.get(exc.errno or 0))
 
     async def sweep(
         self,
@@ -343,7 +349,14 @@ class Sweeper:
             snapshots = scans.snapshot(self._instances, wanted)
             live = self._owned_cgroups()
             recorded = list(recorded)
-            born_before = process.uptime_ticks()
+            try:
+                born_before = process.uptime_ticks()
+            except OSError as exc:
+                # (Out of fds, most likely.) Nothing is reaped this time: a
+                # candidate is only killed if it was born before the scan.
+                log.error("sweep.scan_failed", error=str(exc))
+                errors.append(f"scan failed: {exc}")
+                born_before = 0
             table = self._table
             try:
                 if table is not None and incremental:
