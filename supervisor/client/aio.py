@@ -297,6 +297,16 @@ class _AsyncLeaseScope:
 # -- the client ----------------------------------------------------------------------
 
 
+def _wraps_only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
+    """Whether `group` is nothing but `exc` in one or more single-member groups."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+        if inner is exc:
+            return True
+    return False
+
+
 class _Waiter:
     __slots__ = ("event", "reply")
 
@@ -369,10 +379,19 @@ class AsyncClient:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        """Close the connection and end the reader task. What the block raised
+        leaves it as itself: the task group, which would wrap it in an
+        ExceptionGroup, is unwrapped here (the reader task never fails, so a
+        group holds nothing else)."""
         self._close()
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
-        return await self._task_group.__aexit__(exc_type, exc, tb)
+        try:
+            return await self._task_group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is not None and _wraps_only(group, exc):
+                return False  # the block's own exception goes on, traceback and all
+            raise
 
     async def aclose(self) -> None:
         """End the connection now (the daemon releases its bound leases).
@@ -568,8 +587,8 @@ class AsyncClient:
     async def _send_quietly(self, line: bytes) -> None:
         try:
             await self._send(line)
-        except ConnectionLost:
-            pass  # then the daemon released the lease with the connection
+        except (ConnectionLost, DaemonError):
+            pass  # then the daemon released the lease with the connection (or refused it)
 
     async def _read_loop(self) -> None:
         """Read until the connection ends; with `resume`, connect again and
