@@ -40,6 +40,7 @@ from supervisor.client.session import (
     FDS_PER_LEASE,
     SHUTDOWN_REASON,
     AdapterExited,
+    AdapterInfo,
     ConnectionLost,
     DaemonError,
     HelloResult,
@@ -517,6 +518,14 @@ class AsyncClient:
     async def reports(self, limit: int = 10) -> list[dict[str, Any]]:
         """As `Client.reports`; cancelled as `call_with_fds` is."""
         return (await self.call("reports", {"limit": limit}))["reports"]  # type: ignore[no-any-return]
+
+    async def adapters(self) -> list[AdapterInfo]:
+        """As `Client.adapters`; cancelled as `call_with_fds` is."""
+        return (await self.call("adapters", {}))["adapters"]  # type: ignore[no-any-return]
+
+    async def metrics(self) -> str:
+        """As `Client.metrics`; cancelled as `call_with_fds` is."""
+        return (await self.call("metrics", {}))["text"]  # type: ignore[no-any-return]
 
     async def logs(self, instance: str | None = None, *, lease: str | None = None, lines: int = 100) -> list[str]:
         """As `Client.logs`; cancelled as `call_with_fds` is."""
