@@ -16,9 +16,9 @@ ends, cancellation included: the release runs shielded, bounded by
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
-import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -64,6 +64,7 @@ from supervisor.client.session import (
     receive_with_fds,
     run_callback,
 )
+from supervisor.client.pipes import ASYNCIO_STREAM_LIMIT, PipeReceiveStream, PipeSendStream, open_asyncio_streams
 
 __all__ = ["AsyncClient", "AsyncLease", "PipeReceiveStream", "PipeSendStream"]
 
@@ -78,101 +79,13 @@ RELEASE_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 10.0
 
 
-# -- the adapter's pipes ---------------------------------------------------------
-
-
-def _private_nonblocking(fd: int, flags: int) -> int:
-    """A non-blocking descriptor for the pipe end `fd`, which it takes over.
-
-    Every holder of an instance gets the same open pipe, and O_NONBLOCK belongs
-    to the open file, so setting it on `fd` would switch the other holders'
-    (perhaps blocking) reads and writes too. Opening the pipe again through
-    /proc gives an open file of our own; without /proc, or when the other end is
-    gone already, the shared one is used.
-    """
-    try:
-        private = os.open(f"/proc/self/fd/{fd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        os.set_blocking(fd, False)
-        return fd
-    os.close(fd)
-    return private
-
-
-class PipeSendStream(anyio.abc.ByteSendStream):
-    """The write end of an adapter's stdin as an anyio byte stream."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = _private_nonblocking(fd, os.O_WRONLY)
-        self._closed = False
-
-    async def send(self, item: bytes) -> None:
-        """Write all of `item`. Raises anyio.BrokenResourceError if the adapter
-        closed its stdin, anyio.ClosedResourceError after `aclose`. On
-        cancellation part of `item` may have been written."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        view = memoryview(item)
-        while view:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                view = view[os.write(self._fd, view):]
-            except BlockingIOError:
-                await anyio.wait_writable(self._fd)
-            except BrokenPipeError as exc:
-                raise anyio.BrokenResourceError from exc
-
-    async def aclose(self) -> None:
-        """Close the descriptor; idempotent. It is closed even if the call is
-        cancelled."""
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._fd)
-            os.close(self._fd)
-        await anyio.lowlevel.checkpoint()
-
-
-class PipeReceiveStream(anyio.abc.ByteReceiveStream):
-    """The read end of an adapter's stdout as an anyio byte stream (wrap it in
-    `anyio.streams.buffered.BufferedByteReceiveStream` to read lines)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = _private_nonblocking(fd, os.O_RDONLY)
-        self._closed = False
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        """Some bytes, at most `max_bytes`. Raises anyio.EndOfStream once every
-        writer closed the pipe, anyio.ClosedResourceError after `aclose`.
-        Cancellation raises Cancelled before anything is read: no byte is lost."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                data = os.read(self._fd, max_bytes)
-            except BlockingIOError:
-                await anyio.wait_readable(self._fd)
-                continue
-            if not data:
-                raise anyio.EndOfStream
-            return data
-
-    async def aclose(self) -> None:
-        """Close the descriptor; idempotent. It is closed even if the call is
-        cancelled."""
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._fd)
-            os.close(self._fd)
-        await anyio.lowlevel.checkpoint()
-
-
 # -- leases ------------------------------------------------------------------------
 
 
 class AsyncLease(LeaseInfo):
     """A lease held through an `AsyncClient`. With ``fds=True``, `stdin` and
-    `stdout` are the adapter's pipes as anyio byte streams, closed on release."""
+    `stdout` are the adapter's pipes as anyio byte streams, closed on release
+    (under asyncio, `asyncio_streams()` makes them asyncio streams instead)."""
 
     def __init__(self, client: AsyncClient, result: Mapping[str, Any], *, detached: bool, fds: Sequence[int]) -> None:
         super().__init__(result, detached=detached)
@@ -183,6 +96,8 @@ class AsyncLease(LeaseInfo):
         self.stdout: PipeReceiveStream | None = None
         if len(fds) == FDS_PER_LEASE:
             self.stdin, self.stdout = PipeSendStream(fds[0]), PipeReceiveStream(fds[1])
+        # The pipes' owners once `asyncio_streams()` took them over.
+        self._transports: tuple[asyncio.BaseTransport, ...] = ()
 
     async def wait_exited(self) -> AdapterExited:
         """Wait until the adapter is gone (or going, on shutdown) and say how.
@@ -241,9 +156,39 @@ class AsyncLease(LeaseInfo):
         `AsyncClient.logs` is."""
         return await self._client.logs(lease=self.token, lines=lines)
 
+    async def asyncio_streams(self, *, limit: int = ASYNCIO_STREAM_LIMIT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The adapter's stdout and stdin as asyncio streams, for code written
+        for them: ``reader, writer = await lease.asyncio_streams()``, then for
+        the Agent Client Protocol SDK ``acp.connect_to_agent(client, writer,
+        reader)``. The pipes move over: `stdin` and `stdout` are None from
+        then on, and the streams are closed on release as they would have
+        been. `limit` is the longest line ``reader.readline()`` returns.
+
+        Raises RuntimeError, changing nothing, outside asyncio (under Trio use
+        `stdin` and `stdout`) or if the lease has no pipes (taken without
+        ``fds=True``, or already released or handed over). Cancellation
+        closes the pipes."""
+        if self.stdin is None or self.stdout is None:
+            raise RuntimeError(f"{describe(self)} has no pipes to hand over: acquire it with fds=True")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("asyncio_streams() needs asyncio's event loop; under Trio use the lease's stdin and stdout") from None
+        try:
+            # stdin first: `aclose_stdio` closes it first, so a half-closed
+            # pair fails here before anything is taken.
+            fds = self.stdin.take_fd(), self.stdout.take_fd()
+        except anyio.ClosedResourceError:
+            raise RuntimeError(f"the pipes of {describe(self)} are closed (released, or aclose_stdio)") from None
+        self.stdin = self.stdout = None
+        reader, writer, self._transports = await open_asyncio_streams(*fds, limit=limit)
+        return reader, writer
+
     async def aclose_stdio(self) -> None:
         """Close this lease's ends of the adapter's pipes (the adapter keeps running).
         Cancellation may leave stdout open; calling again closes what is left."""
+        for transport in self._transports:
+            transport.close()  # stdin's after writing what is buffered (or finding the adapter gone)
         for stream in (self.stdin, self.stdout):
             if stream is not None:
                 await stream.aclose()
