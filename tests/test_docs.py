@@ -29,6 +29,8 @@ def project_files() -> list[Path]:
         parts = path.relative_to(ROOT).parts
         if any(p in NOT_OURS or p.endswith(".egg-info") or (p.startswith(".") and p not in OURS_HIDDEN) for p in parts[:-1]):
             continue
+        if parts == (".git",):
+            continue  # in a git worktree, a file naming the main repository's git directory
         if path.is_file() and path.suffix in TEXT_SUFFIXES:
             found.append(path)
     return found
