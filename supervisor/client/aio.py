@@ -12,6 +12,12 @@ the client releases that lease when the answer arrives. A lease taken with
 ``async with client.lease(...)`` is released on the way out however the block
 ends, cancellation included: the release runs shielded, bounded by
 `RELEASE_TIMEOUT_S`.
+
+Exceptions: whatever the block raises (an error of the client's, such as
+`UnknownAdapter` or `ConnectionLost`, or the caller's own) leaves
+``async with AsyncClient()`` as itself, never wrapped in an ExceptionGroup by
+the reader task's task group, so ``except UnknownAdapter`` works around the
+block as inside it. Cancellation passes through as usual.
 """
 
 from __future__ import annotations
