@@ -40,7 +40,7 @@ async def under_asyncio(sock: str) -> dict[str, Any]:
                 await lease.asyncio_streams()
             # Closing this side's ends (as the release does first) closes
             # the pipes the transports own; the adapter runs on.
-            pipes = [transport.get_extra_info("pipe") for transport in (writer.transport, reader._transport)]  # type: ignore[attr-defined]
+            pipes = [transport.get_extra_info("pipe") for transport in lease._transports]
             await lease.aclose_stdio()
             await asyncio.sleep(0)  # the transports close their pipes in the next turn
             seen["closed"] = (writer.is_closing(), [pipe.closed for pipe in pipes])
