@@ -168,7 +168,9 @@ class AsyncLease(LeaseInfo):
         the Agent Client Protocol SDK ``acp.connect_to_agent(client, writer,
         reader)``. The pipes move over: `stdin` and `stdout` are None from
         then on, and the streams are closed on release as they would have
-        been. `limit` is the longest line ``reader.readline()`` returns.
+        been. `limit` is the longest line ``reader.readline()`` returns. Call
+        it before any task uses `stdin` or `stdout`, never while one waits
+        on them.
 
         Raises RuntimeError, changing nothing, outside asyncio (under Trio use
         `stdin` and `stdout`) or if the lease has no pipes (taken without
