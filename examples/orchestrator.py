@@ -1,9 +1,10 @@
 """A small asyncio orchestrator that cannot leak its adapters.
 
-Start the daemon with the example adapters, then run the demo:
+Start the daemon with the example adapters (on a socket of its own, beside
+the quick start's daemon), then run the demo, from the repository's root:
 
-    adapter-supervisor serve --config examples/supervisor.toml &
-    python examples/orchestrator.py            # or --socket PATH
+    .venv/bin/adapter-supervisor serve --config examples/supervisor.toml &
+    .venv/bin/python examples/orchestrator.py            # or --socket PATH
 
 Each job holds two adapters for its whole life: an `agent` it talks to over
 stdin/stdout, and an `indexer` that just runs. A job ends in one of five ways:
@@ -33,6 +34,7 @@ import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -40,6 +42,10 @@ import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from supervisor.client import AsyncClient, AsyncLease, ConnectionLost
+from supervisor.core.config import load_config
+
+# The example daemon's config: its socket is where the demo connects.
+EXAMPLE_CONFIG = Path(__file__).with_name("supervisor.toml")
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "abandoned", "crashed"})
 
@@ -225,17 +231,18 @@ async def demo(socket_path: str | None = None, *, deadline_s: float = DEADLINE_S
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--socket", help="the daemon's control socket (default: the per-user default)")
+    parser.add_argument("--socket", help=f"the daemon's control socket (default: the one {EXAMPLE_CONFIG.name} names)")
     parser.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds without progress before a job is abandoned")
     args = parser.parse_args()
-    jobs = asyncio.run(demo(args.socket, deadline_s=args.deadline))
+    socket_path = args.socket or load_config(EXAMPLE_CONFIG).daemon.socket
+    jobs = asyncio.run(demo(socket_path, deadline_s=args.deadline))
     width = max(len(job_id) for job_id in jobs)
     for job in jobs.values():
         pids = ", ".join(f"{name} {pid}" for name, pid in job.adapters.items())
         print(f"{job.id:<{width}}  {job.state:<9}  {job.detail}  [{pids}; release_job found {job.released_by_job}]")
 
     async def leftovers() -> int:
-        async with AsyncClient(args.socket) as client:
+        async with AsyncClient(socket_path) as client:
             with contextlib.suppress(TimeoutError), anyio.fail_after(5):
                 while (await client.status())["instances"]:
                     await anyio.sleep(0.05)

@@ -18,8 +18,8 @@ from supervisor.client import AsyncClient
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("example_orchestrator", EXAMPLES / "orchestrator.py")
+def load_example(name: str = "orchestrator.py") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{Path(name).stem}", EXAMPLES / name)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.client.blocking import Client, Lease
 from supervisor.client.session import (
     AdapterExited,
+    AdapterInfo,
     Conflict,
     ConnectionLost,
     DaemonError,
@@ -27,6 +28,7 @@ from supervisor.client.session import (
     InvalidRequest,
     LeaseInfo,
     LeaseLost,
+    LeaseStatus,
     LimitReached,
     MethodNotFound,
     PermissionDenied,
@@ -44,9 +46,9 @@ if TYPE_CHECKING:
     from supervisor.client.aio import AsyncClient, AsyncLease
 
 __all__ = [
-    "AdapterExited", "AsyncClient", "AsyncLease", "Client", "Conflict", "ConnectionLost",
+    "AdapterExited", "AdapterInfo", "AsyncClient", "AsyncLease", "Client", "Conflict", "ConnectionLost",
     "DaemonError", "DaemonStatus", "HelloResult", "InstanceStatus", "InternalError", "InvalidParams",
-    "InvalidRequest", "Lease", "LeaseInfo", "LeaseLost", "LimitReached", "MethodNotFound",
+    "InvalidRequest", "Lease", "LeaseInfo", "LeaseLost", "LeaseStatus", "LimitReached", "MethodNotFound",
     "PermissionDenied", "ReleaseJobResult", "ReleaseResult", "ShuttingDown", "SpawnFailed", "Status",
     "UnknownAdapter", "UnknownLease", "default_socket",
 ]

@@ -12,13 +12,19 @@ the client releases that lease when the answer arrives. A lease taken with
 ``async with client.lease(...)`` is released on the way out however the block
 ends, cancellation included: the release runs shielded, bounded by
 `RELEASE_TIMEOUT_S`.
+
+Exceptions: whatever the block raises (an error of the client's, such as
+`UnknownAdapter` or `ConnectionLost`, or the caller's own) leaves
+``async with AsyncClient()`` as itself, never wrapped in an ExceptionGroup by
+the reader task's task group, so ``except UnknownAdapter`` works around the
+block as inside it. Cancellation passes through as usual.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
-import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -41,6 +47,7 @@ from supervisor.client.session import (
     FDS_PER_LEASE,
     SHUTDOWN_REASON,
     AdapterExited,
+    AdapterInfo,
     ConnectionLost,
     DaemonError,
     HelloResult,
@@ -64,6 +71,7 @@ from supervisor.client.session import (
     receive_with_fds,
     run_callback,
 )
+from supervisor.client.pipes import ASYNCIO_STREAM_LIMIT, PipeReceiveStream, PipeSendStream, open_asyncio_streams
 
 __all__ = ["AsyncClient", "AsyncLease", "PipeReceiveStream", "PipeSendStream"]
 
@@ -78,101 +86,13 @@ RELEASE_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 10.0
 
 
-# -- the adapter's pipes ---------------------------------------------------------
-
-
-def _private_nonblocking(fd: int, flags: int) -> int:
-    """A non-blocking descriptor for the pipe end `fd`, which it takes over.
-
-    Every holder of an instance gets the same open pipe, and O_NONBLOCK belongs
-    to the open file, so setting it on `fd` would switch the other holders'
-    (perhaps blocking) reads and writes too. Opening the pipe again through
-    /proc gives an open file of our own; without /proc, or when the other end is
-    gone already, the shared one is used.
-    """
-    try:
-        private = os.open(f"/proc/self/fd/{fd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        os.set_blocking(fd, False)
-        return fd
-    os.close(fd)
-    return private
-
-
-class PipeSendStream(anyio.abc.ByteSendStream):
-    """The write end of an adapter's stdin as an anyio byte stream."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = _private_nonblocking(fd, os.O_WRONLY)
-        self._closed = False
-
-    async def send(self, item: bytes) -> None:
-        """Write all of `item`. Raises anyio.BrokenResourceError if the adapter
-        closed its stdin, anyio.ClosedResourceError after `aclose`. On
-        cancellation part of `item` may have been written."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        view = memoryview(item)
-        while view:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                view = view[os.write(self._fd, view):]
-            except BlockingIOError:
-                await anyio.wait_writable(self._fd)
-            except BrokenPipeError as exc:
-                raise anyio.BrokenResourceError from exc
-
-    async def aclose(self) -> None:
-        """Close the descriptor; idempotent. It is closed even if the call is
-        cancelled."""
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._fd)
-            os.close(self._fd)
-        await anyio.lowlevel.checkpoint()
-
-
-class PipeReceiveStream(anyio.abc.ByteReceiveStream):
-    """The read end of an adapter's stdout as an anyio byte stream (wrap it in
-    `anyio.streams.buffered.BufferedByteReceiveStream` to read lines)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = _private_nonblocking(fd, os.O_RDONLY)
-        self._closed = False
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        """Some bytes, at most `max_bytes`. Raises anyio.EndOfStream once every
-        writer closed the pipe, anyio.ClosedResourceError after `aclose`.
-        Cancellation raises Cancelled before anything is read: no byte is lost."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                data = os.read(self._fd, max_bytes)
-            except BlockingIOError:
-                await anyio.wait_readable(self._fd)
-                continue
-            if not data:
-                raise anyio.EndOfStream
-            return data
-
-    async def aclose(self) -> None:
-        """Close the descriptor; idempotent. It is closed even if the call is
-        cancelled."""
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._fd)
-            os.close(self._fd)
-        await anyio.lowlevel.checkpoint()
-
-
 # -- leases ------------------------------------------------------------------------
 
 
 class AsyncLease(LeaseInfo):
     """A lease held through an `AsyncClient`. With ``fds=True``, `stdin` and
-    `stdout` are the adapter's pipes as anyio byte streams, closed on release."""
+    `stdout` are the adapter's pipes as anyio byte streams, closed on release
+    (under asyncio, `asyncio_streams()` makes them asyncio streams instead)."""
 
     def __init__(self, client: AsyncClient, result: Mapping[str, Any], *, detached: bool, fds: Sequence[int]) -> None:
         super().__init__(result, detached=detached)
@@ -183,6 +103,8 @@ class AsyncLease(LeaseInfo):
         self.stdout: PipeReceiveStream | None = None
         if len(fds) == FDS_PER_LEASE:
             self.stdin, self.stdout = PipeSendStream(fds[0]), PipeReceiveStream(fds[1])
+        # The pipes' owners once `asyncio_streams()` took them over.
+        self._transports: tuple[asyncio.BaseTransport, ...] = ()
 
     async def wait_exited(self) -> AdapterExited:
         """Wait until the adapter is gone (or going, on shutdown) and say how.
@@ -241,9 +163,41 @@ class AsyncLease(LeaseInfo):
         `AsyncClient.logs` is."""
         return await self._client.logs(lease=self.token, lines=lines)
 
+    async def asyncio_streams(self, *, limit: int = ASYNCIO_STREAM_LIMIT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The adapter's stdout and stdin as asyncio streams, for code written
+        for them: ``reader, writer = await lease.asyncio_streams()``, then for
+        the Agent Client Protocol SDK ``acp.connect_to_agent(client, writer,
+        reader)``. The pipes move over: `stdin` and `stdout` are None from
+        then on, and the streams are closed on release as they would have
+        been. `limit` is the longest line ``reader.readline()`` returns. Call
+        it before any task uses `stdin` or `stdout`, never while one waits
+        on them.
+
+        Raises RuntimeError, changing nothing, outside asyncio (under Trio use
+        `stdin` and `stdout`) or if the lease has no pipes (taken without
+        ``fds=True``, or already released or handed over). Cancellation
+        closes the pipes."""
+        if self.stdin is None or self.stdout is None:
+            raise RuntimeError(f"{describe(self)} has no pipes to hand over: acquire it with fds=True")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("asyncio_streams() needs asyncio's event loop; under Trio use the lease's stdin and stdout") from None
+        try:
+            # stdin first: `aclose_stdio` closes it first, so a half-closed
+            # pair fails here before anything is taken.
+            fds = self.stdin.take_fd(), self.stdout.take_fd()
+        except anyio.ClosedResourceError:
+            raise RuntimeError(f"the pipes of {describe(self)} are closed (released, or aclose_stdio)") from None
+        self.stdin = self.stdout = None
+        reader, writer, self._transports = await open_asyncio_streams(*fds, limit=limit)
+        return reader, writer
+
     async def aclose_stdio(self) -> None:
         """Close this lease's ends of the adapter's pipes (the adapter keeps running).
         Cancellation may leave stdout open; calling again closes what is left."""
+        for transport in self._transports:
+            transport.close()  # stdin's after writing what is buffered (or finding the adapter gone)
         for stream in (self.stdin, self.stdout):
             if stream is not None:
                 await stream.aclose()
@@ -296,6 +250,16 @@ class _AsyncLeaseScope:
 
 
 # -- the client ----------------------------------------------------------------------
+
+
+def _wraps_only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
+    """Whether `group` is nothing but `exc` in one or more single-member groups."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+        if inner is exc:
+            return True
+    return False
 
 
 class _Waiter:
@@ -370,10 +334,19 @@ class AsyncClient:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        """Close the connection and end the reader task. What the block raised
+        leaves it as itself: the task group, which would wrap it in an
+        ExceptionGroup, is unwrapped here (the reader task never fails, so a
+        group holds nothing else)."""
         self._close()
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
-        return await self._task_group.__aexit__(exc_type, exc, tb)
+        try:
+            return await self._task_group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is not None and _wraps_only(group, exc):
+                return False  # the block's own exception goes on, traceback and all
+            raise
 
     async def aclose(self) -> None:
         """End the connection now (the daemon releases its bound leases).
@@ -501,6 +474,14 @@ class AsyncClient:
         """As `Client.reports`; cancelled as `call_with_fds` is."""
         return (await self.call("reports", {"limit": limit}))["reports"]  # type: ignore[no-any-return]
 
+    async def adapters(self) -> list[AdapterInfo]:
+        """As `Client.adapters`; cancelled as `call_with_fds` is."""
+        return (await self.call("adapters", {}))["adapters"]  # type: ignore[no-any-return]
+
+    async def metrics(self) -> str:
+        """As `Client.metrics`; cancelled as `call_with_fds` is."""
+        return (await self.call("metrics", {}))["text"]  # type: ignore[no-any-return]
+
     async def logs(self, instance: str | None = None, *, lease: str | None = None, lines: int = 100) -> list[str]:
         """As `Client.logs`; cancelled as `call_with_fds` is."""
         return (await self.call("logs", logs_params(instance, lease, lines)))["lines"]  # type: ignore[no-any-return]
@@ -573,8 +554,8 @@ class AsyncClient:
     async def _send_quietly(self, line: bytes, session: Session) -> None:
         try:
             await self._send(line, session)
-        except ConnectionLost:
-            pass  # then the daemon released the lease with the connection
+        except (ConnectionLost, DaemonError):
+            pass  # then the daemon released the lease with the connection (or refused it)
 
     async def _read_loop(self) -> None:
         """Read until the connection ends; with `resume`, connect again and

@@ -90,6 +90,7 @@ from supervisor.client.session import (
     FDS_PER_LEASE,
     SHUTDOWN_REASON,
     AdapterExited,
+    AdapterInfo,
     ConnectionLost,
     DaemonError,
     HelloResult,
@@ -534,6 +535,18 @@ class Client:
     def reports(self, limit: int = 10) -> list[dict[str, Any]]:
         """The most recent sweep reports, newest first. Raises as `call` does."""
         return self.call("reports", {"limit": limit})["reports"]  # type: ignore[no-any-return]
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The adapters of the config the daemon runs now (after a reload, the
+        new one), by name, each with its number of live instances. Raises as
+        `call` does."""
+        return self.call("adapters", {})["adapters"]  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        """The daemon's metrics in the Prometheus text format (instances,
+        leases and tree RSS per adapter; spawns, releases, reaps, sweeps,
+        protocol errors). Raises as `call` does."""
+        return self.call("metrics", {})["text"]  # type: ignore[no-any-return]
 
     def logs(self, instance: str | None = None, *, lease: str | None = None, lines: int = 100) -> list[str]:
         """The tail of an instance's stderr, named by instance id or by lease token.

@@ -223,10 +223,35 @@ class ReleaseJobResult(TypedDict):
     instances: list[str]
 
 
-class InstanceStatus(TypedDict):
+class LeaseStatus(TypedDict):
+    """One lease of an instance, as `status` shows it."""
+
+    # The whole token to its own uid and to root, else its first 8 characters.
+    lease: str
+    detached: bool
+    # Unix time a detached lease expires unless renewed; None for a bound one.
+    expires_at: float | None
+    # The uid that acquired it.
+    uid: int
+    # The holding connection's process; None while no connection holds it.
+    pid: int | None
+
+
+class _ExitedInstanceFields(TypedDict, total=False):
+    """What only an exited instance's status row has. (A base of its own:
+    `NotRequired` in a postponed annotation is not seen before Python 3.12.)"""
+
+    # The root's exit status (minus the signal number if a signal killed
+    # it; None if unknown) and why the instance ended, as in `AdapterExited`.
+    returncode: int | None
+    reason: str | None
+
+
+class InstanceStatus(_ExitedInstanceFields):
     instance: str
     job: str
     adapter: str
+    # starting, running, lingering, stopping or exited.
     state: str
     pid: int | None
     pids: list[int]
@@ -235,6 +260,7 @@ class InstanceStatus(TypedDict):
     rss_bytes: int
     # Taken over from a previous incarnation of the daemon after a crash.
     adopted: bool
+    leases: list[LeaseStatus]
 
 
 class DaemonStatus(TypedDict, total=False):
@@ -248,6 +274,10 @@ class DaemonStatus(TypedDict, total=False):
     leases: int
     connections: int
     cgroup_mode: bool
+    # The cgroup directory of the instances; None in process-table mode.
+    cgroup_base: str | None
+    # clone3 or subprocess.
+    spawner: str
     shutting_down: bool
     rss_bytes: int
     memory_budget: int | None
@@ -257,6 +287,25 @@ class DaemonStatus(TypedDict, total=False):
 class Status(TypedDict):
     daemon: DaemonStatus
     instances: list[InstanceStatus]
+
+
+class AdapterInfo(TypedDict):
+    """One configured adapter, as the `adapters` method shows it."""
+
+    name: str
+    # The argv template, {job} and {param:NAME} unfilled.
+    command: list[str]
+    # The names a client may fill in with `params`.
+    params: list[str]
+    # pipe or null.
+    stdio: str
+    # The user its processes run as; None for the daemon's own.
+    user: str | None
+    max_instances: int
+    # Bytes of tree RSS; None for no limit.
+    memory_limit: int | None
+    # Its instances starting, running or lingering now.
+    live: int
 
 
 def acquire_params(

@@ -256,7 +256,13 @@ LINGER_DEADLINE = 1
 
 
 def _new_token() -> str:
-    return secrets.token_urlsafe(LEASE_TOKEN_BYTES)
+    """A fresh lease token that never starts with "-": a token is an argument
+    of command lines (`adapter-supervisor release TOKEN`), where a leading
+    dash reads as an option. (One draw in 64 is redrawn; the first character
+    then carries log2(63) bits instead of 6.)"""
+    while (token := secrets.token_urlsafe(LEASE_TOKEN_BYTES)).startswith("-"):
+        pass
+    return token
 
 
 def new_instance_id() -> str:

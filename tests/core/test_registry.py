@@ -117,6 +117,14 @@ def test_default_tokens_are_distinct_and_carry_at_least_128_bits() -> None:
     assert len(instance_ids) == 50
 
 
+def test_default_tokens_never_start_with_a_dash() -> None:
+    # A token is a command-line argument; "-x..." would read as an option. One
+    # urlsafe token in 64 starts with "-", so 5000 draws would show a regression.
+    registry = Registry()
+    tokens = [acquire(registry, job=JOB, connection=index).lease.token for index in range(5000)]
+    assert [token for token in tokens if token.startswith("-")] == []
+
+
 def test_injected_factories_are_used() -> None:
     registry = make_registry()
     acquired = acquire(registry)
