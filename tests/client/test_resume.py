@@ -5,7 +5,6 @@ daemon in time, the leases are lost as without `resume`. Real daemons,
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -109,59 +108,113 @@ def test_the_async_client_resumes_too(start_daemon, tmp_path: Path, backend: str
     assert not wait_all_gone(members, restarted[0].pid, timeout=5.0)
 
 
-def stopped_daemon_accepting(start_daemon, tmp_path: Path, settings: dict):
-    """A restarted daemon frozen (SIGSTOP) once its socket exists: connects
-    succeed, nothing is answered until SIGCONT."""
-    import signal as signals
+class ScriptedDaemon:
+    """A stand-in for a daemon at `path`, for races a real one cannot be
+    held in: it grants leases on its first connection and then drops it (a
+    crash); on later connections it answers `hello`, holds `resume` until
+    `answer_resume` is set, resumes every token asked for, and records every
+    `release`."""
 
-    daemon = start_daemon(adapters(tmp_path), **settings)
-    os.kill(daemon.pid, signals.SIGSTOP)
-    return daemon
+    def __init__(self, path: str) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen()
+        self.crash = threading.Event()
+        self.answer_resume = threading.Event()
+        self.resume_asked = threading.Event()
+        self.released: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        first = True
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(conn, first), daemon=True).start()
+            first = False
+
+    def _talk(self, conn, first: bool) -> None:
+        import json
+
+        reader = conn.makefile("rb")
+        granted = 0
+        for line in reader:
+            request = json.loads(line)
+            method, params, result = request["method"], request["params"], None
+            if method == "acquire":
+                granted += 1
+                result = {"lease": f"token-{params['job']}", "instance": f"inst-{granted}", "job": params["job"],
+                          "adapter": params["adapter"], "pid": 1, "refcount": 1, "spawned": True}
+            elif method == "hello":
+                result = {"server": "adapter-supervisor", "pid": 1, "generation": 2}
+            elif method == "resume":
+                self.resume_asked.set()
+                self.answer_resume.wait(10)
+                result = {"resumed": params["leases"], "not_resumed": []}
+            elif method == "release":
+                self.released.append(params["lease"])
+                result = {"refcount": 0, "stopping": True}
+            try:
+                conn.sendall(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}).encode() + b"\n")
+            except OSError:
+                break  # the client went away
+            if first and granted == 2:
+                self.crash.wait(10)
+                break
+        conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
 
 
-def test_a_lease_released_during_the_resume_is_released_once_connected(start_daemon, tmp_path: Path) -> None:
-    import signal as signals
-
-    settings = {"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state"), "resume_grace": 60.0}
-    first = start_daemon(adapters(tmp_path), **settings)
-    with Client(settings["socket"], timeout=10, resume=30) as client:
-        kept = client.acquire("job-k", "tree")
-        dropped = client.acquire("job-d", "tree")
-        members = read_pidfile(tmp_path / "job-d.pids")
-        assert eventually(lambda: {kept.token, dropped.token} <= recorded_tokens(tmp_path / "state"))
-        kill_9(first)
-        second = stopped_daemon_accepting(start_daemon, tmp_path, settings)
-        time.sleep(0.6)  # an attempt with both tokens is waiting for its answer
-        with pytest.raises(ConnectionLost):
-            dropped.release()
-        os.kill(second.pid, signals.SIGCONT)
-        resumed = next_resumed(client)
-        assert kept.token in resumed["resumed"]
-        # Given back with the rest, and released by the client at once, not
-        # after the daemon's minute of grace.
-        assert not wait_all_gone(members, second.pid, timeout=5.0)
-        assert [r["job"] for r in client.status()["instances"]] == ["job-k"]
-        client.release(kept)
-
-
-def test_close_during_a_resume_attempt_returns_promptly(start_daemon, tmp_path: Path) -> None:
-    import signal as signals
-
-    settings = {"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state"), "resume_grace": 1.0}
-    first = start_daemon(adapters(tmp_path), **settings)
-    client = Client(settings["socket"], timeout=None, resume=30)
-    lease = client.acquire("job-1", "tree")
-    assert eventually(lambda: lease.token in recorded_tokens(tmp_path / "state"))
-    kill_9(first)
-    second = stopped_daemon_accepting(start_daemon, tmp_path, settings)
+def test_a_lease_released_during_the_resume_is_released_once_connected(tmp_path: Path) -> None:
+    """The attempt under way asked for both leases; the application released
+    one meanwhile (it cannot reach the daemon, so the release fails and the
+    lease is forgotten); the daemon then gives both back: the client must
+    release the one nobody holds any more, or it stays bound to nobody."""
+    path = str(tmp_path / "scripted.sock")
+    daemon = ScriptedDaemon(path)
     try:
-        time.sleep(0.6)  # an attempt is waiting for an answer that does not come
+        with Client(path, timeout=10, resume=20) as client:
+            kept = client.acquire("job-k", "tree")
+            dropped = client.acquire("job-d", "tree")
+            daemon.crash.set()  # the first connection ends
+            assert daemon.resume_asked.wait(10), "the client never tried to resume"
+            with pytest.raises(ConnectionLost):
+                dropped.release()
+            daemon.answer_resume.set()
+            resumed = next_resumed(client)
+            assert resumed["resumed"] == [kept.token, dropped.token]
+            assert eventually(lambda: daemon.released == [dropped.token], timeout=5)
+            assert not kept.lost
+    finally:
+        daemon.close()
+
+
+def test_close_during_a_resume_attempt_returns_promptly(tmp_path: Path) -> None:
+    path = str(tmp_path / "scripted.sock")
+    daemon = ScriptedDaemon(path)
+    try:
+        client = Client(path, timeout=None, resume=30)
+        lease = client.acquire("job-1", "tree")
+        client.acquire("job-2", "tree")
+        daemon.crash.set()
+        assert daemon.resume_asked.wait(10)  # an attempt now waits for an answer that does not come
         began = time.monotonic()
         client.close()
         assert time.monotonic() - began < 2.0
         assert lease.lost
     finally:
-        os.kill(second.pid, signals.SIGCONT)
+        daemon.answer_resume.set()
+        daemon.close()
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
