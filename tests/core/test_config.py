@@ -83,9 +83,9 @@ def test_commented_claude_acp_example_is_a_valid_adapter():
     block = text[text.index("# [adapters.claude-acp]") :]
     uncommented = "\n".join(line.removeprefix("#").removeprefix(" ") for line in block.splitlines())
     adapter = parse_config(uncommented, PATH).adapters["claude-acp"]
-    assert adapter.params == ("workdir",)
-    assert adapter.memory_limit == 2**30
-    assert adapter.render_argv("j", {"workdir": "/srv/a b"})[-2:] == ["--cwd", "/srv/a b"]
+    assert adapter.params == ()
+    assert adapter.memory_limit == 2**30 and adapter.stdio == "pipe"
+    assert adapter.render_argv("j", {}) == ["npx", "-y", "@zed-industries/claude-agent-acp"]
 
 
 # --- defaults ---------------------------------------------------------------------
