@@ -139,38 +139,38 @@ def daemon_tag(state_dir: str) -> str:
         if len(value) == 2 * TAG_BYTES and all(c in "0123456789abcdef" for c in value):
             return value
     value = secrets.token_hex(TAG_BYTES)
-    temporary = os.path.join(state_dir, f".{TAG_FILE}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, f"{value}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+    replace_file(state_dir, TAG_FILE, f"{value}\n".encode())
     return value
 
 
-def write_record(state_dir: str, record: StateRecord) -> None:
-    """Blocking: replace the record atomically. Raises OSError."""
-    directory = Path(state_dir)
-    final = directory / RECORD_FILE
-    temporary = directory / f".{RECORD_FILE}.{os.getpid()}.tmp"
+def replace_file(state_dir: str, name: str, data: bytes) -> None:
+    """Blocking: make `state_dir/name` hold `data` (0600), atomically: the
+    whole of it written and synced to a temporary file (never through a
+    symlink), then renamed over the old one. A file not written whole is
+    never installed, nor left behind. Raises OSError."""
+    temporary = os.path.join(state_dir, f".{name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             os.fchmod(fd, 0o600)
-            data = memoryview(_encoder.encode(record))
-            while data:
-                data = data[os.write(fd, data):]
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temporary, final)
+        os.replace(temporary, os.path.join(state_dir, name))
     except BaseException:
-        # A record not written whole is never installed, nor left behind.
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def write_record(state_dir: str, record: StateRecord) -> None:
+    """Blocking: replace the record atomically (`replace_file`), and sync
+    the directory so the rename survives a crash of the host. Raises OSError."""
+    directory = Path(state_dir)
+    replace_file(state_dir, RECORD_FILE, _encoder.encode(record))
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
@@ -208,14 +208,7 @@ def next_generation(state_dir: str) -> int:
     except (OSError, ValueError):
         previous = 0
     generation = max(previous, 0) + 1
-    temporary = Path(state_dir) / f".{GENERATION_FILE}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, f"{generation}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+    replace_file(state_dir, GENERATION_FILE, f"{generation}\n".encode())
     return generation
 
 

@@ -7,17 +7,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from supervisor.engine.metrics import LiveState, Metrics
-
-
-def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
+from tests.test_metrics import samples as parse
 
 
 def live(**rss: int) -> LiveState:
