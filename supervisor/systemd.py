@@ -28,8 +28,10 @@ blocking, and one that cannot be sent is logged and dropped.
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -61,6 +63,12 @@ WATCHDOG_FRACTION = 0.5
 # often enough that `systemctl status` is current, cheap because the counts are
 # dictionary sizes.
 STATUS_POLL_S = 1.0
+
+# A FDSTORE=1 that finds systemd's queue full is sent again this many times,
+# after 1, 2, ... times this long: a few ms at most on the trio thread, in a
+# burst of spawns only.
+FDSTORE_ATTEMPTS = 5
+FDSTORE_RETRY_S = 0.001
 
 LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -257,12 +265,19 @@ class Notifier:
             return False
         message = format_notification({"FDSTORE": 1, "FDNAME": name})
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        try:
-            self._sock.sendmsg([message], ancillary, 0, self.address)
-        except OSError as exc:
-            log.warning("systemd.fdstore_failed", name=name, error=exc.strerror or str(exc))
-            return False
-        return True
+        for attempt in range(FDSTORE_ATTEMPTS):
+            try:
+                self._sock.sendmsg([message], ancillary, 0, self.address)
+                return True
+            except BlockingIOError:
+                # systemd's queue is full (a burst of spawns): a pipe not
+                # stored is an adapter lost in a crash, so wait a little.
+                time.sleep(FDSTORE_RETRY_S * (attempt + 1))
+            except OSError as exc:
+                log.warning("systemd.fdstore_failed", name=name, error=exc.strerror or str(exc))
+                return False
+        log.warning("systemd.fdstore_failed", name=name, error="systemd's notification queue stayed full")
+        return False
 
     def remove_fds(self, name: str) -> bool:
         """FDSTOREREMOVE=1: systemd closes what it keeps under `name`."""
@@ -350,6 +365,7 @@ def listen_fds_with_names(
     values = {name: env.pop(name) for name in LISTEN_VARIABLES if name in env}
     passed = parse_listen_fds(values, os.getpid())
     sockets = []
+    duplicated: set[str] = set()
     for fd, name in list(passed):
         if name.startswith(STDIO_FD_PREFIX):
             passed.remove((fd, name))
@@ -357,10 +373,15 @@ def listen_fds_with_names(
                 os.set_inheritable(fd, False)
             except OSError:
                 continue  # not open: nothing to take back
-            if stored is not None and name not in stored:
-                stored[name] = fd
-            else:
+            if stored is None or not _is_stdio_pipe(fd, name):
                 os.close(fd)
+            elif name in stored:
+                duplicated.add(name)  # which one is the pipe? neither is trusted
+                os.close(fd)
+            else:
+                stored[name] = fd
+    for name in duplicated:
+        os.close(stored.pop(name))
     for fd, name in passed:
         try:
             os.set_inheritable(fd, False)
@@ -370,6 +391,18 @@ def listen_fds_with_names(
                 sock.close()
             raise ActivationError(f"passed descriptor {fd} ({name}) is unusable: {exc.strerror or exc}") from None
     return sockets
+
+
+def _is_stdio_pipe(fd: int, name: str) -> bool:
+    """Whether a stored descriptor is what its name says: a pipe's write end
+    (`-in`, an adapter's stdin) or read end (`-out`, its stdout)."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        return False
+    return mode == (os.O_WRONLY if name.endswith("-in") else os.O_RDONLY)
 
 
 def activated_listener(

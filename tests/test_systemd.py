@@ -824,3 +824,39 @@ def test_stored_pipes_no_instance_takes_are_closed_and_removed_from_the_store(
     finally:
         os.close(read_end)
         receiver.close()
+
+
+def test_stored_descriptors_that_are_not_the_pipes_they_are_named_are_not_taken(tmp_path: Path) -> None:
+    """Only the service can fill its store, but what comes back is checked:
+    a `-in` must be a pipe's write end, a `-out` its read end, and a name
+    passed twice is trusted for neither."""
+    script = textwrap.dedent(
+        """
+        import json, os
+        from supervisor import systemd
+        stored = {}
+        systemd.listen_fds_with_names(stored=stored)
+        print(json.dumps(sorted(stored)))
+        """
+    )
+    read_end, write_end = os.pipe()
+    other_read, other_write = os.pipe()
+    directory = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    good_in, good_out = "stdio-aaaaaaaaaaaa-in", "stdio-aaaaaaaaaaaa-out"
+    specs = [
+        (write_end, good_in), (read_end, good_out),                          # right
+        (os.dup(read_end), "stdio-bbbbbbbbbbbb-in"),                         # a read end named -in
+        (directory, "stdio-cccccccccccc-out"),                               # not a pipe at all
+        (other_write, "stdio-dddddddddddd-in"), (os.dup(other_write), "stdio-dddddddddddd-in"),  # twice
+    ]
+    fds = [fd for fd, _ in specs]
+    try:
+        child = subprocess.run(
+            [PYTHON, "-c", ACTIVATE, *[f"{fd}:{name}" for fd, name in specs], "--", PYTHON, "-c", script],
+            pass_fds=fds, env=clean_environ(), capture_output=True, text=True, timeout=30,
+        )
+    finally:
+        for fd in [*fds, other_read]:
+            os.close(fd)
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == [good_in, good_out]
