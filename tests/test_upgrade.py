@@ -294,33 +294,40 @@ def test_a_second_upgrade_meanwhile_and_a_moved_state_dir_are_refused_at_once(st
     assert daemon.client().call("hello")["generation"] == 2
 
 
-def test_the_check_compiles_imported_modules_whose_bytecode_is_missing_or_stale(tmp_path: Path, monkeypatch) -> None:
+def test_the_check_compiles_the_daemons_modules_whose_bytecode_is_missing_or_stale(tmp_path: Path, monkeypatch) -> None:
     """The new image then starts from bytecode: an upgrade answers nothing
-    until it has imported everything."""
-    import importlib
+    until it has imported everything. Only the daemon's own modules, and only
+    where the daemon's uid owns the directory."""
     import importlib.util
     import sys
 
     from supervisor import upgrade
 
-    source = tmp_path / "warm_me.py"
-    source.write_text("VALUE = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    module = importlib.import_module("warm_me")
-    try:
-        cached = Path(importlib.util.cache_from_source(str(source)))
-        assert not cached.exists()
-        assert upgrade.write_bytecode() >= 1
-        assert cached.exists()
-        assert upgrade.write_bytecode() == 0  # up to date now
-        os.utime(source, (time.time() + 10, time.time() + 10))
-        assert upgrade.write_bytecode() == 1  # the source changed since
-        data = cached.read_bytes()
-        assert data[:4] == importlib.util.MAGIC_NUMBER
-    finally:
-        sys.modules.pop("warm_me", None)
-        del module
+
+    def load(name: str, directory: Path) -> Path:
+        directory.mkdir(exist_ok=True)
+        source = directory / f"{name.rpartition('.')[2]}.py"
+        source.write_text("VALUE = 1\n")
+        spec = importlib.util.spec_from_file_location(name, source)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        monkeypatch.setitem(sys.modules, name, module)
+        return Path(spec.cached)
+
+    ours = load("supervisor._warm_test", tmp_path / "ours")
+    foreign = load("warm_foreign", tmp_path / "foreign")
+    theirs = load("supervisor._warm_theirs", tmp_path / "theirs")
+    os.chown(tmp_path / "theirs", 61001, 61001)
+    assert not ours.exists()
+    assert upgrade.write_bytecode() >= 1
+    assert ours.exists() and ours.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+    assert not foreign.exists(), "a module not the daemon's was compiled"
+    assert not theirs.exists(), "a directory of another uid was written into"
+    assert upgrade.write_bytecode() == 0  # up to date now
+    source = tmp_path / "ours" / "_warm_test.py"
+    os.utime(source, (time.time() + 10, time.time() + 10))
+    assert upgrade.write_bytecode() == 1  # the source changed since
 
 
 def test_a_peer_that_does_not_read_fails_an_upgrade_fast_and_keeps_its_answers(start_daemon) -> None:
