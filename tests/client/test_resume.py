@@ -142,6 +142,14 @@ class ScriptedDaemon:
             first = False
 
     def _talk(self, conn, first: bool) -> None:
+        try:
+            self._answer(conn, first)
+        except OSError:
+            pass  # the client went away mid-line (a reset): as a daemon would, carry on
+        finally:
+            conn.close()
+
+    def _answer(self, conn, first: bool) -> None:
         import json
 
         reader = conn.makefile("rb")
@@ -162,14 +170,10 @@ class ScriptedDaemon:
             elif method == "release":
                 self.released.append(params["lease"])
                 result = {"refcount": 0, "stopping": True}
-            try:
-                conn.sendall(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}).encode() + b"\n")
-            except OSError:
-                break  # the client went away
+            conn.sendall(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}).encode() + b"\n")
             if first and granted == 2:
                 self.crash.wait(10)
                 break
-        conn.close()
 
     def close(self) -> None:
         self.listener.close()
