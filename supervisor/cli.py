@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", "show instances and their leases")
     status.add_argument("--job", help="only the instances of this job")
+    status.add_argument("--adapter", help="only the instances of this adapter")
+    status.add_argument("--state", choices=("starting", "running", "lingering", "stopping", "exited"),
+                        help="only the instances in this state")
+    status.add_argument("--uid", type=_non_negative_int, metavar="UID", help="only the instances this uid owns")
     status.add_argument(
         "--watch", type=_positive_seconds, nargs="?", const=WATCH_INTERVAL_S, metavar="SECONDS",
         help=f"refresh every SECONDS (default {WATCH_INTERVAL_S:g}) until Ctrl-C; with --json, one JSON line per refresh",
@@ -211,6 +215,17 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: a whole number, 0 or more (a uid)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
     return value
 
 
@@ -381,7 +396,8 @@ def _run_client_command(args: argparse.Namespace) -> int:
         if args.command == "status":
             if args.watch is not None:
                 return _watch_status(client, args)
-            _output(args, client.status(args.job), lambda r: display.render_status(r, time.time()))
+            _output(args, client.status(args.job, adapter=args.adapter, state=args.state, uid=args.uid),
+                    lambda r: display.render_status(r, time.time()))
         elif args.command == "adapters":
             _output(args, client.call("adapters", {}), lambda r: display.render_adapters(r["adapters"]))
         elif args.command == "acquire":
@@ -477,7 +493,7 @@ def _watch_status(client: Client, args: argparse.Namespace) -> int:
     in_place = sys.stdout.isatty() and not args.json
     try:
         while True:
-            result = client.status(args.job)
+            result = client.status(args.job, adapter=args.adapter, state=args.state, uid=args.uid)
             if args.json:
                 print(json.dumps(result), flush=True)
             else:

@@ -385,3 +385,18 @@ def test_check_config_warns_of_a_program_a_spawn_would_not_find_and_exits_0(tmp_
     )
     as_json = json.loads(run_cli("check-config", str(path), "--json").stdout)
     assert as_json["ok"] is True and [w["key"] for w in as_json["warnings"]] == ["adapters.gone.command"]
+
+
+def test_status_filters_reach_the_daemon_and_bad_ones_are_usage_errors(start_daemon) -> None:
+    daemon = start_daemon('[adapters.idle]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 0.5\n')
+    client = daemon.client()
+    client.call("acquire", {"job": "one", "adapter": "idle"})
+    client.call("acquire", {"job": "two", "adapter": "idle"})
+    shown = run_cli("status", "--socket", daemon.socket, "--json", "--job", "two", "--state", "running", "--uid", "0")
+    assert shown.returncode == 0, shown.stderr
+    assert [row["job"] for row in json.loads(shown.stdout)["instances"]] == ["two"]
+    none = run_cli("status", "--socket", daemon.socket, "--json", "--adapter", "other")
+    assert json.loads(none.stdout)["instances"] == []
+    for bad in (("--state", "sleeping"), ("--uid", "-1"), ("--uid", "root")):
+        refused = run_cli("status", "--socket", daemon.socket, *bad)
+        assert refused.returncode == 2 and bad[0] in refused.stderr, refused.stderr

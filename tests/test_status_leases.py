@@ -121,3 +121,37 @@ def test_an_exited_instance_says_why_and_with_what_status(start_daemon, tmp_path
         (row,) = holder.result("status", {"job": "j2"})["instances"]
         assert "returncode" not in row and "reason" not in row
         holder.result("release", {"lease": running["lease"]})
+
+
+def test_status_filters_by_job_adapter_state_and_owner(start_daemon, public_dir: Path, tmp_path: Path) -> None:
+    adapters = (
+        tree_adapter("tree", pidfile=tmp_path / "t.pids", args=("--no-escapee",), stop_timeout=STOP_TIMEOUT)
+        + '[adapters.brief]\ncommand = ["/bin/true"]\nstop_timeout = 0.5\n'
+    )
+    daemon = start_public_daemon(start_daemon, public_dir, adapters, allowed_uids=[NOBODY])
+    with Connection(daemon.socket) as root:
+        root.result("acquire", {"job": "a", "adapter": "tree"})
+        root.result("acquire", {"job": "b", "adapter": "tree"})
+        root.result("acquire", {"job": "a", "adapter": "brief"})  # exits at once, stays listed as exited
+        run_as_nobody(daemon.socket, [("acquire", {"job": "n", "adapter": "tree", "detach": True, "ttl": 60})])
+
+        def jobs(**filters: object) -> list[tuple[str, str]]:
+            rows = root.result("status", filters)["instances"]
+            return sorted((row["job"], row["adapter"]) for row in rows)
+
+        assert eventually(lambda: jobs(state="exited") == [("a", "brief")], timeout=5)
+        assert jobs(job="a") == [("a", "brief"), ("a", "tree")]
+        assert jobs(adapter="tree") == [("a", "tree"), ("b", "tree"), ("n", "tree")]
+        assert jobs(job="a", adapter="tree") == [("a", "tree")]
+        assert jobs(state="running", uid=0) == [("a", "tree"), ("b", "tree")]
+        assert jobs(uid=NOBODY) == [("n", "tree")]
+        assert {row["uid"] for row in root.result("status", {"uid": NOBODY})["instances"]} == {NOBODY}
+        assert jobs(adapter="nope") == []
+        status = root.result("status", {"job": "a"})
+        assert status["daemon"]["instances"] == 4  # the counts are of everything
+        for bad in ({"state": "sleeping"}, {"uid": -1}):
+            refused = root.call("status", bad)
+            assert refused["error"]["code"] == -32602, refused
+        root.result("release_job", {"job": "a"})
+        root.result("release_job", {"job": "b"})
+        root.result("release_job", {"job": "n"})

@@ -41,6 +41,7 @@ from supervisor.client.session import (
     attempt_timeout,
     reconnect_and_resume,
     resumed_notice,
+    status_params,
     DEFAULT_TIMEOUT_S,
     NOTIFICATION_BACKLOG,
     REFUSAL_GRACE_S,
@@ -461,9 +462,11 @@ class AsyncClient:
         may still happen)."""
         return await self.call("upgrade", {})  # type: ignore[no-any-return]
 
-    async def status(self, job: str | None = None) -> Status:
+    async def status(
+        self, job: str | None = None, *, adapter: str | None = None, state: str | None = None, uid: int | None = None
+    ) -> Status:
         """As `Client.status`; cancelled as `call_with_fds` is."""
-        return await self.call("status", {"job": job} if job is not None else {})  # type: ignore[no-any-return]
+        return await self.call("status", status_params(job, adapter, state, uid))  # type: ignore[no-any-return]
 
     async def sweep(self, *, deep: bool = False) -> dict[str, Any]:
         """As `Client.sweep`; cancelled as `call_with_fds` is (the sweep still

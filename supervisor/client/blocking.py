@@ -85,6 +85,7 @@ from supervisor.client.session import (
     attempt_timeout,
     reconnect_and_resume,
     resumed_notice,
+    status_params,
     NOTIFICATION_BACKLOG,
     REFUSAL_GRACE_S,
     FDS_PER_LEASE,
@@ -523,10 +524,12 @@ class Client:
         must cover the new code's check, up to 30 s)."""
         return self.call("upgrade", {})  # type: ignore[no-any-return]
 
-    def status(self, job: str | None = None) -> Status:
-        """The daemon and its instances (those of `job` only, if given). Raises
-        as `call` does."""
-        return self.call("status", {"job": job} if job is not None else {})  # type: ignore[no-any-return]
+    def status(
+        self, job: str | None = None, *, adapter: str | None = None, state: str | None = None, uid: int | None = None
+    ) -> Status:
+        """The daemon and its instances: those that match every filter given
+        (a job, an adapter, a state, the uid that owns them). Raises as `call` does."""
+        return self.call("status", status_params(job, adapter, state, uid))  # type: ignore[no-any-return]
 
     def sweep(self, *, deep: bool = False) -> dict[str, Any]:
         """Run an orphan sweep now; returns its report. Raises as `call` does."""

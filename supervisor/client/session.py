@@ -260,6 +260,8 @@ class InstanceStatus(_ExitedInstanceFields):
     rss_bytes: int
     # Taken over from a previous incarnation of the daemon after a crash.
     adopted: bool
+    # The uid whose acquire spawned it (None: not known, from an older daemon).
+    uid: int | None
     leases: list[LeaseStatus]
 
 
@@ -627,3 +629,11 @@ def resumed_notice(reconnected: Reconnected) -> dict[str, Any]:
     """The notification a resuming client adds to its stream once connected again."""
     params = {"resumed": reconnected.resumed, "lost": reconnected.lost, "generation": reconnected.generation}
     return {"jsonrpc": "2.0", "method": RESUMED_NOTICE, "params": params}
+
+
+def status_params(
+    job: str | None = None, adapter: str | None = None, state: str | None = None, uid: int | None = None
+) -> dict[str, Any]:
+    """The params of `status` for the filters given (None: not filtered on)."""
+    given = {"job": job, "adapter": adapter, "state": state, "uid": uid}
+    return {name: value for name, value in given.items() if value is not None}

@@ -150,10 +150,17 @@ class ReleaseJobParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         _refuse_control_characters(self.job, "job")
 
 
+InstanceState = Literal["starting", "running", "lingering", "stopping", "exited"]
+
+
 class StatusParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """`status`: the daemon and its instances, optionally of one job."""
+    """`status`: the daemon and its instances, those that match every filter given."""
 
     job: Job | None = None
+    adapter: AdapterName | None = None
+    state: InstanceState | None = None
+    # The uid that owns the instances (the one whose acquire spawned them).
+    uid: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
         if self.job is not None:

@@ -629,6 +629,12 @@ class Engine:
         instances = self.registry.instances.values()
         if params.job is not None:
             instances = [i for i in instances if i.job == params.job]  # type: ignore[assignment]
+        if params.adapter is not None:
+            instances = [i for i in instances if i.adapter == params.adapter]  # type: ignore[assignment]
+        if params.state is not None:
+            instances = [i for i in instances if i.state.value == params.state]  # type: ignore[assignment]
+        if params.uid is not None:
+            instances = [i for i in instances if i.uid == params.uid]  # type: ignore[assignment]
         rows = []
         total_rss = 0
         for instance in instances:
@@ -646,6 +652,7 @@ class Engine:
                 "started_at": instance.started_at,
                 "rss_bytes": rss_bytes,
                 "adopted": instance.adopted,
+                "uid": instance.uid,
                 "leases": [self._lease_row(peer, token) for token in sorted(instance.leases)],
             }
             if instance.state is State.EXITED:
