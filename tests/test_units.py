@@ -173,7 +173,13 @@ def test_the_user_service_serves_as_an_unprivileged_user_with_the_default_paths(
                 with Client(listen, timeout=10) as client:  # root may always connect
                     assert client.call("hello")["pid"] == daemon.pid
                     lease = client.call("acquire", {"job": "j", "adapter": "pair", "detach": True, "ttl": 60})
-                    row = client.call("status")
+                    # The root forks its child right after it starts: wait for both.
+                    def both_running() -> dict | None:
+                        status = client.call("status")
+                        return status if len(status["instances"][0]["pids"]) == 2 else None
+
+                    row = eventually(both_running, timeout=5)
+                    assert row, client.call("status")
                     (instance,) = row["instances"]
                     assert len(instance["pids"]) == 2
                     assert all(os.stat(f"/proc/{pid}").st_uid == USER_UID for pid in instance["pids"])
