@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -505,7 +508,25 @@ def _watch_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def _output(args: argparse.Namespace, result: Any, render: Any) -> None:
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        page(render(result))
+
+
+def page(text: str) -> None:
+    """Print `text`; through a pager ($PAGER, else `less -FRX`) when stdout
+    is a terminal it would not fit on. PAGER=cat turns paging off; a pager
+    that cannot be started prints it plainly."""
+    if not sys.stdout.isatty() or text.count("\n") + 1 < shutil.get_terminal_size().lines:
+        print(text)
+        return
+    configured = os.environ.get("PAGER")
+    command = shlex.split(configured) if configured else ["less", "-FRX"]
+    try:
+        subprocess.run(command, input=text + "\n", text=True, check=False)
+    except OSError:
+        print(text)
 
 
 def _print_error(args: argparse.Namespace, code: int | None, message: str) -> None:

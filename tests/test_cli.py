@@ -400,3 +400,49 @@ def test_status_filters_reach_the_daemon_and_bad_ones_are_usage_errors(start_dae
     for bad in (("--state", "sleeping"), ("--uid", "-1"), ("--uid", "root")):
         refused = run_cli("status", "--socket", daemon.socket, *bad)
         assert refused.returncode == 2 and bad[0] in refused.stderr, refused.stderr
+
+
+def run_on_a_terminal(args: list[str], *, rows: int, env: dict[str, str]) -> str:
+    """Run the CLI with its stdout on a pseudo-terminal `rows` lines high;
+    what it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 120, 0, 0))
+    try:
+        done = subprocess.run([PYTHON, "-m", "supervisor", *args], stdout=slave, stderr=subprocess.PIPE,
+                              env={**os.environ, "COLUMNS": "120", "LINES": str(rows), **env}, timeout=20)
+        assert done.returncode == 0, done.stderr
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal has no writer left
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    return out.decode(errors="replace")
+
+
+def test_a_table_longer_than_the_terminal_goes_through_the_pager(start_daemon, tmp_path: Path) -> None:
+    daemon = start_daemon('[adapters.idle]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 0.5\n')
+    client = daemon.client()
+    for n in range(12):
+        client.call("acquire", {"job": f"job-{n:02d}", "adapter": "idle"})
+    paged = tmp_path / "paged"
+    pager = f"{PYTHON} -c \"import sys; open('{paged}', 'w').write(sys.stdin.read())\""
+    shown = run_on_a_terminal(["status", "--socket", daemon.socket], rows=8, env={"PAGER": pager})
+    assert "job-11" in paged.read_text() and "job-11" not in shown
+    paged.unlink()
+    # A table that fits, PAGER=cat, or a pipe: printed as it is.
+    shown = run_on_a_terminal(["status", "--socket", daemon.socket, "--job", "job-03"], rows=40, env={"PAGER": pager})
+    assert "job-03" in shown and not paged.exists()
+    piped = run_cli("status", "--socket", daemon.socket)
+    assert "job-11" in piped.stdout
