@@ -7,6 +7,7 @@ and every other process on the host (pid 1 among them) is a stranger.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,14 +29,18 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         env = dict(os.environ)
         if tag is not None:
             env[process.INSTANCE_ENV] = tag
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)
+        # A group of its own: the cleanup kills its children too (a shell's
+        # `sleep 600 &` would outlive the shell otherwise).
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, process_group=0)
         started.append(proc)
         return proc
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=5)
 
 
