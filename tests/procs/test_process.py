@@ -64,8 +64,9 @@ def test_read_stat_of_a_process_whose_name_has_spaces_and_parentheses(spawn, tmp
     assert eventually(lambda: process.read_cmdline(child.pid))
     with open(f"/proc/{child.pid}/comm") as f:
         assert f.read() == "x) y (z\n"
-    stat = process.read_stat(child.pid)
-    assert stat is not None
+    # (Right after exec the new image may not have its pages yet: wait for some.)
+    stat = eventually(lambda: (s := process.read_stat(child.pid)) is not None and s.rss_bytes > 0 and s)
+    assert stat, process.read_stat(child.pid)
     assert (stat.pid, stat.ppid) == (child.pid, os.getpid())
     assert stat.state in {"R", "S"}
     assert stat.rss_bytes > 0

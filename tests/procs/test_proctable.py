@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -33,6 +34,7 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         # `sleep 600 &` would outlive the shell otherwise).
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, process_group=0)
         started.append(proc)
+        running(proc.pid, argv[0])
         return proc
 
     yield start
@@ -44,10 +46,26 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         proc.wait(timeout=5)
 
 
+def running(pid: int, program: str) -> None:
+    """Wait until `pid` runs `program` (past its exec: a look in between may
+    read a process with no pages and an environment in flux)."""
+    name = os.path.basename(program)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        cmdline = process.read_cmdline(pid)
+        stat = process.read_stat(pid)
+        if cmdline and os.path.basename(cmdline[0]) == name and stat is not None and stat.rss_bytes > 0:
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"pid {pid} never ran {program}")
+
+
 def with_child(spawn, tag: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
     """A shell (of ours) with a sleeping child; returns it and the child's pid."""
     shell = spawn(["/bin/sh", "-c", "sleep 600 & echo $!; wait"], tag=tag)
-    return shell, int(shell.stdout.readline())
+    child = int(shell.stdout.readline())
+    running(child, "sleep")
+    return shell, child
 
 
 def test_ours_are_the_daemons_descendants_with_their_tags_and_strangers_are_not(spawn) -> None:
@@ -62,7 +80,7 @@ def test_ours_are_the_daemons_descendants_with_their_tags_and_strangers_are_not(
     assert {s.pid for s in table.members(root, (), "i-a")} == {shell.pid, grandchild}
     # Known by tag alone, a member is found with its descendants.
     assert {s.pid for s in table.members(process.ProcessId(1, -1), (), "i-a")} == {shell.pid, grandchild}
-    assert table.members(process.identify(untagged.pid), (), "i-b") == [process.read_stat(untagged.pid)]
+    assert [s.pid for s in table.members(process.identify(untagged.pid), (), "i-b")] == [untagged.pid]
 
 
 def test_a_second_look_reads_only_what_is_new(spawn) -> None:
