@@ -41,7 +41,32 @@ def _private_nonblocking(fd: int, flags: int) -> int:
     return private
 
 
-class PipeSendStream(anyio.abc.ByteSendStream):
+class _PipeEnd:
+    """What both ends share: the descriptor, handing it over, closing it."""
+
+    _fd: int
+    _closed: bool
+
+    def take_fd(self) -> int:
+        """Hand the descriptor over to the caller, who closes it; this stream
+        is closed from then on. Raises anyio.ClosedResourceError if it is
+        closed already."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        self._closed = True
+        return self._fd
+
+    async def aclose(self) -> None:
+        """Close the descriptor; idempotent. It is closed even if the call is
+        cancelled."""
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._fd)
+            os.close(self._fd)
+        await anyio.lowlevel.checkpoint()
+
+
+class PipeSendStream(_PipeEnd, anyio.abc.ByteSendStream):
     """The write end of an adapter's stdin as an anyio byte stream."""
 
     def __init__(self, fd: int) -> None:
@@ -64,26 +89,8 @@ class PipeSendStream(anyio.abc.ByteSendStream):
             except BrokenPipeError as exc:
                 raise anyio.BrokenResourceError from exc
 
-    def take_fd(self) -> int:
-        """Hand the descriptor over to the caller, who closes it; this stream
-        is closed from then on. Raises anyio.ClosedResourceError if it is
-        closed already."""
-        if self._closed:
-            raise anyio.ClosedResourceError
-        self._closed = True
-        return self._fd
 
-    async def aclose(self) -> None:
-        """Close the descriptor; idempotent. It is closed even if the call is
-        cancelled."""
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._fd)
-            os.close(self._fd)
-        await anyio.lowlevel.checkpoint()
-
-
-class PipeReceiveStream(anyio.abc.ByteReceiveStream):
+class PipeReceiveStream(_PipeEnd, anyio.abc.ByteReceiveStream):
     """The read end of an adapter's stdout as an anyio byte stream (wrap it in
     `anyio.streams.buffered.BufferedByteReceiveStream` to read lines)."""
 
@@ -107,24 +114,6 @@ class PipeReceiveStream(anyio.abc.ByteReceiveStream):
             if not data:
                 raise anyio.EndOfStream
             return data
-
-    def take_fd(self) -> int:
-        """Hand the descriptor over to the caller, who closes it; this stream
-        is closed from then on. Raises anyio.ClosedResourceError if it is
-        closed already."""
-        if self._closed:
-            raise anyio.ClosedResourceError
-        self._closed = True
-        return self._fd
-
-    async def aclose(self) -> None:
-        """Close the descriptor; idempotent. It is closed even if the call is
-        cancelled."""
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._fd)
-            os.close(self._fd)
-        await anyio.lowlevel.checkpoint()
 
 
 async def open_asyncio_streams(
