@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +103,9 @@ def wait_for_socket(path: str, popen: subprocess.Popen[bytes], log_path: Path, t
 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[object]:
-    """Start daemons: `start_daemon(adapters_toml, **daemon_settings)`. Every one
-    is stopped at teardown, and no process it started may outlive it."""
+    """Start daemons: `start_daemon(adapters_toml, **daemon_settings)`, behind
+    `command_prefix` (a wrapper that execs the rest) if one is given. Every
+    one is stopped at teardown, and no process it started may outlive it."""
     started: list[DaemonProcess] = []
 
     def start(
@@ -114,6 +115,7 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
         state_dir: Path | None = None,
         nofile: int | None = None,
         preexec: Callable[[], None] | None = None,
+        command_prefix: Sequence[str] = (),
         **daemon: object,
     ) -> DaemonProcess:
         index = len(started)
@@ -136,7 +138,7 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
 
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
-                [PYTHON, "-m", "supervisor", "serve", "--config", str(config_path)],
+                [*command_prefix, PYTHON, "-m", "supervisor", "serve", "--config", str(config_path)],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=before_exec if nofile or preexec else None,

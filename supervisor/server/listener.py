@@ -17,6 +17,7 @@ right after its line is handed to the socket, whatever became of the send.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import grp
 import itertools
@@ -26,7 +27,7 @@ import resource
 import socket as stdlib_socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -726,14 +727,22 @@ async def bind_control_socket(path: str, mode: int, group: int | None = None) ->
             )
         finally:
             probe.close()
-    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    plain = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     # No window in which the socket file is more open than `mode` allows.
+    # The bind is synchronous: no other task runs under the borrowed umask
+    # and egid.
     old_umask = os.umask(0o777 & ~mode)
     try:
-        await sock.bind(path)
+        with _creating_as_group(group):
+            plain.bind(path)
+    except BaseException:
+        plain.close()
+        raise
     finally:
         os.umask(old_umask)
-    if group is not None:
+    sock = trio.socket.from_stdlib_socket(plain)
+    await trio.lowlevel.checkpoint()
+    if group is not None and os.stat(path).st_gid != group:
         try:
             os.chown(path, -1, group)
         except PermissionError:
@@ -747,6 +756,27 @@ async def bind_control_socket(path: str, mode: int, group: int | None = None) ->
     os.chmod(path, mode)
     sock.listen(stdlib_socket.SOMAXCONN)
     return sock
+
+
+@contextlib.contextmanager
+def _creating_as_group(group: int | None) -> Iterator[None]:
+    """Files created inside get `group` where the daemon may take it as its
+    effective gid (root with CAP_SETGID), so that root needs no CAP_CHOWN
+    to give the socket file to socket_group; elsewhere nothing changes and
+    the caller falls back to chown. The egid is restored on the way out."""
+    own = os.getegid()
+    if group is None or group == own:
+        yield
+        return
+    try:
+        os.setegid(group)
+    except PermissionError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.setegid(own)
 
 
 def _group_label(gid: int) -> str:
