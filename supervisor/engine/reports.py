@@ -152,8 +152,13 @@ class ReportStore:
         if size and size + len(line) > self.max_file_bytes:
             os.replace(self.path, self.path.with_name(REPORTS_FILE + ".1"))
         # Never through a symlink, and readable by the daemon's uid alone.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
+            # A line torn by an earlier crash (or a full disk) is ended first,
+            # so this report is not glued onto it and lost with it.
+            end = os.fstat(fd).st_size
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                line = b"\n" + line
             os.write(fd, line)
         finally:
             os.close(fd)
