@@ -253,3 +253,65 @@ def test_an_upgrade_after_an_adoption_keeps_the_adopted_trees(start_daemon, tmp_
     assert all(process.is_running(m) for m in members.values()), members
     assert client.call("release", {"lease": lease["lease"]})["stopping"] is True
     assert not wait_all_gone(members, second.pid, timeout=4.0)
+
+
+# The root lets a grandchild escape (setsid, its parent exits: it is
+# re-parented to the daemon) once `go` exists, and the escapee throws its
+# environment (and so its tag) away by exec'ing `sleep` once `go.untag` exists.
+ESCAPING_LATER = """
+import os, sys, time
+pidfile, go = sys.argv[1], sys.argv[2]
+while not os.path.exists(go):
+    time.sleep(0.01)
+if os.fork() == 0:
+    if os.fork() == 0:
+        os.setsid()
+        with open(pidfile, "a") as out:
+            out.write("escapee %d\\n" % os.getpid())
+        while not os.path.exists(go + ".untag"):
+            time.sleep(0.01)
+        os.execve("/bin/sleep", ["sleep", "600"], dict())
+    os._exit(0)
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_an_escapee_learned_by_a_sweep_is_recorded_and_outlives_no_crash(start_daemon, tmp_path: Path) -> None:
+    # Process-table mode: an escapee is known only by its (pid, start time)
+    # once it has dropped its tag. What a scan learned must reach the record,
+    # or after kill -9 nothing proves the escapee is the daemon's and it
+    # lives on, re-parented to PID 1.
+    go, pidfile = tmp_path / "go", tmp_path / "escapee.pids"
+    adapter = (
+        f"[adapters.leaky]\ncommand = {json.dumps([PYTHON, '-c', ESCAPING_LATER, str(pidfile), str(go)])}\n"
+        "stop_timeout = 1.0\n"
+    )
+    settings = {"cgroup": "off", "socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state"),
+                "sweep_interval": 3600}
+    first = start_daemon(adapter, **settings)
+    client = first.client()
+    lease = client.call("acquire", {"job": "job-1", "adapter": "leaky", "detach": True, "ttl": 600})
+    assert eventually(lambda: lease["lease"] in recorded_tokens(tmp_path / "state"))
+    go.touch()
+    escapee = read_pidfile(pidfile, roles=("escapee",))["escapee"]
+    assert eventually(lambda: getattr(process.read_stat(escapee.pid), "ppid", None) == first.pid)
+    client.call("sweep")  # learns the escapee, still tagged, as a member
+    (tmp_path / "go.untag").touch()
+    assert eventually(lambda: process.read_cmdline(escapee.pid) == ["sleep", "600"])
+    assert eventually(lambda: escapee.pid in recorded_pids(tmp_path / "state"), timeout=3.0), "the escapee never reached the record"
+
+    kill_9(first)
+    second = start_daemon(adapter, **settings)
+    client = second.client()
+    assert [row["instance"] for row in client.call("status")["instances"]] == [lease["instance"]]
+    client.call("release", {"lease": lease["lease"]})
+    assert wait_all_gone({"escapee": escapee}, second.pid, timeout=5.0) == {}
+
+
+def recorded_pids(state_dir: Path) -> set[int]:
+    try:
+        record = json.loads((state_dir / staterecord.RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {member["pid"] for instance in record.get("instances", []) for member in instance.get("processes", [])}

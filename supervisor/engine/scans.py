@@ -96,10 +96,35 @@ def snapshot(instances: Instances, instance_ids: list[str]) -> Snapshots:
 
 
 def remember(instances: Instances, members: Mapping[str, list[process.ProcStat]], snapshots: Snapshots) -> None:
-    """Fold a scan's results into the trees still running: members learned,
-    and each tree's RSS."""
+    """Fold a scan's results into the trees still running: members learned
+    (the record is rewritten if any tree's members changed: after a crash
+    they are what proves an escapee is ours), and each tree's RSS."""
+    changed = False
     for instance_id, stats in members.items():
         running = instances.running.get(instance_id)
         if running is not None:
-            running.tree.remember(stats, snapshots[instance_id][1])
+            changed |= running.tree.remember(stats, snapshots[instance_id][1])
             running.rss_bytes = sum(s.rss_bytes for s in stats)
+    if changed:
+        instances.record.mark_dirty()
+
+
+
+def learn(
+    instances: Instances,
+    learned: Mapping[str, frozenset[process.ProcessId]],
+    snapshots: Mapping[str, tuple[process.ProcessId, frozenset[process.ProcessId]]],
+) -> None:
+    """Fold the live members a table scan found (`learned`, made from
+    `snapshots` of the known members) into the trees still running, as
+    `InstanceTree.remember_ids` does, and rewrite the record if any tree's
+    members changed: once a member drops its tag or leaves its parents, only
+    the record proves it ours after a crash."""
+    changed = False
+    for instance_id, members in learned.items():
+        running = instances.running.get(instance_id)
+        if running is not None:
+            root, known = snapshots[instance_id]
+            changed |= running.tree.remember_ids(members, known - {root})
+    if changed:
+        instances.record.mark_dirty()

@@ -23,7 +23,7 @@ import errno
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -72,6 +72,9 @@ class ScanResult:
     stale_cgroups: list[str] = field(default_factory=list)
     # The process table refreshed by `scan_table`.
     table: ProcessTable | None = None
+    # The live members the table found of each tree whose known members
+    # they are not (`scan_table`), to be remembered.
+    learned: dict[str, frozenset[process.ProcessId]] = field(default_factory=dict)
 
 
 def scan(
@@ -126,7 +129,8 @@ def scan(
     by_pid = {s.pid: s for s in table}
     for member in recorded:
         stat = by_pid.get(member.pid)
-        if stat is not None and stat.start_time == member.start_time and stat.pid not in seen:
+        if (stat is not None and stat.start_time == member.start_time and stat.pid not in seen
+                and stat.state not in process.EXITED_STATES):
             seen.add(stat.pid)
             result.candidates.append(_candidate(stat, "record"))
     if deep:
@@ -145,12 +149,16 @@ def scan_table(
     anchors: frozenset[process.ProcessId],
     live: frozenset[str],
     measured: dict[str, tuple[InstanceTree, frozenset[process.ProcessId]]],
+    tracked: Mapping[str, tuple[process.ProcessId, frozenset[process.ProcessId]]],
     daemon_pid: int,
 ) -> ScanResult:
     """Blocking: a periodic sweep's scan in process-table mode, from the
     daemon's table refreshed (`proctable.refresh`). `anchors` are the roots
     and known members of every tree, `live` every instance the daemon still
-    owns; `measured` the trees whose members (with fresh figures) are wanted.
+    owns; `measured` the trees whose members (with fresh figures) are wanted;
+    `tracked` the root and known members of every running tree: where the
+    live members found differ from those known, they are returned in
+    `learned`.
     A process of ours is accounted for if it is an anchor, carries the tag
     of a live instance, or descends from either; the rest of ours are the
     candidates, each read again so that a zombie or a reused pid is none.
@@ -176,15 +184,26 @@ def scan_table(
         result.candidates.append(_candidate(stat, "descendant"))
     for instance_id, (tree, known) in measured.items():
         result.members[instance_id] = table.members(tree.root, known, instance_id)
+    for instance_id, (root, known) in tracked.items():
+        found = frozenset(
+            process.ProcessId(s.pid, s.start_time)
+            for s in table.members(root, known, instance_id)
+            if s.state not in process.EXITED_STATES and s.pid != root.pid
+        )
+        if found != known - {root}:
+            result.learned[instance_id] = found
     return result
 
 
 def _candidate(stat: process.ProcStat, proof: str, instance: str | None = None) -> Candidate:
+    """A candidate with what its environment says of it; proven by its
+    cgroup, it is that cgroup's instance whatever its environment claims (a
+    process may set any tag, and the instance is what gets killed)."""
     env = process.read_supervisor_env(stat.pid)
     return Candidate(
         stat=stat,
         cmdline=process.read_cmdline(stat.pid),
-        instance=env.get(process.INSTANCE_ENV, instance),
+        instance=instance if proof == "cgroup" else env.get(process.INSTANCE_ENV, instance),
         job=env.get(process.JOB_ENV),
         adapter=env.get(process.ADAPTER_ENV),
         proof=proof,
@@ -358,12 +377,14 @@ class Sweeper:
                 errors.append(f"scan failed: {exc}")
                 born_before = 0
             table = self._table
+            tracked: dict[str, tuple[process.ProcessId, frozenset[process.ProcessId]]] = {}
             try:
                 if table is not None and incremental:
                     base = table.table
+                    tracked = {i: (r.tree.root, frozenset(r.tree.known)) for i, r in running.items()}
                     result = await trio.to_thread.run_sync(partial(
                         scan_table, base, anchors=self._instances.anchors(), live=live, measured=snapshots,
-                        daemon_pid=self._instances.pid,
+                        tracked=tracked, daemon_pid=self._instances.pid,
                     ))
                     assert result.table is not None
                     table.offer(result.table, base)
@@ -378,6 +399,7 @@ class Sweeper:
                 result = ScanResult()
             with trio.CancelScope(shield=True):
                 scans.remember(self._instances, result.members, snapshots)
+                scans.learn(self._instances, result.learned, tracked)
                 over_memory = self._enforce_memory_limits(result.members)
                 if deep:
                     # Every sweep's reap() above already routes a root that
@@ -426,12 +448,17 @@ class Sweeper:
     def _claim_members(self, candidates: list[Candidate]) -> None:
         """Candidates that name a running instance by their tag are members it
         did not know of (an escapee of an adopted tree, re-parented away from
-        the previous incarnation): its tree learns them."""
+        the previous incarnation): its tree learns them, and the record with
+        it (once untagged, only the record proves them ours after a crash)."""
         running = self._instances.running
+        learned = False
         for candidate in candidates:
             tree_of = running.get(candidate.instance) if candidate.instance else None
-            if tree_of is not None and candidate.proof == "tag":
+            if tree_of is not None and candidate.proof == "tag" and candidate.stat.process_id not in tree_of.tree.known:
                 tree_of.tree.known.add(candidate.stat.process_id)
+                learned = True
+        if learned:
+            self._instances.record.mark_dirty()
 
     def _still_orphaned(self, candidates: list[Candidate], born_before: int) -> list[Candidate]:
         """Drop candidates that became accounted for while the scan ran in its

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Set
 from dataclasses import dataclass, field
 
 import structlog
@@ -105,13 +105,21 @@ class InstanceTree:
                 members[stat.pid] = stat
         return list(members.values())
 
-    def remember(self, stats: list[process.ProcStat], snapshot: frozenset[process.ProcessId] = frozenset()) -> None:
+    def remember(self, stats: list[process.ProcStat], snapshot: frozenset[process.ProcessId] = frozenset()) -> bool:
         """Record members seen by a scan made from `snapshot`. Members of the
         snapshot the scan no longer found are gone and forgotten, so `known`
-        tracks the live tree instead of growing for weeks. Trio thread only."""
-        seen = {process.ProcessId(s.pid, s.start_time) for s in stats}
+        tracks the live tree instead of growing for weeks. Returns whether
+        `known` changed (the durable record then needs rewriting). Trio
+        thread only."""
+        return self.remember_ids({process.ProcessId(s.pid, s.start_time) for s in stats}, snapshot)
+
+    def remember_ids(self, seen: Set[process.ProcessId], snapshot: frozenset[process.ProcessId]) -> bool:
+        """`remember`, given the identities seen."""
+        before = len(self.known)
         self.known -= snapshot - seen
+        after_forgetting = len(self.known)
         self.known |= seen
+        return len(self.known) != after_forgetting or after_forgetting != before
 
     async def members(self) -> list[process.ProcStat]:
         """The live members now, remembered (see `remember`). A cgroup read is
