@@ -12,23 +12,14 @@ EXIT_STATUSES.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from supervisor import __version__, completion, display, units
-from supervisor.client import Client, ConnectionLost, DaemonError, InvalidParams, UnknownLease, default_socket
-from supervisor.client.session import DEFAULT_TIMEOUT_S
-from supervisor.client.session import acquire_params
-from supervisor.core.config import bundled_config_path, check_config_file
+from supervisor import __version__, units
+from supervisor.exitstatus import EX_BROKEN_PIPE, EX_OK, EXIT_STATUSES
+from supervisor.core.config import bundled_config_path
 from supervisor.core.protocol import (
     MAX_JOB_CHARS,
     MAX_LEASE_CHARS,
@@ -36,32 +27,6 @@ from supervisor.core.protocol import (
     MAX_REPORTS_LIMIT,
     MAX_TTL_SECONDS,
 )
-
-EX_OK = 0
-EX_ERROR = 1
-# argparse's status for a command line it cannot parse; ours for arguments
-# the daemon would refuse.
-EX_USAGE = 2
-EX_UNAVAILABLE = 69
-# sysexits' "cannot create (user) output file".
-EX_CANTCREAT = 73
-EX_CONFIG = 78
-# Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
-EX_INTERRUPTED = 130
-EX_BROKEN_PIPE = 128 + signal.SIGPIPE
-
-# Every status the command line exits with, for --help.
-EXIT_STATUSES = f"""\
-exit status:
-  {EX_OK:<4}success (also: `status --watch` ended with Ctrl-C, `logs --follow` of a target that went away)
-  {EX_ERROR:<4}the daemon answered with an error (its message, error name and code are printed)
-  {EX_USAGE:<4}bad command line: an unknown option, a missing or out-of-range argument
-  {EX_UNAVAILABLE:<4}the daemon cannot be reached or went away; for `serve`, another daemon holds its socket or state_dir
-  {EX_CANTCREAT:<4}install-units could not read a shipped unit or write one
-  {EX_CONFIG:<4}the config is bad (check-config, serve)
-  {EX_INTERRUPTED:<4}interrupted by Ctrl-C
-  {EX_BROKEN_PIPE:<4}whoever read the output stopped reading (e.g. `| head`)
-"""
 
 # Default seconds between `status --watch` refreshes: often enough to follow a
 # job, rarely enough that the tree scans cost the daemon nothing noticeable.
@@ -71,9 +36,9 @@ WATCH_INTERVAL_S = 2.0
 # not a stream, and a person reading a log notices no half-second delay.
 FOLLOW_INTERVAL_S = 0.5
 
-# An upgrade checks the new code (a cold Python start) and waits for what is
-# under way before it answers.
-UPGRADE_TIMEOUT_S = 90.0
+# The shells `completion` writes a script for (supervisor/completion.py).
+COMPLETION_SHELLS = ("bash", "zsh")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (see the module docstring)."""
@@ -152,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true",
         help=f"then print new lines as they come (polls every {FOLLOW_INTERVAL_S:g} s) until Ctrl-C",
     )
+    logs.set_defaults(follow_interval=FOLLOW_INTERVAL_S)
 
     command("metrics", "print the daemon's metrics in the Prometheus text format")
 
@@ -174,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     shell = command("completion", "print a shell completion script")
     shell.add_argument(
-        "shell", choices=completion.SHELLS, metavar="SHELL",
+        "shell", choices=COMPLETION_SHELLS, metavar="SHELL",
         help="bash (source it, e.g. from ~/.bashrc) or zsh (put it on $fpath as _adapter-supervisor)",
     )
     return parser
@@ -285,21 +251,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     --version (status 0) and for usage errors (status 2)."""
     parser = build_parser()
     args = parse_arguments(parser, argv)
+    # Each command imports what it needs: `serve` (also the new image of an
+    # in-place upgrade, whose start is a pause for every client) never loads
+    # the client library.
     if args.command == "serve":
         from supervisor.serve import serve
 
         return serve(args.config or str(bundled_config_path()), check_upgrade=args.check_upgrade)
+    from supervisor import commands
+
     try:
         if args.command == "check-config":
-            return _check_config(args)
+            return commands.check_config(args)
         if args.command == "completion":
+            from supervisor import completion
+
             script = completion.bash_script(parser) if args.shell == "bash" else completion.zsh_script(parser)
             sys.stdout.write(script)
             sys.stdout.flush()
             return EX_OK
         if args.command == "install-units":
-            return _install_units(args)
-        return _client_main(args)
+            return commands.install_units(args)
+        return commands.client_main(args)
     except BrokenPipeError:
         # Whoever reads the output stopped reading (`| head`): nothing more can
         # be printed, and it is no fault of the daemon's. stdout goes to
@@ -318,223 +291,3 @@ def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Argu
     return parser
 
 
-def _client_main(args: argparse.Namespace) -> int:
-    try:
-        return _run_client_command(args)
-    except BrokenPipeError:
-        # Our own output's: the client reports a daemon gone as ConnectionLost.
-        raise
-    except DaemonError as exc:
-        _print_error(args, exc.code, f"{exc.message} ({type(exc).__name__}, error {exc.code})")
-        return EX_ERROR
-    except (ConnectionLost, OSError) as exc:
-        _print_error(args, None, f"cannot talk to the daemon at {args.socket or default_socket()}: {exc}")
-        return EX_UNAVAILABLE
-    except KeyboardInterrupt:
-        return EX_INTERRUPTED
-
-
-def _check_config(args: argparse.Namespace) -> int:
-    """`check-config`: every error of the file (status 78 if any), else OK
-    with warnings about what a spawn would trip over."""
-    from supervisor.procs.spawner import command_warnings
-
-    checked = check_config_file(args.path)
-    warnings = command_warnings(checked.config) if checked.config is not None else []
-    if args.json:
-        print(json.dumps({
-            "ok": checked.config is not None,
-            "path": checked.path,
-            "errors": [{"key": error.key, "message": error.expected} for error in checked.errors],
-            "warnings": [{"key": warning.key, "message": warning.message} for warning in warnings],
-            "adapters": sorted(checked.config.adapters) if checked.config is not None else [],
-        }))
-    else:
-        for error in checked.errors:
-            print(f"adapter-supervisor: {error}", file=sys.stderr)
-        for warning in warnings:
-            print(f"adapter-supervisor: warning: {warning}", file=sys.stderr)
-    if checked.config is None:
-        if not args.json:
-            print(f"{checked.path}: {len(checked.errors)} error{'s' if len(checked.errors) != 1 else ''}", file=sys.stderr)
-        return EX_CONFIG
-    if not args.json:
-        adapters = sorted(checked.config.adapters)
-        warned = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
-        print(f"{checked.path}: OK ({len(adapters)} adapters: {', '.join(adapters) or 'none'}{warned})")
-    return EX_OK
-
-
-def _install_units(args: argparse.Namespace) -> int:
-    """`install-units`: the shipped units, their ExecStart= running this
-    installation's command, printed or written (status 73 if that fails)."""
-    directory = Path(args.dir) if args.dir else units.default_unit_dir(args.user)
-    try:
-        rendered = units.render_units(args.user)
-        if args.print:
-            if args.json:
-                print(json.dumps({"units": {str(directory / name): text for name, text in rendered.items()}}))
-            else:
-                print("\n".join(f"# {directory / name}\n{text}" for name, text in rendered.items()), end="")
-            return EX_OK
-        written = units.install_units(rendered, directory)
-    except units.UnitsError as exc:
-        _print_error(args, None, str(exc))
-        return EX_CANTCREAT
-    if args.json:
-        print(json.dumps({"units": [{"path": str(w.path), "action": w.action} for w in written]}))
-        return EX_OK
-    for unit in written:
-        print(f"{unit.action}: {unit.path}")
-    exec_start = next(line for line in rendered[units.SERVICE].splitlines() if line.startswith("ExecStart="))
-    systemctl = "systemctl --user" if args.user else "systemctl"
-    print(f"the service runs {exec_start.removeprefix('ExecStart=')}")
-    print(f"once that config exists: {systemctl} daemon-reload && {systemctl} enable --now {units.SOCKET} {units.SERVICE}")
-    return EX_OK
-
-
-def _run_client_command(args: argparse.Namespace) -> int:
-    timeout = UPGRADE_TIMEOUT_S if args.command == "upgrade" else DEFAULT_TIMEOUT_S
-    with Client(args.socket, timeout=timeout) as client:
-        if args.command == "status":
-            if args.watch is not None:
-                return _watch_status(client, args)
-            _output(args, client.status(args.job, adapter=args.adapter, state=args.state, uid=args.uid),
-                    lambda r: display.render_status(r, time.time()))
-        elif args.command == "adapters":
-            _output(args, client.call("adapters", {}), lambda r: display.render_adapters(r["adapters"]))
-        elif args.command == "acquire":
-            params = dict(p.partition("=")[::2] for p in args.param)
-            result = client.call("acquire", acquire_params(
-                args.job, args.adapter, params=params, fds=False, detach=args.detach, ttl=args.ttl,
-            ))
-            _output(args, result, display.render_acquire)
-        elif args.command == "release":
-            _output(args, client.release(args.lease),
-                    lambda r: f"released; refcount now {r['refcount']}{' (stopping the tree)' if r['stopping'] else ''}")
-        elif args.command == "renew":
-            _output(args, {"expires_at": client.renew(args.lease, args.ttl)},
-                    lambda r: f"renewed; expires at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['expires_at']))}")
-        elif args.command == "release-job":
-            _output(args, client.release_job(args.job),
-                    lambda r: f"released {r['released']} leases on {len(r['instances'])} instances")
-        elif args.command == "sweep":
-            _output(args, client.sweep(deep=args.deep), display.render_report)
-        elif args.command == "reports":
-            _output(args, {"reports": client.reports(args.limit)}, lambda r: display.render_reports(r["reports"]))
-        elif args.command == "logs":
-            return _logs(client, args)
-        elif args.command == "metrics":
-            _output(args, client.call("metrics", {}), lambda r: r["text"].rstrip("\n"))
-        elif args.command == "upgrade":
-            _output(args, client.call("upgrade", {}),
-                    lambda r: f"upgraded in place: pid {r['pid']}, version {r['version']}, generation {r['generation']}")
-    return EX_OK
-
-
-def _logs(client: Client, args: argparse.Namespace) -> int:
-    """`logs`: the tail of the target's stderr, then with --follow the lines
-    that come after it, until Ctrl-C (KeyboardInterrupt propagates) or until
-    the daemon no longer knows the target (status 0, said on stderr). Raises
-    DaemonError if the target is neither an instance nor a lease."""
-    # Each poll of --follow asks for as much as the daemon keeps, so that
-    # the new lines can be told from those already printed (see `new_lines`).
-    window = MAX_LOG_LINES if args.follow else args.lines
-    kind, lines = _first_logs(client, args.target, window)
-    shown = lines[-args.lines:]
-    if args.json:
-        print(json.dumps({"lines": shown}), flush=True)
-    elif shown:
-        print("\n".join(shown), flush=True)
-    while args.follow:
-        time.sleep(FOLLOW_INTERVAL_S)
-        try:
-            latest = client.logs(**{kind: args.target}, lines=window)
-        except (InvalidParams, UnknownLease) as exc:
-            print(f"adapter-supervisor: no longer following {args.target}: {exc.message}", file=sys.stderr)
-            return EX_OK
-        fresh = new_lines(lines, latest)
-        lines = latest
-        if fresh:
-            print(json.dumps({"lines": fresh}) if args.json else "\n".join(fresh), flush=True)
-    return EX_OK
-
-
-def _first_logs(client: Client, target: str, lines: int) -> tuple[str, list[str]]:
-    """The target's tail, asked for as an instance and, if the daemon knows
-    no such instance, as a lease; returns which it was and the lines.
-    Raises DaemonError, saying that it is neither."""
-    try:
-        return "instance", client.logs(target, lines=lines)
-    except InvalidParams as as_instance:
-        try:
-            return "lease", client.logs(lease=target, lines=lines)
-        except UnknownLease:
-            raise InvalidParams(
-                as_instance.code,
-                f"no instance or lease {target!r} is known to the daemon: not running, not finished lately, "
-                "and no lease of that token is held",
-                as_instance.data,
-            ) from None
-
-
-def new_lines(previous: Sequence[str], latest: Sequence[str]) -> list[str]:
-    """The lines of `latest` (a later tail of the same log) that come after
-    `previous`: what follows the longest end of `previous` that `latest`
-    begins with. When more lines came than a tail holds, or the log repeats
-    one line over and over, the overlap is ambiguous and lines can be
-    missed: a tail is all the protocol offers."""
-    for overlap in range(min(len(previous), len(latest)), 0, -1):
-        if previous[len(previous) - overlap:] == latest[:overlap]:
-            return list(latest[overlap:])
-    return list(latest)
-
-
-def _watch_status(client: Client, args: argparse.Namespace) -> int:
-    """Print the status every `args.watch` seconds until Ctrl-C (exit 0). Raises
-    ConnectionLost when the daemon goes away meanwhile."""
-    in_place = sys.stdout.isatty() and not args.json
-    try:
-        while True:
-            result = client.status(args.job, adapter=args.adapter, state=args.state, uid=args.uid)
-            if args.json:
-                print(json.dumps(result), flush=True)
-            else:
-                sys.stdout.write(display.watch_frame(display.render_status(result, time.time()), args.watch, time.time(), in_place=in_place))
-                sys.stdout.flush()
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
-        return EX_OK
-
-
-def _output(args: argparse.Namespace, result: Any, render: Any) -> None:
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        page(render(result))
-
-
-def page(text: str) -> None:
-    """Print `text`; through a pager ($PAGER, else `less -FRX`) when stdout
-    is a terminal it would not fit on. PAGER=cat turns paging off; a pager
-    that cannot be started prints it plainly."""
-    if not sys.stdout.isatty() or text.count("\n") + 1 < shutil.get_terminal_size().lines:
-        print(text)
-        return
-    configured = os.environ.get("PAGER")
-    command = shlex.split(configured) if configured else ["less", "-FRX"]
-    try:
-        subprocess.run(command, input=text + "\n", text=True, check=False)
-    except OSError:
-        print(text)
-
-
-def _print_error(args: argparse.Namespace, code: int | None, message: str) -> None:
-    if args.json:
-        print(json.dumps({"error": {"code": code, "message": message}}))
-    else:
-        print(f"adapter-supervisor: {message}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 # Destinations of arguments whose value is a path: completed with file names.
 PATH_DESTS = frozenset({"socket", "config", "path", "dir"})
 
-SHELLS = ("bash", "zsh")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from supervisor import cli, display
+from supervisor import cli, commands, display, exitstatus
 from tests.conftest import PYTHON, eventually
 
 SLEEPER = '[adapters.sleeper]\ncommand = ["/bin/sh", "-c", "(sleep 3600 & wait) & exec sleep 3600"]\nstop_timeout = 0.5\n'
@@ -125,7 +125,7 @@ def test_status_watch_json_is_one_document_per_refresh_and_exits_69_when_the_dae
         if watcher.poll() is None:
             watcher.kill()
             watcher.communicate()
-    assert watcher.returncode == cli.EX_UNAVAILABLE, stderr
+    assert watcher.returncode == exitstatus.EX_UNAVAILABLE, stderr
     error = json.loads(stdout.splitlines()[-1])["error"]
     assert daemon.socket in error["message"] and "Traceback" not in stderr
 
@@ -147,10 +147,10 @@ def test_sweep_and_reports_render_tables_and_json(start_daemon) -> None:
 def test_a_daemon_error_names_the_error_and_its_code(start_daemon) -> None:
     daemon = start_daemon(SLEEPER)
     completed = run_cli("--socket", daemon.socket, "logs", "no-such-instance")
-    assert completed.returncode == cli.EX_ERROR
+    assert completed.returncode == exitstatus.EX_ERROR
     assert "no instance or lease 'no-such-instance'" in completed.stderr and "(InvalidParams, error -32602)" in completed.stderr
     as_json = run_cli("--socket", daemon.socket, "--json", "logs", "no-such-instance")
-    assert as_json.returncode == cli.EX_ERROR and json.loads(as_json.stdout)["error"]["code"] == -32602
+    assert as_json.returncode == exitstatus.EX_ERROR and json.loads(as_json.stdout)["error"]["code"] == -32602
 
 
 @pytest.mark.parametrize("args", [("--json", "status"), ("status",), ("--json", "logs", "no-such-instance")])
@@ -167,7 +167,7 @@ def test_output_to_a_reader_that_stopped_reading_ends_quietly_with_sigpipes_stat
         )
     finally:
         os.close(write_end)
-    assert completed.returncode == cli.EX_BROKEN_PIPE == 128 + signal.SIGPIPE
+    assert completed.returncode == exitstatus.EX_BROKEN_PIPE == 128 + signal.SIGPIPE
     assert "Traceback" not in completed.stderr and "cannot talk to the daemon" not in completed.stderr
 
 
@@ -218,7 +218,7 @@ def test_every_argument_of_every_command_has_help_text() -> None:
 
 
 def test_help_lists_every_exit_status_the_command_line_returns() -> None:
-    statuses = {value for name, value in vars(cli).items() if name.startswith("EX_")}
+    statuses = {value for name, value in vars(exitstatus).items() if name.startswith("EX_")}
     assert statuses == {0, 1, 2, 69, 73, 78, 130, 141}
     for args in (["--help"], ["logs", "--help"]):
         completed = run_cli(*args)
@@ -247,7 +247,7 @@ def test_help_lists_every_exit_status_the_command_line_returns() -> None:
 def test_arguments_the_daemon_would_refuse_are_refused_in_the_command_lines_terms(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["--socket", "/nonexistent/never-contacted.sock", *argv])
-    assert exited.value.code == cli.EX_USAGE == 2
+    assert exited.value.code == exitstatus.EX_USAGE == 2
     error = capsys.readouterr().err
     assert message in error and "params." not in error
     assert error.startswith(f"usage: adapter-supervisor {argv[0]}")
@@ -275,14 +275,14 @@ def test_status_json_after_the_command_against_the_daemon(start_daemon) -> None:
 
 
 def test_new_lines_are_what_follows_the_overlap_of_two_tails() -> None:
-    assert cli.new_lines([], ["a", "b"]) == ["a", "b"]
-    assert cli.new_lines(["a", "b"], ["a", "b"]) == []
-    assert cli.new_lines(["a", "b"], ["a", "b", "c"]) == ["c"]
+    assert commands.new_lines([], ["a", "b"]) == ["a", "b"]
+    assert commands.new_lines(["a", "b"], ["a", "b"]) == []
+    assert commands.new_lines(["a", "b"], ["a", "b", "c"]) == ["c"]
     # The tail moved on: its first lines fell off.
-    assert cli.new_lines(["a", "b", "c"], ["c", "d", "e"]) == ["d", "e"]
-    assert cli.new_lines(["x", "x"], ["x", "x", "x"]) == ["x"]
+    assert commands.new_lines(["a", "b", "c"], ["c", "d", "e"]) == ["d", "e"]
+    assert commands.new_lines(["x", "x"], ["x", "x", "x"]) == ["x"]
     # Nothing in common: every line is new.
-    assert cli.new_lines(["a", "b"], ["c", "d"]) == ["c", "d"]
+    assert commands.new_lines(["a", "b"], ["c", "d"]) == ["c", "d"]
 
 
 def test_logs_takes_an_instance_or_a_lease(start_daemon) -> None:
@@ -310,7 +310,7 @@ def test_logs_follow_prints_each_new_line_once_and_ctrl_c_exits_130_quietly(star
         follower.send_signal(signal.SIGINT)
         _, stderr = follower.communicate(timeout=10)
     assert numbers == list(range(numbers[0], numbers[0] + 25)), numbers
-    assert follower.returncode == cli.EX_INTERRUPTED and stderr == ""
+    assert follower.returncode == exitstatus.EX_INTERRUPTED and stderr == ""
     assert run_cli("--socket", daemon.socket, "release", acquired["lease"]).returncode == 0
 
 
@@ -363,7 +363,7 @@ def test_check_config_lists_every_error_and_exits_78(tmp_path) -> None:
         '[adapters.a]\ncommand = []\n[adapters.b]\ncommand = ["/bin/true"]\nlinger = -1\ncolour = "red"\n'
     )
     completed = run_cli("check-config", str(path))
-    assert completed.returncode == cli.EX_CONFIG
+    assert completed.returncode == exitstatus.EX_CONFIG
     keys = ["daemon.socket_mode", "daemon.sweep_interval", "adapters.a.command", "adapters.b.linger", "adapters.b.colour"]
     lines = completed.stderr.splitlines()
     assert [line.split(": ")[2] for line in lines[:-1]] == keys
@@ -377,7 +377,7 @@ def test_check_config_warns_of_a_program_a_spawn_would_not_find_and_exits_0(tmp_
     path = tmp_path / "warn.toml"
     path.write_text('[adapters.gone]\ncommand = ["/no/such/binary"]\n[adapters.fine]\ncommand = ["/bin/true"]\n')
     completed = run_cli("check-config", str(path))
-    assert completed.returncode == cli.EX_OK, completed.stderr
+    assert completed.returncode == exitstatus.EX_OK, completed.stderr
     assert completed.stdout == f"{path}: OK (2 adapters: fine, gone; 1 warning)\n"
     assert completed.stderr == (
         f"adapter-supervisor: warning: {path}: adapters.gone.command: "

@@ -103,3 +103,20 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     found = imports_of(source)
     assert "supervisor.engine.engine" in found and "trio" in found
     assert layer("supervisor.engine.engine") not in MAY_IMPORT["core"]
+
+
+def test_serve_starts_without_the_client_library() -> None:
+    """`serve` is also the new image of an in-place upgrade, whose start is a
+    pause for every client: the command line loads the client library, the
+    client commands and the completion scripts only for the commands that
+    use them."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, supervisor.cli, supervisor.serve\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('supervisor.client', 'supervisor.commands', "
+        "'supervisor.completion', 'supervisor.display'))))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
