@@ -171,4 +171,4 @@ def user_environment(env: Mapping[str, str], credentials: Credentials, adapter_e
 
 def _show(value: object) -> str:
     """`value` as TOML would write it, for an error message."""
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    return json.dumps(value) if isinstance(value, (str, bool)) else str(value)

@@ -305,8 +305,12 @@ def _popen(
                 os.setresgid(ids.gid, ids.gid, ids.gid)
                 call = f"setuid({ids.uid})"
                 os.setresuid(ids.uid, ids.uid, ids.uid)
-        except OSError as exc:
-            error = exc.errno or errno.EPERM
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError):
+                error = exc.errno or errno.EPERM
+            else:
+                # resource.setrlimit turns EPERM and EINVAL into ValueError.
+                error = errno.EPERM if "not allowed" in str(exc) else errno.EINVAL
             message = f"{call} failed: {errno.errorcode.get(error, str(error))} ({os.strerror(error)})"
             os.write(report_w, message.encode()[:_SETUP_REPORT_BYTES])
             raise
