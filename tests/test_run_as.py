@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import subprocess
 import textwrap
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.client import Client, DaemonError
+from supervisor.engine import staterecord
 from supervisor.procs import process
 from tests.asuser import owned_dir, serve_as
 from tests.conftest import DAEMON_START_TIMEOUT_S, PYTHON, TREE, eventually, read_pidfile, wait_all_gone, wait_for_socket
@@ -227,3 +229,26 @@ def test_a_daemon_that_is_not_root_denies_peer_acquires_of_another_uid(public_di
     finally:
         daemon.terminate()
         assert daemon.wait(20) == 0, (public_dir / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("cgroup", MODES)
+def test_a_tree_of_another_user_is_adopted_after_a_crash_and_reaped_on_release(
+    start_daemon, public_dir: Path, test_user: SystemUser, tmp_path: Path, cgroup: str
+) -> None:
+    pidfile = public_dir / "crash.pids"
+    settings = {"cgroup": cgroup, "socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path / "state")}
+    first = start_daemon(tree_as(test_user.name, pidfile), **settings)
+    lease = first.client().call("acquire", {"job": "j", "adapter": "tree", "detach": True, "ttl": 600})
+    members = read_pidfile(pidfile)
+    assert eventually(lambda: lease["lease"] in (tmp_path / "state" / staterecord.RECORD_FILE).read_text())
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(10)
+    second = start_daemon(tree_as(test_user.name, pidfile), **settings)
+    client = second.client()
+    row = client.call("status")["instances"][0]
+    assert (row["instance"], row["pid"], row["adopted"]) == (lease["instance"], lease["pid"], True)
+    startup = [r for r in client.call("reports", {"limit": 10})["reports"] if r["kind"] == "startup"][0]
+    assert startup["adopted"] == [lease["instance"]] and startup["orphans"] == []
+    assert all(process.is_running(member) for member in members.values())
+    client.call("release", {"lease": lease["lease"]})
+    assert not wait_all_gone(members, second.pid, timeout=3.0)
