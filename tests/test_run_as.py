@@ -24,7 +24,8 @@ from supervisor.engine import staterecord
 from supervisor.procs import process
 from tests.asuser import owned_dir, serve_as
 from tests.conftest import DAEMON_START_TIMEOUT_S, PYTHON, TREE, eventually, read_pidfile, wait_all_gone, wait_for_socket
-from tests.users import NEEDS_ROOT, SystemUser, public_dir, test_user  # noqa: F401  (fixtures)
+from tests import users
+from tests.users import NEEDS_ROOT, SystemUser
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason=NEEDS_ROOT)
 
@@ -38,6 +39,10 @@ DAEMON_UID = 61031
 # prctl(PR_CAPBSET_DROP, CAP_SETUID): the daemon execs without CAP_SETUID.
 PR_CAPBSET_DROP = 24
 CAP_SETUID = 7
+
+# The fixtures, under the names the tests take them by.
+public_dir = users.public_dir
+test_user = users.test_user
 
 
 def tree_as(user: str, pidfile: Path, extra: str = "") -> str:

@@ -15,11 +15,15 @@ import pytest
 from supervisor.core.config import check_config, parse_config
 from supervisor.core.errors import ConfigError
 from supervisor.core.identity import PEER, Credentials, Limit, credentials_of, user_environment
-from tests.users import SystemUser, test_user  # noqa: F401  (fixture)
+from tests import users
+from tests.users import SystemUser
 
 PATH = "/etc/adapter-supervisor/supervisor.toml"
 NOBODY = pwd.getpwnam("nobody")
 ROOT_IDS = (0, 0)
+
+# The fixtures, under the names the tests take them by.
+test_user = users.test_user
 
 
 def adapter(lines: str, daemon_ids: tuple[int, int] = ROOT_IDS):

@@ -21,12 +21,16 @@ from supervisor.procs import process
 from supervisor.procs.spawner import spawn_root
 from tests.conftest import eventually
 from tests.procs.test_spawner import SPAWNERS, wait_for
-from tests.users import SystemUser, test_user  # noqa: F401  (fixture)
+from tests import users
+from tests.users import SystemUser
 
 # prctl(PR_CAPBSET_DROP, CAP_SETUID): a root process that execs after it
 # cannot change its uid any more.
 PR_CAPBSET_DROP = 24
 CAP_SETUID = 7
+
+# The fixtures, under the names the tests take them by.
+test_user = users.test_user
 
 
 def adapter(command: list[str], extra: str = "") -> object:
