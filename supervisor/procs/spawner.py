@@ -251,6 +251,12 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
 
+def _nothing_to_do(setup: ChildSetup) -> bool:
+    """Whether `setup` leaves the child as the daemon made it."""
+    switches_ids = setup.credentials is not None and _may_switch_ids()
+    return not (switches_ids or setup.umask is not None or setup.limits or setup.no_new_privs)
+
+
 def _may_switch_ids() -> bool:
     """Whether a child may change its ids: only a root daemon's. Any other
     runs adapters as itself (the config allows it no other user)."""
@@ -325,7 +331,8 @@ def _popen(
             env=env,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=preexec,
+            # Without one, Popen may use vfork: no copy of the daemon's page tables.
+            preexec_fn=None if cgroup_procs_fd is None and _nothing_to_do(setup) else preexec,
         )
     except subprocess.SubprocessError:
         os.close(report_w)

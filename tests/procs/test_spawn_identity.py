@@ -167,3 +167,21 @@ def test_a_setuid_that_fails_is_named_with_its_uid_and_leaves_nothing(clone3: bo
         "error": f"adapter 'a' could not be started: setuid({test_user.uid}) failed: EPERM (Operation not permitted)",
         "child_left": False,
     }
+
+
+@pytest.mark.parametrize("clone3", SPAWNERS)
+@pytest.mark.parametrize(("extra", "expected"), [("", "1"), ("no_new_privileges = false", "0")])
+def test_no_new_privs_is_on_unless_the_adapter_turns_it_off(clone3: bool, extra: str, expected: str) -> None:
+    root = spawn_root(adapter(["/bin/sleep", "600"], extra), instance_id="inst-n", job="j", params={}, daemon_key="k",
+                      clone3=clone3)
+    try:
+        assert eventually(lambda: exec_done(root.pid))
+        fields = status_fields(root.pid)
+        assert fields["NoNewPrivs"] == expected
+        # Nothing else changes: the daemon's ids and umask.
+        assert fields["Uid"].split()[0] == str(os.geteuid())
+        assert fields["Umask"] == status_fields(os.getpid())["Umask"]
+    finally:
+        os.kill(root.pid, signal.SIGKILL)
+        wait_for(root)
+        root.close_stdio()
