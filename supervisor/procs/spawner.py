@@ -8,10 +8,13 @@ its own, so every descendant is born there. There are two ways to start it:
   created like posix_spawn creates a child, and in cgroup mode it is born in
   the instance cgroup (CLONE_INTO_CGROUP). It takes about as long as exec,
   so the daemon calls it on the trio thread.
-* `subprocess.Popen`, everywhere else: in cgroup mode a `preexec_fn` joins the
-  cgroup between fork and exec (a fork of the whole daemon plus an RCU grace
-  period in the kernel: milliseconds), so the daemon calls it in a worker
-  thread.
+* `subprocess.Popen` (`supervisor.procs.popenspawn`), everywhere else: in
+  cgroup mode a `preexec_fn` joins the cgroup between fork and exec (a fork
+  of the whole daemon plus an RCU grace period in the kernel: milliseconds),
+  so the daemon calls it in a worker thread.
+
+Either way the root takes the adapter's user, groups, umask, limits and
+no_new_privs (`ChildSetup`) before exec, in the same order.
 
 The daemon does all waiting itself (see `supervisor.subreaper`). A `Popen`
 object is kept only so that its pid and pipes stay together, and it is told the
@@ -21,11 +24,9 @@ the child on its own.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
-import resource
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ import structlog
 
 from supervisor.core.config import AdapterConfig, Config, ConfigWarning
 from supervisor.core.errors import SpawnFailed
-from supervisor.core.identity import USER_ENV, ChildSetup, Credentials, user_environment
-from supervisor.procs import clonespawn, process
+from supervisor.core.identity import USER_ENV, Credentials, user_environment
+from supervisor.procs import clonespawn, popenspawn, process
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.stderr import StderrTail
 
@@ -214,14 +215,14 @@ def spawn_root(
                 stdout = null if stdout == subprocess.DEVNULL else stdout
             popen = None
             if identity is None:
-                identity = clonespawn.Identity(setup, switch_ids=_may_switch_ids())
+                identity = clonespawn.Identity(setup, switch_ids=popenspawn.may_switch_ids())
             pid, start_time = clonespawn.spawn(
                 argv, env=env, env_values=env_values, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
                 cgroup_fd=cgroup_fd, identity=identity,
             )
         else:
             assert isinstance(env, dict)
-            popen = _popen(
+            popen = popenspawn.popen(
                 argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_procs_fd=cgroup_fd,
                 setup=setup,
             )
@@ -249,102 +250,6 @@ def _devnull() -> int:
     """/dev/null, opened once (close-on-exec) for every clone3 spawn's stdio:
     two system calls fewer per spawn."""
     return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-
-
-def _nothing_to_do(setup: ChildSetup) -> bool:
-    """Whether `setup` leaves the child as the daemon made it."""
-    switches_ids = setup.credentials is not None and _may_switch_ids()
-    return not (switches_ids or setup.umask is not None or setup.limits or setup.no_new_privs)
-
-
-def _may_switch_ids() -> bool:
-    """Whether a child may change its ids: only a root daemon's. Any other
-    runs adapters as itself (the config allows it no other user)."""
-    return os.geteuid() == 0
-
-
-# prctl(2), called in the forked child: loaded now, since loading a library
-# after fork in a threaded process may deadlock.
-_LIBC = ctypes.CDLL(None, use_errno=True)
-PR_SET_NO_NEW_PRIVS = 38
-# The longest message a child's setup reports: one pipe write, under PIPE_BUF.
-_SETUP_REPORT_BYTES = 512
-
-
-def _popen(
-    argv: list[str],
-    *,
-    env: dict[str, str],
-    cwd: str | None,
-    stdio: tuple[int, int, int],
-    cgroup_procs_fd: int | None,
-    setup: ChildSetup,
-) -> subprocess.Popen[bytes]:
-    """Popen with a preexec that joins the cgroup and applies `setup` in the
-    order the clone3 child does (limits, umask, no_new_privs, groups, gid,
-    uid), after chdir and before exec. Raises clonespawn.SetupFailed naming
-    the step that failed, or what Popen raises."""
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    switch_ids = _may_switch_ids() and setup.credentials is not None
-
-    def preexec() -> None:
-        # Runs in the child between fork and exec.
-        call = "joining the cgroup"
-        try:
-            if cgroup_procs_fd is not None:
-                # Joined first, so that everything it will ever fork is born inside.
-                os.write(cgroup_procs_fd, b"0")
-            for limit in setup.limits:
-                call = f"setrlimit(RLIMIT_{limit.name.upper()}, {'unlimited' if limit.value < 0 else limit.value})"
-                resource.setrlimit(limit.resource, (limit.value, limit.value))
-            if setup.umask is not None:
-                os.umask(setup.umask)
-            if setup.no_new_privs:
-                call = "prctl(PR_SET_NO_NEW_PRIVS)"
-                if _LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-            if switch_ids and setup.credentials is not None:
-                ids = setup.credentials
-                call = f"setgroups({list(ids.groups)})"
-                os.setgroups(list(ids.groups))
-                call = f"setgid({ids.gid})"
-                os.setresgid(ids.gid, ids.gid, ids.gid)
-                call = f"setuid({ids.uid})"
-                os.setresuid(ids.uid, ids.uid, ids.uid)
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, OSError):
-                error = exc.errno or errno.EPERM
-            else:
-                # resource.setrlimit turns EPERM and EINVAL into ValueError.
-                error = errno.EPERM if "not allowed" in str(exc) else errno.EINVAL
-            message = f"{call} failed: {errno.errorcode.get(error, str(error))} ({os.strerror(error)})"
-            os.write(report_w, message.encode()[:_SETUP_REPORT_BYTES])
-            raise
-
-    try:
-        return subprocess.Popen(
-            argv,
-            stdin=stdio[0],
-            stdout=stdio[1],
-            stderr=stdio[2],
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-            # Without one, Popen may use vfork: no copy of the daemon's page tables.
-            preexec_fn=None if cgroup_procs_fd is None and _nothing_to_do(setup) else preexec,
-        )
-    except subprocess.SubprocessError:
-        os.close(report_w)
-        report_w = -1
-        message = os.read(report_r, _SETUP_REPORT_BYTES).decode(errors="replace")
-        if message:
-            raise clonespawn.SetupFailed(errno.EPERM, message) from None
-        raise
-    finally:
-        os.close(report_r)
-        if report_w >= 0:
-            os.close(report_w)
 
 
 def command_warnings(config: Config, base: Mapping[str, str] | None = None) -> list[ConfigWarning]:
@@ -517,11 +422,11 @@ class Clone3Spawner:
         """The adapter's identity, prepared once (with "@peer": per spawn,
         each for the peer that acquired)."""
         if adapter.runs_as_peer:
-            return clonespawn.Identity(adapter.child_setup(peer), switch_ids=_may_switch_ids())
+            return clonespawn.Identity(adapter.child_setup(peer), switch_ids=popenspawn.may_switch_ids())
         prepared = self._identities.get(adapter.name)
         if prepared is None:
             prepared = self._identities[adapter.name] = clonespawn.Identity(
-                adapter.child_setup(), switch_ids=_may_switch_ids()
+                adapter.child_setup(), switch_ids=popenspawn.may_switch_ids()
             )
         return prepared
 
