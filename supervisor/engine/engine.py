@@ -457,7 +457,7 @@ class Engine:
             raise PermissionDenied(
                 f'adapter {adapter.name!r} runs as the acquiring user (user = "@peer"), and this daemon runs as'
                 f" uid {daemon_uid}, not root: it can run adapters only as itself, not as uid {peer.uid}"
-                " (acquire as that uid, or run the daemon as root)"
+                f" (acquire as uid {daemon_uid}, or run the daemon as root)"
             )
         if params.fds and adapter.stdio != "pipe":
             raise Conflict(f'adapter {adapter.name!r} has stdio = "{adapter.stdio}"; fds need stdio = "pipe"')
