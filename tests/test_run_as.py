@@ -220,7 +220,7 @@ def test_a_daemon_that_is_not_root_denies_peer_acquires_of_another_uid(public_di
     config = public_dir / "supervisor.toml"
     config.write_text(
         f'[daemon]\nsocket = "{socket_path}"\nstate_dir = "{home}/state"\nlog_format = "json"\n'
-        '[adapters.tree]\ncommand = ["/bin/sleep", "600"]\nuser = "@peer"\n'
+        '[adapters.tree]\ncommand = ["/bin/sleep", "600"]\nuser = "@peer"\nstop_timeout = 1.0\n'
     )
     daemon = serve_as(DAEMON_UID, ["serve", "--config", str(config)], log_path=public_dir / "serve.log")
     try:
@@ -231,6 +231,24 @@ def test_a_daemon_that_is_not_root_denies_peer_acquires_of_another_uid(public_di
             assert denied.value.code == 1005
             assert f"runs as uid {DAEMON_UID}, not root" in denied.value.message and "not as uid 0" in denied.value.message
             assert eventually(lambda: client.call("status")["instances"] == [])
+        # The daemon's own uid is served; it has no passwd entry, so HOME is
+        # "/" and USER and LOGNAME its uid (as systemd does).
+        holder = subprocess.Popen(
+            [PYTHON, "-c", ACQUIRE_AS, socket_path, str(DAEMON_UID), str(DAEMON_UID), "[]"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            answer = json.loads(holder.stdout.readline())
+            root = process.identify(answer["pid"])
+            assert root is not None
+            assert eventually(lambda: process.INSTANCE_ENV in environ(root.pid))
+            assert status_fields(root.pid)["Uid"].split()[0] == str(DAEMON_UID)
+            env = environ(root.pid)
+            assert (env["HOME"], env["USER"], env["LOGNAME"]) == ("/", str(DAEMON_UID), str(DAEMON_UID))
+        finally:
+            holder.stdin.close()
+            holder.wait(30)
+        assert not wait_all_gone({"root": root}, daemon.pid, timeout=7.0)
     finally:
         daemon.terminate()
         assert daemon.wait(20) == 0, (public_dir / "serve.log").read_text()
