@@ -340,16 +340,16 @@ def test_metrics_prints_the_prometheus_text(start_daemon) -> None:
 
 
 def test_adapters_lists_the_config_as_a_table_and_as_json(start_daemon) -> None:
-    daemon = start_daemon(SLEEPER + COUNTER.replace("counter]", "counter]\nmemory_limit = \"64MiB\""))
+    daemon = start_daemon(SLEEPER + COUNTER.replace("counter]", "counter]\nmemory_limit = \"64MiB\"\nuser = \"@peer\""))
     run_cli("--socket", daemon.socket, "acquire", "job-a", "sleeper", "--detach", "--ttl", "60")
     human = run_cli("adapters", "--socket", daemon.socket)
     assert human.returncode == 0, human.stderr
     header, counter, sleeper = human.stdout.splitlines()
     assert header.split() == ["ADAPTER", "LIVE", "MAX", "STDIO", "MEMORY", "LIMIT", "USER", "PARAMS", "COMMAND"]
-    assert counter.split()[:8] == ["counter", "0", "64", "null", "64.0", "MiB", "-", "-"]
+    assert counter.split()[:8] == ["counter", "0", "64", "null", "64.0", "MiB", "@peer", "-"]
     assert sleeper.split()[:7] == ["sleeper", "1", "64", "null", "-", "-", "-"] and "sleep 3600" in sleeper
     as_json = json.loads(run_cli("--json", "adapters", "--socket", daemon.socket).stdout)
-    assert [(a["name"], a["live"]) for a in as_json["adapters"]] == [("counter", 0), ("sleeper", 1)]
+    assert [(a["name"], a["live"], a["user"]) for a in as_json["adapters"]] == [("counter", 0, "@peer"), ("sleeper", 1, None)]
     run_cli("--socket", daemon.socket, "release-job", "job-a")
 
 

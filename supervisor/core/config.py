@@ -27,6 +27,7 @@ from typing import Annotated, Any, Self
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from supervisor.core import identity
 from supervisor.core.errors import ConfigError
 from supervisor.core.template import (
     PARAM_NAME,
@@ -203,6 +204,26 @@ class AdapterConfig(msgspec.Struct, frozen=True, kw_only=True):
     linger: float = 0.0
     max_instances: int = 64
     memory_limit: int | None = None
+    # -- who the tree runs as and what bounds it (docs/configuration.md) --
+    # `user` as written (a name, a uid, or "@peer"); None: the daemon's own.
+    user: str | None = None
+    # Resolved at load (a reload resolves again); None with "@peer" (resolved
+    # per acquire) or without `user`.
+    credentials: identity.Credentials | None = None
+    umask: int | None = None
+    limits: tuple[identity.Limit, ...] = ()
+    no_new_privileges: bool = True
+
+    @property
+    def runs_as_peer(self) -> bool:
+        """Whether each instance runs as the client that acquired it."""
+        return self.user == identity.PEER
+
+    def child_setup(self, peer: identity.Credentials | None = None) -> identity.ChildSetup:
+        """What the child applies before exec; `peer` is who acquired the
+        instance (used with `user = "@peer"` only)."""
+        credentials = peer if self.runs_as_peer else self.credentials
+        return identity.ChildSetup(credentials, self.umask, self.limits, self.no_new_privileges)
 
     def render_argv(self, job: str, params: Mapping[str, str]) -> list[str]:
         """The argv for `job`: each `{job}` and `{param:NAME}` replaced in place.
@@ -374,6 +395,18 @@ class _Spawner(_Choice):
     CHOICES = SPAWNERS
 
 
+class _Umask(int):
+    """A umask as a string of octal digits ("0077")."""
+
+    @classmethod
+    def from_toml(cls, value: Any) -> Self:
+        if isinstance(value, str) and re.fullmatch(r"(0o)?[0-7]{1,4}", value):
+            mask = int(value.removeprefix("0o"), 8)
+            if mask <= 0o777:
+                return cls(mask)
+        raise ValueError(f'expected an octal umask from "0000" to "0777" such as "0077", got {_show(value)}')
+
+
 class _ParamName(str):
     """A name a client may fill in."""
 
@@ -409,6 +442,12 @@ class _RawAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     linger: Annotated[float, Meta(ge=0, le=MAX_LINGER)] | UnsetType = UNSET
     max_instances: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     memory_limit: _NonZeroSize | UnsetType = UNSET
+    # Resolved by `_build_identity`.
+    user: str | _Id | UnsetType = UNSET
+    group: str | _Id | UnsetType = UNSET
+    umask: _Umask | UnsetType = UNSET
+    limits: dict[str, Any] | UnsetType = UNSET
+    no_new_privileges: bool | UnsetType = UNSET
 
 
 class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -506,13 +545,17 @@ def check_config_file(path: str | os.PathLike[str]) -> ConfigCheck:
     return check_config(text, absolute)
 
 
-def check_config(text: str, path: str = _STRING_PATH) -> ConfigCheck:
+def check_config(text: str, path: str = _STRING_PATH, *, daemon_ids: tuple[int, int] | None = None) -> ConfigCheck:
     """Validate the TOML document `text` (see `parse_config`) and collect every
     error: a TOML syntax error is the only one reported (nothing after it can
     be read); otherwise each key of each table is checked on its own (the
     top level's, then the daemon's, then each adapter's), and each table as a
     whole once its keys are valid (the checks between keys: at most one
-    error per table). Raises nothing."""
+    error per table). `daemon_ids` are the (uid, gid) the daemon will run
+    as (default: this process's effective ones), which decide what `user`
+    and `group` it may name. Raises nothing."""
+    if daemon_ids is None:
+        daemon_ids = (os.geteuid(), os.getegid())
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -539,7 +582,7 @@ def check_config(text: str, path: str = _STRING_PATH) -> ConfigCheck:
             continue
         adapter = _checked(
             errors, table, _RawAdapter, path, ("adapters", name),
-            lambda raw, name=name: _build_adapter(name, raw, path, base_dir),  # type: ignore[misc]
+            lambda raw, name=name: _build_adapter(name, raw, path, base_dir, daemon_ids),  # type: ignore[misc]
         )
         if adapter is not None:
             adapters[name] = adapter
@@ -589,7 +632,9 @@ def _key_errors(table: dict[str, Any], raw_type: type[Any], path: str, prefix: t
     return errors
 
 
-def _build_adapter(name: str, raw: _RawAdapter, path: str, base_dir: str) -> AdapterConfig:
+def _build_adapter(
+    name: str, raw: _RawAdapter, path: str, base_dir: str, daemon_ids: tuple[int, int]
+) -> AdapterConfig:
     """The public AdapterConfig for `raw`, after the checks a schema cannot express."""
     prefix = ("adapters", name)
     fields = _given_fields(raw)
@@ -625,7 +670,75 @@ def _build_adapter(name: str, raw: _RawAdapter, path: str, base_dir: str) -> Ada
             raise ConfigError(path, env_key, "expected a value without NUL characters")
     if "cwd" in fields:
         fields["cwd"] = _resolve_path(fields["cwd"], base_dir, path, prefix + ("cwd",))
+    fields.update(_build_identity(fields.pop("user", None), fields.pop("group", None), fields, path, prefix, daemon_ids))
     return AdapterConfig(name=name, **fields)
+
+
+def _build_identity(
+    user: str | int | None,
+    group: str | int | None,
+    fields: dict[str, Any],
+    path: str,
+    prefix: tuple[str, ...],
+    daemon_ids: tuple[int, int],
+) -> dict[str, Any]:
+    """The identity fields of an adapter: `user` and `group` resolved to
+    credentials, `limits` parsed. A daemon that is not root (its uid and gid
+    are `daemon_ids`) may name only its own user and group. Raises ConfigError."""
+    built: dict[str, Any] = {}
+    daemon_uid, daemon_gid = daemon_ids
+    if "limits" in fields:
+        limits = []
+        for name, value in fields["limits"].items():
+            try:
+                limits.append(identity.parse_limit(name, value, parse_size))
+            except ValueError as exc:
+                raise ConfigError(path, _format_key(prefix + ("limits", name)), str(exc)) from None
+        built["limits"] = tuple(limits)
+    if user is None:
+        if group is not None:
+            raise ConfigError(path, _format_key(prefix + ("group",)), "expected `user` beside it: a group applies to a user")
+        return built
+    user_key = _format_key(prefix + ("user",))
+    built["user"] = str(user)
+    if user == identity.PEER:
+        if group is not None:
+            raise ConfigError(
+                path, _format_key(prefix + ("group",)),
+                'expected no group with user = "@peer": the tree takes the acquiring client\'s gid',
+            )
+        return built
+    if isinstance(user, str) and (not user or user.startswith("@")):
+        raise ConfigError(path, user_key, f'expected a user name, a uid or "{identity.PEER}", got {_show(user)}')
+    try:
+        uid = identity.resolve_user(user)
+    except ValueError as exc:
+        raise ConfigError(path, user_key, str(exc)) from None
+    gid = None
+    if group is not None:
+        try:
+            gid = identity.resolve_group(group)
+        except ValueError as exc:
+            raise ConfigError(path, _format_key(prefix + ("group",)), str(exc)) from None
+    try:
+        credentials = identity.credentials_of(uid, gid)
+    except ValueError as exc:
+        raise ConfigError(path, user_key, str(exc)) from None
+    if daemon_uid != 0:
+        if credentials.uid != daemon_uid:
+            raise ConfigError(
+                path, user_key,
+                f"expected the daemon's own user (uid {daemon_uid}): a daemon that is not root cannot"
+                f" run adapters as another user, got {_show(user)} (uid {credentials.uid})",
+            )
+        if credentials.gid != daemon_gid:
+            raise ConfigError(
+                path, _format_key(prefix + ("group",) if group is not None else ("user",)),
+                f"expected the daemon's own group (gid {daemon_gid}): a daemon that is not root cannot"
+                f" run adapters in another group, got gid {credentials.gid}",
+            )
+    built["credentials"] = credentials
+    return built
 
 
 def _build_daemon(raw: _RawDaemon, path: str, base_dir: str) -> DaemonConfig:

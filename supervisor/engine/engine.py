@@ -88,9 +88,10 @@ class Peer(Protocol):
     """What the engine needs of a client connection."""
 
     id: int
-    # The peer's process and user, from SO_PEERCRED when it connected.
+    # The peer's process, user and group, from SO_PEERCRED when it connected.
     pid: int
     uid: int
+    gid: int
 
     def notify(self, method: str, params: object) -> None: ...
 
@@ -415,7 +416,7 @@ class Engine:
     def acquire_now(self, peer: Peer, params: protocol.AcquireParams) -> Reply:
         """An acquire that `acquire_answers_now`. Raises SupervisorError for
         the client's mistakes (having changed nothing)."""
-        adapter = self._checked_adapter(params)
+        adapter = self._checked_adapter(peer, params)
         after: AfterReply = []
         acquired, refcount, pending = self._commit_acquire(peer, params, adapter, after)
         if pending is not None and not pending.settled.is_set():
@@ -431,7 +432,7 @@ class Engine:
         mistakes (nothing changed), LimitReached, SpawnFailed, UnknownLease
         (released before its adapter started). Cancellation: raises Cancelled;
         a lease already taken stands, as if it had been answered."""
-        adapter = self._checked_adapter(params)
+        adapter = self._checked_adapter(peer, params)
         if self.registry.live_instance(params.job, params.adapter) is None:
             await self._check_memory_budget(params.adapter)
         after: AfterReply = []
@@ -443,13 +444,21 @@ class Engine:
             await pending.settled.wait()
         return self._acquire_reply(params, acquired, refcount, pending, after)
 
-    def _checked_adapter(self, params: protocol.AcquireParams) -> AdapterConfig:
-        """The acquire's adapter, once its params are known to be usable.
-        Checked before any state changes, so that bad params leave nothing behind."""
+    def _checked_adapter(self, peer: Peer, params: protocol.AcquireParams) -> AdapterConfig:
+        """The acquire's adapter, once its params are known to be usable
+        and `peer` may run it. Checked before any state changes, so that bad
+        params leave nothing behind."""
         adapter = self.config.adapters.get(params.adapter)
         if adapter is None:
             known = ", ".join(sorted(self.config.adapters)) or "none"
             raise UnknownAdapter(f"no adapter named {params.adapter!r} is configured (known: {known})")
+        daemon_uid = os.geteuid()
+        if adapter.runs_as_peer and daemon_uid != ROOT_UID and peer.uid != daemon_uid:
+            raise PermissionDenied(
+                f'adapter {adapter.name!r} runs as the acquiring user (user = "@peer"), and this daemon runs as'
+                f" uid {daemon_uid}, not root: it can run adapters only as itself, not as uid {peer.uid}"
+                f" (acquire as uid {daemon_uid}, or run the daemon as root)"
+            )
         if params.fds and adapter.stdio != "pipe":
             raise Conflict(f'adapter {adapter.name!r} has stdio = "{adapter.stdio}"; fds need stdio = "pipe"')
         adapter.render_argv(params.job, params.params)  # InvalidParams
@@ -489,6 +498,8 @@ class Engine:
             max_instances=adapter.max_instances,
         )
         refcount = acquired.instance.refcount
+        if acquired.spawned and adapter.runs_as_peer:
+            self.instances.spawn_as_peer(acquired.instance.id, uid=peer.uid, gid=peer.gid)
         starting = acquired.instance.state is State.STARTING
         pending = self.instances.pending(acquired.instance.id) if starting else None
         self.execute(acquired.actions, after)
@@ -749,8 +760,8 @@ class Engine:
                 "command": list(adapter.command),
                 "params": list(adapter.params),
                 "stdio": adapter.stdio,
-                # null until an adapter can be given a user of its own to run as.
-                "user": getattr(adapter, "user", None),
+                # As configured: a name, a uid, "@peer", or null (the daemon's own).
+                "user": adapter.user,
                 "max_instances": adapter.max_instances,
                 "memory_limit": adapter.memory_limit,
                 "live": live[adapter.name],

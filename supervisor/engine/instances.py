@@ -26,6 +26,7 @@ import trio
 
 from supervisor.core.config import AdapterConfig
 from supervisor.core.errors import InvalidParams, LimitReached, SpawnFailed, SupervisorError, UnknownAdapter
+from supervisor.core.identity import Credentials, credentials_of
 from supervisor.core.registry import Action, Reason, Registry
 from supervisor.engine.handoff import HandedTree
 from supervisor.engine.metrics import Metrics
@@ -149,6 +150,9 @@ class Instances:
         # before are out of date.
         self.generation = 0
         self._pending: dict[str, PendingSpawn] = {}
+        # The (uid, gid) of the client whose acquire created an instance of a
+        # "@peer" adapter, until its spawn: who its tree runs as.
+        self._peers: dict[str, tuple[int, int]] = {}
         # Spawns in flight in a worker thread: shutdown waits for them.
         self._spawning: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -171,6 +175,29 @@ class Instances:
         assert self._nursery is not None, "attach() first"
         self._nursery.start_soon(self._spawn_in_thread, instance_id)
         return []
+
+    def spawn_as_peer(self, instance_id: str, *, uid: int, gid: int) -> None:
+        """The instance (of a "@peer" adapter, not yet spawned) runs as this
+        client's uid and gid. Forgets those of instances gone unspawned."""
+        for gone in [known for known in self._peers if known not in self.registry.instances]:
+            del self._peers[gone]
+        self._peers[instance_id] = (uid, gid)
+
+    def _peer_credentials(self, instance_id: str) -> Credentials:
+        """Who a "@peer" instance runs as: the acquiring client's uid and gid
+        with the supplementary groups of its passwd entry. One whose client
+        was not recorded (a spawn handed over by an upgrade while it waited)
+        runs as the uid that owns it, with that user's passwd gid (its uid
+        as gid without a passwd entry)."""
+        recorded = self._peers.pop(instance_id, None)
+        if recorded is not None:
+            return credentials_of(*recorded)
+        uid = self.registry.instances[instance_id].uid
+        uid = os.geteuid() if uid is None else uid
+        try:
+            return credentials_of(uid)
+        except ValueError:
+            return credentials_of(uid, uid)
 
     def pending(self, instance_id: str) -> PendingSpawn:
         """What acquires parked on a STARTING instance wait for."""
@@ -228,8 +255,12 @@ class Instances:
         instance = self.registry.instances[instance_id]
         adapter = self.adapters.get(instance.adapter)
         if adapter is None:
+            self._peers.pop(instance_id, None)
             return None
-        return SpawnRequest(adapter=adapter, instance_id=instance_id, job=instance.job, params=dict(instance.params))
+        peer = self._peer_credentials(instance_id) if adapter.runs_as_peer else None
+        return SpawnRequest(
+            adapter=adapter, instance_id=instance_id, job=instance.job, params=dict(instance.params), peer=peer
+        )
 
     def _with_stderr_file(self, request: SpawnRequest) -> tuple[SpawnRequest, FollowedFile]:
         """The request with a new stderr file for the root, and the file

@@ -34,6 +34,9 @@
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -64,6 +67,11 @@ enum spawn_stage {
     STAGE_CLOSE_FDS = 4,
     STAGE_CWD = 5,
     STAGE_EXEC = 6,
+    STAGE_RLIMIT = 7,
+    STAGE_NO_NEW_PRIVS = 8,
+    STAGE_SETGROUPS = 9,
+    STAGE_SETGID = 10,
+    STAGE_SETUID = 11,
 };
 
 struct clone_args_v2 {
@@ -80,6 +88,30 @@ struct clone_args_v2 {
     uint64_t cgroup;
 };
 
+/*
+ * Who the child becomes and what bounds it, applied after chdir and before
+ * exec (mirrored in clonespawn.py). Limits and umask first, while the child
+ * may still raise a hard limit; then the groups, the gid and the uid last, so
+ * that every earlier step still has the privileges it needs.
+ */
+struct spawn_limit {
+    int resource;
+    struct rlimit value;
+};
+
+struct spawn_identity {
+    /* 1: setgroups(groups), setresgid(gid), setresuid(uid); 0: keep the parent's. */
+    int switch_ids;
+    unsigned int uid;
+    unsigned int gid;
+    int ngroups;
+    const unsigned int *groups;
+    int umask; /* -1: keep the parent's */
+    int nlimits;
+    const struct spawn_limit *limits;
+    int no_new_privs;
+};
+
 struct spawn_job {
     char *const *paths; /* executable candidates, in order, NULL-terminated */
     char *const *argv;
@@ -93,9 +125,12 @@ struct spawn_job {
     /* 1 when the kernel did not clear the signal handlers (no
        CLONE_CLEAR_SIGHAND): the child resets them itself. */
     int reset_handlers;
+    const struct spawn_identity *identity; /* NULL: nothing to change */
     /* Written by the child when it fails; read by the parent once it wakes. */
     int error;
     int stage;
+    /* Which limit failed (STAGE_RLIMIT): its index in identity->limits. */
+    int failed_index;
 };
 
 /* A CLOCK_BOOTTIME reading in /proc/<pid>/stat's unit: whole clock ticks. */
@@ -107,6 +142,37 @@ static void child_fail(struct spawn_job *job, int stage, int error) {
     job->error = error;
     job->stage = stage;
     _exit(127);
+}
+
+/* The identity and limits of `identity`. The ids change through the raw
+   system calls: glibc's setuid and friends change every thread of the
+   calling process (a signal to each), and this child shares the parent's
+   memory, where glibc's list of threads is the parent's. */
+static void child_become(struct spawn_job *job, const struct spawn_identity *identity) {
+    for (int i = 0; i < identity->nlimits; i++) {
+        if (setrlimit(identity->limits[i].resource, &identity->limits[i].value) != 0) {
+            job->failed_index = i;
+            child_fail(job, STAGE_RLIMIT, errno);
+        }
+    }
+    if (identity->umask >= 0) {
+        umask((mode_t)identity->umask);
+    }
+    if (identity->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1UL, 0UL, 0UL, 0UL) != 0) {
+        child_fail(job, STAGE_NO_NEW_PRIVS, errno);
+    }
+    if (!identity->switch_ids) {
+        return;
+    }
+    if (syscall(SYS_setgroups, (size_t)identity->ngroups, identity->groups) != 0) {
+        child_fail(job, STAGE_SETGROUPS, errno);
+    }
+    if (syscall(SYS_setresgid, identity->gid, identity->gid, identity->gid) != 0) {
+        child_fail(job, STAGE_SETGID, errno);
+    }
+    if (syscall(SYS_setresuid, identity->uid, identity->uid, identity->uid) != 0) {
+        child_fail(job, STAGE_SETUID, errno);
+    }
 }
 
 static int child_main(void *arg) {
@@ -169,6 +235,9 @@ static int child_main(void *arg) {
     if (job->cwd != NULL && chdir(job->cwd) != 0) {
         child_fail(job, STAGE_CWD, errno);
     }
+    if (job->identity != NULL) {
+        child_become(job, job->identity);
+    }
 
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -225,7 +294,7 @@ static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg)
 /* The calling convention of adapter_spawn; clonespawn.py refuses a library
    built from another (a stale build), and spawns with subprocess instead. */
 int adapter_spawn_abi(void) {
-    return 2;
+    return 3;
 }
 
 /*
@@ -236,6 +305,9 @@ int adapter_spawn_abi(void) {
  * only the fds below keep_below (see above); every stdio[i] must be below it.
  * A kernel without CLOSE_RANGE_UNSHARE fails that with STAGE_CLOSE_FDS, EINVAL.
  *
+ * `identity` (NULL: none) is applied after chdir, before exec; a failed
+ * setrlimit leaves the index of its limit in *failed_index.
+ *
  * Returns the child's pid once it has exec'd, with its start time in
  * *start_time (0 if it could not be read). On failure returns -1 with
  * *stage and *error set; a child that failed before exec has been reaped.
@@ -243,8 +315,8 @@ int adapter_spawn_abi(void) {
  * filter, EINVAL from an old kernel: the caller may fall back).
  */
 long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, const char *cwd, const int *stdio,
-                   int cgroup_fd, int keep_below, int new_session, int *stage, int *error,
-                   unsigned long long *start_time) {
+                   int cgroup_fd, int keep_below, int new_session, const struct spawn_identity *identity,
+                   int *stage, int *error, int *failed_index, unsigned long long *start_time) {
     struct spawn_job job = {
         .paths = paths,
         .argv = argv,
@@ -254,8 +326,10 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
         .keep_below = keep_below,
         .new_session = new_session,
         .reset_handlers = 0,
+        .identity = identity,
         .error = 0,
         .stage = STAGE_NONE,
+        .failed_index = -1,
     };
     struct clone_args_v2 args = {0};
     _Alignas(16) unsigned char stack[CHILD_STACK_BYTES];
@@ -308,6 +382,7 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
         }
         *stage = job.stage;
         *error = job.error;
+        *failed_index = job.failed_index;
         return -1;
     }
     *stage = STAGE_NONE;

@@ -27,11 +27,13 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from supervisor.core.identity import ChildSetup
+
 LIBRARY = Path(__file__).with_name("_clonespawn.so")
 
 # `adapter_spawn_abi()` of the library this binding calls: a library built
 # from an older _clonespawn.c takes other arguments, and is not used.
-ABI = 2
+ABI = 3
 _FS_ENCODING = sys.getfilesystemencoding()
 
 # enum spawn_stage in _clonespawn.c.
@@ -41,6 +43,11 @@ STAGE_STDIO = 3
 STAGE_CLOSE_FDS = 4
 STAGE_CWD = 5
 STAGE_EXEC = 6
+STAGE_RLIMIT = 7
+STAGE_NO_NEW_PRIVS = 8
+STAGE_SETGROUPS = 9
+STAGE_SETGID = 10
+STAGE_SETUID = 11
 
 _STAGE_NAMES = {
     STAGE_CLONE: "clone3",
@@ -49,7 +56,15 @@ _STAGE_NAMES = {
     STAGE_CLOSE_FDS: "closing inherited fds",
     STAGE_CWD: "chdir",
     STAGE_EXEC: "exec",
+    STAGE_RLIMIT: "setrlimit",
+    STAGE_NO_NEW_PRIVS: "prctl(PR_SET_NO_NEW_PRIVS)",
+    STAGE_SETGROUPS: "setgroups",
+    STAGE_SETGID: "setgid",
+    STAGE_SETUID: "setuid",
 }
+# The stages that change who the child is or what bounds it: their errors
+# name the call and its argument ("setuid(1001) failed: EPERM").
+SETUP_STAGES = frozenset({STAGE_RLIMIT, STAGE_NO_NEW_PRIVS, STAGE_SETGROUPS, STAGE_SETGID, STAGE_SETUID})
 
 
 # Executable candidates kept per Environment, one list per program named.
@@ -60,11 +75,91 @@ PATHS_KEPT = 16
 UNSUPPORTED_ERRNOS = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL})
 
 
+class _Limit(ctypes.Structure):
+    # struct spawn_limit: a resource and its struct rlimit.
+    _fields_ = [("resource", ctypes.c_int), ("soft", ctypes.c_ulong), ("hard", ctypes.c_ulong)]
+
+
+class _Identity(ctypes.Structure):
+    # struct spawn_identity.
+    _fields_ = [
+        ("switch_ids", ctypes.c_int),
+        ("uid", ctypes.c_uint),
+        ("gid", ctypes.c_uint),
+        ("ngroups", ctypes.c_int),
+        ("groups", ctypes.POINTER(ctypes.c_uint)),
+        ("umask", ctypes.c_int),
+        ("nlimits", ctypes.c_int),
+        ("limits", ctypes.POINTER(_Limit)),
+        ("no_new_privs", ctypes.c_int),
+    ]
+
+
+class Identity:
+    """A `ChildSetup` prepared for the C child: built once per adapter (per
+    peer with "@peer") and kept, so that a spawn passes one pointer.
+    `switch_ids`: whether the child changes its groups, gid and uid (only a
+    root daemon can; any other runs adapters as itself)."""
+
+    def __init__(self, setup: ChildSetup, *, switch_ids: bool) -> None:
+        self.setup = setup
+        credentials = setup.credentials
+        groups = credentials.groups if credentials is not None else ()
+        self._groups = (ctypes.c_uint * max(1, len(groups)))(*groups)
+        # RLIM_INFINITY is -1 in Python's resource module, all ones in rlim_t.
+        self._limits = (_Limit * max(1, len(setup.limits)))(
+            *[_Limit(limit.resource, limit.value & _RLIM_MASK, limit.value & _RLIM_MASK) for limit in setup.limits]
+        )
+        self.struct = _Identity(
+            switch_ids=int(switch_ids and credentials is not None),
+            uid=credentials.uid if credentials is not None else 0,
+            gid=credentials.gid if credentials is not None else 0,
+            ngroups=len(groups),
+            groups=self._groups,
+            umask=-1 if setup.umask is None else setup.umask,
+            nlimits=len(setup.limits),
+            limits=self._limits,
+            no_new_privs=int(setup.no_new_privs),
+        )
+
+    @property
+    def empty(self) -> bool:
+        """Whether the child has nothing to do (no pointer is passed)."""
+        return not (self.struct.switch_ids or self.struct.umask >= 0 or self.struct.nlimits or self.struct.no_new_privs)
+
+    def describe_failure(self, stage: int, error: int, failed_index: int) -> str:
+        """`setuid(1001) failed: EPERM (Operation not permitted)` for a
+        failed step of this identity."""
+        setup, struct = self.setup, self.struct
+        argument = {
+            STAGE_SETUID: str(struct.uid),
+            STAGE_SETGID: str(struct.gid),
+            STAGE_SETGROUPS: str(list(setup.credentials.groups) if setup.credentials else []),
+            STAGE_NO_NEW_PRIVS: "1",
+        }.get(stage, "")
+        call = _STAGE_NAMES[stage]
+        if stage == STAGE_RLIMIT and 0 <= failed_index < len(setup.limits):
+            limit = setup.limits[failed_index]
+            argument = f"RLIMIT_{limit.name.upper()}, {'unlimited' if limit.value < 0 else limit.value}"
+        if not call.endswith(")"):
+            call = f"{call}({argument})"
+        return f"{call} failed: {errno.errorcode.get(error, str(error))} ({os.strerror(error)})"
+
+
+_RLIM_MASK = 2**64 - 1
+
+
 class Unsupported(OSError):
     """clone3 itself was refused (old kernel, seccomp, another architecture),
     or the child found the kernel without close_range (before Linux 5.9) and
     exited before exec: nothing was run, and spawning with subprocess (which
     does without both) will work instead."""
+
+
+class SetupFailed(OSError):
+    """The child could not take the identity or limits it was given (its
+    strerror says which call, e.g. "setuid(1001) failed: EPERM (...)"); it
+    was reaped before exec."""
 
 
 @functools.cache
@@ -91,6 +186,8 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int,
+        ctypes.POINTER(_Identity),
+        ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_ulonglong),
@@ -207,6 +304,7 @@ def spawn(
     stdio: tuple[int, int, int],
     cgroup_fd: int | None,
     new_session: bool = True,
+    identity: Identity | None = None,
 ) -> tuple[int, int]:
     """Start `argv` and return its pid and start time (clock ticks after boot,
     as in /proc/<pid>/stat; 0 when the clock around the call crossed a tick
@@ -214,7 +312,9 @@ def spawn(
     environment, or an `Environment` whose own keys get `env_values` (given
     only with one). `stdio`
     are the fds for the child's 0, 1 and 2; every other fd is closed in the child; signal
-    handlers and the signal mask start out default. Raises `Unsupported` (no
+    handlers and the signal mask start out default. `identity` (after chdir,
+    before exec) sets the child's limits, umask, no_new_privs and ids; its
+    failure is a SetupFailed. Raises `Unsupported` (no
     child was created) or OSError with the errno of the failed step, naming
     `cwd` or the program as its filename; a child that failed is reaped.
     Blocks for as long as exec takes, like posix_spawn."""
@@ -233,12 +333,14 @@ def spawn(
     stage = ctypes.c_int(0)
     error = ctypes.c_int(0)
     start_time = ctypes.c_ulonglong(0)
+    failed_index = ctypes.c_int(-1)
+    identity_pointer = None if identity is None or identity.empty else ctypes.byref(identity.struct)
 
     def attempt(fds: tuple[int, int, int], keep_below: int) -> int:
         return library.adapter_spawn(
             paths, arguments, environment, None if cwd is None else os.fsencode(cwd), (ctypes.c_int * 3)(*fds),
-            -1 if cgroup_fd is None else cgroup_fd, keep_below, int(new_session), ctypes.byref(stage),
-            ctypes.byref(error), ctypes.byref(start_time),
+            -1 if cgroup_fd is None else cgroup_fd, keep_below, int(new_session), identity_pointer,
+            ctypes.byref(stage), ctypes.byref(error), ctypes.byref(failed_index), ctypes.byref(start_time),
         )
 
     slots = stdio_slots()
@@ -257,5 +359,7 @@ def spawn(
         raise Unsupported(error.value, f"clone3 refused: {reason}")
     if stage.value == STAGE_CLOSE_FDS and error.value == errno.ENOSYS:
         raise Unsupported(error.value, f"close_range refused: {reason}")
+    if stage.value in SETUP_STAGES and identity is not None:
+        raise SetupFailed(error.value, identity.describe_failure(stage.value, error.value, failed_index.value))
     filename = cwd if stage.value == STAGE_CWD else argv[0] if stage.value == STAGE_EXEC else None
     raise OSError(error.value, f"{reason} ({_STAGE_NAMES.get(stage.value, 'spawning')})", filename)

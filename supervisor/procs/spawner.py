@@ -8,10 +8,13 @@ its own, so every descendant is born there. There are two ways to start it:
   created like posix_spawn creates a child, and in cgroup mode it is born in
   the instance cgroup (CLONE_INTO_CGROUP). It takes about as long as exec,
   so the daemon calls it on the trio thread.
-* `subprocess.Popen`, everywhere else: in cgroup mode a `preexec_fn` joins the
-  cgroup between fork and exec (a fork of the whole daemon plus an RCU grace
-  period in the kernel: milliseconds), so the daemon calls it in a worker
-  thread.
+* `subprocess.Popen` (`supervisor.procs.popenspawn`), everywhere else: in
+  cgroup mode a `preexec_fn` joins the cgroup between fork and exec (a fork
+  of the whole daemon plus an RCU grace period in the kernel: milliseconds),
+  so the daemon calls it in a worker thread.
+
+Either way the root takes the adapter's user, groups, umask, limits and
+no_new_privs (`ChildSetup`) before exec, in the same order.
 
 The daemon does all waiting itself (see `supervisor.subreaper`). A `Popen`
 object is kept only so that its pid and pipes stay together, and it is told the
@@ -25,7 +28,7 @@ import errno
 import functools
 import os
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,7 +36,8 @@ import structlog
 
 from supervisor.core.config import AdapterConfig, Config, ConfigWarning
 from supervisor.core.errors import SpawnFailed
-from supervisor.procs import clonespawn, process
+from supervisor.core.identity import USER_ENV, Credentials, user_environment
+from supervisor.procs import clonespawn, popenspawn, process
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.stderr import StderrTail
 
@@ -78,9 +82,14 @@ def instance_environment(
     job: str,
     daemon_key: str,
     base: Mapping[str, str] | None = None,
+    credentials: Credentials | None = None,
 ) -> dict[str, str]:
-    """The environment of a root: the daemon's, then the adapter's `env`, then the tags."""
+    """The environment of a root: the daemon's, then HOME, USER and LOGNAME
+    of the user it runs as (`credentials`, if any), then the adapter's `env`,
+    then the tags."""
     env = _adapter_environment(adapter, daemon_key=daemon_key, base=base)
+    if credentials is not None:
+        env = user_environment(env, credentials, adapter.env)
     env[process.INSTANCE_ENV] = instance_id
     env[process.JOB_ENV] = job
     return env
@@ -104,9 +113,29 @@ def adapter_environment(
     adapter: AdapterConfig, *, daemon_key: str, base: Mapping[str, str] | None = None
 ) -> clonespawn.Environment:
     """`instance_environment` prepared once for every clone3 spawn of the
-    adapter: each spawn brings only the values of INSTANCE_TAGS."""
+    adapter: each spawn brings only the values of `spawn_keys(adapter)`."""
     shared = _adapter_environment(adapter, daemon_key=daemon_key, base=base)
-    return clonespawn.Environment(shared, own=INSTANCE_TAGS)
+    if adapter.credentials is not None:
+        shared = user_environment(shared, adapter.credentials, adapter.env)
+    return clonespawn.Environment(shared, own=spawn_keys(adapter))
+
+
+def spawn_keys(adapter: AdapterConfig) -> tuple[str, ...]:
+    """The variables whose values each spawn of `adapter` brings: the
+    instance tags, and with "@peer" the user's variables its `env` leaves."""
+    if not adapter.runs_as_peer:
+        return INSTANCE_TAGS
+    return INSTANCE_TAGS + tuple(key for key in USER_ENV if key not in adapter.env)
+
+
+def spawn_values(adapter: AdapterConfig, instance_id: str, job: str, peer: Credentials | None) -> tuple[str, ...]:
+    """The values of `spawn_keys(adapter)` for one spawn."""
+    values = (instance_id, job)
+    if not adapter.runs_as_peer:
+        return values
+    assert peer is not None, 'an adapter with user = "@peer" is spawned for a peer'
+    user_env = peer.environment()
+    return values + tuple(user_env[key] for key in USER_ENV if key not in adapter.env)
 
 
 def spawn_root(
@@ -121,6 +150,8 @@ def spawn_root(
     base_env: Mapping[str, str] | None = None,
     environment: clonespawn.Environment | None = None,
     stderr: int | None = None,
+    peer: Credentials | None = None,
+    identity: clonespawn.Identity | None = None,
 ) -> RootProcess:
     """Start the adapter's root for one instance.
 
@@ -131,19 +162,27 @@ def spawn_root(
     spawn may bring it prepared instead (`environment`, from
     `adapter_environment` with the same base and daemon key). The root's
     stderr is `stderr` if given (the caller keeps its fd), else a new pipe
-    whose read end the RootProcess holds. Raises
+    whose read end the RootProcess holds. The root runs as the adapter's
+    user (`peer`, who acquired the instance, with "@peer") under its limits;
+    a clone3 spawn may bring them prepared (`identity`, of the same setup).
+    Raises
     `InvalidParams` (from rendering the command), `SpawnFailed` with the OS
-    reason (missing executable, bad cwd, permission), or
+    reason (missing executable, bad cwd, permission, a failed setuid or
+    setrlimit), or
     `clonespawn.Unsupported` (nothing was started; subprocess will work). On
     failure nothing is left open or running.
     """
     argv = adapter.render_argv(job, params)
     env: Mapping[str, str] | clonespawn.Environment
     env_values: tuple[str, ...] = ()
+    setup = adapter.child_setup(peer)
     if clone3 and environment is not None:
-        env, env_values = environment, (instance_id, job)
+        env, env_values = environment, spawn_values(adapter, instance_id, job, peer)
     else:
-        env = instance_environment(adapter, instance_id=instance_id, job=job, daemon_key=daemon_key, base=base_env)
+        env = instance_environment(
+            adapter, instance_id=instance_id, job=job, daemon_key=daemon_key, base=base_env,
+            credentials=setup.credentials,
+        )
     parent_fds: list[int] = []
     child_fds: list[int] = []
 
@@ -175,17 +214,24 @@ def spawn_root(
                 stdin = null if stdin == subprocess.DEVNULL else stdin
                 stdout = null if stdout == subprocess.DEVNULL else stdout
             popen = None
+            if identity is None:
+                identity = clonespawn.Identity(setup, switch_ids=popenspawn.may_switch_ids())
             pid, start_time = clonespawn.spawn(
                 argv, env=env, env_values=env_values, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
-                cgroup_fd=cgroup_fd,
+                cgroup_fd=cgroup_fd, identity=identity,
             )
         else:
             assert isinstance(env, dict)
-            popen = _popen(argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_procs_fd=cgroup_fd)
+            popen = popenspawn.popen(
+                argv, env=env, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w), cgroup_procs_fd=cgroup_fd,
+                setup=setup,
+            )
             pid, start_time = popen.pid, 0
     except BaseException as exc:
         for fd in parent_fds:
             os.close(fd)
+        if isinstance(exc, clonespawn.SetupFailed):
+            raise SpawnFailed(f"adapter {adapter.name!r} could not be started: {exc.strerror}") from exc
         if isinstance(exc, OSError) and not isinstance(exc, clonespawn.Unsupported):
             raise SpawnFailed(_describe_spawn_error(adapter, argv, exc)) from exc
         if isinstance(exc, subprocess.SubprocessError):
@@ -204,31 +250,6 @@ def _devnull() -> int:
     """/dev/null, opened once (close-on-exec) for every clone3 spawn's stdio:
     two system calls fewer per spawn."""
     return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-
-
-def _popen(
-    argv: list[str], *, env: dict[str, str], cwd: str | None, stdio: tuple[int, int, int], cgroup_procs_fd: int | None
-) -> subprocess.Popen[bytes]:
-    preexec: Callable[[], None] | None = None
-    if cgroup_procs_fd is not None:
-        fd = cgroup_procs_fd
-
-        def preexec() -> None:
-            # Runs in the child between fork and exec: join the instance's
-            # cgroup so that everything it will ever fork is born inside.
-            os.write(fd, b"0")
-
-    return subprocess.Popen(
-        argv,
-        stdin=stdio[0],
-        stdout=stdio[1],
-        stderr=stdio[2],
-        cwd=cwd,
-        env=env,
-        start_new_session=True,
-        close_fds=True,
-        preexec_fn=preexec,
-    )
 
 
 def command_warnings(config: Config, base: Mapping[str, str] | None = None) -> list[ConfigWarning]:
@@ -289,6 +310,8 @@ class SpawnRequest:
     params: Mapping[str, str]
     # The fd to give the root as its stderr (the caller keeps it); None: a pipe.
     stderr: int | None = None
+    # Who acquired the instance: the user the tree runs as with "@peer".
+    peer: Credentials | None = None
 
 
 class Spawner(Protocol):
@@ -341,6 +364,7 @@ class PopenSpawner:
             return spawn_root(
                 request.adapter, instance_id=request.instance_id, job=request.job, params=request.params,
                 daemon_key=self._daemon_key, cgroup_fd=join_fd, base_env=self._base_env, stderr=request.stderr,
+                peer=request.peer,
             )
         finally:
             if join_fd is not None:
@@ -366,6 +390,8 @@ class Clone3Spawner:
         self._base_env = base_env
         # Adapter name -> its environment, prepared once for all its spawns.
         self._environments: dict[str, clonespawn.Environment] = {}
+        # Adapter name -> its identity and limits, prepared for the C child.
+        self._identities: dict[str, clonespawn.Identity] = {}
         # Reserved now, while the daemon's lowest free fds are low.
         clonespawn.stdio_slots()
 
@@ -377,7 +403,8 @@ class Clone3Spawner:
             return spawn_root(
                 request.adapter, instance_id=request.instance_id, job=request.job, params=request.params,
                 daemon_key=self._daemon_key, cgroup_fd=cgroup_fd, clone3=True,
-                environment=self._environment(request.adapter), stderr=request.stderr,
+                environment=self._environment(request.adapter), stderr=request.stderr, peer=request.peer,
+                identity=self._identity(request.adapter, request.peer),
             )
         finally:
             if cgroup_fd is not None:
@@ -391,8 +418,21 @@ class Clone3Spawner:
             )
         return prepared
 
+    def _identity(self, adapter: AdapterConfig, peer: Credentials | None) -> clonespawn.Identity:
+        """The adapter's identity, prepared once (with "@peer": per spawn,
+        each for the peer that acquired)."""
+        if adapter.runs_as_peer:
+            return clonespawn.Identity(adapter.child_setup(peer), switch_ids=popenspawn.may_switch_ids())
+        prepared = self._identities.get(adapter.name)
+        if prepared is None:
+            prepared = self._identities[adapter.name] = clonespawn.Identity(
+                adapter.child_setup(), switch_ids=popenspawn.may_switch_ids()
+            )
+        return prepared
+
     def forget_environments(self) -> None:
         self._environments.clear()
+        self._identities.clear()
 
 
 class FallbackSpawner:
