@@ -20,12 +20,14 @@ back (`supervisor.serve`), and answers the `upgrade` request that asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import py_compile
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSet
 from dataclasses import dataclass
 
 import msgspec
@@ -121,15 +123,43 @@ def check_output(config_path: str) -> bytes:
     return json.dumps({"version": __version__, "handovers": sorted(READABLE_HANDOVERS)}).encode()
 
 
-async def check_new_code(config_path: str) -> str | None:
+async def check_new_code(config_path: str, helpers: MutableSet[int]) -> str | None:
     """Run the entry point on disk in check mode; None if it can take over,
-    else why not. Cancellation: the child is killed."""
+    else why not. The child's pid is in `helpers` while it runs (the
+    daemon's own child, which no sweep may take for an orphan).
+    Cancellation: the child is killed."""
     # -P and cwd "/": the code checked is the installed package, never a
     # `supervisor` directory that happens to be where the daemon was started.
     command = [sys.executable, "-P", "-m", "supervisor", "serve", "--config", config_path, "--check-upgrade"]
+    finished: list[subprocess.CompletedProcess[bytes]] = []
+    failed: list[OSError] = []
+
+    async def run(task_status: trio.TaskStatus[trio.Process | None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            finished.append(await trio.run_process(
+                command, capture_stdout=True, capture_stderr=True, check=False, cwd="/", task_status=task_status,
+            ))
+        except OSError as exc:
+            failed.append(exc)
+            with contextlib.suppress(RuntimeError):  # (started already: it failed later)
+                task_status.started(None)
+
+    child: trio.Process | None = None
     try:
         with trio.fail_after(CHECK_TIMEOUT_S):
-            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False, cwd="/")
+            try:
+                async with trio.open_nursery() as nursery:
+                    child = await nursery.start(run)
+                    if child is not None:
+                        helpers.add(child.pid)
+            finally:
+                # Reaped by now: run_process waits for it (killing it first
+                # if cancelled), so its pid is no one else's yet.
+                if child is not None:
+                    helpers.discard(child.pid)
+        if failed:
+            raise failed[0]
+        result = finished[0]
     except trio.TooSlowError:
         return f"the new code's check did not finish within {CHECK_TIMEOUT_S:g} s"
     except OSError as exc:
@@ -238,7 +268,7 @@ class Upgrader:
             if (config.daemon.state_dir, config.daemon.socket) != (current.state_dir, current.socket):
                 return ("the config file names another state_dir or socket than the daemon uses; "
                         "those change only with a restart")
-        return await check_new_code(self.config_path)
+        return await check_new_code(self.config_path, self.engine.helper_processes)
 
     async def _engine_idle(self) -> str | None:
         with trio.move_on_after(QUIESCE_TIMEOUT_S):

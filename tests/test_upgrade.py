@@ -404,3 +404,16 @@ def test_the_new_code_is_the_installed_package_not_a_directory_where_the_daemon_
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
+
+
+@pytest.mark.parametrize("cgroup", MODES)
+def test_a_sweep_during_the_check_of_the_new_code_leaves_the_check_alone(start_daemon, cgroup: str) -> None:
+    # The check (`serve --check-upgrade`) is the daemon's own child and runs
+    # for a cold Python start: sweeps every 50 ms fall inside it. It is no
+    # orphan of any tree, and a sweep that took it for one failed the upgrade.
+    daemon = start_daemon(cgroup=cgroup, sweep_interval=0.05)
+    client = daemon.client(timeout=120)
+    for generation in (2, 3, 4):
+        assert client.upgrade()["generation"] == generation
+    swept = [o for r in client.call("reports", {"limit": 100})["reports"] for o in r["orphans"]]
+    assert swept == []

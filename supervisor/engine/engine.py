@@ -192,6 +192,13 @@ class Engine:
         """The spawner roots are started with now: "clone3" or "subprocess"."""
         return self.instances.spawner.name
 
+    @property
+    def helper_processes(self) -> set[int]:
+        """Pids of the daemon's own children that are no adapter's, kept
+        here by whoever starts one while it runs: sweeps never take them for
+        orphans."""
+        return self.sweeper.helpers
+
     def _choose_spawner(self, config: Config) -> Any:
         return choose_spawner(config.daemon.spawner, self.cgroups, daemon_key=self.daemon_tag, base_env=self._environ)
 

@@ -61,6 +61,9 @@ class Candidate:
     adapter: str | None
     # "cgroup" | "tag" | "descendant" | "record"
     proof: str
+    # The uid owning it, if the daemon may not read its environment (and so
+    # cannot tell which instance's it is, if any).
+    hidden_uid: int | None = None
 
 
 @dataclass
@@ -207,6 +210,7 @@ def _candidate(stat: process.ProcStat, proof: str, instance: str | None = None) 
         job=env.get(process.JOB_ENV),
         adapter=env.get(process.ADAPTER_ENV),
         proof=proof,
+        hidden_uid=None if env or proof == "cgroup" else process.hidden_environ_owner(stat.pid),
     )
 
 
@@ -311,6 +315,11 @@ class Sweeper:
         self._execute = execute
         self._table = table
         self._lock = trio.Lock()
+        # sweep.tags_unreadable is logged once, not at every sweep.
+        self._warned_hidden = False
+        # Pids of the daemon's own children that are no adapter's (the check
+        # of an upgrade's new code), while they run: never orphans.
+        self.helpers: set[int] = set()
         # Expired leases (the registry's tick) not yet in a report.
         self._expired: list[str] = []
 
@@ -468,13 +477,40 @@ class Sweeper:
         by the next sweep, never killed on a stale view)."""
         running = self._instances.running
         known = set().union(*(r.tree.known for r in running.values()))
-        return [
+        still = [
             c for c in candidates
             if c.instance not in running
             and c.instance not in self._registry.instances
             and c.stat.process_id not in known
             and c.stat.start_time < born_before
+            and c.stat.pid not in self.helpers
         ]
+        hidden = [c for c in still if c.hidden_uid is not None]
+        if not hidden:
+            return still
+        # A process of another user whose tag the daemon may not read (no
+        # CAP_SYS_PTRACE) may be an escapee of a live tree running as that
+        # user: it is left alone until no running tree runs as its uid.
+        spared = {c.stat.pid for c in hidden if c.hidden_uid in self._running_uids()}
+        if spared and not self._warned_hidden:
+            self._warned_hidden = True
+            log.warning("sweep.tags_unreadable", pids=sorted(spared),
+                        advice="the daemon may not read the environment of other users' processes; "
+                               "give it CAP_SYS_PTRACE so that escapees of trees with a `user` are told apart")
+        return [c for c in still if c.stat.pid not in spared]
+
+    def _running_uids(self) -> set[int]:
+        """The uids the running trees with a `user` (or "@peer") run as."""
+        uids = set()
+        for instance_id, running in self._instances.running.items():
+            adapter = running.adapter
+            if adapter.credentials is not None:
+                uids.add(adapter.credentials.uid)
+            elif adapter.runs_as_peer:
+                instance = self._registry.instances.get(instance_id)
+                if instance is not None and instance.uid is not None:
+                    uids.add(instance.uid)
+        return uids
 
     def _enforce_memory_limits(self, measured: Iterable[str]) -> list[str]:
         """Terminate the measured instances whose tree is over its memory_limit."""

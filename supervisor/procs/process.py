@@ -168,6 +168,22 @@ def read_supervisor_env(pid: int) -> dict[str, str]:
     return found
 
 
+def hidden_environ_owner(pid: int) -> int | None:
+    """The uid owning `pid` if its environment exists but this process may
+    not read it (another user's process, without CAP_SYS_PTRACE); None if
+    it can be read, or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb"):
+            return None
+    except PermissionError:
+        try:
+            return os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            return None
+    except OSError:
+        return None
+
+
 def read_environ_tag(pid: int) -> str | None:
     """Return the instance tag (ADAPTER_SUPERVISOR_INSTANCE) of `pid`, or None.
 
