@@ -32,12 +32,17 @@ def adapters(tmp_path: Path) -> str:
     return tree_adapter("tree", pidfile=tmp_path / "{job}.pids", stop_timeout=1.0) + "\n" + chatty + piped
 
 
-def recorded_tokens(state_dir: Path) -> set[str]:
+def recorded_instances(state_dir: Path) -> list[dict]:
+    """The instances of the state record as written now (none if it is not there yet)."""
     try:
         record = json.loads((state_dir / staterecord.RECORD_FILE).read_text())
     except (OSError, ValueError):
-        return set()
-    return {lease["token"] for instance in record.get("instances", []) for lease in instance.get("leases", [])}
+        return []
+    return record.get("instances", [])
+
+
+def recorded_tokens(state_dir: Path) -> set[str]:
+    return {lease["token"] for instance in recorded_instances(state_dir) for lease in instance.get("leases", [])}
 
 
 def kill_9(daemon) -> None:
@@ -310,8 +315,4 @@ def test_an_escapee_learned_by_a_sweep_is_recorded_and_outlives_no_crash(start_d
 
 
 def recorded_pids(state_dir: Path) -> set[int]:
-    try:
-        record = json.loads((state_dir / staterecord.RECORD_FILE).read_text())
-    except (OSError, ValueError):
-        return set()
-    return {member["pid"] for instance in record.get("instances", []) for member in instance.get("processes", [])}
+    return {member["pid"] for instance in recorded_instances(state_dir) for member in instance.get("processes", [])}
