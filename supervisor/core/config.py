@@ -64,6 +64,9 @@ MAX_STOP_TIMEOUT = 3600.0
 # disable stopping or sweeping, which is what the daemon exists to do.
 MAX_LINGER = 86400.0
 MAX_SWEEP_INTERVAL = 86400.0
+# The kernel's PID_MAX_LIMIT: no tree can hold more processes than this, so a
+# larger max_pids is a typo, not a wish.
+MAX_PIDS_LIMIT = 4_194_304
 # A JSON-RPC acquire with a few parameters needs a few hundred bytes; below 1 KiB
 # ordinary requests would be refused.
 MIN_MESSAGE_BYTES = 1024
@@ -203,6 +206,9 @@ class AdapterConfig(msgspec.Struct, frozen=True, kw_only=True):
     linger: float = 0.0
     max_instances: int = 64
     memory_limit: int | None = None
+    # Processes (not threads) in the tree; more and the tree is stopped with
+    # reason pids_limit. None (0 in the file): no limit.
+    max_pids: int | None = 512
 
     def render_argv(self, job: str, params: Mapping[str, str]) -> list[str]:
         """The argv for `job`: each `{job}` and `{param:NAME}` replaced in place.
@@ -409,6 +415,7 @@ class _RawAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     linger: Annotated[float, Meta(ge=0, le=MAX_LINGER)] | UnsetType = UNSET
     max_instances: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     memory_limit: _NonZeroSize | UnsetType = UNSET
+    max_pids: Annotated[int, Meta(ge=0, le=MAX_PIDS_LIMIT)] | UnsetType = UNSET
 
 
 class _RawDaemon(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -625,6 +632,8 @@ def _build_adapter(name: str, raw: _RawAdapter, path: str, base_dir: str) -> Ada
             raise ConfigError(path, env_key, "expected a value without NUL characters")
     if "cwd" in fields:
         fields["cwd"] = _resolve_path(fields["cwd"], base_dir, path, prefix + ("cwd",))
+    if fields.get("max_pids") == 0:
+        fields["max_pids"] = None  # 0 turns the limit off (TOML has no null)
     return AdapterConfig(name=name, **fields)
 
 
