@@ -38,9 +38,11 @@ from supervisor.procs.treelimits import TreeFigures
 log = structlog.get_logger()
 
 # How often the watched trees are looked at. A tree over its limit is stopped
-# within about a second of crossing it: a quarter of that leaves room for a
-# slow look on a loaded host and for the stop itself.
-WATCH_INTERVAL_S = 0.25
+# within about a second of crossing it: half of that for the look to come
+# round, the rest for a slow look on a loaded host and for the stop to begin.
+# Each look costs every watched tree's processes (about 13 % of a core at
+# 1000 limited instances every 0.25 s, half that at 0.5 s: docs/performance.md).
+WATCH_INTERVAL_S = 0.5
 
 # The states in which a tree is held to its limits (one stopping is going anyway).
 WATCHED_STATES = (State.RUNNING, State.LINGERING)
@@ -115,7 +117,7 @@ def look_at(watched: Iterable[Watched], cgroups: CgroupManager | None) -> dict[s
         try:
             if cgroups is not None:
                 figures = treelimits.measure_cgroup(
-                    cgroups.pids(tree.instance_id), limit=tree.max_pids, rss=tree.want_rss
+                    treelimits.cgroup_pids(cgroups.base / tree.instance_id), limit=tree.max_pids, rss=tree.want_rss
                 )
                 hit = None
                 if tree.kernel:

@@ -52,11 +52,47 @@ class TreeFigures:
     seen: tuple[process.ProcStat, ...] | None = None
 
 
+def cgroup_pids(path: pathlib.Path) -> list[int]:
+    """Blocking: the pids in the cgroup at `path` and in its sub-cgroups (empty
+    if it is gone). The common case, a cgroup with no sub-cgroup (on cgroupfs
+    a directory's link count is 2 plus its subdirectories), costs one stat
+    and one read; otherwise every sub-cgroup is read. Raises OSError for a
+    failure other than the cgroup being gone."""
+    try:
+        if os.stat(path).st_nlink > 2:
+            return _pids_below(path)
+        return [int(p) for p in _read_small(path / "cgroup.procs").split()]
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):
+            return []
+        raise
+
+
+def _pids_below(path: pathlib.Path) -> list[int]:
+    pids: list[int] = []
+    for dirpath, _dirnames, _filenames in os.walk(path):
+        try:
+            pids += [int(p) for p in _read_small(pathlib.Path(dirpath, "cgroup.procs")).split()]
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+    return pids
+
+
+def read_rss(pid: int) -> int | None:
+    """Blocking: the resident set of `pid` in bytes (/proc/PID/statm), or
+    None if it is gone."""
+    try:
+        return int(_read_small(pathlib.Path(f"/proc/{pid}/statm")).split()[1]) * process.PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def measure_cgroup(pids: Iterable[int], *, limit: int | None, rss: bool) -> TreeFigures:
     """Blocking: the figures of the processes listed in an instance cgroup
-    (`pids`, as `CgroupManager.pids` lists them: every pid there is a member).
-    With `rss`, each member's stat is read for its RSS. Never raises for a
-    process that is gone meanwhile."""
+    (`pids`, as `cgroup_pids` lists them: every pid there is a member, and
+    one that has exited is not listed). With `rss`, each member's RSS is
+    read. Never raises for a process that is gone meanwhile."""
     listed = list(pids)
     truncated = limit is not None and len(listed) > limit
     if not rss:
@@ -64,26 +100,52 @@ def measure_cgroup(pids: Iterable[int], *, limit: int | None, rss: bool) -> Tree
     total = 0
     count = 0
     for pid in listed:
-        stat = process.read_stat(pid)
-        if stat is None or stat.state in process.EXITED_STATES:
+        resident = read_rss(pid)
+        if resident is None:
             continue
         count += 1
-        total += stat.rss_bytes
+        total += resident
     return TreeFigures(pids=count, rss_bytes=total, truncated=truncated)
 
 
-def read_children(pid: int) -> list[int]:
-    """Blocking: the pids of the children of every thread of `pid` (empty if
-    it is gone or cannot be read)."""
+@dataclass(frozen=True)
+class _Stat:
+    """What a look needs of /proc/PID/stat."""
+
+    stat: process.ProcStat
+    threads: int
+
+
+def _read_stat(pid: int) -> _Stat | None:
+    """/proc/PID/stat with the thread count `process.ProcStat` leaves out; None if gone."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
+        data = _read_small(pathlib.Path(f"/proc/{pid}/stat"))
+        stat = process.parse_stat(data)
+        threads = int(data[data.rfind(b")") + 1 :].split()[_THREADS_INDEX])
+    except (OSError, ValueError, IndexError):
+        return None
+    return _Stat(stat, threads)
+
+
+# num_threads (field 20) among the fields after the command name.
+_THREADS_INDEX = 17
+
+
+def read_children(pid: int, threads: int = 0) -> list[int]:
+    """Blocking: the pids of the children of every thread of `pid` (empty if
+    it is gone or cannot be read). `threads` = 1 (a single-threaded process,
+    as its stat says) reads one file instead of listing the threads."""
+    if threads == 1:
+        tids = [str(pid)]
+    else:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return []
     children: list[int] = []
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                children += [int(p) for p in f.read().split()]
+            children += [int(p) for p in _read_small(pathlib.Path(f"/proc/{pid}/task/{tid}/children")).split()]
         except OSError:
             continue  # the thread (or the process) ended meanwhile
     return children
@@ -96,26 +158,26 @@ def measure_descendants(anchors: Iterable[process.ProcessId], *, limit: int | No
     parent it was listed under (a pid freed and reused meanwhile is a
     stranger's). Stops once more than `limit` processes were found."""
     members: dict[int, process.ProcStat] = {}
-    frontier: list[process.ProcStat] = []
+    frontier: list[_Stat] = []
     for anchor in anchors:
-        stat = process.read_stat(anchor.pid)
-        if stat is None or stat.start_time != anchor.start_time or stat.pid in members:
+        read = _read_stat(anchor.pid)
+        if read is None or read.stat.start_time != anchor.start_time or anchor.pid in members:
             continue
-        if stat.state in process.EXITED_STATES:
+        if read.stat.state in process.EXITED_STATES:
             continue
-        members[stat.pid] = stat
-        frontier.append(stat)
+        members[anchor.pid] = read.stat
+        frontier.append(read)
     truncated = False
     while frontier and not truncated:
         parent = frontier.pop()
-        for child in read_children(parent.pid):
+        for child in read_children(parent.stat.pid, parent.threads):
             if child in members:
                 continue
-            stat = process.read_stat(child)
-            if stat is None or stat.ppid != parent.pid or stat.state in process.EXITED_STATES:
+            read = _read_stat(child)
+            if read is None or read.stat.ppid != parent.stat.pid or read.stat.state in process.EXITED_STATES:
                 continue
-            members[child] = stat
-            frontier.append(stat)
+            members[child] = read.stat
+            frontier.append(read)
             if limit is not None and len(members) > limit:
                 truncated = True
                 break
@@ -214,6 +276,26 @@ def read_kernel_events(path: pathlib.Path, controllers: frozenset[str]) -> tuple
         read("memory.events") if "memory" in controllers else None,
         read("pids.events") if "pids" in controllers else None,
     )
+
+
+# Enough for /proc/PID/statm and for the cgroup.procs of any tree within a
+# sane max_pids (a longer one is read on until its end).
+_READ_CHUNK = 65536
+
+
+def _read_small(path: pathlib.Path) -> bytes:
+    """The whole of a small /proc or cgroupfs file, with the fewest calls."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _READ_CHUNK)
+        if len(data) < _READ_CHUNK:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _write(path: pathlib.Path, data: bytes) -> None:

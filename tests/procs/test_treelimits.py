@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.procs import process, treelimits
+from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from tests.conftest import eventually
+from tests.procs.test_cgroup import remove_base
 
 
 @pytest.fixture
@@ -27,6 +29,19 @@ def sleepers() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
+
+
+@pytest.fixture
+def cgroups() -> Iterator[CgroupManager]:
+    """A cgroup v2 base of this test's own, removed with all it holds."""
+    try:
+        found = CgroupManager.detect(name=f"test-limits-{os.getpid()}")
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
+    try:
+        yield found
+    finally:
+        remove_base(found)
 
 
 def children_of(pid: int) -> list[int]:
@@ -66,6 +81,7 @@ def test_children_are_read_from_every_thread_of_a_process(sleepers) -> None:
     shell, count = sleepers
     assert eventually(lambda: len(children_of(shell.pid)) == count)
     assert sorted(treelimits.read_children(shell.pid)) == sorted(children_of(shell.pid))
+    assert sorted(treelimits.read_children(shell.pid, threads=1)) == sorted(children_of(shell.pid))
     assert treelimits.read_children(2**22 + 1) == []  # past any pid_max: no such process
 
 
@@ -157,3 +173,26 @@ def test_this_hosts_v2_hierarchy_offers_what_its_root_lists() -> None:
     if found is None:
         pytest.skip("enabling controllers at this hierarchy's root would change the host")
     assert found == frozenset(offered & {"memory", "pids"})
+
+
+def test_a_cgroup_lists_its_members_and_those_of_its_sub_cgroups(cgroups: CgroupManager) -> None:
+    manager = cgroups
+    path = manager.create("inst")
+    sub = path / "worker"
+    sleeps = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        manager.add("inst", sleeps[0].pid)
+        assert treelimits.cgroup_pids(path) == [sleeps[0].pid]
+        sub.mkdir()
+        (sub / "cgroup.procs").write_text(str(sleeps[1].pid))
+        assert sorted(treelimits.cgroup_pids(path)) == sorted(p.pid for p in sleeps)
+        assert treelimits.read_rss(sleeps[1].pid) > 0
+    finally:
+        for sleep in sleeps:
+            sleep.kill()
+            sleep.wait()
+    assert eventually(lambda: treelimits.cgroup_pids(path) == [])
+    assert treelimits.read_rss(sleeps[0].pid) is None
+    sub.rmdir()
+    manager.remove("inst")
+    assert treelimits.cgroup_pids(path) == []
