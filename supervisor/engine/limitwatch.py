@@ -231,8 +231,9 @@ class LimitWatch:
             if look is not None and held is not None and look.figures.seen is not None:
                 held.tree.remember(list(look.figures.seen), tree.anchors)
         for verdict in verdicts(watched, looks):
-            if verdict.instance_id not in running:
-                continue
+            instance = self._registry.instances.get(verdict.instance_id)
+            if verdict.instance_id not in running or instance is None or instance.state not in WATCHED_STATES:
+                continue  # released or ended while the look ran: its stop is under way
             if verdict.reason is Reason.PIDS_LIMIT:
                 log.warning("adapter.over_pids", instance=verdict.instance_id, pids=verdict.found,
                             max_pids=verdict.limit, reason="the tree holds more processes than its max_pids")

@@ -15,7 +15,7 @@ import trio
 
 from supervisor.core.config import parse_config
 from supervisor.core.registry import Reason, Registry, StopTree
-from supervisor.engine.limitwatch import WATCH_INTERVAL_S, LimitWatch, Look, Watched, verdicts
+from supervisor.engine.limitwatch import WATCH_INTERVAL_S, LimitWatch, Look, Watched, look_at, verdicts
 from supervisor.procs import process
 from supervisor.procs.tree import InstanceTree
 from supervisor.procs.treelimits import TreeFigures
@@ -72,9 +72,10 @@ class World:
         self.registry = Registry()
         self.instances = SimpleNamespace(running={})
         self.executed: list[object] = []
+        self.over_memory: list[str] = []
         self.watch = LimitWatch(
             config=lambda: self.config, registry=self.registry, instances=self.instances, cgroups=None,
-            execute=self.executed.extend, stopped_over_memory=lambda instance_id: None,
+            execute=self.executed.extend, stopped_over_memory=self.over_memory.append,
         )
 
     def add_tree(self, adapter: str, root_pid: int) -> tuple[str, SimpleNamespace]:
@@ -161,3 +162,16 @@ async def test_a_memory_budget_has_every_tree_watched(tmp_path, shell) -> None:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert world.executed == []  # over the budget, nothing is stopped
+
+
+async def test_a_tree_released_while_the_look_ran_is_not_ended_again(tmp_path, shell) -> None:
+    await wait_children(shell.pid, 3)
+    world = World(tmp_path, adapter("tool", 'memory_limit = "1KiB"'))
+    instance_id, _ = world.add_tree("tool", shell.pid)
+    tree = world.watch._watched()
+    looks = look_at(tree, None)
+    assert [v.reason for v in verdicts(tree, looks)] == [Reason.MEMORY_LIMIT]
+    lease = next(iter(world.registry.instances[instance_id].leases))
+    world.registry.release(lease, connection=1, uid=0, now=0.0)  # stopping now
+    world.watch._act(tree, looks)
+    assert world.executed == [] and world.over_memory == []
