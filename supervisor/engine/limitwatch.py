@@ -108,10 +108,13 @@ def verdicts(watched: Iterable[Watched], looks: dict[str, Look]) -> list[Verdict
     return over
 
 
-def look_at(watched: Iterable[Watched], cgroups: CgroupManager | None) -> dict[str, Look]:
+def look_at(
+    watched: Iterable[Watched], cgroups: CgroupManager | None, failures: list[str] | None = None
+) -> dict[str, Look]:
     """Blocking: one look at each watched tree (see `procs/treelimits.py`).
     For a worker thread: reads only, returns data. A tree whose cgroup cannot
-    be read is left out (the next look, or the sweep, tries again)."""
+    be read is left out (the next look, or the sweep, tries again), with why
+    appended to `failures` for the caller to log."""
     looks: dict[str, Look] = {}
     for tree in watched:
         try:
@@ -127,7 +130,8 @@ def look_at(watched: Iterable[Watched], cgroups: CgroupManager | None) -> dict[s
             else:
                 looks[tree.instance_id] = Look(treelimits.measure_descendants(tree.anchors, limit=tree.max_pids))
         except OSError as exc:
-            log.debug("limits.look_failed", instance=tree.instance_id, error=str(exc))
+            if failures is not None:
+                failures.append(f"{tree.instance_id}: {exc}")
     return looks
 
 
@@ -181,8 +185,18 @@ class LimitWatch:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            looks = await trio.to_thread.run_sync(look_at, watched, self._cgroups)
+            failures: list[str] = []
+            try:
+                looks = await trio.to_thread.run_sync(look_at, watched, self._cgroups, failures)
+            except RuntimeError as exc:
+                # No thread could be started (the daemon is at its thread or
+                # memory limit): this look is lost, the watch is not.
+                log.error("limits.look_failed", error=str(exc))
+                await trio.sleep(WATCH_INTERVAL_S)
+                continue
             self.looks += 1
+            if failures:
+                log.debug("limits.look_failed", trees=failures)
             self._act(watched, looks)
             await trio.sleep(WATCH_INTERVAL_S)
 

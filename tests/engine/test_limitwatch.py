@@ -175,3 +175,28 @@ async def test_a_tree_released_while_the_look_ran_is_not_ended_again(tmp_path, s
     world.registry.release(lease, connection=1, uid=0, now=0.0)  # stopping now
     world.watch._act(tree, looks)
     assert world.executed == [] and world.over_memory == []
+
+
+async def test_a_look_that_gets_no_thread_is_lost_not_the_watch(tmp_path, shell, monkeypatch) -> None:
+    # The one stand-in here: a daemon at its thread limit cannot be made on
+    # purpose as root (RLIMIT_NPROC does not bind root).
+    await wait_children(shell.pid, 3)
+    world = World(tmp_path, adapter("tool", "max_pids = 8"))
+    world.add_tree("tool", shell.pid)
+    real = trio.to_thread.run_sync
+    refused: list[bool] = []
+
+    async def first_refused(*args, **kwargs):
+        if not refused:
+            refused.append(True)
+            raise RuntimeError("can't start new thread")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", first_refused)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(world.watch.run)
+        with trio.fail_after(10):
+            while world.watch.looks == 0:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert refused == [True]
