@@ -117,12 +117,18 @@ class _Stat:
 
 
 def _read_stat(pid: int) -> _Stat | None:
-    """/proc/PID/stat with the thread count `process.ProcStat` leaves out; None if gone."""
+    """/proc/PID/stat with the thread count `process.ProcStat` leaves out;
+    None if the process is gone (or hidden from us). Raises OSError when it
+    cannot be read for want of a resource (EMFILE, ENOMEM): a look that
+    could not see a member must not report it gone."""
     try:
         data = _read_small(pathlib.Path(f"/proc/{pid}/stat"))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    try:
         stat = process.parse_stat(data)
         threads = int(data[data.rfind(b")") + 1 :].split()[_THREADS_INDEX])
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return None
     return _Stat(stat, threads)
 

@@ -99,7 +99,8 @@ def adapter(name: str, lines: str) -> str:
 
 
 async def wait_children(pid: int, count: int) -> None:
-    while sum(1 for s in process.scan_processes() if s.ppid == pid) < count:
+    """Until `pid` has `count` children running sleep (past their exec)."""
+    while [process.read_cmdline(s.pid) for s in process.scan_processes() if s.ppid == pid] != [["sleep", "60"]] * count:
         await trio.sleep(0.01)
 
 

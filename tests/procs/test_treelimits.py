@@ -3,7 +3,9 @@ processes for the looks, plain text for the kernel's event files."""
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -25,6 +27,8 @@ def sleepers() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         ["/bin/sh", "-c", "sleep 60 & sleep 60 & sleep 60 & wait"], start_new_session=True
     )
     try:
+        # Each child runs sleep, not a forked shell still on its way to exec.
+        assert eventually(lambda: [process.read_cmdline(pid) for pid in children_of(shell.pid)] == [["sleep", "60"]] * 3)
         yield shell, 3
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
@@ -196,3 +200,20 @@ def test_a_cgroup_lists_its_members_and_those_of_its_sub_cgroups(cgroups: Cgroup
     sub.rmdir()
     manager.remove("inst")
     assert treelimits.cgroup_pids(path) == []
+
+
+def test_a_look_without_fds_raises_rather_than_reporting_members_gone(sleepers) -> None:
+    shell, count = sleepers
+    assert eventually(lambda: len(children_of(shell.pid)) == count)
+    root = process.identify(shell.pid)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        with pytest.raises(OSError) as error:
+            treelimits.measure_descendants([root], limit=None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert error.value.errno == errno.EMFILE
+    assert treelimits.measure_descendants([root], limit=None).pids == count + 1
