@@ -226,19 +226,36 @@ def kernel_verdict(memory_events: dict[str, int] | None, pids_events: dict[str, 
 
 def enable_controllers(base: pathlib.Path) -> frozenset[str]:
     """Enable, for the instance cgroups under `base`, the KERNEL_CONTROLLERS
-    that `base` has (its cgroup.controllers), and answer those enabled (its
-    cgroup.subtree_control). Never raises: a host that offers none (a hybrid
-    layout without v2 controllers, a delegation without them) answers an
-    empty set, and the watch measures instead."""
+    on offer, and answer those enabled (`base`'s cgroup.subtree_control).
+    They are first enabled for `base` itself in its parent when that parent
+    is a delegated cgroup (one with a cgroup.type: never the hierarchy's
+    root, whose children are the host's), as systemd's Delegate=yes offers
+    them to the service's cgroup but leaves enabling them to the service.
+    Never raises: a host that offers none (a hybrid layout without v2
+    controllers, a delegation without them) answers an empty set, and the
+    watch measures instead."""
+    parent = base.parent
+    if (parent / "cgroup.type").exists():
+        _enable_offered(parent)
     try:
-        offered = set((base / "cgroup.controllers").read_text().split())
-        wanted = [c for c in KERNEL_CONTROLLERS if c in offered]
-        if wanted:
-            _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted).encode())
+        _enable_offered(base)
         enabled = set((base / "cgroup.subtree_control").read_text().split())
     except OSError:
         return frozenset()
     return frozenset(c for c in KERNEL_CONTROLLERS if c in enabled)
+
+
+def _enable_offered(cgroup: pathlib.Path) -> None:
+    """Enable for the children of `cgroup` the KERNEL_CONTROLLERS it has;
+    a refusal (processes of its own, no right to) is left to the caller to
+    find in the outcome."""
+    try:
+        offered = set((cgroup / "cgroup.controllers").read_text().split())
+        wanted = [c for c in KERNEL_CONTROLLERS if c in offered]
+        if wanted:
+            _write(cgroup / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted).encode())
+    except OSError:
+        pass
 
 
 def apply_kernel_limits(
