@@ -12,7 +12,8 @@ so each read costs the processes of the trees it looks at, never the host's:
   once a scan has made it a known member.
 
 Both stop reading once a tree holds more processes than asked for (its
-max_pids): a fork bomb costs at most max_pids + 1 reads per look.
+max_pids): a fork bomb costs at most max_pids + 1 reads per look in
+process-table mode, and one read of cgroup.procs in cgroup mode.
 
 Where the memory or pids controller of cgroup v2 is enabled for the instance
 cgroups, the kernel enforces the limits itself (`memory.max` with
@@ -40,9 +41,10 @@ KERNEL_CONTROLLERS = ("memory", "pids")
 @dataclass(frozen=True)
 class TreeFigures:
     """What one look at a tree found. `pids` counts live processes (threads and
-    zombies excluded), up to one past the limit the look was asked to respect
-    (`truncated` says it stopped there); `rss_bytes` is their total RSS (0
-    unless asked for, and only of the processes counted)."""
+    zombies excluded); once past the limit the look was asked to respect it
+    stops (`truncated`), so it is then at least that limit + 1, not the whole
+    count. `rss_bytes` is their total RSS (0 unless asked for, and 0 for a
+    truncated look: such a tree is over its max_pids anyway)."""
 
     pids: int
     rss_bytes: int
@@ -95,7 +97,7 @@ def measure_cgroup(pids: Iterable[int], *, limit: int | None, rss: bool) -> Tree
     read. Never raises for a process that is gone meanwhile."""
     listed = list(pids)
     truncated = limit is not None and len(listed) > limit
-    if not rss:
+    if not rss or truncated:
         return TreeFigures(pids=len(listed), rss_bytes=0, truncated=truncated)
     total = 0
     count = 0

@@ -95,8 +95,11 @@ def test_a_cgroup_look_counts_what_is_listed_and_reads_rss_only_when_asked(sleep
     listed = [shell.pid, *children_of(shell.pid)]
     counted = treelimits.measure_cgroup(listed, limit=8, rss=False)
     assert (counted.pids, counted.rss_bytes, counted.truncated) == (count + 1, 0, False)
-    measured = treelimits.measure_cgroup(listed, limit=2, rss=True)
-    assert measured.pids == count + 1 and measured.rss_bytes > 0 and measured.truncated
+    measured = treelimits.measure_cgroup(listed, limit=8, rss=True)
+    assert measured.pids == count + 1 and measured.rss_bytes > 0 and not measured.truncated
+    # Past max_pids no RSS is read: the tree is stopped for its processes.
+    bomb = treelimits.measure_cgroup(listed, limit=2, rss=True)
+    assert (bomb.pids, bomb.rss_bytes, bomb.truncated) == (count + 1, 0, True)
 
 
 @pytest.mark.parametrize(
