@@ -264,10 +264,14 @@ class Ours(System):
             "linger": 0.0,
             "max_instances": MAX_IDLE_INSTANCES,
         }
+        # `idle` held to a memory_limit (never reached by a sleep): what the
+        # limit watch measures (bench/watchcost.py).
+        limited = {**idle, "memory_limit": "1GiB"}
         echo = {"command": ["/bin/cat"], "stdio": "pipe", "stop_signal": "SIGTERM", "stop_timeout": STOP_GRACE_S}
         text = "[daemon]\n" + _toml_table(daemon)
         text += "\n[adapters.tree]\n" + _toml_table(tree)
         text += "\n[adapters.idle]\n" + _toml_table(idle)
+        text += "\n[adapters.limited]\n" + _toml_table(limited)
         text += "\n[adapters.echo]\n" + _toml_table(echo)
         self.config_path.write_text(text)
 

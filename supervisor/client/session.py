@@ -184,7 +184,9 @@ class AdapterExited:
     """The adapter of a lease is gone (`adapter_exited`), or going: after
     `shutting_down` every lease gets one with reason "shutdown" and returncode None.
 
-    `reason` is exited, killed, memory_limit, lease_expired, released or shutdown.
+    `reason` is exited, killed, memory_limit (the tree passed its adapter's
+    memory_limit), pids_limit (it held more processes than its max_pids),
+    lease_expired, released or shutdown.
     """
 
     instance: str

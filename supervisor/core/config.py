@@ -65,6 +65,9 @@ MAX_STOP_TIMEOUT = 3600.0
 # disable stopping or sweeping, which is what the daemon exists to do.
 MAX_LINGER = 86400.0
 MAX_SWEEP_INTERVAL = 86400.0
+# The kernel's PID_MAX_LIMIT: no tree can hold more processes than this, so a
+# larger max_pids is a typo, not a wish.
+MAX_PIDS_LIMIT = 4_194_304
 # A JSON-RPC acquire with a few parameters needs a few hundred bytes; below 1 KiB
 # ordinary requests would be refused.
 MIN_MESSAGE_BYTES = 1024
@@ -204,6 +207,9 @@ class AdapterConfig(msgspec.Struct, frozen=True, kw_only=True):
     linger: float = 0.0
     max_instances: int = 64
     memory_limit: int | None = None
+    # Processes (not threads) in the tree; more and the tree is stopped with
+    # reason pids_limit. None (0 in the file): no limit.
+    max_pids: int | None = 512
     # -- who the tree runs as and what bounds it (docs/configuration.md) --
     # `user` as written (a name, a uid, or "@peer"); None: the daemon's own.
     user: str | None = None
@@ -442,6 +448,7 @@ class _RawAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     linger: Annotated[float, Meta(ge=0, le=MAX_LINGER)] | UnsetType = UNSET
     max_instances: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     memory_limit: _NonZeroSize | UnsetType = UNSET
+    max_pids: Annotated[int, Meta(ge=0, le=MAX_PIDS_LIMIT)] | UnsetType = UNSET
     # Resolved by `_build_identity`.
     user: str | _Id | UnsetType = UNSET
     group: str | _Id | UnsetType = UNSET
@@ -670,6 +677,8 @@ def _build_adapter(
             raise ConfigError(path, env_key, "expected a value without NUL characters")
     if "cwd" in fields:
         fields["cwd"] = _resolve_path(fields["cwd"], base_dir, path, prefix + ("cwd",))
+    if fields.get("max_pids") == 0:
+        fields["max_pids"] = None  # 0 turns the limit off (TOML has no null)
     fields.update(_build_identity(fields.pop("user", None), fields.pop("group", None), fields, path, prefix, daemon_ids))
     return AdapterConfig(name=name, **fields)
 

@@ -76,6 +76,7 @@ class Reason(str, enum.Enum):
     EXITED = "exited"
     KILLED = "killed"
     MEMORY_LIMIT = "memory_limit"
+    PIDS_LIMIT = "pids_limit"
     LEASE_EXPIRED = "lease_expired"
     RELEASED = "released"
     SHUTDOWN = "shutdown"

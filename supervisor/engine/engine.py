@@ -58,6 +58,7 @@ from supervisor.core.registry import (
 from supervisor.engine import continuity, handoff, metrics, reports, staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import AfterReply, Instances, PendingSpawn, run_after
+from supervisor.engine.limitwatch import LimitWatch
 from supervisor.engine.scans import Members, ScanCache
 from supervisor.engine.sweep import Sweeper
 from supervisor.engine.stdiostore import StdioStore
@@ -180,6 +181,10 @@ class Engine:
             cgroups=cgroups, spares=self.spares, store=self.reports, metrics=self.metrics,
             daemon_key=self.daemon_tag, tick=self._tick, execute=self.execute, table=self.table,
         )
+        self.limits = LimitWatch(
+            config=lambda: self.config, registry=self.registry, instances=self.instances, cgroups=cgroups,
+            execute=self.execute, stopped_over_memory=self.sweeper.over_memory_stopped,
+        )
         self._deadline_changed = trio.Event()
         self._clock_offset = 0.0
 
@@ -240,6 +245,7 @@ class Engine:
                 nursery.start_soon(self.spares.run)
             nursery.start_soon(self._expire_deadlines)
             nursery.start_soon(self.sweeper.run_periodically)
+            nursery.start_soon(self.limits.run)
             nursery.start_soon(self.record.run)
             task_status.started()
 
@@ -340,6 +346,7 @@ class Engine:
             elif isinstance(action, InstanceSettled):
                 self.instances.settled(action.instance_id, running=action.running)
         self._deadlines_may_have_changed()
+        self.limits.wake()
 
     def _notify_exited(self, action: NotifyExited) -> None:
         if action.reason is Reason.SHUTDOWN:

@@ -322,6 +322,8 @@ class Sweeper:
         self.helpers: set[int] = set()
         # Expired leases (the registry's tick) not yet in a report.
         self._expired: list[str] = []
+        # Trees the limit watch stopped for their memory_limit, not yet in a report.
+        self._over_memory: list[str] = []
 
     @property
     def busy(self) -> bool:
@@ -331,6 +333,11 @@ class Sweeper:
     def leases_expired(self, tokens: list[str]) -> None:
         """Leases the registry expired: the next report lists them."""
         self._expired += tokens
+
+    def over_memory_stopped(self, instance_id: str) -> None:
+        """A tree the limit watch stopped for its memory_limit: the next
+        report lists it in `over_memory`, as if the sweep had found it."""
+        self._over_memory.append(instance_id)
 
     async def run_periodically(self) -> None:
         """Sweep every `sweep_interval` until cancelled."""
@@ -409,7 +416,8 @@ class Sweeper:
             with trio.CancelScope(shield=True):
                 scans.remember(self._instances, result.members, snapshots)
                 scans.learn(self._instances, result.learned, tracked)
-                over_memory = self._enforce_memory_limits(result.members)
+                over_memory, self._over_memory = self._over_memory, []
+                over_memory += self._enforce_memory_limits(result.members)
                 if deep:
                     # Every sweep's reap() above already routes a root that
                     # exited unnoticed; this also catches one reaped elsewhere.

@@ -132,6 +132,7 @@ def test_daemon_defaults(monkeypatch, field, expected):
         ("linger", 0.0),
         ("max_instances", 64),
         ("memory_limit", None),
+        ("max_pids", 512),
     ],
 )
 def test_adapter_defaults(field, expected):
@@ -285,6 +286,9 @@ def test_parse_signal_rejects(value):
         ('memory_limit = "-1GiB"', "adapters.demo.memory_limit", 'got "-1GiB"'),
         ("memory_limit = 0", "adapters.demo.memory_limit", "at least 1 byte,"),
         ("memory_limit = 1.5", "adapters.demo.memory_limit", "got 1.5"),
+        ("max_pids = -1", "adapters.demo.max_pids", "expected an integer >= 0, got -1"),
+        ("max_pids = 5000000", "adapters.demo.max_pids", "expected an integer <= 4194304, got 5000000"),
+        ('max_pids = "64"', "adapters.demo.max_pids", 'expected an integer, got "64"'),
         ('stop_signal = "SIGFOO"', "adapters.demo.stop_signal", 'got "SIGFOO"'),
         ('stop_signal = "SIGSTOP"', "adapters.demo.stop_signal", "a signal that ends a process"),
         ("stop_signal = 0", "adapters.demo.stop_signal", "got 0"),
@@ -295,6 +299,11 @@ def test_bad_adapter_sizes_and_signals_name_the_key(line, key, expected):
     assert (error.path, error.key) == (PATH, key)
     assert expected in error.expected
     assert str(error) == f"{PATH}: {key}: {error.expected}"
+
+
+@pytest.mark.parametrize(("line", "expected"), [("max_pids = 64", 64), ("max_pids = 0", None), ("", 512)])
+def test_max_pids_is_a_count_and_zero_turns_it_off(line, expected):
+    assert parse_config(adapter_doc(line), PATH).adapters["demo"].max_pids == expected
 
 
 def test_size_error_message_reads_as_documented():

@@ -1,0 +1,269 @@
+"""The limit watch: trees over their memory_limit or max_pids are stopped
+within about a second, whatever sweep_interval is (`LimitWatch`).
+
+Every WATCH_INTERVAL_S the watch looks at the running trees that have a limit
+(and at every tree while a memory_budget is set): it reads, in a worker thread
+that returns data only, what `procs/treelimits.py` offers for each (the
+members and, where a memory figure is needed, their RSS; the kernel's event
+counters where the kernel enforces a limit), then decides on the trio thread
+(`verdicts`, pure) and ends each tree over a limit through the registry, as a
+sweep would: its holders get `adapter_exited` with reason `memory_limit` or
+`pids_limit`, and the tree is stopped like a release stops it.
+
+Cost: one look costs the processes of the watched trees, never the host's; with
+no tree to watch (no adapter with a limit, no memory_budget) the watch sleeps
+until a tree is spawned and costs nothing.
+
+memory_budget: the watch sums the RSS of every tree at the same cadence. Going
+over the budget stops nothing (no tree is at fault on its own: each is held to
+its own memory_limit); it is logged once when crossed and once when back
+under, and meanwhile acquires that would start a new instance get 1004.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from supervisor.core.config import Config
+from supervisor.core.registry import Action, Reason, Registry, State
+from supervisor.engine.instances import Instances, RunningInstance
+from supervisor.procs import process, treelimits
+from supervisor.procs.cgroup import CgroupManager
+from supervisor.procs.treelimits import TreeFigures
+
+log = structlog.get_logger()
+
+# How often the watched trees are looked at. A tree over its limit is stopped
+# within about a second of crossing it: half of that for the look to come
+# round, the rest for a slow look on a loaded host and for the stop to begin.
+# Each look costs every watched tree's processes (about 13 % of a core at
+# 1000 limited instances every 0.25 s, half that at 0.5 s: docs/performance.md).
+WATCH_INTERVAL_S = 0.5
+
+# The states in which a tree is held to its limits (one stopping is going anyway).
+WATCHED_STATES = (State.RUNNING, State.LINGERING)
+
+
+@dataclass(frozen=True)
+class Watched:
+    """An immutable view of one tree for a look in a worker thread."""
+
+    instance_id: str
+    memory_limit: int | None
+    max_pids: int | None
+    # Whether its RSS must be read (a memory_limit the kernel does not enforce,
+    # or a memory_budget to sum).
+    want_rss: bool
+    # Process-table mode: the root and the known members to start from.
+    anchors: frozenset[process.ProcessId] = frozenset()
+    # The kernel controllers enforcing its limits ("memory", "pids").
+    kernel: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Look:
+    """What one look found of one tree."""
+
+    figures: TreeFigures
+    # Which kernel limit the tree hit ("memory", "pids"), if any.
+    kernel_hit: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A tree over a limit: why, what was found and the limit it passed."""
+
+    instance_id: str
+    reason: Reason
+    found: int
+    limit: int | None
+
+
+def verdicts(watched: Iterable[Watched], looks: dict[str, Look]) -> list[Verdict]:
+    """The trees over one of their limits, from what a look found (pure).
+    A kernel-enforced limit the kernel says was hit counts first; then more
+    processes than max_pids; then more RSS than memory_limit. A tree the look
+    did not reach is judged by the next one."""
+    over = []
+    for tree in watched:
+        look = looks.get(tree.instance_id)
+        if look is None:
+            continue
+        figures = look.figures
+        if look.kernel_hit == "pids":
+            over.append(Verdict(tree.instance_id, Reason.PIDS_LIMIT, figures.pids, tree.max_pids))
+        elif look.kernel_hit == "memory":
+            over.append(Verdict(tree.instance_id, Reason.MEMORY_LIMIT, figures.rss_bytes, tree.memory_limit))
+        elif tree.max_pids is not None and figures.pids > tree.max_pids:
+            over.append(Verdict(tree.instance_id, Reason.PIDS_LIMIT, figures.pids, tree.max_pids))
+        elif (
+            tree.memory_limit is not None and "memory" not in tree.kernel
+            and figures.rss_bytes > tree.memory_limit
+        ):
+            over.append(Verdict(tree.instance_id, Reason.MEMORY_LIMIT, figures.rss_bytes, tree.memory_limit))
+    return over
+
+
+def look_at(
+    watched: Iterable[Watched], cgroups: CgroupManager | None, failures: list[str] | None = None
+) -> dict[str, Look]:
+    """Blocking: one look at each watched tree (see `procs/treelimits.py`).
+    For a worker thread: reads only, returns data. A tree whose cgroup cannot
+    be read is left out (the next look, or the sweep, tries again), with why
+    appended to `failures` for the caller to log."""
+    looks: dict[str, Look] = {}
+    for tree in watched:
+        try:
+            if cgroups is not None:
+                figures = treelimits.measure_cgroup(
+                    treelimits.cgroup_pids(cgroups.base / tree.instance_id), limit=tree.max_pids, rss=tree.want_rss
+                )
+                hit = None
+                if tree.kernel:
+                    memory, pids = treelimits.read_kernel_events(cgroups.base / tree.instance_id, tree.kernel)
+                    hit = treelimits.kernel_verdict(memory, pids)
+                looks[tree.instance_id] = Look(figures, hit)
+            else:
+                looks[tree.instance_id] = Look(treelimits.measure_descendants(tree.anchors, limit=tree.max_pids))
+        except OSError as exc:
+            if failures is not None:
+                failures.append(f"{tree.instance_id}: {exc}")
+    return looks
+
+
+class LimitWatch:
+    """Holds every running tree to its memory_limit and max_pids, every
+    WATCH_INTERVAL_S, and sums them against the memory_budget."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        registry: Registry,
+        instances: Instances,
+        cgroups: CgroupManager | None,
+        execute: Callable[[Iterable[Action]], None],
+        stopped_over_memory: Callable[[str], None],
+    ) -> None:
+        """`config` answers the current config (it changes on reload);
+        `stopped_over_memory(instance_id)` is told of each tree stopped for
+        its memory_limit (the next sweep report lists it)."""
+        self._config = config
+        self._registry = registry
+        self._instances = instances
+        self._cgroups = cgroups
+        self._execute = execute
+        self._stopped_over_memory = stopped_over_memory
+        self._wake = trio.Event()
+        # The kernel controllers enabled for the instance cgroups, and those
+        # enforcing each instance's limits (set once, when first watched).
+        self._controllers: frozenset[str] = frozenset()
+        self._kernel: dict[str, frozenset[str]] = {}
+        self.over_budget = False
+        # Looks taken so far (for tests and the bench: the watch is alive).
+        self.looks = 0
+
+    def wake(self) -> None:
+        """Trees may have been spawned: a sleeping watch looks again."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Watch until cancelled. Sleeps, costing nothing, while no tree is to
+        be watched. Cancellation: a look under way in its thread is abandoned
+        (it changes nothing)."""
+        if self._cgroups is not None:
+            self._controllers = treelimits.enable_controllers(self._cgroups.base)
+            if self._controllers:
+                log.info("limits.kernel", controllers=sorted(self._controllers))
+        while True:
+            watched = self._watched()
+            if not watched:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            failures: list[str] = []
+            try:
+                looks = await trio.to_thread.run_sync(look_at, watched, self._cgroups, failures)
+            except RuntimeError as exc:
+                # No thread could be started (the daemon is at its thread or
+                # memory limit): this look is lost, the watch is not.
+                log.error("limits.look_failed", error=str(exc))
+                await trio.sleep(WATCH_INTERVAL_S)
+                continue
+            self.looks += 1
+            if failures:
+                log.debug("limits.look_failed", trees=failures)
+            self._act(watched, looks)
+            await trio.sleep(WATCH_INTERVAL_S)
+
+    def _watched(self) -> list[Watched]:
+        """The trees to look at now (trio thread)."""
+        budget = self._config().daemon.memory_budget is not None
+        instances = self._registry.instances
+        watched = []
+        for instance_id, running in self._instances.running.items():
+            adapter = running.adapter
+            if adapter.memory_limit is None and adapter.max_pids is None and not budget:
+                continue
+            instance = instances.get(instance_id)
+            if instance is None or instance.state not in WATCHED_STATES:
+                continue
+            kernel = self._kernel_for(instance_id, running)
+            want_rss = budget or (adapter.memory_limit is not None and "memory" not in kernel)
+            anchors = frozenset() if self._cgroups is not None else frozenset({running.root.id, *running.tree.known})
+            watched.append(Watched(instance_id, adapter.memory_limit, adapter.max_pids, want_rss, anchors, kernel))
+        if len(self._kernel) > len(self._instances.running):
+            self._kernel = {i: k for i, k in self._kernel.items() if i in self._instances.running}
+        return watched
+
+    def _kernel_for(self, instance_id: str, running: RunningInstance) -> frozenset[str]:
+        """The kernel controllers enforcing this tree's limits, set up the
+        first time it is watched (where the host offers them)."""
+        kernel = self._kernel.get(instance_id)
+        if kernel is None:
+            kernel = frozenset()
+            if self._controllers and self._cgroups is not None:
+                adapter = running.adapter
+                kernel = treelimits.apply_kernel_limits(
+                    self._cgroups.base / instance_id, controllers=self._controllers,
+                    memory_limit=adapter.memory_limit, max_pids=adapter.max_pids,
+                )
+            self._kernel[instance_id] = kernel
+        return kernel
+
+    def _act(self, watched: list[Watched], looks: dict[str, Look]) -> None:
+        """Trio thread: end the trees over a limit, remember what a look
+        learned of a tree's members, check the budget."""
+        running = self._instances.running
+        for tree in watched:
+            look = looks.get(tree.instance_id)
+            held = running.get(tree.instance_id)
+            if look is not None and held is not None and look.figures.seen is not None:
+                held.tree.remember(list(look.figures.seen), tree.anchors)
+        for verdict in verdicts(watched, looks):
+            instance = self._registry.instances.get(verdict.instance_id)
+            if verdict.instance_id not in running or instance is None or instance.state not in WATCHED_STATES:
+                continue  # released or ended while the look ran: its stop is under way
+            if verdict.reason is Reason.PIDS_LIMIT:
+                log.warning("adapter.over_pids", instance=verdict.instance_id, pids=verdict.found,
+                            max_pids=verdict.limit, reason="the tree holds more processes than its max_pids")
+            else:
+                log.warning("adapter.over_memory", instance=verdict.instance_id, rss_bytes=verdict.found,
+                            memory_limit=verdict.limit)
+                self._stopped_over_memory(verdict.instance_id)
+            self._execute(self._registry.terminate(verdict.instance_id, reason=verdict.reason))
+        budget = self._config().daemon.memory_budget
+        if budget is None:
+            self.over_budget = False
+            return
+        total = sum(look.figures.rss_bytes for look in looks.values())
+        if total > budget and not self.over_budget:
+            log.warning("memory.over_budget", rss_bytes=total, memory_budget=budget,
+                        consequence="no new instance starts until the trees are under it again; none is stopped")
+        elif total <= budget and self.over_budget:
+            log.info("memory.within_budget", rss_bytes=total, memory_budget=budget)
+        self.over_budget = total > budget
