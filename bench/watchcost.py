@@ -1,15 +1,16 @@
 """What the limit watch costs a daemon holding many limited trees (ours only).
 
 One daemon per (variant, mode), each filled with `--level` single-process
-instances of the `limited` adapter (`sleep`, with a memory_limit it never
-reaches, and the default max_pids), detached, sweep_interval an hour: an idle
+instances of `--adapter`: `limited` (`sleep`, with a memory_limit it never
+reaches, and the default max_pids) or `idle` (`sleep` with the default
+max_pids only), detached, sweep_interval an hour: an idle
 daemon whose only periodic work is the limit watch. Then, in windows that visit
 every daemon in turn, the daemon's CPU time over `WINDOW_S` of idleness is
 read from /proc: the watch's cost as a share of one core. With `--old`, a
 checkout of older code (no watch) is measured in the same windows: the
 difference is the watch.
 
-`python -m bench.watchcost [--level 1000] [--windows 5] [--old PATH]`
+`python -m bench.watchcost [--level 1000] [--windows 5] [--adapter limited|idle] [--old PATH]`
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ BATCH = 100
 MODES = {"cgroup": "auto", "process-table": "off"}
 
 
-def fill(client: wire.OursClient, level: int) -> None:
-    """Acquire `level` instances of `limited`, pipelined BATCH at a time."""
+def fill(client: wire.OursClient, level: int, adapter: str = "limited") -> None:
+    """Acquire `level` instances of `adapter`, pipelined BATCH at a time."""
     for start in range(0, level, BATCH):
-        jobs = {n + 1: f"limited-{n}" for n in range(start, min(level, start + BATCH))}
+        jobs = {n + 1: f"{adapter}-{n}" for n in range(start, min(level, start + BATCH))}
         client.stream.sock.sendall(b"".join(
-            wire.ours_request(request_id, "acquire", {"job": job, "adapter": "limited", "detach": True,
+            wire.ours_request(request_id, "acquire", {"job": job, "adapter": adapter, "detach": True,
                                                       "ttl": LEASE_TTL_S})
             for request_id, job in jobs.items()
         ))
@@ -55,7 +56,9 @@ def fill(client: wire.OursClient, level: int) -> None:
             answered += 1
 
 
-def run(session: Session, variants: dict[str, dict[str, str]], *, level: int, windows: int) -> dict[str, Any]:
+def run(
+    session: Session, variants: dict[str, dict[str, str]], *, level: int, windows: int, adapter: str = "limited"
+) -> dict[str, Any]:
     """The workload; results by "variant/mode": the median share of one core
     an idle daemon used over its windows, and each window's share."""
     keys = [(name, mode) for name in variants for mode in MODES]
@@ -70,7 +73,7 @@ def run(session: Session, variants: dict[str, dict[str, str]], *, level: int, wi
     try:
         for key, client in clients.items():
             began = time.monotonic()
-            fill(client, level)
+            fill(client, level, adapter)
             session.log(f"watch: {key[0]} ({daemons[key].mode()}): {level} instances held "
                         f"({time.monotonic() - began:.1f} s to fill)")
         shares: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
@@ -100,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.watchcost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--level", type=int, default=1000)
     parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--adapter", choices=("limited", "idle"), default="limited",
+                        help="limited: a memory_limit and the default max_pids; idle: the default max_pids only")
     parser.add_argument("--old", type=Path, help="also measure this checkout of older code (with its .so built)")
     args = parser.parse_args(argv)
     with open_session(lambda message: print(f"watchcost: {message}", file=sys.stderr)) as session:
         variants = {"new": session.env}
         if args.old is not None:
             variants = {"old": {**session.env, "PYTHONPATH": str(args.old.resolve())}, **variants}
-        results = run(session, variants, level=args.level, windows=args.windows)
+        results = run(session, variants, level=args.level, windows=args.windows, adapter=args.adapter)
     print(f"{'daemon':<24}{'mode':<16}{'instances':>10}{'idle CPU, % of a core':>24}")
     for key, entry in results.items():
         print(f"{key.split('/')[0]:<24}{entry['mode']:<16}{entry['instances']:>10}"

@@ -799,6 +799,7 @@ class Engine:
             self.instances.spawner = self._choose_spawner(config)
         else:
             self.instances.spawner.forget_environments()
+        self.limits.reloaded()
 
     def kill_everything_now(self) -> None:
         """Last resort when the daemon is dying of a bug: SIGKILL every tracked

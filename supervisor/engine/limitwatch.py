@@ -12,7 +12,12 @@ sweep would: its holders get `adapter_exited` with reason `memory_limit` or
 
 Cost: one look costs the processes of the watched trees, never the host's; with
 no tree to watch (no adapter with a limit, no memory_budget) the watch sleeps
-until a tree is spawned and costs nothing.
+until a tree is spawned and costs nothing. Trees held only to max_pids (every
+adapter's, by default) are counted only when they could have passed it: the
+kernel's pid counter says how many processes the host started since they were
+last counted, and no tree can have grown by more than that (`PidsGate`). On
+a host that is not forking hundreds of processes a second, watching max_pids
+costs one read of that counter per look, however many trees there are.
 
 memory_budget: the watch sums the RSS of every tree at the same cadence. Going
 over the budget stops nothing (no tree is at fault on its own: each is held to
@@ -31,7 +36,7 @@ import trio
 from supervisor.core.config import Config
 from supervisor.core.registry import Action, Reason, Registry, State
 from supervisor.engine.instances import Instances, RunningInstance
-from supervisor.procs import process, treelimits
+from supervisor.procs import process, proctable, treelimits
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.treelimits import TreeFigures
 
@@ -44,8 +49,48 @@ log = structlog.get_logger()
 # 1000 limited instances every 0.25 s, half that at 0.5 s: docs/performance.md).
 WATCH_INTERVAL_S = 0.5
 
+# The headroom when no adapter has a max_pids: no count is ever due.
+WATCH_HEADROOM_UNLIMITED = 2**62
+
 # The states in which a tree is held to its limits (one stopping is going anyway).
 WATCHED_STATES = (State.RUNNING, State.LINGERING)
+
+
+class PidsGate:
+    """Says when the trees held to max_pids must be counted again: only once
+    the host has handed out as many pids since their last count as the
+    smallest headroom (max_pids minus the processes counted) of any tree, a
+    new tree's included (it starts with one process). Fed the kernel's last
+    pid at each look; without it (unreadable), every look counts. Pure."""
+
+    def __init__(self, pid_max: int) -> None:
+        self._pid_max = pid_max
+        self._last_pid: int | None = None
+        # Pids handed out since the last count; None: a count is due.
+        self._handed: int | None = None
+        self._headroom = 0
+
+    def due(self, last_pid: int | None) -> bool:
+        """Whether the trees must be counted at this look, given the last pid
+        the kernel handed out now (None if it could not be read)."""
+        previous, self._last_pid = self._last_pid, last_pid
+        if last_pid is None or previous is None or self._handed is None:
+            self._handed = None
+            return True
+        # The counter wraps at pid_max; more than pid_max new processes
+        # between two looks would need more pids than the host has.
+        self._handed += (last_pid - previous) % self._pid_max
+        return self._handed >= self._headroom
+
+    def counted(self, headroom: int) -> None:
+        """The trees were just counted: `headroom` is the least any of them,
+        or a tree spawned from now on, may still grow by."""
+        self._handed = 0
+        self._headroom = headroom
+
+    def invalidate(self) -> None:
+        """Count at the next look (the limits changed: a reload)."""
+        self._handed = None
 
 
 @dataclass(frozen=True)
@@ -164,11 +209,20 @@ class LimitWatch:
         self._controllers: frozenset[str] = frozenset()
         self._kernel: dict[str, frozenset[str]] = {}
         self.over_budget = False
-        # Looks taken so far (for tests and the bench: the watch is alive).
+        # Looks taken so far (for tests and the bench: the watch is alive),
+        # and those that counted the trees held only to max_pids.
         self.looks = 0
+        self.pids_counts = 0
+        self._pids_gate = PidsGate(proctable.read_pid_max())
 
     def wake(self) -> None:
         """Trees may have been spawned: a sleeping watch looks again."""
+        self._wake.set()
+
+    def reloaded(self) -> None:
+        """The config changed: count every tree at the next look (an
+        adapter's max_pids may be lower now)."""
+        self._pids_gate.invalidate()
         self._wake.set()
 
     async def run(self) -> None:
@@ -180,10 +234,14 @@ class LimitWatch:
             if self._controllers:
                 log.info("limits.kernel", controllers=sorted(self._controllers))
         while True:
-            watched = self._watched()
-            if not watched:
+            if not self._instances.running:
                 self._wake = trio.Event()
                 await self._wake.wait()
+                continue
+            count_pids = self._pids_gate.due(proctable.read_last_pid())
+            watched = self._watched(count_pids)
+            if not watched:
+                await trio.sleep(WATCH_INTERVAL_S)
                 continue
             failures: list[str] = []
             try:
@@ -198,16 +256,34 @@ class LimitWatch:
             if failures:
                 log.debug("limits.look_failed", trees=failures)
             self._act(watched, looks)
+            if count_pids:
+                self.pids_counts += 1
+                self._pids_gate.counted(0 if failures else self._headroom(watched, looks))
             await trio.sleep(WATCH_INTERVAL_S)
 
-    def _watched(self) -> list[Watched]:
-        """The trees to look at now (trio thread)."""
-        budget = self._config().daemon.memory_budget is not None
+    def _headroom(self, watched: list[Watched], looks: dict[str, Look]) -> int:
+        """The least any tree counted, or one spawned from now on (a single
+        process), may grow by before it passes its max_pids."""
+        rooms = [a.max_pids - 1 for a in self._config().adapters.values() if a.max_pids is not None]
+        for tree in watched:
+            look = looks.get(tree.instance_id)
+            if tree.max_pids is not None:
+                rooms.append(tree.max_pids - look.figures.pids if look is not None else 0)
+        return max(0, min(rooms, default=WATCH_HEADROOM_UNLIMITED))
+
+    def _watched(self, count_pids: bool) -> list[Watched]:
+        """The trees to look at now (trio thread): those with a memory_limit
+        (every tree while a memory_budget is set), and if `count_pids` those
+        held to max_pids. Walks no tree when there are none to look at."""
+        config = self._config()
+        budget = config.daemon.memory_budget is not None
+        if not (count_pids or budget or any(a.memory_limit is not None for a in config.adapters.values())):
+            return []
         instances = self._registry.instances
         watched = []
         for instance_id, running in self._instances.running.items():
             adapter = running.adapter
-            if adapter.memory_limit is None and adapter.max_pids is None and not budget:
+            if adapter.memory_limit is None and not budget and not (count_pids and adapter.max_pids is not None):
                 continue
             instance = instances.get(instance_id)
             if instance is None or instance.state not in WATCHED_STATES:

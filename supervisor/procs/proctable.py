@@ -46,6 +46,9 @@ import trio
 from supervisor.procs import process
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+PID_MAX = "/proc/sys/kernel/pid_max"
+# The kernel's PID_MAX_LIMIT on 64-bit hosts.
+PID_MAX_LIMIT = 4194304
 
 # One look in this many lists /proc (whose cost grows with the host: about
 # half a microsecond per process in the kernel), the others probe only the
@@ -103,6 +106,16 @@ class ProcessTable:
                     found[child] = stats[child]
                     frontier.append(child)
         return list(found.values())
+
+
+def read_pid_max() -> int:
+    """The value past which the kernel's pid counter wraps (the kernel's
+    largest, 4194304, if it cannot be read)."""
+    try:
+        with open(PID_MAX, "rb") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return PID_MAX_LIMIT
 
 
 def read_last_pid() -> int | None:

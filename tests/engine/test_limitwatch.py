@@ -15,7 +15,7 @@ import trio
 
 from supervisor.core.config import parse_config
 from supervisor.core.registry import Reason, Registry, StopTree
-from supervisor.engine.limitwatch import WATCH_INTERVAL_S, LimitWatch, Look, Watched, look_at, verdicts
+from supervisor.engine.limitwatch import WATCH_INTERVAL_S, LimitWatch, Look, PidsGate, Watched, look_at, verdicts
 from supervisor.procs import process
 from supervisor.procs.tree import InstanceTree
 from supervisor.procs.treelimits import TreeFigures
@@ -51,6 +51,34 @@ def look(pids: int, rss_mib: int, kernel_hit: str | None = None) -> dict[str, Lo
 def test_verdicts(tree: Watched, found: dict[str, Look], expected) -> None:
     got = [(v.reason, v.found) for v in verdicts([tree], found)]
     assert got == ([] if expected is None else [expected])
+
+
+def test_the_pids_gate_counts_first_then_once_the_host_handed_out_the_headroom() -> None:
+    gate = PidsGate(pid_max=32768)
+    assert gate.due(1000)  # nothing counted yet
+    gate.counted(headroom=100)
+    assert not gate.due(1050)
+    assert not gate.due(1099)
+    assert gate.due(1100)  # 100 pids since the count: a tree may have grown by that
+    gate.counted(headroom=100)
+    # Across the wrap of the counter: 32700 -> 30 is 98 pids, then 2 more.
+    gate.due(32700)
+    gate.counted(headroom=100)
+    assert not gate.due(30)
+    assert gate.due(32)
+
+
+def test_the_pids_gate_counts_at_every_look_without_the_counter_and_after_a_reload() -> None:
+    gate = PidsGate(pid_max=32768)
+    gate.due(10)
+    gate.counted(headroom=1000)
+    assert gate.due(None) and gate.due(11)  # unreadable, then no previous value
+    gate.counted(headroom=1000)
+    assert not gate.due(12)
+    gate.invalidate()
+    assert gate.due(13)
+    gate.counted(headroom=0)
+    assert gate.due(13)  # a tree at its max_pids: every look counts
 
 
 @pytest.fixture
@@ -169,7 +197,7 @@ async def test_a_tree_released_while_the_look_ran_is_not_ended_again(tmp_path, s
     await wait_children(shell.pid, 3)
     world = World(tmp_path, adapter("tool", 'memory_limit = "1KiB"'))
     instance_id, _ = world.add_tree("tool", shell.pid)
-    tree = world.watch._watched()
+    tree = world.watch._watched(count_pids=True)
     looks = look_at(tree, None)
     assert [v.reason for v in verdicts(tree, looks)] == [Reason.MEMORY_LIMIT]
     lease = next(iter(world.registry.instances[instance_id].leases))
@@ -201,3 +229,22 @@ async def test_a_look_that_gets_no_thread_is_lost_not_the_watch(tmp_path, shell,
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert refused == [True]
+
+
+async def test_trees_held_only_to_max_pids_are_not_counted_again_while_the_host_is_quiet(tmp_path, shell) -> None:
+    # A headroom larger than this host will hand out in the test: after the
+    # first count, no look is due however long the watch runs; a reload
+    # makes one due again.
+    await wait_children(shell.pid, 3)
+    world = World(tmp_path, adapter("tool", "max_pids = 1000000"))
+    for _ in range(3):
+        world.add_tree("tool", shell.pid)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(world.watch.run)
+        await trio.sleep(WATCH_INTERVAL_S * 6)
+        assert (world.watch.looks, world.watch.pids_counts) == (1, 1)
+        world.watch.reloaded()
+        with trio.fail_after(10):
+            while world.watch.pids_counts < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
