@@ -29,12 +29,22 @@ heap of deadlines (`Deadlines`) keep it so; `restore` derives them all.
 from __future__ import annotations
 
 import collections
-import enum
-import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TypeVar
 
+from supervisor.core.actions import (
+    Acquired,
+    Action,
+    AdoptedInstance,
+    AdoptedLease,
+    InstanceSettled,
+    JobReleased,
+    NotifyExited,
+    Released,
+    Resumed,
+    Spawn,
+    StopTree,
+    Ticked,
+)
 from supervisor.core.deadlines import Deadlines
 from supervisor.core.errors import (
     Conflict,
@@ -44,229 +54,33 @@ from supervisor.core.errors import (
     ShuttingDown,
     UnknownLease,
 )
+from supervisor.core.leaseindex import LeaseIndex, discard_from
+from supervisor.core.states import (
+    INSTANCE_ID_BYTES,
+    LEASE_TOKEN_BYTES,
+    LIVE_STATES,
+    ROOT_UID,
+    Instance,
+    Lease,
+    Reason,
+    State,
+    new_instance_id,
+    new_token,
+)
 
-ROOT_UID = 0
-
-K = TypeVar("K")
-
-# 18 random bytes = 144 bits, above the 128 that make a token unguessable, and a whole
-# number of base64 characters (24).
-LEASE_TOKEN_BYTES = 18
-
-# Instance ids appear in logs, cgroup names and the environment; 12 hex digits
-# (48 bits) keep them short while making a collision within one daemon's life
-# vanishingly unlikely. They are identifiers, not secrets.
-INSTANCE_ID_BYTES = 6
-
-
-class State(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    LINGERING = "lingering"
-    STOPPING = "stopping"
-    EXITED = "exited"
-
-
-LIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.LINGERING})
-
-
-class Reason(str, enum.Enum):
-    """Why an instance's tree is being stopped (the `reason` of `adapter_exited`)."""
-
-    EXITED = "exited"
-    KILLED = "killed"
-    MEMORY_LIMIT = "memory_limit"
-    LEASE_EXPIRED = "lease_expired"
-    RELEASED = "released"
-    SHUTDOWN = "shutdown"
-
-
-@dataclass
-class Lease:
-    token: str
-    instance_id: str
-    job: str
-    adapter: str
-    uid: int
-    # The connection that acquired the lease; None once that connection closed.
-    owner: int | None
-    detached: bool
-    ttl: float | None = None
-    expires_at: float | None = None
-    # A bound lease of a previous incarnation of the daemon: it waits, held by
-    # no connection, for its holder to `resume` it until then.
-    resume_by: float | None = None
-
-    @property
-    def deadline(self) -> float | None:
-        """When `tick` drops it: its expiry, or the end of its wait for `resume`."""
-        return self.resume_by if self.resume_by is not None else self.expires_at
-
-
-@dataclass
-class Instance:
-    id: str
-    job: str
-    adapter: str
-    params: tuple[tuple[str, str], ...]
-    state: State
-    leases: set[str] = field(default_factory=set)
-    linger: float = 0.0
-    pid: int | None = None
-    started_at: float | None = None
-    linger_until: float | None = None
-    # Set while STARTING behind a predecessor of the same pair whose tree is
-    # still being stopped: the spawn is deferred until that tree is gone.
-    waiting_for: str | None = None
-    # Connections that lost a lease on this instance to someone else
-    # (release_job, expiry) and are told when the instance stops.
-    watchers: set[int] = field(default_factory=set)
-    returncode: int | None = None
-    stop_reason: Reason | None = None
-    tree_gone: bool = False
-    # Taken over from a previous incarnation of the daemon (`adopt`).
-    adopted: bool = False
-    # The uid whose acquire spawned it: no other uid but root may join it
-    # (None: not known, from a record or handover that did not say).
-    uid: int | None = None
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.job, self.adapter)
-
-    @property
-    def refcount(self) -> int:
-        return len(self.leases)
-
-
-# ----------------------------------------------------------------------------
-# Actions: what the I/O shell must carry out.
-
-
-@dataclass(frozen=True)
-class Spawn:
-    """Start the root process of `instance_id`; report back with `spawned` or `spawn_failed`."""
-
-    instance_id: str
-
-
-@dataclass(frozen=True)
-class StopTree:
-    """Stop every process of the instance's tree; report back with `tree_gone`."""
-
-    instance_id: str
-    reason: Reason
-
-
-@dataclass(frozen=True)
-class NotifyExited:
-    """Send `adapter_exited` to these connections."""
-
-    connections: tuple[int, ...]
-    instance_id: str
-    job: str
-    adapter: str
-    pid: int | None
-    returncode: int | None
-    reason: Reason
-
-
-@dataclass(frozen=True)
-class InstanceSettled:
-    """A STARTING instance stopped waiting: it runs, or it never will.
-
-    Acquires parked on it can now answer.
-    """
-
-    instance_id: str
-    running: bool
-
-
-Action = Spawn | StopTree | NotifyExited | InstanceSettled
-
-
-@dataclass(frozen=True)
-class Acquired:
-    lease: Lease
-    instance: Instance
-    spawned: bool
-    actions: list[Action]
-
-
-@dataclass(frozen=True)
-class Released:
-    refcount: int
-    stopping: bool
-    actions: list[Action]
-
-
-@dataclass(frozen=True)
-class JobReleased:
-    released: int
-    instances: list[str]
-    actions: list[Action]
-
-
-@dataclass(frozen=True)
-class Ticked:
-    expired_leases: list[str]
-    actions: list[Action]
-    # Bound leases of a previous incarnation nobody resumed in time.
-    unresumed_leases: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Resumed:
-    resumed: list[str]
-    not_resumed: list[str]
-
-
-@dataclass(frozen=True)
-class AdoptedLease:
-    """A lease of a previous incarnation, as it recorded it."""
-
-    token: str
-    uid: int
-    detached: bool
-    ttl: float | None = None
-    expires_at: float | None = None
-
-
-@dataclass(frozen=True)
-class AdoptedInstance:
-    """An instance of a previous incarnation whose tree still runs, as it
-    recorded it. `linger_until` is set if it was lingering."""
-
-    id: str
-    job: str
-    adapter: str
-    params: tuple[tuple[str, str], ...]
-    pid: int
-    started_at: float
-    linger: float = 0.0
-    linger_until: float | None = None
-    leases: tuple[AdoptedLease, ...] = ()
-    uid: int | None = None
-
+# The state types and actions live in their own modules; they are importable
+# from here too, as the registry's vocabulary.
+__all__ = [
+    "INSTANCE_ID_BYTES", "LEASE_TOKEN_BYTES", "LIVE_STATES", "ROOT_UID",
+    "Acquired", "Action", "AdoptedInstance", "AdoptedLease", "Instance", "InstanceSettled",
+    "JobReleased", "Lease", "NotifyExited", "Reason", "Registry", "Released", "Resumed",
+    "Spawn", "State", "StopTree", "Ticked", "new_instance_id", "new_token",
+]
 
 # The two kinds of deadline in one heap, as the first half of its key: at
 # equal times, leases expire before lingering instances stop.
 LEASE_DEADLINE = 0
 LINGER_DEADLINE = 1
-
-
-def _new_token() -> str:
-    """A fresh lease token that never starts with "-": a token is an argument
-    of command lines (`adapter-supervisor release TOKEN`), where a leading
-    dash reads as an option. (One draw in 64 is redrawn; the first character
-    then carries log2(63) bits instead of 6.)"""
-    while (token := secrets.token_urlsafe(LEASE_TOKEN_BYTES)).startswith("-"):
-        pass
-    return token
-
-
-def new_instance_id() -> str:
-    return secrets.token_hex(INSTANCE_ID_BYTES)
 
 
 class Registry:
@@ -280,13 +94,15 @@ class Registry:
     def __init__(
         self,
         *,
-        new_token: Callable[[], str] = _new_token,
+        new_token: Callable[[], str] = new_token,
         new_instance_id: Callable[[], str] = new_instance_id,
     ) -> None:
         self._new_token = new_token
         self._new_instance_id = new_instance_id
         self.instances: dict[str, Instance] = {}
-        self.leases: dict[str, Lease] = {}
+        self._index = LeaseIndex()
+        # Every lease held, by token (the index's own dict: read-only outside).
+        self.leases: dict[str, Lease] = self._index.by_token
         self._live: dict[tuple[str, str], str] = {}
         # Instances whose tree is being stopped (STOPPING, or EXITED and not yet
         # reaped whole), by pair: a new instance of the pair waits for it.
@@ -297,11 +113,6 @@ class Registry:
         # leases and of leases waiting for `resume`, (LINGER_DEADLINE, id) of
         # LINGERING instances.
         self._deadlines: Deadlines[tuple[int, str]] = Deadlines()
-        # Lease tokens by job, by holding connection and by uid; dicts used as
-        # sets that keep acquisition order, so actions come out in that order.
-        self._by_job: dict[str, dict[str, None]] = {}
-        self._by_owner: dict[int, dict[str, None]] = {}
-        self._by_uid: dict[int, dict[str, None]] = {}
         # Instances each connection watches (see `Instance.watchers`).
         self._watching: dict[int, dict[str, None]] = {}
         # The STARTING instance waiting for each dying tree, by the dying id.
@@ -316,7 +127,7 @@ class Registry:
         leases: Iterable[Lease],
         *,
         closed: bool = False,
-        new_token: Callable[[], str] = _new_token,
+        new_token: Callable[[], str] = new_token,
         new_instance_id: Callable[[], str] = new_instance_id,
     ) -> Registry:
         """A registry holding exactly these instances and leases (as another
@@ -380,11 +191,11 @@ class Registry:
 
     def leases_of_job(self, job: str) -> list[Lease]:
         """Every lease of `job`, in the order they were taken."""
-        return [self.leases[token] for token in self._by_job.get(job, ())]
+        return self._index.of_job(job)
 
     def leases_of_uid(self, uid: int) -> list[Lease]:
         """Every lease taken by `uid`, in the order they were taken."""
-        return [self.leases[token] for token in self._by_uid.get(uid, ())]
+        return self._index.of_uid(uid)
 
     def next_deadline(self) -> float | None:
         """The earliest time at which `tick` has something to do, or None."""
@@ -534,10 +345,9 @@ class Registry:
         for instance_id in self._watching.pop(connection, ()):
             self.instances[instance_id].watchers.discard(connection)
         actions: list[Action] = []
-        for token in list(self._by_owner.get(connection, ())):
-            lease = self.leases[token]
+        for lease in self._index.of_owner(connection):
             if lease.detached:
-                self._set_owner(lease, None)
+                self._index.set_owner(lease, None)
             else:
                 actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
         return actions
@@ -707,7 +517,7 @@ class Registry:
             if lease is None or lease.resume_by is None or uid not in (ROOT_UID, lease.uid) or token in resumed:
                 not_resumed.append(token)
                 continue
-            self._set_owner(lease, connection)
+            self._index.set_owner(lease, connection)
             lease.resume_by = None
             self._deadlines.discard((LEASE_DEADLINE, token))
             resumed.append(token)
@@ -755,31 +565,14 @@ class Registry:
 
     def _add_lease(self, lease: Lease) -> None:
         """Hold a lease (its instance already names it) and index it."""
-        token = lease.token
-        self.leases[token] = lease
-        self._by_job.setdefault(lease.job, {})[token] = None
-        self._by_uid.setdefault(lease.uid, {})[token] = None
-        if lease.owner is not None:
-            self._by_owner.setdefault(lease.owner, {})[token] = None
+        self._index.add(lease)
         if lease.deadline is not None:
-            self._deadlines.set((LEASE_DEADLINE, token), lease.deadline)
+            self._deadlines.set((LEASE_DEADLINE, lease.token), lease.deadline)
 
     def _remove_lease(self, lease: Lease) -> None:
         """Forget a lease and every index entry of it (not its instance's)."""
-        token = lease.token
-        del self.leases[token]
-        _discard_from(self._by_job, lease.job, token)
-        _discard_from(self._by_uid, lease.uid, token)
-        if lease.owner is not None:
-            _discard_from(self._by_owner, lease.owner, token)
-        self._deadlines.discard((LEASE_DEADLINE, token))
-
-    def _set_owner(self, lease: Lease, owner: int | None) -> None:
-        if lease.owner is not None:
-            _discard_from(self._by_owner, lease.owner, lease.token)
-        lease.owner = owner
-        if owner is not None:
-            self._by_owner.setdefault(owner, {})[lease.token] = None
+        self._index.remove(lease)
+        self._deadlines.discard((LEASE_DEADLINE, lease.token))
 
     def _drop_lease(self, lease: Lease, now: float, *, by_other: bool, reason: Reason) -> list[Action]:
         self._remove_lease(lease)
@@ -870,7 +663,7 @@ class Registry:
         """Drop an instance the registry is done with (its leases are gone)."""
         del self.instances[instance.id]
         for connection in instance.watchers:
-            _discard_from(self._watching, connection, instance.id)
+            discard_from(self._watching, connection, instance.id)
         if instance.waiting_for is not None and self._successor.get(instance.waiting_for) == instance.id:
             del self._successor[instance.waiting_for]
 
@@ -879,12 +672,3 @@ class Registry:
         self._release_key(instance)
         self._mark_tree_gone(instance)
         self._remove(instance)
-
-
-def _discard_from(index: dict[K, dict[str, None]], key: K, item: str) -> None:
-    """Remove `item` from the set `index[key]`, and the set once it is empty."""
-    members = index.get(key)
-    if members is not None:
-        members.pop(item, None)
-        if not members:
-            del index[key]

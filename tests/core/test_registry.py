@@ -1517,7 +1517,7 @@ def check_indexes(registry: Registry) -> None:
     for lease in leases:
         if lease.owner is not None:
             by_owner.setdefault(lease.owner, []).append(lease.token)
-    assert {owner: list(tokens) for owner, tokens in registry._by_owner.items()} == by_owner
+    assert {owner: list(tokens) for owner, tokens in registry._index.by_owner.items()} == by_owner
     watching: dict[int, set[str]] = {}
     for instance in instances:
         for connection in instance.watchers:
@@ -1674,8 +1674,8 @@ def restored(registry: Registry) -> Registry:
 
 def indexes(registry: Registry) -> tuple[object, ...]:
     return (
-        registry._live, registry._dying, registry._deadlines.as_dict(), registry._by_job, registry._by_owner,
-        registry._by_uid, registry._watching, registry._successor, registry._holding, registry.closed,
+        registry._live, registry._dying, registry._deadlines.as_dict(), registry._index.by_job, registry._index.by_owner,
+        registry._index.by_uid, registry._watching, registry._successor, registry._holding, registry.closed,
     )
 
 
