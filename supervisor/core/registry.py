@@ -109,6 +109,10 @@ class Registry:
         self._dying: dict[tuple[str, str], str] = {}
         # Set by `shutdown`: no new instance starts after it.
         self.closed = False
+        # Grows whenever anything `status` or the state record shows changes:
+        # an instance's revision (see `Instance.revision`), or which instances
+        # there are. Equal values mean nothing they show changed in between.
+        self.version = 0
         # Every deadline `tick` keeps: (LEASE_DEADLINE, token) of detached
         # leases and of leases waiting for `resume`, (LINGER_DEADLINE, id) of
         # LINGERING instances.
@@ -244,6 +248,7 @@ class Registry:
                     f"with params {dict(instance.params)}; release it before asking for {dict(frozen_params)}"
                 )
             if instance.state is State.LINGERING:
+                self._touch(instance)
                 instance.state = State.RUNNING
                 instance.linger_until = None
                 self._deadlines.discard((LINGER_DEADLINE, instance.id))
@@ -264,6 +269,7 @@ class Registry:
                 uid=uid,
             )
             self.instances[instance.id] = instance
+            self.version += 1
             self._live[instance.key] = instance.id
             self._holding[adapter] += 1
             spawned = True
@@ -316,6 +322,7 @@ class Registry:
             raise InvalidParams(
                 f"lease {token[:6]}… is bound to its connection and does not expire; only detached leases renew"
             )
+        self._touch(self.instances[lease.instance_id])
         lease.ttl = ttl if ttl is not None else lease.ttl
         assert lease.ttl is not None
         lease.expires_at = now + lease.ttl
@@ -347,6 +354,7 @@ class Registry:
         actions: list[Action] = []
         for lease in self._index.of_owner(connection):
             if lease.detached:
+                self._touch(self.instances[lease.instance_id])
                 self._index.set_owner(lease, None)
             else:
                 actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
@@ -362,6 +370,7 @@ class Registry:
         """
         instance = self.instances[instance_id]
         assert instance.state is State.STARTING, instance.state
+        self._touch(instance)
         instance.state = State.RUNNING
         instance.pid = pid
         instance.started_at = now
@@ -392,6 +401,7 @@ class Registry:
         instance = self.instances.get(instance_id)
         if instance is None:
             return []
+        self._touch(instance)
         instance.returncode = returncode
         if instance.state in (State.STOPPING, State.EXITED):
             return []
@@ -421,7 +431,9 @@ class Registry:
         successor_id = self._successor.pop(instance_id, None)
         if successor_id is None:
             return []
-        self.instances[successor_id].waiting_for = None
+        successor = self.instances[successor_id]
+        self._touch(successor)
+        successor.waiting_for = None
         return [Spawn(successor_id)]
 
     def tick(self, now: float) -> Ticked:
@@ -478,6 +490,7 @@ class Registry:
             uid=adopted.uid,
         )
         self.instances[instance.id] = instance
+        self.version += 1
         self._live[instance.key] = instance.id
         self._holding[instance.adapter] += 1
         for recorded in adopted.leases:
@@ -517,6 +530,7 @@ class Registry:
             if lease is None or lease.resume_by is None or uid not in (ROOT_UID, lease.uid) or token in resumed:
                 not_resumed.append(token)
                 continue
+            self._touch(self.instances[lease.instance_id])
             self._index.set_owner(lease, connection)
             lease.resume_by = None
             self._deadlines.discard((LEASE_DEADLINE, token))
@@ -563,14 +577,21 @@ class Registry:
                 f"a lease of job {lease.job!r} is held by uid {lease.uid}; only that uid or root may release it"
             )
 
+    def _touch(self, instance: Instance) -> None:
+        """Note a change to `instance` or one of its leases (see `version`)."""
+        instance.revision += 1
+        self.version += 1
+
     def _add_lease(self, lease: Lease) -> None:
         """Hold a lease (its instance already names it) and index it."""
+        self._touch(self.instances[lease.instance_id])
         self._index.add(lease)
         if lease.deadline is not None:
             self._deadlines.set((LEASE_DEADLINE, lease.token), lease.deadline)
 
     def _remove_lease(self, lease: Lease) -> None:
         """Forget a lease and every index entry of it (not its instance's)."""
+        self._touch(self.instances[lease.instance_id])
         self._index.remove(lease)
         self._deadlines.discard((LEASE_DEADLINE, lease.token))
 
@@ -594,6 +615,7 @@ class Registry:
             return []  # `spawned` decides once the root is up.
         if instance.state is State.RUNNING:
             if instance.linger > 0:
+                self._touch(instance)
                 instance.state = State.LINGERING
                 instance.linger_until = now + instance.linger
                 self._deadlines.set((LINGER_DEADLINE, instance.id), instance.linger_until)
@@ -607,6 +629,7 @@ class Registry:
         """Leave the live states for STOPPING or EXITED: the pair is free for a
         successor, which waits until this tree is gone."""
         self._release_key(instance)
+        self._touch(instance)
         instance.state = state
         instance.stop_reason = reason
         instance.linger_until = None
@@ -654,6 +677,7 @@ class Registry:
 
     def _mark_tree_gone(self, instance: Instance) -> None:
         if not instance.tree_gone:
+            self._touch(instance)
             instance.tree_gone = True
             self._holding[instance.adapter] -= 1
             if not self._holding[instance.adapter]:
@@ -662,6 +686,7 @@ class Registry:
     def _remove(self, instance: Instance) -> None:
         """Drop an instance the registry is done with (its leases are gone)."""
         del self.instances[instance.id]
+        self.version += 1
         for connection in instance.watchers:
             discard_from(self._watching, connection, instance.id)
         if instance.waiting_for is not None and self._successor.get(instance.waiting_for) == instance.id:

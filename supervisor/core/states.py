@@ -93,6 +93,10 @@ class Instance:
     # The uid whose acquire spawned it: no other uid but root may join it
     # (None: not known, from a record or handover that did not say).
     uid: int | None = None
+    # Grows whenever the registry changes the instance or one of its leases
+    # (not its watchers): what the shell derived from it (a `status` row, its
+    # entry in the state record) is current while this has not moved.
+    revision: int = field(default=0, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:

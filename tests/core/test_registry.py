@@ -1155,8 +1155,27 @@ class Shell:
         self.connections: dict[int, int] = {}
         self._next_connection = itertools.count(1)
         self._next_pid = itertools.count(1000)
+        # What each instance showed at the last check, with its revision, and
+        # the registry's version then (see `check_revisions`).
+        self.shown: dict[str, tuple[object, int]] = {}
+        self.shown_version = registry.version
         for _ in range(4):
             self.open_connection()
+
+    def check_revisions(self) -> None:
+        """An instance whose fields or leases changed since the last check
+        has a new revision, and the registry a new version if anything it
+        shows changed (an instance came, went or changed)."""
+        registry = self.registry
+        shown = {instance_id: (shown_fields(registry, instance), instance.revision)
+                 for instance_id, instance in registry.instances.items()}
+        for instance_id, (fields, revision) in shown.items():
+            before = self.shown.get(instance_id)
+            if before is not None and before[0] != fields:
+                assert revision != before[1], f"instance {instance_id} changed without a new revision"
+        if {i: f for i, (f, _) in shown.items()} != {i: f for i, (f, _) in self.shown.items()}:
+            assert registry.version != self.shown_version, "the registry changed without a new version"
+        self.shown, self.shown_version = shown, registry.version
 
     def open_connection(self) -> None:
         self.connections[next(self._next_connection)] = self.rng.choice(UID_CHOICES)
@@ -1237,6 +1256,7 @@ class Shell:
         for instance_id in self.roots:
             assert instances[instance_id].state is not State.STARTING
         check_indexes(registry)
+        self.check_revisions()
 
     # -- steps ---------------------------------------------------------------
 
@@ -1502,6 +1522,17 @@ class Shell:
                 for adapter in ADAPTERS:
                     acquired = acquire(registry, job=job, adapter=adapter, now=self.now)
                     assert acquired.actions == [Spawn(acquired.instance.id)]
+
+
+def shown_fields(registry: Registry, instance: Instance) -> tuple[object, ...]:
+    """Every field of an instance and of its leases but its watchers: what
+    a revision must follow."""
+    leases = tuple(sorted(
+        (t, lease.owner, lease.detached, lease.ttl, lease.expires_at, lease.resume_by, lease.uid)
+        for t in instance.leases for lease in [registry.leases[t]]
+    ))
+    return (instance.state, instance.pid, instance.started_at, instance.linger_until, instance.waiting_for,
+            instance.returncode, instance.stop_reason, instance.tree_gone, instance.adopted, instance.uid, leases)
 
 
 def check_indexes(registry: Registry) -> None:
