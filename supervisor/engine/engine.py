@@ -59,6 +59,7 @@ from supervisor.engine import continuity, handoff, metrics, reports, staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import AfterReply, Instances, PendingSpawn, run_after
 from supervisor.engine.scans import Members, ScanCache
+from supervisor.engine.stalls import StallWatch
 from supervisor.engine.sweep import Sweeper
 from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs.cgroup import CgroupManager
@@ -142,7 +143,9 @@ class Engine:
         # upgrade did not happen, with the reason.
         self.upgrade_hook: Callable[[int | None, int | str | None], Awaitable[str]] | None = None
         self.peers: dict[int, Peer] = {}
-        self.metrics = metrics.Metrics(self._live_state)
+        # Times every task step of the trio run `run` is in (installed there).
+        self.stalls = StallWatch()
+        self.metrics = metrics.Metrics(self._live_state, self.stalls)
         self.spares = SpareCgroups(cgroups, new_instance_id) if cgroups is not None else None
         if handed is not None:
             self.registry = handoff.restore_registry(handed, new_instance_id=self._new_instance_id)
@@ -202,6 +205,13 @@ class Engine:
         serve until cancelled. Owns every process task; call `shutdown`
         before cancelling, or trees are left for the next start."""
         self._clock_offset = time.time() - trio.current_time()
+        self.stalls.install()
+        try:
+            await self._run(task_status)
+        finally:
+            self.stalls.uninstall()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         for report in await trio.to_thread.run_sync(self.reports.read_history):
             self.reports.remember(report)
         async with trio.open_nursery() as nursery:
