@@ -151,6 +151,7 @@ class Engine:
             self.registry = Registry(new_instance_id=self._new_instance_id)
         self.reaper = ChildReaper()
         self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
+        self._record_snapshots = continuity.RecordSnapshots(self.registry, lambda: self.instances)
         self.record = staterecord.RecordKeeper(self.state_dir, self._record_snapshot)
         # Every root's environment starts from this copy of the daemon's,
         # taken once rather than per spawn.
@@ -365,9 +366,9 @@ class Engine:
         spare = self.spares.take() if self.spares is not None else None
         return spare if spare is not None else new_instance_id()
 
-    def _record_snapshot(self) -> staterecord.StateRecord:
-        return continuity.record_snapshot(
-            self.registry, self.instances, daemon_pid=self.pid, daemon_key=self.daemon_key, generation=self.generation
+    def _record_snapshot(self) -> Awaitable[staterecord.StateRecord]:
+        return self._record_snapshots.snapshot(
+            daemon_pid=self.pid, daemon_key=self.daemon_key, generation=self.generation
         )
 
     def _live_state(self) -> metrics.LiveState:
