@@ -26,7 +26,7 @@ from functools import partial
 import structlog
 import trio
 
-from supervisor import __version__, upgrade
+from supervisor import __version__, gcpauses, upgrade
 from supervisor.core import protocol
 from supervisor.procs import timeslice
 from supervisor.procs import subreaper
@@ -195,6 +195,7 @@ def freeze_startup_objects(*, collect: bool = True) -> None:
     if collect:
         gc.collect()
     gc.freeze()
+    gcpauses.install()
 
 
 def request_latency_slice(slice_us: int) -> None:

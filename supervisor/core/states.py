@@ -45,7 +45,7 @@ class Reason(str, enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-@dataclass
+@dataclass(slots=True)
 class Lease:
     token: str
     instance_id: str
@@ -67,7 +67,7 @@ class Lease:
         return self.resume_by if self.resume_by is not None else self.expires_at
 
 
-@dataclass
+@dataclass(slots=True)
 class Instance:
     id: str
     job: str

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -78,7 +77,9 @@ class StderrTail:
         max_lines: int = STDERR_LINES,
         max_bytes: int = STDERR_TAIL_BYTES,
     ) -> None:
-        self._lines: collections.deque[bytes] = collections.deque()
+        # Made at the first line: most adapters write no stderr, and an empty
+        # deque costs hundreds of bytes per instance.
+        self._lines: collections.deque[bytes] | None = None
         self.bytes = 0
         self.max_lines = max_lines
         self.max_bytes = max_bytes
@@ -89,6 +90,8 @@ class StderrTail:
 
     def extend(self, lines: Iterable[bytes]) -> None:
         for line in lines:
+            if self._lines is None:
+                self._lines = collections.deque()
             self._lines.append(line)
             self._grow(len(line))
         self._trim()
@@ -99,7 +102,7 @@ class StderrTail:
     def release(self) -> None:
         """Drop every line and leave the budget (the tail is forgotten)."""
         self._grow(-self.bytes)
-        self._lines.clear()
+        self._lines = None
         if self._budget is not None:
             self._budget.tails -= 1
             self._budget = None
@@ -114,14 +117,15 @@ class StderrTail:
         budget = self._budget
         if budget is not None and budget.total > budget.max_bytes:
             limit = min(limit, budget.share())
-        while self._lines and (len(self._lines) > self.max_lines or self.bytes > limit):
-            self._grow(-len(self._lines.popleft()))
+        lines = self._lines
+        while lines and (len(lines) > self.max_lines or self.bytes > limit):
+            self._grow(-len(lines.popleft()))
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return len(self._lines) if self._lines is not None else 0
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._lines)
+        return iter(self._lines if self._lines is not None else ())
 
 
 class StderrSource(Protocol):
@@ -229,8 +233,13 @@ async def _capture(
         while True:
             due = budget.report_due_at()
             chunk = None
-            with trio.move_on_at(math.inf if due is None else due):
+            if due is None:
+                # No cancel scope while nothing is due: one per waiting
+                # reader costs each instance most of a kilobyte.
                 chunk = await receive()
+            else:
+                with trio.move_on_at(due):
+                    chunk = await receive()
             if chunk is None:
                 report_dropped()  # quiet since lines were dropped: say so now
                 continue
