@@ -25,9 +25,9 @@ log = structlog.get_logger()
 
 
 # Trees recorded between two checkpoints of the trio thread: an entry made
-# again costs a few microseconds, a kept one well under one, so a turn stays
-# well under the 5 ms a step may take.
-RECORD_ROWS_PER_TURN = 1000
+# again costs about 10 microseconds on a slow host, a kept one well under
+# one, so a turn stays well under the 5 ms a step may take.
+RECORD_ROWS_PER_TURN = 250
 
 
 class RecordSnapshots:

@@ -37,7 +37,7 @@ SCAN_COST_SHARE = 4.0
 
 # Trees snapshotted or remembered between two checkpoints of the trio
 # thread: well under the 5 ms a step may take.
-SCAN_ROWS_PER_TURN = 1000
+SCAN_ROWS_PER_TURN = 500
 
 Members = dict[str, list[process.ProcStat]]
 Snapshots = dict[str, tuple[InstanceTree, frozenset[process.ProcessId]]]

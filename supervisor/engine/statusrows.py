@@ -35,9 +35,9 @@ from supervisor.procs import process
 LEASE_PREFIX_CHARS = 8
 
 # Rows looked at between two checkpoints: a cached row costs well under a
-# microsecond, a row made again a few; 1,000 of them stay under the 5 ms a
-# request may hold the trio thread.
-ROWS_PER_TURN = 1000
+# microsecond, a row made again 5-10 on a slow host; 250 of those stay well
+# under the 5 ms a request may hold the trio thread.
+ROWS_PER_TURN = 250
 
 # Passes of `rows_in_turns` that may be overtaken by a change in the registry
 # before the last one is made without letting others run.

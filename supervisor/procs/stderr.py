@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from typing import Any, Protocol
 
 import trio
 
@@ -171,12 +171,12 @@ class LineBudget:
         return dropped
 
 
-async def capture_stderr(
+def capture_stderr(
     root: StderrSource,
     on_line: Callable[[str], None],
     on_dropped: Callable[[int], None] = lambda lines: None,
     receive: Callable[[], Awaitable[bytes]] | None = None,
-) -> None:
+) -> Coroutine[Any, Any, None]:
     """Read the root's stderr (which every descendant inherits) until its
     end, keeping the tail in `root.stderr_tail` and passing lines to
     `on_line` as a `LineBudget` allows; `on_dropped(count)` is told how many
@@ -189,10 +189,16 @@ async def capture_stderr(
     The bytes come from `receive()` (b"" at the end: a followed file's, see
     `stderrfile.FollowedFile`), or else from the root's stderr pipe until all
     its writers are gone; the pipe is closed at the end either way.
-    Cancellation: stops reading, still reports what was dropped."""
+    Cancellation: stops reading, still reports what was dropped.
+
+    (A plain function returning the coroutine to await: a frame less for
+    each of the many readers that wait at once.)"""
     if receive is not None:
-        await _capture(receive, root, on_line, on_dropped)
-        return
+        return _capture(receive, root, on_line, on_dropped)
+    return _capture_pipe(root, on_line, on_dropped)
+
+
+async def _capture_pipe(root: StderrSource, on_line: Callable[[str], None], on_dropped: Callable[[int], None]) -> None:
     assert root.stderr_fd is not None, "no pipe to read and no receive given"
     stream = trio.lowlevel.FdStream(root.stderr_fd)
 
