@@ -46,7 +46,7 @@ GONE_TIMEOUT_S = 30.0
 STATUS_SAMPLES = 15
 
 # Let the daemon's allocator settle after a fill before its RSS is read.
-SETTLE_S = 0.5
+SETTLE_S = 0.2
 
 # The daemon's metric of the longest trio-thread task step since it was last scraped.
 STALL_METRIC = "adapter_supervisor_longest_stall_since_scrape_seconds"
@@ -58,6 +58,8 @@ class FillPlan:
     windows: int
     # Acquires timed per window.
     batch: int = BATCH
+    # Whole statuses timed per level.
+    status_samples: int = STATUS_SAMPLES
 
 
 @dataclass
@@ -140,11 +142,11 @@ def status_ms(client: wire.OursClient, samples: int = STATUS_SAMPLES) -> list[fl
     return times
 
 
-def measure_filled(client: wire.OursClient, pid: int) -> dict[str, Any]:
+def measure_filled(client: wire.OursClient, pid: int, samples: int = STATUS_SAMPLES) -> dict[str, Any]:
     """At a filled level: `status` latency, the longest trio-thread stall
     since the previous `longest_stall_s` (the fill, then these statuses) and
     the daemon's RSS."""
-    status = status_ms(client)
+    status = status_ms(client, samples)
     stall_s = longest_stall_s(client)
     time.sleep(SETTLE_S)
     return {"status_ms": stats.summarize(status, unit="ms"),
@@ -191,7 +193,7 @@ def run_variants(
                 began = time.monotonic()
                 fill(holder, level, "held")
                 session.log(f"fill: {name}: {level} instances held ({time.monotonic() - began:.1f} s to fill)")
-            filled[name, level] = measure_filled(holder.client, daemons[name, level].pid)
+            filled[name, level] = measure_filled(holder.client, daemons[name, level].pid, plan.status_samples)
             session.log(f"fill: {name}: {level} instances: status {filled[name, level]['status_ms']['median_ms']:.2f} ms"
                         f", longest stall {filled[name, level]['longest_stall_ms']} ms"
                         f", RSS {filled[name, level]['rss_bytes'] / 1e6:.1f} MB")

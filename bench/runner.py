@@ -84,7 +84,7 @@ QUICK = Plan(
     # Batches of 50 in 4 windows (about 4 s in all): the quick run's budget;
     # the ratio is a median of paired windows, which one slow stretch of the
     # host moves less than a median of each level's windows.
-    fill=fillcost.FillPlan(levels=(100, 1000), windows=4, batch=50),
+    fill=fillcost.FillPlan(levels=(100, 1000), windows=4, batch=50, status_samples=5),
     connections=1000,
     budget_s=QUICK_BUDGET_S,
 )
