@@ -4,6 +4,7 @@ connection, a uid's leases) touch only what they must. Pure."""
 
 from __future__ import annotations
 
+import collections
 from typing import TypeVar
 
 from supervisor.core.states import Lease
@@ -24,6 +25,8 @@ class LeaseIndex:
         self.by_job: dict[str, dict[str, None]] = {}
         self.by_owner: dict[int, dict[str, None]] = {}
         self.by_uid: dict[int, dict[str, None]] = {}
+        # How many leases each adapter has.
+        self.count_by_adapter: collections.Counter[str] = collections.Counter()
 
     def add(self, lease: Lease) -> None:
         """Hold `lease` and index it by its job, uid and owner (if any)."""
@@ -31,6 +34,7 @@ class LeaseIndex:
         self.by_token[token] = lease
         self.by_job.setdefault(lease.job, {})[token] = None
         self.by_uid.setdefault(lease.uid, {})[token] = None
+        self.count_by_adapter[lease.adapter] += 1
         if lease.owner is not None:
             self.by_owner.setdefault(lease.owner, {})[token] = None
 
@@ -40,6 +44,9 @@ class LeaseIndex:
         del self.by_token[token]
         discard_from(self.by_job, lease.job, token)
         discard_from(self.by_uid, lease.uid, token)
+        self.count_by_adapter[lease.adapter] -= 1
+        if not self.count_by_adapter[lease.adapter]:
+            del self.count_by_adapter[lease.adapter]
         if lease.owner is not None:
             discard_from(self.by_owner, lease.owner, token)
 

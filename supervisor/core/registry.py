@@ -189,6 +189,14 @@ class Registry:
         """Instances of `adapter` that hold or may soon hold processes."""
         return self._holding[adapter]
 
+    def instances_by_adapter(self) -> dict[str, int]:
+        """`count_instances` of every adapter that has any (a copy)."""
+        return dict(self._holding)
+
+    def leases_by_adapter(self) -> dict[str, int]:
+        """How many leases each adapter that has any has (a copy)."""
+        return dict(self._index.count_by_adapter)
+
     def count_live(self) -> int:
         """Live instances (STARTING, RUNNING or LINGERING): one per pair at most."""
         return len(self._live)

@@ -146,6 +146,9 @@ class Instances:
         self.table = table
         self.pid = os.getpid()
         self.running: dict[str, RunningInstance] = {}
+        # The sum of `running[i].rss_bytes` per adapter name (for the metrics,
+        # which must not walk every tree at each scrape).
+        self.rss_by_adapter: collections.Counter[str] = collections.Counter()
         # The stderr tails of instances stopped lately: the deques themselves,
         # which their readers may still be filling with the last lines.
         self.finished_logs: collections.OrderedDict[str, StderrTail] = collections.OrderedDict()
@@ -169,6 +172,14 @@ class Instances:
         """Where the tasks of roots and stops run: the engine's nursery."""
         self._nursery = nursery
         nursery.start_soon(self._settle_roots)
+
+    def set_rss(self, running: RunningInstance, rss_bytes: int) -> None:
+        """A tree's RSS as a scan found it (0 once it is gone)."""
+        name = running.adapter.name
+        self.rss_by_adapter[name] += rss_bytes - running.rss_bytes
+        running.rss_bytes = rss_bytes
+        if not self.rss_by_adapter[name]:
+            del self.rss_by_adapter[name]
 
     # -- spawning ----------------------------------------------------------------
 
@@ -591,6 +602,7 @@ class Instances:
             tail.release()
             self.finished_owners.pop(gone, None)
         del self.running[instance_id]
+        self.set_rss(running, 0)
         running.stopped.set()
         self.record.mark_dirty()
         self.generation += 1

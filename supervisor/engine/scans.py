@@ -166,4 +166,4 @@ def remember(instances: Instances, members: Mapping[str, list[process.ProcStat]]
         running = instances.running.get(instance_id)
         if running is not None:
             running.tree.remember(stats, snapshots[instance_id][1])
-            running.rss_bytes = sum(s.rss_bytes for s in stats)
+            instances.set_rss(running, sum(s.rss_bytes for s in stats))

@@ -7,6 +7,7 @@ the I/O shell must carry out) and the state it is left in.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import random
@@ -1558,6 +1559,8 @@ def check_indexes(registry: Registry) -> None:
     for adapter in {i.adapter for i in instances} | set(ADAPTERS):
         assert registry.count_instances(adapter) == sum(1 for i in instances if i.adapter == adapter and not i.tree_gone)
     assert registry.count_live() == sum(1 for i in instances if i.state in (State.STARTING, State.RUNNING, State.LINGERING))
+    assert registry.instances_by_adapter() == dict(collections.Counter(i.adapter for i in instances if not i.tree_gone))
+    assert registry.leases_by_adapter() == dict(collections.Counter(lease.adapter for lease in leases))
     deadlines = [lease.deadline for lease in leases if lease.deadline is not None]
     deadlines += [i.linger_until for i in instances if i.state is State.LINGERING and i.linger_until is not None]
     assert registry.next_deadline() == min(deadlines, default=None)
