@@ -15,6 +15,7 @@ imported everything (docs/performance.md, "Upgrade latency").
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections import Counter as Tally
@@ -170,6 +171,13 @@ class Metrics:
         out += self.sweep_duration.lines()
         if self.stalls is not None:
             out += _stall_lines(self.stalls)
+        frozen = f"{PREFIX}_gc_frozen_objects"
+        out += [
+            f"# HELP {frozen} Objects the garbage collector no longer examines (start-up's, and what survived"
+            " each full collection); growth at a steady number of instances would be a leak.",
+            f"# TYPE {frozen} gauge",
+            f"{frozen} {_number(gc.get_freeze_count())}",
+        ]
         return "\n".join(out) + "\n"
 
 

@@ -5,6 +5,7 @@ read; the metrics show its figures in the text format."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import trio
@@ -77,6 +78,7 @@ def test_the_metrics_show_the_watch_and_a_scrape_starts_a_new_period() -> None:
     assert samples[("adapter_supervisor_longest_stall_since_scrape_seconds", ())] == 0.006
     assert samples[("adapter_supervisor_slow_task_steps_total", (("over", "0.001"),))] == 3
     assert samples[("adapter_supervisor_slow_task_steps_total", (("over", "0.005"),))] == 1
+    assert samples[("adapter_supervisor_gc_frozen_objects", ())] == gc.get_freeze_count()
     again = parse(metrics.exposition())
     assert again[("adapter_supervisor_longest_stall_since_scrape_seconds", ())] == 0
     assert again[("adapter_supervisor_longest_stall_seconds", (("task", "slow-task"),))] == 0.007
