@@ -38,3 +38,9 @@ def install() -> None:
 def frozen_objects() -> int:
     """Objects in the permanent generation (start-up's and every full collection's survivors)."""
     return gc.get_freeze_count()
+
+
+def uninstall() -> None:
+    """Stop freezing after full collections (what is frozen stays frozen)."""
+    if _freeze_after_full_collection in gc.callbacks:
+        gc.callbacks.remove(_freeze_after_full_collection)
