@@ -17,10 +17,12 @@ class Node:
 
 
 def test_what_survives_a_full_collection_is_frozen_and_new_cycles_are_still_collected() -> None:
+    thresholds = gc.get_threshold()
     gcpauses.install()
     gcpauses.install()  # idempotent
     try:
         assert gc.callbacks.count(gcpauses._freeze_after_full_collection) == 1
+        assert gc.get_threshold() == (*thresholds[:2], gcpauses.FULL_EVERY)
         kept = [Node() for _ in range(2000)]
         gc.collect()
         frozen = gcpauses.frozen_objects()
@@ -38,3 +40,4 @@ def test_what_survives_a_full_collection_is_frozen_and_new_cycles_are_still_coll
         gcpauses.uninstall()
         gc.unfreeze()
     assert gcpauses._freeze_after_full_collection not in gc.callbacks
+    assert gc.get_threshold() == thresholds

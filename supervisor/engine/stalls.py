@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+import structlog
 import trio
 
 # Steps at least this long are counted by threshold (nanoseconds, seconds as the
@@ -22,6 +23,12 @@ import trio
 # the trio thread longer); 1 ms shows what approaches it, 20 and 100 ms what a
 # client would notice as a stall of the whole daemon.
 THRESHOLDS_NS = (1_000_000, 5_000_000, 20_000_000, 100_000_000)
+
+# A step at least this long is logged (`trio.stall`, with its task): long
+# enough that a healthy daemon logs none, and they stay few on a sick one.
+LOG_STALL_NS = 50_000_000
+
+log = structlog.get_logger()
 
 
 class StallWatch(trio.abc.Instrument):
@@ -68,6 +75,8 @@ class StallWatch(trio.abc.Instrument):
                 if took < threshold:
                     break
                 self.over[index] += 1
+            if took >= LOG_STALL_NS:
+                log.warning("trio.stall", task=task.name, ms=round(took / 1e6, 1))
 
     def take_recent(self) -> tuple[int, str]:
         """The longest step (ns) since the previous call, and its task's name;

@@ -1,17 +1,19 @@
 """The trio-thread stall watch (`supervisor.engine.stalls`) in a real trio
 run: a task step that blocks the thread is timed, named and counted, a short
 one is not counted, and the "since the last scrape" figure starts again when
-read; the metrics show its figures in the text format."""
+read; a step past LOG_STALL_NS is logged; the metrics show its figures in the
+text format."""
 
 from __future__ import annotations
 
 import gc
 import time
 
+import structlog
 import trio
 
 from supervisor.engine.metrics import LiveState, Metrics
-from supervisor.engine.stalls import StallWatch
+from supervisor.engine.stalls import LOG_STALL_NS, StallWatch
 from tests.test_metrics import samples as parse
 
 # A step that blocks this long is over the 5 ms threshold and under the 20 ms one
@@ -82,3 +84,25 @@ def test_the_metrics_show_the_watch_and_a_scrape_starts_a_new_period() -> None:
     again = parse(metrics.exposition())
     assert again[("adapter_supervisor_longest_stall_since_scrape_seconds", ())] == 0
     assert again[("adapter_supervisor_longest_stall_seconds", (("task", "slow-task"),))] == 0.007
+
+
+def test_a_step_past_the_log_threshold_is_logged_with_its_task() -> None:
+    watch = StallWatch()
+
+    async def hog() -> None:
+        await trio.lowlevel.checkpoint()
+        time.sleep(LOG_STALL_NS / 1e9 + 0.01)
+
+    async def main() -> None:
+        watch.install()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hog, name="the-hog")
+        finally:
+            watch.uninstall()
+
+    with structlog.testing.capture_logs() as logs:
+        trio.run(main)
+    stalls = [entry for entry in logs if entry["event"] == "trio.stall"]
+    assert [entry["task"] for entry in stalls] == ["the-hog"]
+    assert stalls[0]["ms"] >= LOG_STALL_NS / 1e6
