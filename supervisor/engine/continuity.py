@@ -7,6 +7,7 @@ taking back what an in-place upgrade handed over.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
@@ -18,16 +19,21 @@ from supervisor.core.registry import Action, AdoptedInstance, AdoptedLease, Reas
 from supervisor.engine import staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import Instances, RunningInstance
+from supervisor.engine.stalls import STEP_BUDGET_S
 from supervisor.procs import process
 from supervisor.procs.stderrfile import StderrFiles
 
 log = structlog.get_logger()
 
 
-# Trees recorded between two checkpoints of the trio thread: an entry made
-# again costs about 10 microseconds on a slow host, a kept one well under
-# one, so a turn stays well under the 5 ms a step may take.
-RECORD_ROWS_PER_TURN = 250
+# Trees recorded between two looks at the clock (the snapshot lets other
+# tasks run once a turn has taken STEP_BUDGET_S): an entry made again costs
+# about 10 microseconds on a slow host, a kept one well under one.
+RECORD_ROWS_PER_LOOK = 32
+
+# Kept entries of trees that are gone are dropped once there are this many
+# more than twice the trees running.
+PRUNE_SLACK = 256
 
 
 class RecordSnapshots:
@@ -55,10 +61,12 @@ class RecordSnapshots:
         items = list(running_now.items())
         recorded = []
         entries = self._entries
-        for start in range(0, len(items), RECORD_ROWS_PER_TURN):
-            if start:
+        turn_began = time.perf_counter()
+        for start in range(0, len(items), RECORD_ROWS_PER_LOOK):
+            if start and time.perf_counter() - turn_began > STEP_BUDGET_S:
                 await trio.lowlevel.checkpoint()
-            for instance_id, running in items[start:start + RECORD_ROWS_PER_TURN]:
+                turn_began = time.perf_counter()
+            for instance_id, running in items[start:start + RECORD_ROWS_PER_LOOK]:
                 if running_now.get(instance_id) is not running:
                     continue  # its tree is gone since
                 instance = self._registry.instances.get(instance_id)
@@ -73,7 +81,7 @@ class RecordSnapshots:
                 entry = record_entry(self._registry, instance_id, running, members)
                 entries[instance_id] = (running, revision, members, stderr, entry)
                 recorded.append(entry)
-        if len(entries) > 2 * len(running_now) + RECORD_ROWS_PER_TURN:
+        if len(entries) > 2 * len(running_now) + PRUNE_SLACK:
             self._entries = {i: kept for i, kept in entries.items() if i in running_now}
         return staterecord.StateRecord(
             daemon_pid=daemon_pid, daemon_key=daemon_key, version=staterecord.RECORD_VERSION,

@@ -24,6 +24,12 @@ import trio
 # client would notice as a stall of the whole daemon.
 THRESHOLDS_NS = (1_000_000, 5_000_000, 20_000_000, 100_000_000)
 
+# A loop over every instance on the trio thread (status rows, the state
+# record) lets other tasks run once its turn has taken this long: well under
+# the 5 ms a step may take, and few turns when the work is cheap (a turn that
+# yields every few hundred rows waits behind every other busy task that often).
+STEP_BUDGET_S = 0.002
+
 # A step at least this long is logged (`trio.stall`, with its task): long
 # enough that a healthy daemon logs none, and they stay few on a sick one.
 LOG_STALL_NS = 50_000_000

@@ -11,7 +11,7 @@ uid and to root (`LEASE_PREFIX_CHARS` otherwise). So two variants are kept,
 every token whole and every token cut; a viewer who holds some leases of an
 instance but not all of them gets that row made for them, uncached.
 
-Consistency: `rows_in_turns` lets other tasks run between chunks of rows, and
+Consistency: `rows_in_turns` lets other tasks run between turns of rows, and
 keeps the answer a snapshot of one moment by starting again if the registry's
 version moved meanwhile (then nearly every row is still cached); after
 `MAX_PASSES` it makes the rest in one go. The scan figures are those of one
@@ -24,20 +24,28 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import time
+
 import msgspec
 import trio
 
 from supervisor.core.registry import ROOT_UID, Instance, Registry, State
+from supervisor.engine.stalls import STEP_BUDGET_S
 from supervisor.procs import process
 
 # What `status` shows of another uid's lease token (as much as the logs show of
 # any): enough to tell leases apart, far too little to use one.
 LEASE_PREFIX_CHARS = 8
 
-# Rows looked at between two checkpoints: a cached row costs well under a
-# microsecond, a row made again 5-10 on a slow host; 250 of those stay well
-# under the 5 ms a request may hold the trio thread.
+# A `status` of at most this many rows is made in one turn (in the hub): a
+# cached row costs well under a microsecond, a row made again 5-10 on a slow
+# host; 250 of those stay well under the 5 ms a request may hold the thread.
 ROWS_PER_TURN = 250
+
+# Rows made between two looks at the clock in `rows_in_turns` (which lets
+# other tasks run once a turn has taken STEP_BUDGET_S): at most a few hundred
+# microseconds of rows made again past the budget.
+ROWS_PER_LOOK = 32
 
 # Passes of `rows_in_turns` that may be overtaken by a change in the registry
 # before the last one is made without letting others run.
@@ -95,9 +103,9 @@ class StatusRows:
         viewer_uid: int,
     ) -> tuple[list[bytes], int]:
         """As `rows`, for the registry's instances that `wanted` accepts (all
-        if None), letting other tasks run every ROWS_PER_TURN rows; the answer
-        is of one moment (see the module). Cancellation: raises Cancelled,
-        having changed nothing but the cache."""
+        if None), letting other tasks run whenever a turn has taken
+        STEP_BUDGET_S; the answer is of one moment (see the module).
+        Cancellation: raises Cancelled, having changed nothing but the cache."""
         registry = self._registry
         row_of = self._row
         for _ in range(MAX_PASSES):
@@ -105,10 +113,12 @@ class StatusRows:
             instances = list(registry.instances.values())
             rows: list[bytes] = []
             total = 0
-            for start in range(0, len(instances), ROWS_PER_TURN):
-                if start:
+            turn_began = time.perf_counter()
+            for start in range(0, len(instances), ROWS_PER_LOOK):
+                if start and time.perf_counter() - turn_began > STEP_BUDGET_S:
                     await trio.lowlevel.checkpoint()
-                for instance in instances[start:start + ROWS_PER_TURN]:
+                    turn_began = time.perf_counter()
+                for instance in instances[start:start + ROWS_PER_LOOK]:
                     if wanted is None or wanted(instance):
                         row, rss = row_of(instance, members.get(instance.id, NO_STATS), viewer_uid)
                         rows.append(row)

@@ -101,7 +101,9 @@ def test_tokens_are_whole_only_for_their_uid_and_root() -> None:
 
 
 def test_rows_made_over_several_turns_are_of_one_moment(monkeypatch) -> None:
-    monkeypatch.setattr(statusrows, "ROWS_PER_TURN", 10)
+    # A turn of 10 rows at most.
+    monkeypatch.setattr(statusrows, "ROWS_PER_LOOK", 10)
+    monkeypatch.setattr(statusrows, "STEP_BUDGET_S", 0.0)
     registry = Registry()
     for n in range(95):
         registry.acquire(job=f"job-{n}", adapter="a", connection=1, uid=1000, now=0.0)
