@@ -41,6 +41,19 @@ LEASE_TTL_S = 3600.0
 # Released instances must be gone (their processes reaped) within this.
 GONE_TIMEOUT_S = 30.0
 
+# Whole `status` answers timed at each level once it is filled: enough for a
+# median that one slow answer does not move.
+STATUS_SAMPLES = 15
+
+# Bytes a timed `status` answer is read by at a time.
+STATUS_RECEIVE_BYTES = 1 << 20
+
+# Let the daemon's allocator settle after a fill before its RSS is read.
+SETTLE_S = 0.2
+
+# The daemon's metric of the longest trio-thread task step since it was last scraped.
+STALL_METRIC = "adapter_supervisor_longest_stall_since_scrape_seconds"
+
 
 @dataclass(frozen=True)
 class FillPlan:
@@ -48,6 +61,8 @@ class FillPlan:
     windows: int
     # Acquires timed per window.
     batch: int = BATCH
+    # Whole statuses timed per level.
+    status_samples: int = STATUS_SAMPLES
 
 
 @dataclass
@@ -109,6 +124,48 @@ def fill(holder: Holder, level: int, prefix: str) -> None:
         acquire_batch(holder, [f"{prefix}-{n}" for n in range(start, min(level, start + BATCH))])
 
 
+def longest_stall_s(client: wire.OursClient) -> float | None:
+    """The daemon's longest trio-thread task step since the previous scrape
+    (this call starts the next period); None from a daemon (older code)
+    that does not report it."""
+    for line in client.call("metrics")["text"].splitlines():
+        if line.startswith(STALL_METRIC + " "):
+            return float(line.split()[1])
+    return None
+
+
+def status_ms(client: wire.OursClient, samples: int = STATUS_SAMPLES) -> list[float]:
+    """Milliseconds from sending a whole `status` to having its whole answer
+    line (not parsed), `samples` times, one after the other. Read as a client
+    that wants the answer whole would: STATUS_RECEIVE_BYTES at a time (the
+    answer is megabytes at 10,000 instances), nothing framed or parsed until
+    the newline that ends it. Call it with nothing else in flight on `client`."""
+    sock = client.stream.sock
+    times = []
+    for request_id in range(samples):
+        started = time.perf_counter()
+        sock.sendall(wire.ours_request(10**9 + request_id, "status"))
+        chunks = [sock.recv(STATUS_RECEIVE_BYTES)]
+        while chunks[-1] and not chunks[-1].endswith(b"\n"):
+            chunks.append(sock.recv(STATUS_RECEIVE_BYTES))
+        times.append((time.perf_counter() - started) * 1000)
+        if not chunks[-1]:
+            raise RuntimeError("the daemon closed the connection during a status")
+    return times
+
+
+def measure_filled(client: wire.OursClient, pid: int, samples: int = STATUS_SAMPLES) -> dict[str, Any]:
+    """At a filled level: `status` latency, the longest trio-thread stall
+    since the previous `longest_stall_s` (the fill, then these statuses) and
+    the daemon's RSS."""
+    status = status_ms(client, samples)
+    stall_s = longest_stall_s(client)
+    time.sleep(SETTLE_S)
+    return {"status_ms": stats.summarize(status, unit="ms"),
+            "longest_stall_ms": None if stall_s is None else round(stall_s * 1000, 3),
+            "rss_bytes": procwatch.rss_bytes(pid)}
+
+
 def run(
     session: Session, plan: FillPlan, *, cgroup: str = "auto", held: dict[int, systems.Ours] | None = None
 ) -> dict[str, Any]:
@@ -140,13 +197,18 @@ def run_variants(
     daemons = {**started, **{(name, level): held[level] for name, level in keys if level in held}}
     clients = {key: Holder(wire.OursClient(daemon.endpoint, timeout=300)) for key, daemon in daemons.items()}
     results: dict[str, dict[str, Any]] = {}
+    filled: dict[tuple[str, int], dict[str, Any]] = {}
     try:
         for (name, level), holder in clients.items():
-            if (name, level) not in started:
-                continue
-            began = time.monotonic()
-            fill(holder, level, "held")
-            session.log(f"fill: {name}: {level} instances held ({time.monotonic() - began:.1f} s to fill)")
+            longest_stall_s(holder.client)  # the stall measured is the fill's and the statuses'
+            if (name, level) in started:
+                began = time.monotonic()
+                fill(holder, level, "held")
+                session.log(f"fill: {name}: {level} instances held ({time.monotonic() - began:.1f} s to fill)")
+            filled[name, level] = measure_filled(holder.client, daemons[name, level].pid, plan.status_samples)
+            session.log(f"fill: {name}: {level} instances: status {filled[name, level]['status_ms']['median_ms']:.2f} ms"
+                        f", longest stall {filled[name, level]['longest_stall_ms']} ms"
+                        f", RSS {filled[name, level]['rss_bytes'] / 1e6:.1f} MB")
         windows: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         cpu: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         order = list(keys)
@@ -164,7 +226,8 @@ def run_variants(
             for level in plan.levels:
                 result["levels"][str(level)] = {"acquire_ms": stats.summarize(windows[name, level], unit="ms"),
                                                 "windows_ms": [round(w, 4) for w in windows[name, level]],
-                                                "daemon_cpu_ms": stats.summarize(cpu[name, level], unit="ms")}
+                                                "daemon_cpu_ms": stats.summarize(cpu[name, level], unit="ms"),
+                                                **filled[name, level]}
             result["low"], result["high"] = low, high
             result["ratio"] = round(statistics.median(
                 high_ms / low_ms for high_ms, low_ms in zip(windows[name, high], windows[name, low])
@@ -194,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in results.items():
         for level, entry in result["levels"].items():
             print(f"{name}: {level:>6} instances: {entry['acquire_ms']['median_ms']:.3f} ms per acquire, daemon CPU "
-                  f"{entry['daemon_cpu_ms']['median_ms']:.3f} ms (windows {entry['windows_ms']})")
+                  f"{entry['daemon_cpu_ms']['median_ms']:.3f} ms (windows {entry['windows_ms']}); status "
+                  f"{entry['status_ms']['median_ms']:.2f} ms, longest stall {entry['longest_stall_ms']} ms, "
+                  f"RSS {entry['rss_bytes'] / 1e6:.1f} MB")
         print(f"{name}: {result['high']} vs {result['low']}: {result['ratio']:.2f}x ({result['mode']} mode)")
     return 0
 

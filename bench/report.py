@@ -178,9 +178,13 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
         out.append(f"Acquire cost as the daemon fills, {fill['mode']} mode (pipelined batches of {fill['batch']} "
                    "on one connection, windows visiting every level in turn)")
         rows = [[level, entry["acquire_ms"]["n"], f"{entry['acquire_ms']['median_ms']:.3f} ms",
-                 f"{entry['acquire_ms']['min_ms']:.3f} ms", f"{entry['acquire_ms']['max_ms']:.3f} ms"]
+                 f"{entry['acquire_ms']['min_ms']:.3f} ms", f"{entry['acquire_ms']['max_ms']:.3f} ms",
+                 f"{entry['status_ms']['median_ms']:.2f} ms" if "status_ms" in entry else "n/a",
+                 f"{entry['longest_stall_ms']:.2f} ms" if entry.get("longest_stall_ms") is not None else "n/a",
+                 _mb(entry.get("rss_bytes"))]
                 for level, entry in fill["levels"].items()]
-        out += _table(["live instances", "windows", "median per acquire", "min", "max"], rows)
+        out += _table(["live instances", "windows", "median per acquire", "min", "max", "status (median)",
+                       "longest stall", "daemon RSS"], rows)
         out.append(f"  {fill['high']} vs {fill['low']} live instances: {_x(fill.get('ratio'))} (median of the windows' ratios)")
         out.append("")
     footprint = results.get("footprint")

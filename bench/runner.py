@@ -62,6 +62,8 @@ class Plan:
     sweep_cgroup: sweepcost.SweepPlan
     sweep_process_table: sweepcost.SweepPlan
     fill: fillcost.FillPlan
+    # Idle connections the footprint workload holds.
+    connections: int
     budget_s: float
 
 
@@ -82,7 +84,8 @@ QUICK = Plan(
     # Batches of 50 in 4 windows (about 4 s in all): the quick run's budget;
     # the ratio is a median of paired windows, which one slow stretch of the
     # host moves less than a median of each level's windows.
-    fill=fillcost.FillPlan(levels=(100, 1000), windows=4, batch=50),
+    fill=fillcost.FillPlan(levels=(100, 1000), windows=4, batch=50, status_samples=5),
+    connections=1000,
     budget_s=QUICK_BUDGET_S,
 )
 
@@ -94,6 +97,7 @@ FULL = Plan(
     sweep_cgroup=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=40),
     sweep_process_table=sweepcost.SweepPlan(levels=(10, 100, 1000), samples=15),
     fill=fillcost.FillPlan(levels=(100, 1000, 10000), windows=7),
+    connections=10_000,
     budget_s=FULL_BUDGET_S,
 )
 
@@ -245,7 +249,7 @@ def run_all(session: Session, plan: Plan, results: dict[str, Any]) -> None:
     sweep["shutdown"] = sweepcost.stop_and_count_leaks(session, ours_pt)
 
     phase("footprint")
-    results["footprint"] = footprint.run(session, ours_conns)
+    results["footprint"] = footprint.run(session, ours_conns, plan.connections)
 
     phase("continuity")
     log("continuity: upgrades under load, then kill -9 and restarts")

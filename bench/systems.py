@@ -48,8 +48,9 @@ START_TIMEOUT_S = 30.0
 # Instances of the `idle` adapter a daemon may hold (the fill cost goes to 10,000).
 MAX_IDLE_INSTANCES = 12000
 
-# Connections our daemon accepts; the footprint workload opens 1000.
-MAX_CONNECTIONS = 2048
+# Connections our daemon accepts; the footprint workload opens 10,000 in the
+# full run (the daemon also caps them at half its open-file limit).
+MAX_CONNECTIONS = 10_000
 
 
 def tree_command(pidfile: Path) -> list[str]:

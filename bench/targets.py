@@ -30,6 +30,17 @@ FILL_RATIO = 1.3
 # Process-table mode against cgroup mode, sweeping 1000 instances in one run.
 PROCESS_TABLE_SWEEP_VS_CGROUP_X = 3.0
 PROCESS_TABLE_SHUTDOWN_S = 2.0
+# At 10,000 live instances (the full run's largest fill level): a whole
+# `status` answered within this, no task step of the daemon's trio thread
+# longer than this during the fill and those statuses, and the daemon's RSS
+# ("150 MB", "120 MB": decimal megabytes, the stricter reading).
+SCALE_LEVEL = 10_000
+STATUS_AT_SCALE_MS = 20.0
+TRIO_STALL_MS = 5.0
+RSS_AT_SCALE_BYTES = 150_000_000
+# 10,000 idle client connections held at once.
+SCALE_CONNECTIONS = 10_000
+RSS_CONNECTIONS_BYTES = 120_000_000
 
 
 @dataclass(frozen=True)
@@ -152,7 +163,39 @@ def judge(results: dict[str, Any]) -> list[Verdict]:
         f"acquire at {fill.get('high', 'the largest level of')} vs {fill.get('low', 100)} live instances "
         "(median ratio)", fill.get("ratio"), FILL_RATIO, "x",
     ))
+    verdicts += judge_scale(results)
     verdicts += judge_continuity(results.get("continuity"))
+    return verdicts
+
+
+def judge_scale(results: dict[str, Any]) -> list[Verdict]:
+    """The 10,000-instance and 10,000-connection targets: judged only in a
+    run that has those workloads (the full run), never MISSING from a quick one."""
+    verdicts = []
+    at_scale = _get(results, "fill", "levels", str(SCALE_LEVEL))
+    if at_scale is not None or _get(results, "meta", "mode") == "full":
+        at_scale = at_scale or {}
+        verdicts.append(_at_most(
+            f"status with {SCALE_LEVEL:,} live instances (median of whole answers)",
+            _get(at_scale, "status_ms", "median_ms"), STATUS_AT_SCALE_MS, " ms",
+        ))
+        verdicts.append(_at_most(
+            f"longest trio-thread task step while filling to {SCALE_LEVEL:,} instances and answering status",
+            at_scale.get("longest_stall_ms"), TRIO_STALL_MS, " ms",
+        ))
+        rss = at_scale.get("rss_bytes")
+        verdicts.append(_at_most(
+            f"daemon RSS with {SCALE_LEVEL:,} live instances", None if rss is None else rss / 1e6,
+            RSS_AT_SCALE_BYTES / 1e6, " MB",
+        ))
+    footprint = results.get("footprint") or {}
+    if footprint.get("connections", 0) >= SCALE_CONNECTIONS or _get(results, "meta", "mode") == "full":
+        held = footprint.get("connections_seen_by_daemon", 0)
+        rss = footprint.get("rss_with_connections_bytes") if held >= SCALE_CONNECTIONS else None
+        verdicts.append(_at_most(
+            f"daemon RSS with {SCALE_CONNECTIONS:,} idle connections (held: {held:,})",
+            None if rss is None else rss / 1e6, RSS_CONNECTIONS_BYTES / 1e6, " MB",
+        ))
     return verdicts
 
 

@@ -11,6 +11,7 @@ import selectors
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 

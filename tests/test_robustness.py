@@ -282,5 +282,5 @@ def test_periodic_sweeps_at_the_fd_limit_neither_crash_nor_leak(start_daemon, tm
     for g in granted:
         client.call("release", {"lease": g["lease"]}) if g["job"] != "job-0" else None
     assert eventually(lambda: client.call("status")["instances"] == [], timeout=10)
-    assert eventually(lambda: not [p for p in pids if process.identify(p) is not None and process.is_running(process.identify(p))], timeout=5)
+    assert eventually(lambda: not [p for p in pids if (m := process.identify(p)) is not None and process.is_running(m)], timeout=5)
     assert daemon.popen.poll() is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 
+from supervisor import gcpauses
 from supervisor.serve import freeze_startup_objects
 
 
@@ -18,3 +19,4 @@ def test_freezing_takes_every_live_object_out_of_later_collections() -> None:
         assert len(gc.get_objects()) < frozen / 10
     finally:
         gc.unfreeze()
+        gcpauses.uninstall()

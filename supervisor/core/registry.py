@@ -29,12 +29,22 @@ heap of deadlines (`Deadlines`) keep it so; `restore` derives them all.
 from __future__ import annotations
 
 import collections
-import enum
-import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TypeVar
 
+from supervisor.core.actions import (
+    Acquired,
+    Action,
+    AdoptedInstance,
+    AdoptedLease,
+    InstanceSettled,
+    JobReleased,
+    NotifyExited,
+    Released,
+    Resumed,
+    Spawn,
+    StopTree,
+    Ticked,
+)
 from supervisor.core.deadlines import Deadlines
 from supervisor.core.errors import (
     Conflict,
@@ -44,230 +54,33 @@ from supervisor.core.errors import (
     ShuttingDown,
     UnknownLease,
 )
+from supervisor.core.leaseindex import LeaseIndex, discard_from
+from supervisor.core.states import (
+    INSTANCE_ID_BYTES,
+    LEASE_TOKEN_BYTES,
+    LIVE_STATES,
+    ROOT_UID,
+    Instance,
+    Lease,
+    Reason,
+    State,
+    new_instance_id,
+    new_token,
+)
 
-ROOT_UID = 0
-
-K = TypeVar("K")
-
-# 18 random bytes = 144 bits, above the 128 that make a token unguessable, and a whole
-# number of base64 characters (24).
-LEASE_TOKEN_BYTES = 18
-
-# Instance ids appear in logs, cgroup names and the environment; 12 hex digits
-# (48 bits) keep them short while making a collision within one daemon's life
-# vanishingly unlikely. They are identifiers, not secrets.
-INSTANCE_ID_BYTES = 6
-
-
-class State(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    LINGERING = "lingering"
-    STOPPING = "stopping"
-    EXITED = "exited"
-
-
-LIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.LINGERING})
-
-
-class Reason(str, enum.Enum):
-    """Why an instance's tree is being stopped (the `reason` of `adapter_exited`)."""
-
-    EXITED = "exited"
-    KILLED = "killed"
-    MEMORY_LIMIT = "memory_limit"
-    PIDS_LIMIT = "pids_limit"
-    LEASE_EXPIRED = "lease_expired"
-    RELEASED = "released"
-    SHUTDOWN = "shutdown"
-
-
-@dataclass
-class Lease:
-    token: str
-    instance_id: str
-    job: str
-    adapter: str
-    uid: int
-    # The connection that acquired the lease; None once that connection closed.
-    owner: int | None
-    detached: bool
-    ttl: float | None = None
-    expires_at: float | None = None
-    # A bound lease of a previous incarnation of the daemon: it waits, held by
-    # no connection, for its holder to `resume` it until then.
-    resume_by: float | None = None
-
-    @property
-    def deadline(self) -> float | None:
-        """When `tick` drops it: its expiry, or the end of its wait for `resume`."""
-        return self.resume_by if self.resume_by is not None else self.expires_at
-
-
-@dataclass
-class Instance:
-    id: str
-    job: str
-    adapter: str
-    params: tuple[tuple[str, str], ...]
-    state: State
-    leases: set[str] = field(default_factory=set)
-    linger: float = 0.0
-    pid: int | None = None
-    started_at: float | None = None
-    linger_until: float | None = None
-    # Set while STARTING behind a predecessor of the same pair whose tree is
-    # still being stopped: the spawn is deferred until that tree is gone.
-    waiting_for: str | None = None
-    # Connections that lost a lease on this instance to someone else
-    # (release_job, expiry) and are told when the instance stops.
-    watchers: set[int] = field(default_factory=set)
-    returncode: int | None = None
-    stop_reason: Reason | None = None
-    tree_gone: bool = False
-    # Taken over from a previous incarnation of the daemon (`adopt`).
-    adopted: bool = False
-    # The uid whose acquire spawned it: no other uid but root may join it
-    # (None: not known, from a record or handover that did not say).
-    uid: int | None = None
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.job, self.adapter)
-
-    @property
-    def refcount(self) -> int:
-        return len(self.leases)
-
-
-# ----------------------------------------------------------------------------
-# Actions: what the I/O shell must carry out.
-
-
-@dataclass(frozen=True)
-class Spawn:
-    """Start the root process of `instance_id`; report back with `spawned` or `spawn_failed`."""
-
-    instance_id: str
-
-
-@dataclass(frozen=True)
-class StopTree:
-    """Stop every process of the instance's tree; report back with `tree_gone`."""
-
-    instance_id: str
-    reason: Reason
-
-
-@dataclass(frozen=True)
-class NotifyExited:
-    """Send `adapter_exited` to these connections."""
-
-    connections: tuple[int, ...]
-    instance_id: str
-    job: str
-    adapter: str
-    pid: int | None
-    returncode: int | None
-    reason: Reason
-
-
-@dataclass(frozen=True)
-class InstanceSettled:
-    """A STARTING instance stopped waiting: it runs, or it never will.
-
-    Acquires parked on it can now answer.
-    """
-
-    instance_id: str
-    running: bool
-
-
-Action = Spawn | StopTree | NotifyExited | InstanceSettled
-
-
-@dataclass(frozen=True)
-class Acquired:
-    lease: Lease
-    instance: Instance
-    spawned: bool
-    actions: list[Action]
-
-
-@dataclass(frozen=True)
-class Released:
-    refcount: int
-    stopping: bool
-    actions: list[Action]
-
-
-@dataclass(frozen=True)
-class JobReleased:
-    released: int
-    instances: list[str]
-    actions: list[Action]
-
-
-@dataclass(frozen=True)
-class Ticked:
-    expired_leases: list[str]
-    actions: list[Action]
-    # Bound leases of a previous incarnation nobody resumed in time.
-    unresumed_leases: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Resumed:
-    resumed: list[str]
-    not_resumed: list[str]
-
-
-@dataclass(frozen=True)
-class AdoptedLease:
-    """A lease of a previous incarnation, as it recorded it."""
-
-    token: str
-    uid: int
-    detached: bool
-    ttl: float | None = None
-    expires_at: float | None = None
-
-
-@dataclass(frozen=True)
-class AdoptedInstance:
-    """An instance of a previous incarnation whose tree still runs, as it
-    recorded it. `linger_until` is set if it was lingering."""
-
-    id: str
-    job: str
-    adapter: str
-    params: tuple[tuple[str, str], ...]
-    pid: int
-    started_at: float
-    linger: float = 0.0
-    linger_until: float | None = None
-    leases: tuple[AdoptedLease, ...] = ()
-    uid: int | None = None
-
+# The state types and actions live in their own modules; they are importable
+# from here too, as the registry's vocabulary.
+__all__ = [
+    "INSTANCE_ID_BYTES", "LEASE_TOKEN_BYTES", "LIVE_STATES", "ROOT_UID",
+    "Acquired", "Action", "AdoptedInstance", "AdoptedLease", "Instance", "InstanceSettled",
+    "JobReleased", "Lease", "NotifyExited", "Reason", "Registry", "Released", "Resumed",
+    "Spawn", "State", "StopTree", "Ticked", "new_instance_id", "new_token",
+]
 
 # The two kinds of deadline in one heap, as the first half of its key: at
 # equal times, leases expire before lingering instances stop.
 LEASE_DEADLINE = 0
 LINGER_DEADLINE = 1
-
-
-def _new_token() -> str:
-    """A fresh lease token that never starts with "-": a token is an argument
-    of command lines (`adapter-supervisor release TOKEN`), where a leading
-    dash reads as an option. (One draw in 64 is redrawn; the first character
-    then carries log2(63) bits instead of 6.)"""
-    while (token := secrets.token_urlsafe(LEASE_TOKEN_BYTES)).startswith("-"):
-        pass
-    return token
-
-
-def new_instance_id() -> str:
-    return secrets.token_hex(INSTANCE_ID_BYTES)
 
 
 class Registry:
@@ -281,28 +94,29 @@ class Registry:
     def __init__(
         self,
         *,
-        new_token: Callable[[], str] = _new_token,
+        new_token: Callable[[], str] = new_token,
         new_instance_id: Callable[[], str] = new_instance_id,
     ) -> None:
         self._new_token = new_token
         self._new_instance_id = new_instance_id
         self.instances: dict[str, Instance] = {}
-        self.leases: dict[str, Lease] = {}
+        self._index = LeaseIndex()
+        # Every lease held, by token (the index's own dict: read-only outside).
+        self.leases: dict[str, Lease] = self._index.by_token
         self._live: dict[tuple[str, str], str] = {}
         # Instances whose tree is being stopped (STOPPING, or EXITED and not yet
         # reaped whole), by pair: a new instance of the pair waits for it.
         self._dying: dict[tuple[str, str], str] = {}
         # Set by `shutdown`: no new instance starts after it.
         self.closed = False
+        # Grows whenever anything `status` or the state record shows changes:
+        # an instance's revision (see `Instance.revision`), or which instances
+        # there are. Equal values mean nothing they show changed in between.
+        self.version = 0
         # Every deadline `tick` keeps: (LEASE_DEADLINE, token) of detached
         # leases and of leases waiting for `resume`, (LINGER_DEADLINE, id) of
         # LINGERING instances.
         self._deadlines: Deadlines[tuple[int, str]] = Deadlines()
-        # Lease tokens by job, by holding connection and by uid; dicts used as
-        # sets that keep acquisition order, so actions come out in that order.
-        self._by_job: dict[str, dict[str, None]] = {}
-        self._by_owner: dict[int, dict[str, None]] = {}
-        self._by_uid: dict[int, dict[str, None]] = {}
         # Instances each connection watches (see `Instance.watchers`).
         self._watching: dict[int, dict[str, None]] = {}
         # The STARTING instance waiting for each dying tree, by the dying id.
@@ -317,7 +131,7 @@ class Registry:
         leases: Iterable[Lease],
         *,
         closed: bool = False,
-        new_token: Callable[[], str] = _new_token,
+        new_token: Callable[[], str] = new_token,
         new_instance_id: Callable[[], str] = new_instance_id,
     ) -> Registry:
         """A registry holding exactly these instances and leases (as another
@@ -375,17 +189,25 @@ class Registry:
         """Instances of `adapter` that hold or may soon hold processes."""
         return self._holding[adapter]
 
+    def instances_by_adapter(self) -> dict[str, int]:
+        """`count_instances` of every adapter that has any (a copy)."""
+        return dict(self._holding)
+
+    def leases_by_adapter(self) -> dict[str, int]:
+        """How many leases each adapter that has any has (a copy)."""
+        return dict(self._index.count_by_adapter)
+
     def count_live(self) -> int:
         """Live instances (STARTING, RUNNING or LINGERING): one per pair at most."""
         return len(self._live)
 
     def leases_of_job(self, job: str) -> list[Lease]:
         """Every lease of `job`, in the order they were taken."""
-        return [self.leases[token] for token in self._by_job.get(job, ())]
+        return self._index.of_job(job)
 
     def leases_of_uid(self, uid: int) -> list[Lease]:
         """Every lease taken by `uid`, in the order they were taken."""
-        return [self.leases[token] for token in self._by_uid.get(uid, ())]
+        return self._index.of_uid(uid)
 
     def next_deadline(self) -> float | None:
         """The earliest time at which `tick` has something to do, or None."""
@@ -434,6 +256,7 @@ class Registry:
                     f"with params {dict(instance.params)}; release it before asking for {dict(frozen_params)}"
                 )
             if instance.state is State.LINGERING:
+                self._touch(instance)
                 instance.state = State.RUNNING
                 instance.linger_until = None
                 self._deadlines.discard((LINGER_DEADLINE, instance.id))
@@ -454,6 +277,7 @@ class Registry:
                 uid=uid,
             )
             self.instances[instance.id] = instance
+            self.version += 1
             self._live[instance.key] = instance.id
             self._holding[adapter] += 1
             spawned = True
@@ -506,6 +330,7 @@ class Registry:
             raise InvalidParams(
                 f"lease {token[:6]}… is bound to its connection and does not expire; only detached leases renew"
             )
+        self._touch(self.instances[lease.instance_id])
         lease.ttl = ttl if ttl is not None else lease.ttl
         assert lease.ttl is not None
         lease.expires_at = now + lease.ttl
@@ -535,10 +360,10 @@ class Registry:
         for instance_id in self._watching.pop(connection, ()):
             self.instances[instance_id].watchers.discard(connection)
         actions: list[Action] = []
-        for token in list(self._by_owner.get(connection, ())):
-            lease = self.leases[token]
+        for lease in self._index.of_owner(connection):
             if lease.detached:
-                self._set_owner(lease, None)
+                self._touch(self.instances[lease.instance_id])
+                self._index.set_owner(lease, None)
             else:
                 actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
         return actions
@@ -553,6 +378,7 @@ class Registry:
         """
         instance = self.instances[instance_id]
         assert instance.state is State.STARTING, instance.state
+        self._touch(instance)
         instance.state = State.RUNNING
         instance.pid = pid
         instance.started_at = now
@@ -583,6 +409,7 @@ class Registry:
         instance = self.instances.get(instance_id)
         if instance is None:
             return []
+        self._touch(instance)
         instance.returncode = returncode
         if instance.state in (State.STOPPING, State.EXITED):
             return []
@@ -612,7 +439,9 @@ class Registry:
         successor_id = self._successor.pop(instance_id, None)
         if successor_id is None:
             return []
-        self.instances[successor_id].waiting_for = None
+        successor = self.instances[successor_id]
+        self._touch(successor)
+        successor.waiting_for = None
         return [Spawn(successor_id)]
 
     def tick(self, now: float) -> Ticked:
@@ -669,6 +498,7 @@ class Registry:
             uid=adopted.uid,
         )
         self.instances[instance.id] = instance
+        self.version += 1
         self._live[instance.key] = instance.id
         self._holding[instance.adapter] += 1
         for recorded in adopted.leases:
@@ -708,7 +538,8 @@ class Registry:
             if lease is None or lease.resume_by is None or uid not in (ROOT_UID, lease.uid) or token in resumed:
                 not_resumed.append(token)
                 continue
-            self._set_owner(lease, connection)
+            self._touch(self.instances[lease.instance_id])
+            self._index.set_owner(lease, connection)
             lease.resume_by = None
             self._deadlines.discard((LEASE_DEADLINE, token))
             resumed.append(token)
@@ -754,33 +585,23 @@ class Registry:
                 f"a lease of job {lease.job!r} is held by uid {lease.uid}; only that uid or root may release it"
             )
 
+    def _touch(self, instance: Instance) -> None:
+        """Note a change to `instance` or one of its leases (see `version`)."""
+        instance.revision += 1
+        self.version += 1
+
     def _add_lease(self, lease: Lease) -> None:
         """Hold a lease (its instance already names it) and index it."""
-        token = lease.token
-        self.leases[token] = lease
-        self._by_job.setdefault(lease.job, {})[token] = None
-        self._by_uid.setdefault(lease.uid, {})[token] = None
-        if lease.owner is not None:
-            self._by_owner.setdefault(lease.owner, {})[token] = None
+        self._touch(self.instances[lease.instance_id])
+        self._index.add(lease)
         if lease.deadline is not None:
-            self._deadlines.set((LEASE_DEADLINE, token), lease.deadline)
+            self._deadlines.set((LEASE_DEADLINE, lease.token), lease.deadline)
 
     def _remove_lease(self, lease: Lease) -> None:
         """Forget a lease and every index entry of it (not its instance's)."""
-        token = lease.token
-        del self.leases[token]
-        _discard_from(self._by_job, lease.job, token)
-        _discard_from(self._by_uid, lease.uid, token)
-        if lease.owner is not None:
-            _discard_from(self._by_owner, lease.owner, token)
-        self._deadlines.discard((LEASE_DEADLINE, token))
-
-    def _set_owner(self, lease: Lease, owner: int | None) -> None:
-        if lease.owner is not None:
-            _discard_from(self._by_owner, lease.owner, lease.token)
-        lease.owner = owner
-        if owner is not None:
-            self._by_owner.setdefault(owner, {})[lease.token] = None
+        self._touch(self.instances[lease.instance_id])
+        self._index.remove(lease)
+        self._deadlines.discard((LEASE_DEADLINE, lease.token))
 
     def _drop_lease(self, lease: Lease, now: float, *, by_other: bool, reason: Reason) -> list[Action]:
         self._remove_lease(lease)
@@ -802,6 +623,7 @@ class Registry:
             return []  # `spawned` decides once the root is up.
         if instance.state is State.RUNNING:
             if instance.linger > 0:
+                self._touch(instance)
                 instance.state = State.LINGERING
                 instance.linger_until = now + instance.linger
                 self._deadlines.set((LINGER_DEADLINE, instance.id), instance.linger_until)
@@ -815,6 +637,7 @@ class Registry:
         """Leave the live states for STOPPING or EXITED: the pair is free for a
         successor, which waits until this tree is gone."""
         self._release_key(instance)
+        self._touch(instance)
         instance.state = state
         instance.stop_reason = reason
         instance.linger_until = None
@@ -862,6 +685,7 @@ class Registry:
 
     def _mark_tree_gone(self, instance: Instance) -> None:
         if not instance.tree_gone:
+            self._touch(instance)
             instance.tree_gone = True
             self._holding[instance.adapter] -= 1
             if not self._holding[instance.adapter]:
@@ -870,8 +694,9 @@ class Registry:
     def _remove(self, instance: Instance) -> None:
         """Drop an instance the registry is done with (its leases are gone)."""
         del self.instances[instance.id]
+        self.version += 1
         for connection in instance.watchers:
-            _discard_from(self._watching, connection, instance.id)
+            discard_from(self._watching, connection, instance.id)
         if instance.waiting_for is not None and self._successor.get(instance.waiting_for) == instance.id:
             del self._successor[instance.waiting_for]
 
@@ -880,12 +705,3 @@ class Registry:
         self._release_key(instance)
         self._mark_tree_gone(instance)
         self._remove(instance)
-
-
-def _discard_from(index: dict[K, dict[str, None]], key: K, item: str) -> None:
-    """Remove `item` from the set `index[key]`, and the set once it is empty."""
-    members = index.get(key)
-    if members is not None:
-        members.pop(item, None)
-        if not members:
-            del index[key]

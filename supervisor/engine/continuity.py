@@ -7,20 +7,86 @@ taking back what an in-place upgrade handed over.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
+import trio
 
 from supervisor.core.config import AdapterConfig
 from supervisor.core.errors import Conflict
 from supervisor.core.registry import Action, AdoptedInstance, AdoptedLease, Reason, Registry, State
 from supervisor.engine import staterecord
 from supervisor.engine.handoff import EngineState
-from supervisor.engine.instances import Instances
+from supervisor.engine.instances import Instances, RunningInstance
+from supervisor.engine.stalls import STEP_BUDGET_S
 from supervisor.procs import process
 from supervisor.procs.stderrfile import StderrFiles
 
 log = structlog.get_logger()
+
+
+# Trees recorded between two looks at the clock (the snapshot lets other
+# tasks run once a turn has taken STEP_BUDGET_S): an entry made again costs
+# about 10 microseconds on a slow host, a kept one well under one.
+RECORD_ROWS_PER_LOOK = 32
+
+# Kept entries of trees that are gone are dropped once there are this many
+# more than twice the trees running.
+PRUNE_SLACK = 256
+
+
+class RecordSnapshots:
+    """`record_snapshot`, made over several turns, keeping each tree's entry
+    while neither its instance's registry revision nor its members changed.
+
+    Each entry is of one moment; the record as a whole spans the few turns it
+    took (a record is a little behind the daemon anyway, by up to its write
+    interval). Trio thread only.
+    """
+
+    def __init__(self, registry: Registry, instances: Callable[[], Instances]) -> None:
+        """`instances()`: the shell's trees (made after the record keeper)."""
+        self._registry = registry
+        self._instances = instances
+        # Per tree: its entry, with what it was made from (the RunningInstance,
+        # compared by identity; the instance's revision, members, stderr file).
+        self._entries: dict[str, tuple[RunningInstance, int, frozenset[process.ProcessId], str | None,
+                                       staterecord.RecordedInstance]] = {}
+
+    async def snapshot(self, *, daemon_pid: int, daemon_key: str, generation: int) -> staterecord.StateRecord:
+        """The record of every running tree now. Cancellation: raises
+        Cancelled, having changed nothing but what it keeps."""
+        running_now = self._instances().running
+        items = list(running_now.items())
+        recorded = []
+        entries = self._entries
+        turn_began = time.perf_counter()
+        for start in range(0, len(items), RECORD_ROWS_PER_LOOK):
+            if start and time.perf_counter() - turn_began > STEP_BUDGET_S:
+                await trio.lowlevel.checkpoint()
+                turn_began = time.perf_counter()
+            for instance_id, running in items[start:start + RECORD_ROWS_PER_LOOK]:
+                if running_now.get(instance_id) is not running:
+                    continue  # its tree is gone since
+                instance = self._registry.instances.get(instance_id)
+                members = frozenset({running.root.id, *running.tree.known})
+                revision = instance.revision if instance is not None else -1
+                stderr = running.stderr.path.name if running.stderr is not None else None
+                kept = entries.get(instance_id)
+                if (kept is not None and kept[0] is running and kept[1] == revision and kept[2] == members
+                        and kept[3] == stderr):
+                    recorded.append(kept[4])
+                    continue
+                entry = record_entry(self._registry, instance_id, running, members)
+                entries[instance_id] = (running, revision, members, stderr, entry)
+                recorded.append(entry)
+        if len(entries) > 2 * len(running_now) + PRUNE_SLACK:
+            self._entries = {i: kept for i, kept in entries.items() if i in running_now}
+        return staterecord.StateRecord(
+            daemon_pid=daemon_pid, daemon_key=daemon_key, version=staterecord.RECORD_VERSION,
+            boot_id=staterecord.current_boot_id(), generation=generation, instances=recorded,
+        )
 
 
 def record_snapshot(
@@ -28,35 +94,42 @@ def record_snapshot(
 ) -> staterecord.StateRecord:
     """The durable record of every running tree: enough to adopt it after a
     crash (its state, params, root, members, stderr file, leases)."""
-    recorded = []
-    for instance_id, running in instances.running.items():
-        instance = registry.instances.get(instance_id)
-        members = {running.root.id, *running.tree.known}
-        leases = []
-        if instance is not None:
-            for token in instance.leases:
-                lease = registry.leases[token]
-                leases.append(staterecord.RecordedLease(
-                    token=token, uid=lease.uid, detached=lease.detached, ttl=lease.ttl, expires_at=lease.expires_at,
-                ))
-        recorded.append(staterecord.RecordedInstance(
-            instance=instance_id,
-            job=instance.job if instance else "",
-            adapter=running.adapter.name,
-            processes=[staterecord.RecordedProcess(m.pid, m.start_time) for m in members],
-            state=instance.state.value if instance else State.STOPPING.value,
-            params=dict(instance.params) if instance else {},
-            root=staterecord.RecordedProcess(running.root.id.pid, running.root.id.start_time),
-            started_at=instance.started_at if instance else None,
-            linger=instance.linger if instance else 0.0,
-            linger_until=instance.linger_until if instance else None,
-            leases=leases,
-            stderr_file=running.stderr.path.name if running.stderr is not None else None,
-            uid=instance.uid if instance else None,
-        ))
+    recorded = [
+        record_entry(registry, instance_id, running, {running.root.id, *running.tree.known})
+        for instance_id, running in instances.running.items()
+    ]
     return staterecord.StateRecord(
         daemon_pid=daemon_pid, daemon_key=daemon_key, version=staterecord.RECORD_VERSION,
         boot_id=staterecord.current_boot_id(), generation=generation, instances=recorded,
+    )
+
+
+def record_entry(
+    registry: Registry, instance_id: str, running: RunningInstance, members: Iterable[process.ProcessId]
+) -> staterecord.RecordedInstance:
+    """One running tree's entry in the record."""
+    instance = registry.instances.get(instance_id)
+    leases = []
+    if instance is not None:
+        for token in instance.leases:
+            lease = registry.leases[token]
+            leases.append(staterecord.RecordedLease(
+                token=token, uid=lease.uid, detached=lease.detached, ttl=lease.ttl, expires_at=lease.expires_at,
+            ))
+    return staterecord.RecordedInstance(
+        instance=instance_id,
+        job=instance.job if instance else "",
+        adapter=running.adapter.name,
+        processes=[staterecord.RecordedProcess(m.pid, m.start_time) for m in members],
+        state=instance.state.value if instance else State.STOPPING.value,
+        params=dict(instance.params) if instance else {},
+        root=staterecord.RecordedProcess(running.root.id.pid, running.root.id.start_time),
+        started_at=instance.started_at if instance else None,
+        linger=instance.linger if instance else 0.0,
+        linger_until=instance.linger_until if instance else None,
+        leases=leases,
+        stderr_file=running.stderr.path.name if running.stderr is not None else None,
+        uid=instance.uid if instance else None,
     )
 
 

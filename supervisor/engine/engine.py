@@ -46,6 +46,7 @@ from supervisor.core.registry import (
     ROOT_UID,
     Acquired,
     Action,
+    Instance,
     InstanceSettled,
     NotifyExited,
     Reason,
@@ -59,7 +60,9 @@ from supervisor.engine import continuity, handoff, metrics, reports, staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import AfterReply, Instances, PendingSpawn, run_after
 from supervisor.engine.limitwatch import LimitWatch
-from supervisor.engine.scans import Members, ScanCache
+from supervisor.engine.scans import ScanCache
+from supervisor.engine.stalls import StallWatch
+from supervisor.engine.statusrows import ROWS_PER_TURN, StatusRows, encode_rows
 from supervisor.engine.sweep import Sweeper
 from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs.cgroup import CgroupManager
@@ -76,10 +79,6 @@ SERVER_NAME = "adapter-supervisor"
 
 # The directory under state_dir of the adapters' stderr files.
 STDERR_DIR = "stderr"
-
-# What `status` shows of another uid's lease token (as much as the logs show of
-# any): enough to tell leases apart, far too little to use one.
-LEASE_PREFIX_CHARS = 8
 
 # A shutdown waits for the slowest adapter's stop_timeout plus this.
 SHUTDOWN_MARGIN_S = 6.0
@@ -144,7 +143,9 @@ class Engine:
         # upgrade did not happen, with the reason.
         self.upgrade_hook: Callable[[int | None, int | str | None], Awaitable[str]] | None = None
         self.peers: dict[int, Peer] = {}
-        self.metrics = metrics.Metrics(self._live_state)
+        # Times every task step of the trio run `run` is in (installed there).
+        self.stalls = StallWatch()
+        self.metrics = metrics.Metrics(self._live_state, self.stalls)
         self.spares = SpareCgroups(cgroups, new_instance_id) if cgroups is not None else None
         if handed is not None:
             self.registry = handoff.restore_registry(handed, new_instance_id=self._new_instance_id)
@@ -152,6 +153,7 @@ class Engine:
             self.registry = Registry(new_instance_id=self._new_instance_id)
         self.reaper = ChildReaper()
         self.reports = reports.ReportStore(self.state_dir, max_file_bytes=config.daemon.reports_max_bytes)
+        self._record_snapshots = continuity.RecordSnapshots(self.registry, lambda: self.instances)
         self.record = staterecord.RecordKeeper(self.state_dir, self._record_snapshot)
         # Every root's environment starts from this copy of the daemon's,
         # taken once rather than per spawn.
@@ -176,6 +178,7 @@ class Engine:
             table=self.table,
         )
         self.scans = ScanCache(self.instances)
+        self.status_rows = StatusRows(self.registry, self._holder_pid)
         self.sweeper = Sweeper(
             config=config, registry=self.registry, instances=self.instances, reaper=self.reaper,
             cgroups=cgroups, spares=self.spares, store=self.reports, metrics=self.metrics,
@@ -215,6 +218,13 @@ class Engine:
         serve until cancelled. Owns every process task; call `shutdown`
         before cancelling, or trees are left for the next start."""
         self._clock_offset = time.time() - trio.current_time()
+        self.stalls.install()
+        try:
+            await self._run(task_status)
+        finally:
+            self.stalls.uninstall()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         for report in await trio.to_thread.run_sync(self.reports.read_history):
             self.reports.remember(report)
         async with trio.open_nursery() as nursery:
@@ -371,22 +381,18 @@ class Engine:
         spare = self.spares.take() if self.spares is not None else None
         return spare if spare is not None else new_instance_id()
 
-    def _record_snapshot(self) -> staterecord.StateRecord:
-        return continuity.record_snapshot(
-            self.registry, self.instances, daemon_pid=self.pid, daemon_key=self.daemon_key, generation=self.generation
+    def _record_snapshot(self) -> Awaitable[staterecord.StateRecord]:
+        return self._record_snapshots.snapshot(
+            daemon_pid=self.pid, daemon_key=self.daemon_key, generation=self.generation
         )
 
     def _live_state(self) -> metrics.LiveState:
-        instances: collections.Counter[str] = collections.Counter()
-        leases: collections.Counter[str] = collections.Counter()
-        rss: collections.Counter[str] = collections.Counter()
-        for instance in self.registry.instances.values():
-            if not instance.tree_gone:
-                instances[instance.adapter] += 1
-            leases[instance.adapter] += instance.refcount
-        for running in self.instances.running.values():
-            rss[running.adapter.name] += running.rss_bytes
-        return metrics.LiveState(instances=instances, leases=leases, rss_bytes=rss)
+        """The gauges, from counts kept as things change (O(adapters), not O(instances))."""
+        return metrics.LiveState(
+            instances=collections.Counter(self.registry.instances_by_adapter()),
+            leases=collections.Counter(self.registry.leases_by_adapter()),
+            rss_bytes=collections.Counter(self.instances.rss_by_adapter),
+        )
 
     # -- connections ---------------------------------------------------------------
 
@@ -634,56 +640,32 @@ class Engine:
         raise UpgradeFailed(f"the daemon was not upgraded and serves on: {reason}")
 
     def status_answers_now(self, params: protocol.StatusParams) -> bool:
-        """Whether `status_now` can answer: the tree scan it shows is fresh."""
-        return self.scans.fresh() is not None
+        """Whether `status_now` can answer: the tree scan it shows is fresh,
+        and there are few enough instances to show in one turn."""
+        return self.scans.fresh() is not None and len(self.registry.instances) <= ROWS_PER_TURN
 
     def status_now(self, peer: Peer, params: protocol.StatusParams) -> Reply:
         """The status answer, from the latest scan: call it only in the turn
         in which `status_answers_now()` said yes (else `status` waits for a
         fresh scan)."""
-        return self._status(peer, params, self.scans.latest())
+        members = self.scans.latest()
+        wanted = _status_filter(params)
+        instances = self.registry.instances.values()
+        rows, total_rss = self.status_rows.rows(
+            instances if wanted is None else filter(wanted, instances), members, peer.uid
+        )
+        return self._status_reply(rows, total_rss)
 
     async def status(self, peer: Peer, params: protocol.StatusParams) -> Reply:
-        """The status answer, after a fresh scan of the trees if need be.
-        Cancellation: raises Cancelled; the scan goes on for other callers."""
-        return self._status(peer, params, await self.scans.members())
+        """The status answer, after a fresh scan of the trees if need be; the
+        rows of many instances are made over several turns, as of one moment
+        (`StatusRows.rows_in_turns`). Cancellation: raises Cancelled; the scan
+        goes on for other callers."""
+        members = await self.scans.members()
+        rows, total_rss = await self.status_rows.rows_in_turns(_status_filter(params), members, peer.uid)
+        return self._status_reply(rows, total_rss)
 
-    def _status(self, peer: Peer, params: protocol.StatusParams, members: Members) -> Reply:
-        # Every control client polls this: list comprehensions rather than
-        # generators, and one pass for the total.
-        instances = self.registry.instances.values()
-        if params.job is not None:
-            instances = [i for i in instances if i.job == params.job]  # type: ignore[assignment]
-        if params.adapter is not None:
-            instances = [i for i in instances if i.adapter == params.adapter]  # type: ignore[assignment]
-        if params.state is not None:
-            instances = [i for i in instances if i.state.value == params.state]  # type: ignore[assignment]
-        if params.uid is not None:
-            instances = [i for i in instances if i.uid == params.uid]  # type: ignore[assignment]
-        rows = []
-        total_rss = 0
-        for instance in instances:
-            stats = members.get(instance.id, ())
-            rss_bytes = sum([s.rss_bytes for s in stats])
-            total_rss += rss_bytes
-            row = {
-                "instance": instance.id,
-                "job": instance.job,
-                "adapter": instance.adapter,
-                "state": instance.state.value,
-                "pid": instance.pid,
-                "pids": sorted([s.pid for s in stats]),
-                "refcount": instance.refcount,
-                "started_at": instance.started_at,
-                "rss_bytes": rss_bytes,
-                "adopted": instance.adopted,
-                "uid": instance.uid,
-                "leases": [self._lease_row(peer, token) for token in sorted(instance.leases)],
-            }
-            if instance.state is State.EXITED:
-                row["returncode"] = instance.returncode
-                row["reason"] = instance.stop_reason.value if instance.stop_reason is not None else None
-            rows.append(row)
+    def _status_reply(self, rows: list[bytes], total_rss: int) -> Reply:
         daemon = self.config.daemon
         return Reply({
             "daemon": {
@@ -704,23 +686,13 @@ class Engine:
                 "memory_budget": daemon.memory_budget,
                 "sweep_interval": daemon.sweep_interval,
             },
-            "instances": rows,
+            "instances": encode_rows(rows),
         })
 
-    def _lease_row(self, peer: Peer, token: str) -> dict[str, Any]:
-        """One lease as `status` shows it to `peer`: the whole token only to
-        the lease's own uid and to root (a token is all it takes to release
-        a lease), else its first LEASE_PREFIX_CHARS characters; `pid` is the
-        holding connection's process, None while no connection holds it."""
-        lease = self.registry.leases[token]
-        holder = self.peers.get(lease.owner) if lease.owner is not None else None
-        return {
-            "lease": token if peer.uid in (ROOT_UID, lease.uid) else token[:LEASE_PREFIX_CHARS],
-            "detached": lease.detached,
-            "expires_at": lease.expires_at,
-            "uid": lease.uid,
-            "pid": holder.pid if holder is not None else None,
-        }
+    def _holder_pid(self, connection: int) -> int | None:
+        """The pid of the process behind a connection, if it is still connected."""
+        holder = self.peers.get(connection)
+        return holder.pid if holder is not None else None
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: live instances and leases."""
@@ -827,6 +799,18 @@ class Engine:
         if self.cgroups is not None and not self.instances.running:
             self.cgroups.remove_base()
         log.info("daemon.trees_stopped", left=len(self.instances.running))
+
+
+def _status_filter(params: protocol.StatusParams) -> Callable[[Instance], bool] | None:
+    """Which instances a `status` shows: those matching every filter given
+    (job, adapter, state, uid); None when none is given."""
+    job, adapter, state, uid = params.job, params.adapter, params.state, params.uid
+    if job is None and adapter is None and state is None and uid is None:
+        return None
+    return lambda i: (
+        (job is None or i.job == job) and (adapter is None or i.adapter == adapter)
+        and (state is None or i.state.value == state) and (uid is None or i.uid == uid)
+    )
 
 
 def _mib(value: int) -> str:

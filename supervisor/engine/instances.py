@@ -53,6 +53,10 @@ FINISHED_LOGS_KEPT = 64
 # waiting for the root's status, and slack for a busy host.
 STOP_MARGIN_S = 5.0
 
+# How the root settler first sees a root (`Instances._settle_roots`).
+SPAWNED = "spawned"
+HANDED = "handed"
+
 # Work for after a reply: plain callables, run in order by whoever sends it
 # (`run_after`).
 AfterReply = list[Callable[[], None]]
@@ -74,7 +78,7 @@ def run_after(work: AfterReply | tuple[()]) -> None:
             log.exception("after_reply.failed", work=repr(fn))
 
 
-@dataclass
+@dataclass(slots=True)
 class RunningInstance:
     """The shell's side of one spawned instance, until its tree is gone."""
 
@@ -92,6 +96,10 @@ class RunningInstance:
     # Wall-clock time its stop began (its stop_timeout counts from then,
     # across an upgrade too).
     stop_began: float | None = None
+    # Whether the root settler has seen it (`Instances._settle_roots`): only
+    # then is its root's exit reported, once (`exit_reported`).
+    settled: bool = False
+    exit_reported: bool = False
 
 
 @dataclass
@@ -139,6 +147,9 @@ class Instances:
         self.table = table
         self.pid = os.getpid()
         self.running: dict[str, RunningInstance] = {}
+        # The sum of `running[i].rss_bytes` per adapter name (for the metrics,
+        # which must not walk every tree at each scrape).
+        self.rss_by_adapter: collections.Counter[str] = collections.Counter()
         # The stderr tails of instances stopped lately: the deques themselves,
         # which their readers may still be filling with the last lines.
         self.finished_logs: collections.OrderedDict[str, StderrTail] = collections.OrderedDict()
@@ -156,10 +167,23 @@ class Instances:
         # Spawns in flight in a worker thread: shutdown waits for them.
         self._spawning: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        # Roots for the settler to look at: just spawned or handed over
+        # (first look), or reaped since (see `_settle_roots`).
+        self._to_settle: collections.deque[tuple[str, RunningInstance, str | None]] = collections.deque()
+        self._settle_wanted = trio.Event()
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where the tasks of roots and stops run: the engine's nursery."""
         self._nursery = nursery
+        nursery.start_soon(self._settle_roots)
+
+    def set_rss(self, running: RunningInstance, rss_bytes: int) -> None:
+        """A tree's RSS as a scan found it (0 once it is gone)."""
+        name = running.adapter.name
+        self.rss_by_adapter[name] += rss_bytes - running.rss_bytes
+        running.rss_bytes = rss_bytes
+        if not self.rss_by_adapter[name]:
+            del self.rss_by_adapter[name]
 
     # -- spawning ----------------------------------------------------------------
 
@@ -318,7 +342,7 @@ class Instances:
         self.running[instance_id] = running
         self.stdio.keep(instance_id, root.stdin_fd, root.stdout_fd)
         self.reaper.watch_root(
-            root.pid, lambda returncode: _root_reaped(running, returncode), spawned_after=spawned_after
+            root.pid, partial(self._root_reaped, instance_id, running), spawned_after=spawned_after
         )
         self.generation += 1
         start_tasks = partial(self._start_root_tasks, instance_id, running)
@@ -334,7 +358,7 @@ class Instances:
         The stderr reader owns the pipe's read end, so this must always run."""
         assert self._nursery is not None
         self._nursery.start_soon(self._read_stderr, instance_id, running)
-        self._nursery.start_soon(self._settle_spawn, instance_id, running)
+        self._settle_soon(instance_id, running, SPAWNED)
         self.metrics.spawns.inc(running.adapter.name)
 
     async def _read_stderr(self, instance_id: str, running: RunningInstance) -> None:
@@ -350,7 +374,44 @@ class Instances:
             if stderr is not None:
                 stderr.close()
 
-    async def _settle_spawn(self, instance_id: str, running: RunningInstance) -> None:
+    def _root_reaped(self, instance_id: str, running: RunningInstance, returncode: int) -> None:
+        """The reaper's word that a root (spawned or handed over) exited."""
+        _root_reaped(running, returncode)
+        self._settle_soon(instance_id, running, None)
+
+    def _settle_soon(self, instance_id: str, running: RunningInstance, first_look: str | None) -> None:
+        """Have the settler look at a root: for the first time (`SPAWNED` or
+        `HANDED`), or again (None) once it is reaped."""
+        self._to_settle.append((instance_id, running, first_look))
+        self._settle_wanted.set()
+
+    async def _settle_roots(self) -> None:
+        """The one task that follows every root the daemon is the parent of
+        (one task per root would cost each instance kilobytes): in a turn of
+        its own after the spawn (or the handover), log it, catch a root that
+        exited before the reaper heard of it, and, once the root is reaped,
+        report its exit to the registry, once. Runs until cancelled."""
+        while True:
+            if not self._to_settle:
+                await self._settle_wanted.wait()
+                self._settle_wanted = trio.Event()
+                continue
+            instance_id, running, first_look = self._to_settle.popleft()
+            if first_look is not None:
+                self._first_look(instance_id, running, first_look)
+            if running.settled and running.root_reaped.is_set() and not running.exit_reported:
+                running.exit_reported = True
+                log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid,
+                         returncode=running.returncode)
+                self.report(self.registry.root_exited(instance_id, returncode=running.returncode, now=self.now()))
+            await trio.lowlevel.checkpoint()
+
+    def _first_look(self, instance_id: str, running: RunningInstance, how: str) -> None:
+        running.settled = True
+        if how == HANDED:
+            # A root that exited during the exec is waitable now.
+            self.reaper.reap()
+            return
         instance = self.registry.instances.get(instance_id)
         log.info("adapter.spawned", instance=instance_id, job=instance.job if instance else None,
                  adapter=running.adapter.name, pid=running.root.pid)
@@ -358,12 +419,8 @@ class Instances:
         # A root that died before the SIGCHLD receiver ran is caught here too.
         # One peek at this child first: a reap looks at every child of the
         # daemon in the kernel (one per instance), this only at the root.
-        if subreaper.child_has_exited(running.root.pid):
+        if not running.root_reaped.is_set() and subreaper.child_has_exited(running.root.pid):
             self.reaper.reap()
-        await running.root_reaped.wait()
-        returncode = running.returncode if running.returncode is not None else -1
-        log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=returncode)
-        self.report(self.registry.root_exited(instance_id, returncode=returncode, now=self.now()))
 
     def settled(self, instance_id: str, *, running: bool) -> None:
         """The registry settled an instance's spawn: wake its parked acquires,
@@ -501,16 +558,10 @@ class Instances:
                 return running
         else:
             self.reaper.watch_root(
-                root_id.pid, lambda returncode: _root_reaped(running, returncode), spawned_after=float("-inf")
+                root_id.pid, partial(self._root_reaped, handed.instance_id, running), spawned_after=float("-inf")
             )
-        self._nursery.start_soon(self._watch_handed_root, handed.instance_id, running)
+        self._settle_soon(handed.instance_id, running, HANDED)
         return running
-
-    async def _watch_handed_root(self, instance_id: str, running: RunningInstance) -> None:
-        self.reaper.reap()
-        await running.root_reaped.wait()
-        log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=running.returncode)
-        self.report(self.registry.root_exited(instance_id, returncode=running.returncode, now=self.now()))
 
     # -- stopping ----------------------------------------------------------------
 
@@ -582,6 +633,7 @@ class Instances:
             tail.release()
             self.finished_owners.pop(gone, None)
         del self.running[instance_id]
+        self.set_rss(running, 0)
         running.stopped.set()
         self.record.mark_dirty()
         self.generation += 1
@@ -622,7 +674,7 @@ class Instances:
             self.reaper.reap()
             if not running.root_reaped.is_set():
                 log.warning("adapter.root_vanished", instance=instance_id, pid=running.root.pid)
-                _root_reaped(running, -1)
+                self._root_reaped(instance_id, running, -1)
 
     def anchors(self) -> frozenset[process.ProcessId]:
         """The root and every known member of every tree: what the process

@@ -15,11 +15,14 @@ imported everything (docs/performance.md, "Upgrade latency").
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from supervisor.engine.stalls import THRESHOLDS_NS, StallWatch
 
 PREFIX = "adapter_supervisor"
 
@@ -115,9 +118,12 @@ COUNTERS = ("spawns", "spawn_failures", "releases", "reaps", "orphans", "protoco
 class Metrics:
     """The daemon's metrics."""
 
-    def __init__(self, read_live_state: Callable[[], LiveState]) -> None:
-        """`read_live_state` is called at each `exposition`, not before."""
+    def __init__(self, read_live_state: Callable[[], LiveState], stalls: StallWatch | None = None) -> None:
+        """`read_live_state` is called at each `exposition`, not before.
+        `stalls`: the watch of the trio thread whose figures the exposition
+        shows (none shown without one)."""
         self._read_live_state = read_live_state
+        self.stalls = stalls
         self.spawns = LabelledCounter("spawns", "Instance roots started.", ("adapter",))
         self.spawn_failures = LabelledCounter("spawn_failures", "Instance roots that could not be started.", ("adapter",))
         self.releases = LabelledCounter(
@@ -163,7 +169,39 @@ class Metrics:
         for attribute in COUNTERS:
             out += getattr(self, attribute).lines()
         out += self.sweep_duration.lines()
+        if self.stalls is not None:
+            out += _stall_lines(self.stalls)
+        frozen = f"{PREFIX}_gc_frozen_objects"
+        out += [
+            f"# HELP {frozen} Objects the garbage collector no longer examines (start-up's, and what survived"
+            " each full collection); growth at a steady number of instances would be a leak.",
+            f"# TYPE {frozen} gauge",
+            f"{frozen} {_number(gc.get_freeze_count())}",
+        ]
         return "\n".join(out) + "\n"
+
+
+def _stall_lines(stalls: StallWatch) -> list[str]:
+    """The trio-thread stall figures; starts the watch's next "since the last
+    scrape" period."""
+    recent_ns, _ = stalls.take_recent()
+    longest = f"{PREFIX}_longest_stall_seconds"
+    recent = f"{PREFIX}_longest_stall_since_scrape_seconds"
+    slow = f"{PREFIX}_slow_task_steps"
+    out = [
+        f"# HELP {longest} The longest time one task step held the trio thread since the daemon's image started"
+        " (label: the task).",
+        f"# TYPE {longest} gauge",
+        f"{longest}{_labels(('task',), (stalls.longest_task,))} {_number(stalls.longest_ns / 1e9)}",
+        f"# HELP {recent} The longest time one task step held the trio thread since the previous scrape.",
+        f"# TYPE {recent} gauge",
+        f"{recent} {_number(recent_ns / 1e9)}",
+        f"# HELP {slow} Task steps that held the trio thread at least `over` seconds.",
+        f"# TYPE {slow} counter",
+    ]
+    for threshold_ns, count in zip(THRESHOLDS_NS, stalls.over):
+        out.append(f"{slow}_total{_labels(('over',), (_number(threshold_ns / 1e9),))} {_number(count)}")
+    return out
 
 
 def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:

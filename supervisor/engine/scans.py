@@ -2,13 +2,22 @@
 
 `status` and the memory budget need each tree's members and their RSS. One
 scan (in a worker thread) serves every caller that asks while it runs, and its
-result is reused while it is at most SCAN_CACHE_S old and no tree was spawned
-or stopped since, so a burst of `status` calls costs one scan, not one each.
+result is reused while it is fresh: at most SCAN_CACHE_S old (or
+SCAN_COST_SHARE times as old as the last scan took, for many trees) and no
+tree was spawned or stopped since, so a burst of `status` calls costs one
+scan, not one each.
+
+A tree whose members and figures did not change keeps the very list of the
+previous scan, so what was derived from it (a `status` row) stays valid; the
+trio-thread parts (the snapshot of what each tree knows, remembering what the
+scan found) let other tasks run every SCAN_ROWS_PER_TURN trees.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import time
 
 import structlog
 import trio
@@ -20,6 +29,15 @@ from supervisor.procs.tree import InstanceTree, scan_trees
 # A scan is reused for this long (unless a tree was spawned or stopped since):
 # under load, scans stay a few per second however many requests ask.
 SCAN_CACHE_S = 0.25
+
+# A scan of many trees (a third of a second for 10,000 in a worker thread) is
+# reused for this many times its own duration, so that scans take at most
+# about a fifth of a core however often `status` is asked.
+SCAN_COST_SHARE = 4.0
+
+# Trees snapshotted or remembered between two checkpoints of the trio
+# thread: well under the 5 ms a step may take.
+SCAN_ROWS_PER_TURN = 500
 
 Members = dict[str, list[process.ProcStat]]
 Snapshots = dict[str, tuple[InstanceTree, frozenset[process.ProcessId]]]
@@ -36,6 +54,8 @@ class ScanCache:
         self._members: Members = {}
         self._scanned_at = float("-inf")
         self._scanned_generation = -1
+        # How long the last scan took, from snapshot to remembered.
+        self._scan_s = 0.0
         self._in_flight: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -65,14 +85,17 @@ class ScanCache:
 
     def _is_fresh(self) -> bool:
         age = trio.current_time() - self._scanned_at
-        return self._scanned_generation == self._instances.generation and age <= SCAN_CACHE_S
+        fresh_for = max(SCAN_CACHE_S, SCAN_COST_SHARE * self._scan_s)
+        return self._scanned_generation == self._instances.generation and age <= fresh_for
 
     async def _refresh(self, done: trio.Event) -> None:
         generation = self._instances.generation
+        began = time.perf_counter()
         try:
-            snapshots = snapshot(self._instances, list(self._instances.running))
+            snapshots = await snapshot_in_turns(self._instances, list(self._instances.running))
+            previous = self._members
             try:
-                members = await trio.to_thread.run_sync(scan_trees, snapshots)
+                members = await trio.to_thread.run_sync(scan_keeping, snapshots, previous)
             except OSError as exc:
                 # Out of fds or memory: answer with the last scan's members for
                 # as long as a fresh one would be kept, rather than not at all
@@ -80,13 +103,54 @@ class ScanCache:
                 log.warning("scan.failed", error=str(exc))
                 members = self._members
             else:
-                remember(self._instances, members, snapshots)
+                await remember_in_turns(self._instances, members, snapshots, previous)
             self._members = members
+            self._scan_s = time.perf_counter() - began
             self._scanned_at = trio.current_time()
             self._scanned_generation = generation
         finally:
             self._in_flight = None
             done.set()
+
+
+def scan_keeping(snapshots: Snapshots, previous: Members) -> Members:
+    """Blocking, for a worker thread: `scan_trees`, where each tree whose
+    members and figures equal those of `previous` (a scan's result, which
+    nobody changes) gets the previous list itself. Raises OSError as
+    `scan_trees` does."""
+    members = scan_trees(snapshots)
+    for instance_id, stats in members.items():
+        before = previous.get(instance_id)
+        if before is not None and before == stats:
+            members[instance_id] = before
+    return members
+
+
+async def snapshot_in_turns(instances: Instances, instance_ids: list[str]) -> Snapshots:
+    """`snapshot`, letting other tasks run every SCAN_ROWS_PER_TURN trees;
+    trees stopped meanwhile are left out. Cancellation: raises Cancelled."""
+    running = instances.running
+    snapshots: Snapshots = {}
+    for start in range(0, len(instance_ids), SCAN_ROWS_PER_TURN):
+        if start:
+            await trio.lowlevel.checkpoint()
+        for instance_id in instance_ids[start:start + SCAN_ROWS_PER_TURN]:
+            tree = running.get(instance_id)
+            if tree is not None:
+                snapshots[instance_id] = (tree.tree, frozenset(tree.tree.known))
+    return snapshots
+
+
+async def remember_in_turns(instances: Instances, members: Members, snapshots: Snapshots, previous: Members) -> None:
+    """`remember`, letting other tasks run every SCAN_ROWS_PER_TURN trees, and
+    passing over the trees whose list is the previous scan's (nothing new
+    was learned of them). Cancellation: raises Cancelled, having remembered
+    part."""
+    changed = [(i, stats) for i, stats in members.items() if previous.get(i) is not stats]
+    for start in range(0, len(changed), SCAN_ROWS_PER_TURN):
+        if start:
+            await trio.lowlevel.checkpoint()
+        remember(instances, dict(changed[start:start + SCAN_ROWS_PER_TURN]), snapshots)
 
 
 def snapshot(instances: Instances, instance_ids: list[str]) -> Snapshots:
@@ -104,10 +168,9 @@ def remember(instances: Instances, members: Mapping[str, list[process.ProcStat]]
         running = instances.running.get(instance_id)
         if running is not None:
             changed |= running.tree.remember(stats, snapshots[instance_id][1])
-            running.rss_bytes = sum(s.rss_bytes for s in stats)
+            instances.set_rss(running, sum(s.rss_bytes for s in stats))
     if changed:
         instances.record.mark_dirty()
-
 
 
 def learn(

@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -224,7 +225,9 @@ class RecordKeeper:
     and `run` rewrites it soon after, coalescing bursts. Trio thread only;
     `snapshot` is called on the trio thread and must return a fresh record."""
 
-    def __init__(self, state_dir: str, snapshot: Callable[[], StateRecord]) -> None:
+    def __init__(self, state_dir: str, snapshot: Callable[[], StateRecord | Awaitable[StateRecord]]) -> None:
+        """`snapshot` returns the record now, or an awaitable of it (one that
+        lets other tasks run while it is made, for a record of many instances)."""
         self.state_dir = state_dir
         self._snapshot = snapshot
         self._dirty = trio.Event()
@@ -250,6 +253,8 @@ class RecordKeeper:
         async with self._lock:
             started = time.perf_counter()
             record = self._snapshot()
+            if inspect.isawaitable(record):
+                record = await record
             took = time.perf_counter() - started
             await write_bounded("state.record_failed", write_record, self.state_dir, record)
         return took

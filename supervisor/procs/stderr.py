@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from typing import Any, Protocol
 
 import trio
 
@@ -78,7 +77,9 @@ class StderrTail:
         max_lines: int = STDERR_LINES,
         max_bytes: int = STDERR_TAIL_BYTES,
     ) -> None:
-        self._lines: collections.deque[bytes] = collections.deque()
+        # Made at the first line: most adapters write no stderr, and an empty
+        # deque costs hundreds of bytes per instance.
+        self._lines: collections.deque[bytes] | None = None
         self.bytes = 0
         self.max_lines = max_lines
         self.max_bytes = max_bytes
@@ -89,6 +90,8 @@ class StderrTail:
 
     def extend(self, lines: Iterable[bytes]) -> None:
         for line in lines:
+            if self._lines is None:
+                self._lines = collections.deque()
             self._lines.append(line)
             self._grow(len(line))
         self._trim()
@@ -99,7 +102,7 @@ class StderrTail:
     def release(self) -> None:
         """Drop every line and leave the budget (the tail is forgotten)."""
         self._grow(-self.bytes)
-        self._lines.clear()
+        self._lines = None
         if self._budget is not None:
             self._budget.tails -= 1
             self._budget = None
@@ -114,14 +117,15 @@ class StderrTail:
         budget = self._budget
         if budget is not None and budget.total > budget.max_bytes:
             limit = min(limit, budget.share())
-        while self._lines and (len(self._lines) > self.max_lines or self.bytes > limit):
-            self._grow(-len(self._lines.popleft()))
+        lines = self._lines
+        while lines and (len(lines) > self.max_lines or self.bytes > limit):
+            self._grow(-len(lines.popleft()))
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return len(self._lines) if self._lines is not None else 0
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._lines)
+        return iter(self._lines if self._lines is not None else ())
 
 
 class StderrSource(Protocol):
@@ -167,12 +171,12 @@ class LineBudget:
         return dropped
 
 
-async def capture_stderr(
+def capture_stderr(
     root: StderrSource,
     on_line: Callable[[str], None],
     on_dropped: Callable[[int], None] = lambda lines: None,
     receive: Callable[[], Awaitable[bytes]] | None = None,
-) -> None:
+) -> Coroutine[Any, Any, None]:
     """Read the root's stderr (which every descendant inherits) until its
     end, keeping the tail in `root.stderr_tail` and passing lines to
     `on_line` as a `LineBudget` allows; `on_dropped(count)` is told how many
@@ -185,10 +189,16 @@ async def capture_stderr(
     The bytes come from `receive()` (b"" at the end: a followed file's, see
     `stderrfile.FollowedFile`), or else from the root's stderr pipe until all
     its writers are gone; the pipe is closed at the end either way.
-    Cancellation: stops reading, still reports what was dropped."""
+    Cancellation: stops reading, still reports what was dropped.
+
+    (A plain function returning the coroutine to await: a frame less for
+    each of the many readers that wait at once.)"""
     if receive is not None:
-        await _capture(receive, root, on_line, on_dropped)
-        return
+        return _capture(receive, root, on_line, on_dropped)
+    return _capture_pipe(root, on_line, on_dropped)
+
+
+async def _capture_pipe(root: StderrSource, on_line: Callable[[str], None], on_dropped: Callable[[int], None]) -> None:
     assert root.stderr_fd is not None, "no pipe to read and no receive given"
     stream = trio.lowlevel.FdStream(root.stderr_fd)
 
@@ -229,8 +239,13 @@ async def _capture(
         while True:
             due = budget.report_due_at()
             chunk = None
-            with trio.move_on_at(math.inf if due is None else due):
+            if due is None:
+                # No cancel scope while nothing is due: one per waiting
+                # reader costs each instance most of a kilobyte.
                 chunk = await receive()
+            else:
+                with trio.move_on_at(due):
+                    chunk = await receive()
             if chunk is None:
                 report_dropped()  # quiet since lines were dropped: say so now
                 continue

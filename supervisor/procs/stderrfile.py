@@ -101,7 +101,9 @@ class FollowedFile:
         # the root gets the same fd as its stderr.
         self.fd = fd
         self._offset = offset
-        self._changed = trio.Event()
+        # The reader's task while it waits for the file to change (a bare
+        # task rather than an Event: one waits per instance).
+        self._waiter: trio.lowlevel.Task | None = None
         self._finished = False
         # Bytes at the start of the file already deallocated.
         self._punched = 0
@@ -119,13 +121,15 @@ class FollowedFile:
 
     def changed(self) -> None:
         """The file may have grown: wake the reader."""
-        self._changed.set()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
 
     def finish(self) -> None:
         """No more writers (the tree is gone): `receive` drains what is left,
         then answers b"" for the end."""
         self._finished = True
-        self._changed.set()
+        self.changed()
 
     async def receive(self) -> bytes:
         """The next bytes written, waiting for them; b"" once `finish`ed and
@@ -136,13 +140,14 @@ class FollowedFile:
                 return data
             if self._finished:
                 return b""
-            self._changed = trio.Event()
-            # A write between the read above and the new event is caught by
-            # reading once more before waiting.
-            data = self._read()
-            if data:
-                return data
-            await self._changed.wait()
+            # No checkpoint since the read above: a change signalled from
+            # now on wakes this task.
+            self._waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def _read(self) -> bytes:
         """The next bytes to hand on (b"" if none are there yet), after a

@@ -27,6 +27,7 @@ import resource
 import socket as stdlib_socket
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ from supervisor.engine.engine import Engine, Reply
 from supervisor.engine.instances import AfterReply, run_after
 from supervisor.server.connection import MAX_IN_FLIGHT, Connection
 from supervisor.server.methods import PARAMS, Method, Started, Waits, method_for
-from supervisor.server.readhub import ReadHub
+from supervisor.server.readhub import TURN_BUDGET_S, ReadHub
 
 log = structlog.get_logger()
 
@@ -65,7 +66,8 @@ REFUSE_TIMEOUT_S = 1.0
 # connection's task) before other connections have theirs: a peer that
 # pipelines a whole receive buffer of cheap requests (a thousand `hello`s)
 # must not hold every other client up for the tens of ms those take, while an
-# ordinary batch costs no yield beyond the read's own.
+# ordinary batch costs no yield beyond the read's own. A turn also ends once
+# it has taken TURN_BUDGET_S (requests that spawn take a millisecond each).
 ANSWERS_PER_TURN = 32
 
 # An upgrade's pause gives up this soon when all that keeps it waiting is
@@ -328,6 +330,7 @@ class ControlServer:
                 self._ended[connection.id] = decoder
                 await connection.flush()
                 return True
+            turn_began = time.perf_counter()
             for answered, message in enumerate(handback.messages, start=1):
                 if connection.closed:
                     return False
@@ -353,8 +356,9 @@ class ControlServer:
                     except trio.WouldBlock:
                         await connection.in_flight.acquire()
                     await nursery.start(self._serve_in_task, connection, message, method)
-                if answered % ANSWERS_PER_TURN == 0:
+                if answered % ANSWERS_PER_TURN == 0 or time.perf_counter() - turn_began > TURN_BUDGET_S:
                     await trio.lowlevel.checkpoint()
+                    turn_began = time.perf_counter()
             handback = _Handback()
         return False
 
@@ -432,10 +436,11 @@ class ControlServer:
             # connection kept out of the hub (and the upgrade may time out).
             return _Handback(messages=[]) if len(held) > MAX_HELD_BYTES else None
         messages = decoder.feed(data)
+        began = time.perf_counter()
         for index, message in enumerate(messages):
             if connection.closed:
                 return _Handback(fatal=True)  # the peer is gone: serve nothing more
-            if index == ANSWERS_PER_TURN:
+            if index == ANSWERS_PER_TURN or (index and time.perf_counter() - began > TURN_BUDGET_S):
                 return _Handback(messages=messages[index:])
             fatal = False
             fds: tuple[int, ...] = ()

@@ -7,6 +7,7 @@ the I/O shell must carry out) and the state it is left in.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import random
@@ -1155,8 +1156,27 @@ class Shell:
         self.connections: dict[int, int] = {}
         self._next_connection = itertools.count(1)
         self._next_pid = itertools.count(1000)
+        # What each instance showed at the last check, with its revision, and
+        # the registry's version then (see `check_revisions`).
+        self.shown: dict[str, tuple[object, int]] = {}
+        self.shown_version = registry.version
         for _ in range(4):
             self.open_connection()
+
+    def check_revisions(self) -> None:
+        """An instance whose fields or leases changed since the last check
+        has a new revision, and the registry a new version if anything it
+        shows changed (an instance came, went or changed)."""
+        registry = self.registry
+        shown = {instance_id: (shown_fields(registry, instance), instance.revision)
+                 for instance_id, instance in registry.instances.items()}
+        for instance_id, (fields, revision) in shown.items():
+            before = self.shown.get(instance_id)
+            if before is not None and before[0] != fields:
+                assert revision != before[1], f"instance {instance_id} changed without a new revision"
+        if {i: f for i, (f, _) in shown.items()} != {i: f for i, (f, _) in self.shown.items()}:
+            assert registry.version != self.shown_version, "the registry changed without a new version"
+        self.shown, self.shown_version = shown, registry.version
 
     def open_connection(self) -> None:
         self.connections[next(self._next_connection)] = self.rng.choice(UID_CHOICES)
@@ -1237,6 +1257,7 @@ class Shell:
         for instance_id in self.roots:
             assert instances[instance_id].state is not State.STARTING
         check_indexes(registry)
+        self.check_revisions()
 
     # -- steps ---------------------------------------------------------------
 
@@ -1504,6 +1525,17 @@ class Shell:
                     assert acquired.actions == [Spawn(acquired.instance.id)]
 
 
+def shown_fields(registry: Registry, instance: Instance) -> tuple[object, ...]:
+    """Every field of an instance and of its leases but its watchers: what
+    a revision must follow."""
+    leases = tuple(sorted(
+        (t, lease.owner, lease.detached, lease.ttl, lease.expires_at, lease.resume_by, lease.uid)
+        for t in instance.leases for lease in [registry.leases[t]]
+    ))
+    return (instance.state, instance.pid, instance.started_at, instance.linger_until, instance.waiting_for,
+            instance.returncode, instance.stop_reason, instance.tree_gone, instance.adopted, instance.uid, leases)
+
+
 def check_indexes(registry: Registry) -> None:
     """Every index the registry keeps to answer in O(log n) equals what a walk
     of all its instances and leases finds (the brute-force reference)."""
@@ -1517,7 +1549,7 @@ def check_indexes(registry: Registry) -> None:
     for lease in leases:
         if lease.owner is not None:
             by_owner.setdefault(lease.owner, []).append(lease.token)
-    assert {owner: list(tokens) for owner, tokens in registry._by_owner.items()} == by_owner
+    assert {owner: list(tokens) for owner, tokens in registry._index.by_owner.items()} == by_owner
     watching: dict[int, set[str]] = {}
     for instance in instances:
         for connection in instance.watchers:
@@ -1527,6 +1559,8 @@ def check_indexes(registry: Registry) -> None:
     for adapter in {i.adapter for i in instances} | set(ADAPTERS):
         assert registry.count_instances(adapter) == sum(1 for i in instances if i.adapter == adapter and not i.tree_gone)
     assert registry.count_live() == sum(1 for i in instances if i.state in (State.STARTING, State.RUNNING, State.LINGERING))
+    assert registry.instances_by_adapter() == dict(collections.Counter(i.adapter for i in instances if not i.tree_gone))
+    assert registry.leases_by_adapter() == dict(collections.Counter(lease.adapter for lease in leases))
     deadlines = [lease.deadline for lease in leases if lease.deadline is not None]
     deadlines += [i.linger_until for i in instances if i.state is State.LINGERING and i.linger_until is not None]
     assert registry.next_deadline() == min(deadlines, default=None)
@@ -1674,8 +1708,8 @@ def restored(registry: Registry) -> Registry:
 
 def indexes(registry: Registry) -> tuple[object, ...]:
     return (
-        registry._live, registry._dying, registry._deadlines.as_dict(), registry._by_job, registry._by_owner,
-        registry._by_uid, registry._watching, registry._successor, registry._holding, registry.closed,
+        registry._live, registry._dying, registry._deadlines.as_dict(), registry._index.by_job, registry._index.by_owner,
+        registry._index.by_uid, registry._watching, registry._successor, registry._holding, registry.closed,
     )
 
 

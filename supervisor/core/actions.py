@@ -1,0 +1,115 @@
+"""What the registry answers: the actions the I/O shell must carry out, the
+results of client operations, and the records an adopted instance is taken
+back from. Frozen values; pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from supervisor.core.states import Instance, Lease, Reason
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start the root process of `instance_id`; report back with `spawned` or `spawn_failed`."""
+
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class StopTree:
+    """Stop every process of the instance's tree; report back with `tree_gone`."""
+
+    instance_id: str
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class NotifyExited:
+    """Send `adapter_exited` to these connections."""
+
+    connections: tuple[int, ...]
+    instance_id: str
+    job: str
+    adapter: str
+    pid: int | None
+    returncode: int | None
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class InstanceSettled:
+    """A STARTING instance stopped waiting: it runs, or it never will.
+
+    Acquires parked on it can now answer.
+    """
+
+    instance_id: str
+    running: bool
+
+
+Action = Spawn | StopTree | NotifyExited | InstanceSettled
+
+
+@dataclass(frozen=True)
+class Acquired:
+    lease: Lease
+    instance: Instance
+    spawned: bool
+    actions: list[Action]
+
+
+@dataclass(frozen=True)
+class Released:
+    refcount: int
+    stopping: bool
+    actions: list[Action]
+
+
+@dataclass(frozen=True)
+class JobReleased:
+    released: int
+    instances: list[str]
+    actions: list[Action]
+
+
+@dataclass(frozen=True)
+class Ticked:
+    expired_leases: list[str]
+    actions: list[Action]
+    # Bound leases of a previous incarnation nobody resumed in time.
+    unresumed_leases: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    resumed: list[str]
+    not_resumed: list[str]
+
+
+@dataclass(frozen=True)
+class AdoptedLease:
+    """A lease of a previous incarnation, as it recorded it."""
+
+    token: str
+    uid: int
+    detached: bool
+    ttl: float | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AdoptedInstance:
+    """An instance of a previous incarnation whose tree still runs, as it
+    recorded it. `linger_until` is set if it was lingering."""
+
+    id: str
+    job: str
+    adapter: str
+    params: tuple[tuple[str, str], ...]
+    pid: int
+    started_at: float
+    linger: float = 0.0
+    linger_until: float | None = None
+    leases: tuple[AdoptedLease, ...] = ()
+    uid: int | None = None
