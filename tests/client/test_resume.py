@@ -176,7 +176,18 @@ class ScriptedDaemon:
                 break
 
     def close(self) -> None:
+        """Stop accepting and wait for the accepting thread: a thread left
+        blocked in accept() on a closed fd would accept on whatever socket
+        gets that number next (and opens fds under later tests)."""
+        import socket
+
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() with an error
+        except OSError:
+            pass
         self.listener.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the scripted daemon's accept thread did not stop"
 
 
 def test_a_lease_released_during_the_resume_is_released_once_connected(tmp_path: Path) -> None:
