@@ -153,6 +153,7 @@ def scan_table(
     live: frozenset[str],
     measured: dict[str, tuple[InstanceTree, frozenset[process.ProcessId]]],
     tracked: Mapping[str, tuple[process.ProcessId, frozenset[process.ProcessId]]],
+    learned_from: frozenset[int] | None = None,
     daemon_pid: int,
 ) -> ScanResult:
     """Blocking: a periodic sweep's scan in process-table mode, from the
@@ -161,7 +162,8 @@ def scan_table(
     owns; `measured` the trees whose members (with fresh figures) are wanted;
     `tracked` the root and known members of every running tree: where the
     live members found differ from those known, they are returned in
-    `learned`.
+    `learned` (looked for only when the processes of ours are not
+    `learned_from`, those of the last scan whose `learned` was taken in).
     A process of ours is accounted for if it is an anchor, carries the tag
     of a live instance, or descends from either; the rest of ours are the
     candidates, each read again so that a zombie or a reused pid is none.
@@ -187,7 +189,9 @@ def scan_table(
         result.candidates.append(_candidate(stat, "descendant"))
     for instance_id, (tree, known) in measured.items():
         result.members[instance_id] = table.members(tree.root, known, instance_id)
-    for instance_id, (root, known) in tracked.items():
+    # A tree's members change only as processes of ours come and go: while
+    # ours are those of the last scan that learned, there is nothing to learn.
+    for instance_id, (root, known) in tracked.items() if table.ours != learned_from else ():
         found = frozenset(
             process.ProcessId(s.pid, s.start_time)
             for s in table.members(root, known, instance_id)
@@ -320,6 +324,9 @@ class Sweeper:
         # Pids of the daemon's own children that are no adapter's (the check
         # of an upgrade's new code), while they run: never orphans.
         self.helpers: set[int] = set()
+        # The processes of ours when a process-table sweep last learned the
+        # trees' members (`scan_table`).
+        self._learned_from: frozenset[int] | None = None
         # Expired leases (the registry's tick) not yet in a report.
         self._expired: list[str] = []
         # Trees the limit watch stopped for their memory_limit, not yet in a report.
@@ -400,7 +407,7 @@ class Sweeper:
                     tracked = {i: (r.tree.root, frozenset(r.tree.known)) for i, r in running.items()}
                     result = await trio.to_thread.run_sync(partial(
                         scan_table, base, anchors=self._instances.anchors(), live=live, measured=snapshots,
-                        tracked=tracked, daemon_pid=self._instances.pid,
+                        tracked=tracked, learned_from=self._learned_from, daemon_pid=self._instances.pid,
                     ))
                     assert result.table is not None
                     table.offer(result.table, base)
@@ -416,6 +423,8 @@ class Sweeper:
             with trio.CancelScope(shield=True):
                 scans.remember(self._instances, result.members, snapshots)
                 scans.learn(self._instances, result.learned, tracked)
+                if result.table is not None:
+                    self._learned_from = result.table.ours
                 over_memory, self._over_memory = self._over_memory, []
                 over_memory += self._enforce_memory_limits(result.members)
                 if deep:
