@@ -12,6 +12,7 @@ EXIT_STATUSES.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -255,9 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # in-place upgrade, whose start is a pause for every client) never loads
     # the client library.
     if args.command == "serve":
-        from supervisor.serve import serve
+        # What start-up makes lives as long as the daemon and is frozen once
+        # it serves (serve.freeze_startup_objects, which turns the collector
+        # back on): collections on the way would only lengthen every start,
+        # and every upgrade's pause.
+        gc.disable()
+        try:
+            from supervisor.serve import serve
 
-        return serve(args.config or str(bundled_config_path()), check_upgrade=args.check_upgrade)
+            return serve(args.config or str(bundled_config_path()), check_upgrade=args.check_upgrade)
+        finally:
+            gc.enable()
     from supervisor import commands
 
     try:

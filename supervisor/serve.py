@@ -197,10 +197,12 @@ def freeze_startup_objects(*, collect: bool = True) -> None:
     requests have allocated enough, in the middle of whichever request that
     is. Frozen objects live for the whole run anyway. Without `collect`
     (an upgrade, which answers no request until this is done) start-up's
-    little garbage is frozen with the rest instead of collected first."""
+    little garbage is frozen with the rest instead of collected first.
+    Turns the collector on (it may have been off through start-up)."""
     if collect:
         gc.collect()
     gc.freeze()
+    gc.enable()  # (the command line starts `serve` with it off)
     gcpauses.install()
 
 
