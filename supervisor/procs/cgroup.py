@@ -130,7 +130,8 @@ def _read_text(path: str | pathlib.Path) -> str:
         return f.read()
 
 
-def _write(path: pathlib.Path, data: bytes) -> None:
+def write_value(path: pathlib.Path, data: bytes) -> None:
+    """Write one value to a cgroupfs file. Raises OSError as write(2) does."""
     # cgroupfs takes one value per write(2) call, so no buffered file objects.
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -236,7 +237,7 @@ def _kill_each(path: pathlib.Path) -> None:
 
 def _kill(path: pathlib.Path) -> None:
     try:
-        _write(path / "cgroup.kill", b"1")
+        write_value(path / "cgroup.kill", b"1")
     except FileNotFoundError:
         if path.is_dir():
             _kill_each(path)
@@ -380,7 +381,7 @@ class CgroupManager:
         Raises ProcessLookupError if it does not exist, FileNotFoundError if the
         cgroup does not, other OSError if the kernel refuses the move.
         """
-        _write(self._path(instance_id) / "cgroup.procs", str(pid).encode())
+        write_value(self._path(instance_id) / "cgroup.procs", str(pid).encode())
 
     def pids(self, instance_id: str) -> list[int]:
         """Pids in the instance's cgroup and in every sub-cgroup the adapter made, sorted.
@@ -507,7 +508,7 @@ def _delegated_base(own: str, mount: Mount, name: str) -> pathlib.Path:
         leaf = delegated / leaf_name
         try:
             leaf.mkdir(exist_ok=True)
-            _write(leaf / "cgroup.procs", str(os.getpid()).encode())
+            write_value(leaf / "cgroup.procs", str(os.getpid()).encode())
         except OSError as exc:
             raise CgroupUnavailable(f"cannot move the daemon into {leaf}: {exc.strerror}") from exc
     return delegated / name
@@ -527,7 +528,7 @@ def _probe_join_and_kill(probe: pathlib.Path) -> None:
         raise CgroupUnavailable(f"cannot start a probe process: {exc.strerror}") from exc
     try:
         try:
-            _write(probe / "cgroup.procs", str(child.pid).encode())
+            write_value(probe / "cgroup.procs", str(child.pid).encode())
         except OSError as exc:
             raise CgroupUnavailable(f"cannot move a process into {probe}: {exc.strerror}") from exc
         if child.pid not in _pids_under(probe):

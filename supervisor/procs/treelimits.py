@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from supervisor.procs import process
+from supervisor.procs.cgroup import write_value
 
 # The controllers whose limits the kernel can enforce for an instance cgroup.
 KERNEL_CONTROLLERS = ("memory", "pids")
@@ -255,7 +256,7 @@ def _enable_offered(cgroup: pathlib.Path) -> None:
         offered = set((cgroup / "cgroup.controllers").read_text().split())
         wanted = [c for c in KERNEL_CONTROLLERS if c in offered]
         if wanted:
-            _write(cgroup / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted).encode())
+            write_value(cgroup / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted).encode())
     except OSError:
         pass
 
@@ -270,14 +271,14 @@ def apply_kernel_limits(
     applied = set()
     if "memory" in controllers and memory_limit is not None:
         try:
-            _write(path / "memory.max", str(memory_limit).encode())
-            _write(path / "memory.oom.group", b"1")
+            write_value(path / "memory.max", str(memory_limit).encode())
+            write_value(path / "memory.oom.group", b"1")
             applied.add("memory")
         except OSError:
             pass
     if "pids" in controllers and max_pids is not None:
         try:
-            _write(path / "pids.max", str(max_pids).encode())
+            write_value(path / "pids.max", str(max_pids).encode())
             applied.add("pids")
         except OSError:
             pass
@@ -319,14 +320,5 @@ def _read_small(path: pathlib.Path) -> bytes:
         while chunk := os.read(fd, _READ_CHUNK):
             chunks.append(chunk)
         return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _write(path: pathlib.Path, data: bytes) -> None:
-    # cgroupfs takes one value per write(2) call.
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data)
     finally:
         os.close(fd)
