@@ -203,9 +203,10 @@ class Engine:
     @property
     def helper_processes(self) -> set[int]:
         """Pids of the daemon's own children that are no adapter's, kept
-        here by whoever starts one while it runs: sweeps never take them for
+        here by whoever starts and waits for one while it runs: the reaper
+        leaves their status to that waiter, and sweeps never take them for
         orphans."""
-        return self.sweeper.helpers
+        return self.reaper.others
 
     def _choose_spawner(self, config: Config) -> Any:
         return choose_spawner(config.daemon.spawner, self.cgroups, daemon_key=self.daemon_tag, base_env=self._environ)

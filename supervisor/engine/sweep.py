@@ -321,9 +321,6 @@ class Sweeper:
         self._lock = trio.Lock()
         # sweep.tags_unreadable is logged once, not at every sweep.
         self._warned_hidden = False
-        # Pids of the daemon's own children that are no adapter's (the check
-        # of an upgrade's new code), while they run: never orphans.
-        self.helpers: set[int] = set()
         # The processes of ours when a process-table sweep last learned the
         # trees' members (`scan_table`).
         self._learned_from: frozenset[int] | None = None
@@ -500,7 +497,7 @@ class Sweeper:
             and c.instance not in self._registry.instances
             and c.stat.process_id not in known
             and c.stat.start_time < born_before
-            and c.stat.pid not in self.helpers
+            and c.stat.pid not in self._reaper.others
         ]
         hidden = [c for c in still if c.hidden_uid is not None]
         if not hidden:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -25,6 +26,11 @@ import trio
 # From <linux/prctl.h>.
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
+
+# How soon `reap` is tried again when a child another part of the daemon
+# waits for was the one waitable (it is reaped by its waiter within
+# milliseconds; other children's exits wait this long at most).
+BLOCKED_RETRY_S = 0.02
 
 # Adopted children remembered for the next sweep report; past this the oldest
 # are dropped (they were logged when reaped).
@@ -134,6 +140,13 @@ class ChildReaper:
         # before `watch_root`): pid -> (returncode, trio time reaped).
         self._unclaimed: dict[int, tuple[int, float]] = {}
         self.spawns_in_flight = 0
+        # Children that other code waits for itself (the check of an
+        # upgrade's new code, under trio.run_process), while they run: never
+        # reaped here, never an orphan.
+        self.others: set[int] = set()
+        # A child of `others` was waitable at the last `reap`, which had to
+        # stop there: reap again soon, without waiting for a SIGCHLD.
+        self._blocked = False
 
     def watch_root(self, pid: int, on_exit: Callable[[int], None], *, spawned_after: float) -> None:
         """Call `on_exit(returncode)` once `pid` (our child) is reaped, at once if
@@ -157,9 +170,14 @@ class ChildReaper:
         `on_exit` callback raises: that child is reaped and its callback
         dropped, and children not yet reaped wait for the next call."""
         reaped = False
+        self._blocked = False
         while True:
             waitable = waitable_children()
             if not waitable:
+                break
+            if waitable[0] in self.others:
+                # Its waiter reaps it; until then the peek shows only it.
+                self._blocked = True
                 break
             for pid in waitable:
                 returncode = reap_pid(pid)
@@ -197,5 +215,9 @@ class ChildReaper:
         with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
             self.reap()
             task_status.started()
-            async for _ in sigchld:
+            while True:
+                # While a child of `others` blocks the peek, look again soon:
+                # its waiter reaps it without a SIGCHLD to tell us.
+                with trio.move_on_after(BLOCKED_RETRY_S if self._blocked else math.inf):
+                    await sigchld.__anext__()
                 self.reap()

@@ -183,3 +183,35 @@ def test_child_has_exited_peeks_without_reaping() -> None:
         if child.returncode is None:
             child.kill()
             child.wait()
+
+
+async def test_the_reaper_leaves_a_child_others_wait_for_and_reaps_the_rest_once_it_is_gone() -> None:
+    # The check of an upgrade's new code runs under trio.run_process, which
+    # waits for its child itself: the reaper must not take its exit status,
+    # and the children that exit meanwhile are reaped once it is collected,
+    # without a further SIGCHLD.
+    import trio
+
+    reaper = subreaper.ChildReaper()
+    helper = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    reaper.others.add(helper.pid)
+    while not subreaper.child_has_exited(helper.pid):
+        time.sleep(0.01)
+    other = subprocess.Popen(["true"])
+    while not subreaper.child_has_exited(other.pid):
+        time.sleep(0.01)
+    adopted: list[tuple[int, int]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        await trio.sleep(0.1)
+        adopted += reaper.take_adopted()
+        assert helper.pid not in [pid for pid, _ in adopted]
+        assert helper.wait() == 3  # its own waiter gets the true status
+        reaper.others.discard(helper.pid)
+        with trio.fail_after(5):
+            while other.pid not in [pid for pid, _ in adopted]:
+                await trio.sleep(0.01)
+                adopted += reaper.take_adopted()
+        nursery.cancel_scope.cancel()
+    assert (other.pid, 0) in adopted
+    other.returncode = 0  # (reaped by the reaper, as an adopted child)
