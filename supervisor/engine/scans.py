@@ -161,15 +161,16 @@ def snapshot(instances: Instances, instance_ids: list[str]) -> Snapshots:
 
 def remember(instances: Instances, members: Mapping[str, list[process.ProcStat]], snapshots: Snapshots) -> None:
     """Fold a scan's results into the trees still running: members learned
-    (the record is rewritten if any tree's members changed: after a crash
-    they are what proves an escapee is ours), and each tree's RSS."""
+    (in process-table mode the record is rewritten if any tree's members
+    changed: after a crash they are what proves an escapee is ours; a
+    cgroup proves it in cgroup mode), and each tree's RSS."""
     changed = False
     for instance_id, stats in members.items():
         running = instances.running.get(instance_id)
         if running is not None:
             changed |= running.tree.remember(stats, snapshots[instance_id][1])
             instances.set_rss(running, sum(s.rss_bytes for s in stats))
-    if changed:
+    if changed and instances.cgroups is None:
         instances.record.mark_dirty()
 
 
