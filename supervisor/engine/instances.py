@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import dataclasses
 import os
 import signal
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
+import msgspec
 import structlog
 import trio
 
@@ -290,7 +290,7 @@ class Instances:
         """The request with a new stderr file for the root, and the file
         followed. Raises OSError (nothing is left open)."""
         followed = self.stderr_files.take()
-        return dataclasses.replace(request, stderr=followed.fd), followed
+        return msgspec.structs.replace(request, stderr=followed.fd), followed
 
     def _drop_stderr(self, stderr: FollowedFile) -> None:
         """The stderr file of a root that never started."""

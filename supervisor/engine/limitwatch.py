@@ -28,8 +28,8 @@ under, and meanwhile acquires that would start a new instance get 1004.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
+import msgspec
 import structlog
 import trio
 
@@ -93,8 +93,7 @@ class PidsGate:
         self._handed = None
 
 
-@dataclass(frozen=True)
-class Watched:
+class Watched(msgspec.Struct, frozen=True):
     """An immutable view of one tree for a look in a worker thread."""
 
     instance_id: str
@@ -109,8 +108,7 @@ class Watched:
     kernel: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
-class Look:
+class Look(msgspec.Struct, frozen=True):
     """What one look found of one tree."""
 
     figures: TreeFigures
@@ -118,8 +116,7 @@ class Look:
     kernel_hit: str | None = None
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(msgspec.Struct, frozen=True):
     """A tree over a limit: why, what was found and the limit it passed."""
 
     instance_id: str
