@@ -160,6 +160,9 @@ class Instances:
         # Grows by one whenever a tree is spawned or stopped: scans taken
         # before are out of date.
         self.generation = 0
+        # Roots this daemon spawned, each one new pid (the limit watch's
+        # PidsGate leaves them out of the pids the host handed out).
+        self.roots_spawned = 0
         self._pending: dict[str, PendingSpawn] = {}
         # The (uid, gid) of the client whose acquire created an instance of a
         # "@peer" adapter, until its spawn: who its tree runs as.
@@ -345,6 +348,7 @@ class Instances:
             root.pid, partial(self._root_reaped, instance_id, running), spawned_after=spawned_after
         )
         self.generation += 1
+        self.roots_spawned += 1
         start_tasks = partial(self._start_root_tasks, instance_id, running)
         if after is None:
             start_tasks()
@@ -484,6 +488,11 @@ class Instances:
         self.report(self.registry.root_exited(instance_id, returncode=None, now=self.now()))
 
     # -- an in-place upgrade ------------------------------------------------------
+
+    @property
+    def spawns_in_flight(self) -> int:
+        """Spawns under way in a worker thread."""
+        return self.reaper.spawns_in_flight
 
     def busy(self) -> str | None:
         """Why the trees cannot be handed over right now (a spawn in a worker
