@@ -94,9 +94,7 @@ class _AsyncConnection:
         if stray.lease is None or self._failure is not None or self._task_group is None:
             return
         session = self._session
-        request_id, line = session.request("release", {"lease": stray.lease})
-        session.abandon(request_id)
-        self._task_group.start_soon(self._send_quietly, line, session)
+        self._task_group.start_soon(self._send_quietly, session.release_line(stray.lease), session)
 
     async def _send_quietly(self, line: bytes, session: Session) -> None:
         try:

@@ -176,8 +176,7 @@ class _Connection:
             if self._failure is not None:
                 return  # a bound lease went with the connection
             session = self._session
-            request_id, line = session.request("release", {"lease": stray.lease})
-            session.abandon(request_id)
+            line = session.release_line(stray.lease)
         with contextlib.suppress(OSError):  # then the daemon released it anyway
             self._send(line, session)
 

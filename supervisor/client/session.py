@@ -129,6 +129,13 @@ class Session:
         if request_id in self._methods:
             self._abandoned.add(request_id)
 
+    def release_line(self, lease: str) -> bytes:
+        """The line of a `release` of `lease` that nobody waits for (its answer
+        becomes a `Stray`): how a client gives back a lease it did not want."""
+        request_id, line = self.request("release", {"lease": lease})
+        self.abandon(request_id)
+        return line
+
     def receive(self, data: bytes, fds: Sequence[int] = ()) -> list[Incoming]:
         """Take bytes (and the fds read with them); return what they complete.
 
