@@ -19,7 +19,8 @@ from typing import Any
 
 from supervisor import display, units
 from supervisor.client import Client, ConnectionLost, DaemonError, InvalidParams, UnknownLease, default_socket
-from supervisor.client.session import DEFAULT_TIMEOUT_S, acquire_params
+from supervisor.client.messages import acquire_params
+from supervisor.client.session import DEFAULT_TIMEOUT_S
 from supervisor.core.config import check_config_file
 from supervisor.core.protocol import MAX_LOG_LINES
 from supervisor.exitstatus import EX_CANTCREAT, EX_CONFIG, EX_ERROR, EX_INTERRUPTED, EX_OK, EX_UNAVAILABLE

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor.core import config as config_module
+from supervisor.core import adapterconfig, daemonconfig
 from supervisor import systemd
 from supervisor.client import Client
 from tests.conftest import DAEMON_START_TIMEOUT_S, PYTHON, eventually
@@ -630,13 +630,13 @@ def test_units_match_the_daemon_defaults() -> None:
     assert single["KillMode"] == "process" and single["StateDirectoryMode"] == "0700"
     assert single["NoNewPrivileges"] == "yes"
     # The runtime and state directories are the ones the daemon uses as root.
-    assert f"/run/{single['RuntimeDirectory']}" == config_module._SYSTEM_RUNTIME_DIR
-    assert f"/var/lib/{single['StateDirectory']}" == config_module._SYSTEM_STATE_DIR
-    assert sock["ListenStream"] == [os.path.join(config_module._SYSTEM_RUNTIME_DIR, config_module._SOCKET_NAME)]
+    assert f"/run/{single['RuntimeDirectory']}" == daemonconfig._SYSTEM_RUNTIME_DIR
+    assert f"/var/lib/{single['StateDirectory']}" == daemonconfig._SYSTEM_STATE_DIR
+    assert sock["ListenStream"] == [os.path.join(daemonconfig._SYSTEM_RUNTIME_DIR, daemonconfig._SOCKET_NAME)]
     assert sock["SocketMode"] == ["0660"] and sock["FileDescriptorName"] == [systemd.CONTROL_FD_NAME]
     # Stopping waits out the largest stop_timeout plus the daemon's 6 s margin;
     # the default stop_timeout must fit with room to spare.
-    default_stop_timeout = config_module.AdapterConfig(name="x", command=("x",)).stop_timeout
+    default_stop_timeout = adapterconfig.AdapterConfig(name="x", command=("x",)).stop_timeout
     assert seconds(single["TimeoutStopSec"]) >= 10 * default_stop_timeout + 6
     assert seconds(single["WatchdogSec"]) >= 10
 

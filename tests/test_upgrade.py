@@ -339,7 +339,7 @@ def test_the_check_compiles_the_daemons_modules_whose_bytecode_is_missing_or_sta
 def test_a_peer_that_does_not_read_fails_an_upgrade_fast_and_keeps_its_answers(start_daemon) -> None:
     """The pause gives up after STUCK_SENDERS_S, not its 10 s: everyone else
     waits while it lasts. The daemon serves on, the peer loses nothing."""
-    from supervisor.server.listener import STUCK_SENDERS_S
+    from supervisor.server.handover import STUCK_SENDERS_S
     from tests.server.test_listener import status_flood
 
     daemon = start_daemon(send_timeout=30.0)

@@ -1,4 +1,4 @@
-"""The control socket: the listener, authorization, and the one error boundary.
+"""The control socket's server: accepting, authorization, and serving each connection.
 
 Each connection (`supervisor.server.connection.Connection`: whole lines out,
 never interleaved) has a task that owns it. While a connection is idle its
@@ -9,29 +9,27 @@ the scheduler per request. Whatever must wait (a spawn, a scan, a peer slow
 to read) goes back to the connection's task, which answers in order what
 waits briefly or not at all (`Waits.NEVER`, `Waits.BRIEFLY`) and starts one
 task for each other request (so responses may come out of order), then lends
-its socket to the hub again. Exceptions become wire errors here and nowhere
-else; tracebacks go to the log. A reply's after-work (`Reply.after`) runs
-right after its line is handed to the socket, whatever became of the send.
+its socket to the hub again. Exceptions become wire errors in one place
+(`responses.py`); tracebacks go to the log. A reply's after-work
+(`Reply.after`) runs right after its line is handed to the socket, whatever
+became of the send.
+
+The socket file and its peers' credentials are `controlsocket.py`; a
+request's response and the error boundary are `responses.py`; the pause for
+an in-place upgrade and what it hands over are `handover.py`.
 """
 
 from __future__ import annotations
 
-import array
-import contextlib
 import errno
-import grp
 import itertools
-import json
 import os
 import resource
 import socket as stdlib_socket
-import stat
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
 import structlog
 import trio
 
@@ -43,11 +41,18 @@ from supervisor.core.errors import (
     ShuttingDown,
     SupervisorError,
 )
-from supervisor.engine.engine import Engine, Reply
+from supervisor.engine.engine import Engine
 from supervisor.engine.instances import AfterReply, run_after
-from supervisor.server.connection import MAX_IN_FLIGHT, Connection
-from supervisor.server.methods import PARAMS, Method, Started, Waits, method_for
+from supervisor.server.connection import Connection
+from supervisor.server.controlsocket import _UCRED, SocketGroupRefused, _peer_groups, bind_control_socket
+from supervisor.server.handover import HandedConnection, ServerState, _Handover
+from supervisor.server.methods import PARAMS, Waits, method_for
 from supervisor.server.readhub import TURN_BUDGET_S, ReadHub
+from supervisor.server.responses import _Responses
+
+# ServerState, SocketGroupRefused and bind_control_socket live in handover.py
+# and controlsocket.py; serve.py and upgrade.py import them from here.
+__all__ = ["ControlServer", "ServerState", "SocketGroupRefused", "bind_control_socket"]
 
 log = structlog.get_logger()
 
@@ -69,25 +74,7 @@ REFUSE_TIMEOUT_S = 1.0
 # ordinary batch costs no yield beyond the read's own. A turn also ends once
 # it has taken TURN_BUDGET_S (requests that spawn take a millisecond each).
 ANSWERS_PER_TURN = 32
-
-# An upgrade's pause gives up this soon when all that keeps it waiting is
-# connections whose peers have taken nothing of the line under way for that
-# long: every other client waits while it does, and such a peer is dropped
-# after send_timeout anyway. A peer that reads, however slowly, is waited for
-# (up to the pause's own bound).
-STUCK_SENDERS_S = 3.0
-
 ROOT_UID = 0
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-# SO_PEERGROUPS (Linux >= 4.13, <asm-generic/socket.h>): the peer's supplementary
-# groups as of connect(). Python does not export the constant.
-SO_PEERGROUPS = getattr(stdlib_socket, "SO_PEERGROUPS", 59)
-
-# Room for this many supplementary groups: CPython's getsockopt takes at most
-# 1024 bytes. A peer in more groups is judged by uid and primary gid only (the
-# kernel answers ERANGE rather than a partial list).
-MAX_PEER_GROUPS = 256
 
 
 @dataclass
@@ -106,27 +93,7 @@ class _Handback:
     fatal: bool = False
 
 
-class HandedConnection(msgspec.Struct, frozen=True, kw_only=True):
-    """A client connection handed to the next image in an in-place upgrade."""
-
-    fd: int
-    id: int
-    pid: int
-    uid: int
-    gid: int
-    # Bytes read from the peer that do not make a whole line yet.
-    unread: bytes = b""
-    groups: list[int] = []
-
-
-class ServerState(msgspec.Struct, frozen=True, kw_only=True):
-    """Every open connection, and where the next connection's id starts."""
-
-    next_id: int
-    connections: list[HandedConnection]
-
-
-class ControlServer:
+class ControlServer(_Responses, _Handover):
     """Accepts clients on the control socket and serves their requests.
 
     `pause` (for an in-place upgrade) brings every connection to a point
@@ -465,173 +432,6 @@ class ControlServer:
                 return _Handback(fatal=True)
         return _Handback(fatal=True) if connection.closed else None
 
-    def _answer_now(
-        self, connection: Connection, request: protocol.Request
-    ) -> tuple[bytes, tuple[int, ...], AfterReply | tuple[()]] | None:
-        """The response line to `request` made without waiting, with its fds
-        and after-work; None (having changed nothing) if it must wait, or if
-        it would pass fds while another line is under way. Raises nothing."""
-        engine, params = self.engine, request.params
-        try:
-            method = method_for(engine, request)
-            now = method.now
-            if now is None or not method.ready(engine, params):
-                return None
-            if connection.sending and isinstance(params, protocol.AcquireParams) and params.fds:
-                return None
-            reply = now(engine, connection, params)
-        except SupervisorError as exc:
-            return self._error_line(connection, request, exc), (), ()
-        except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
-            return self._crash_line(connection, request), (), ()
-        return self._result_line(connection, request, reply), reply.fds, reply.after
-
-    def _result_line(self, connection: Connection, request: protocol.Request, reply: Reply) -> bytes:
-        """The line that carries `reply`'s result, or an internal error if it
-        cannot be encoded (a bug). Call it while no exception is handled."""
-        try:
-            return protocol.encode_result(request.id, reply.result)
-        except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
-            return self._crash_line(connection, request)
-
-    def _rejection(self, connection: Connection, message: protocol.BadMessage) -> bytes:
-        """The error line for a line that is not a valid request."""
-        self.engine.count_error(message.error.code)
-        log.info("request.rejected", connection=connection.id, code=message.error.code, reason=message.error.message)
-        return protocol.encode_error(message.id, message.error)
-
-    def _error_line(self, connection: Connection, request: protocol.Request, exc: SupervisorError) -> bytes:
-        self.engine.count_error(exc.code)
-        log.info("request.failed", connection=connection.id, method=request.method, code=exc.code, reason=exc.message)
-        return protocol.encode_error(request.id, exc)
-
-    def _crash_line(self, connection: Connection, request: protocol.Request) -> bytes:
-        """For a handler's unexpected exception (a bug, not a client's
-        mistake): logged whole, answered without details. Call it while
-        handling the exception."""
-        log.exception("request.crashed", connection=connection.id, method=request.method)
-        return protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
-
-    async def _serve_in_task(
-        self, connection: Connection, request: protocol.Request, method: Method,
-        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """`_serve_request` in a task of its own, holding one of the connection's
-        in-flight slots until answered. Started once the request's state changes
-        are made, so pipelined requests change state in arrival order."""
-        try:
-            await self._serve_request(connection, request, method, Started(request.id, task_status.started))
-        finally:
-            connection.in_flight.release()
-
-    async def _serve_request(
-        self, connection: Connection, request: protocol.Request, method: Method,
-        started: Started | None = None,
-    ) -> None:
-        """Run `request`'s handler and send its answer: the result, or the wire
-        error for what it raised (the one place exceptions become wire errors).
-        Calls `started` at the latest before sending. Raises nothing but
-        Cancelled; returns without a checkpoint when the handler and the send
-        need no wait. The reply's after-work runs once the line is handed to
-        the socket, before any wait for the peer."""
-        if started is None:
-            started = Started(request.id)  # answered in the reader: nobody awaits its start
-        reply: Reply | None = None
-        try:
-            if method.answers_now(self.engine, request.params):
-                assert method.now is not None
-                reply = method.now(self.engine, connection, request.params)
-            else:
-                reply = await method.answer(self.engine, connection, request.params, started)
-        except SupervisorError as exc:
-            line = self._error_line(connection, request, exc)
-        except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
-            line = self._crash_line(connection, request)
-        else:
-            line = self._result_line(connection, request, reply)
-        started()
-        fds = reply.fds if reply is not None else ()
-        after = reply.after if reply is not None else ()
-        try:
-            taken = connection.try_send(line, fds)
-            if taken:
-                fds = ()  # the connection's now
-            run_after(after)
-            if taken:
-                await connection.flush()
-            else:
-                line_fds, fds = fds, ()
-                await connection.send(line, line_fds)
-        finally:
-            run_after(after)
-            for fd in fds:
-                os.close(fd)
-
-    # -- an in-place upgrade ------------------------------------------------------
-
-    async def pause(self, *, requester: int | None, timeout: float) -> str | None:
-        """Stop accepting (the listening socket stays open: new clients wait
-        in its backlog) and stop serving: the hub goes on reading every
-        connection but holds what it reads. Waits at most `timeout` for every
-        connection to be lent to the hub with nothing in flight and nothing
-        left to send. `requester` is the connection whose request asked for
-        this (its one request stays in flight). Returns None once all are,
-        else why not (then call `resume_serving`). Cancellation: raises;
-        call `resume_serving`."""
-        self._pausing = True
-        if self._accept_scope is not None:
-            self._accept_scope.cancel()
-        stuck_since: float | None = None
-        progress: list[tuple[int, int]] = []
-        with trio.move_on_after(timeout):
-            while True:
-                busy = self._busy(requester)
-                if not busy:
-                    return None
-                stuck = [self.connections[i] for i in busy if i in self.connections and self.connections[i].has_unsent]
-                # Stuck means taking nothing: a peer that reads slowly is waited for.
-                now_progress = [(c.id, c.sent_bytes) for c in stuck]
-                if len(stuck) < len(busy) or now_progress != progress:
-                    stuck_since, progress = None, now_progress
-                elif stuck_since is None:
-                    stuck_since = trio.current_time()
-                elif trio.current_time() - stuck_since >= STUCK_SENDERS_S:
-                    peers = ", ".join(f"connection {c.id} (pid {c.pid})" for c in stuck)
-                    return (f"{peers} did not read the answers sent to it for {STUCK_SENDERS_S:g} s; "
-                            "try again once it reads or is dropped (daemon.send_timeout)")
-                await trio.sleep(0.002)
-        return f"{len(self._busy(requester))} connections were still busy after {timeout:g} s"
-
-    def _busy(self, requester: int | None) -> list[int]:
-        busy = []
-        for connection in self.connections.values():
-            if connection.closed:
-                continue
-            in_use = MAX_IN_FLIGHT - connection.in_flight.value - (1 if connection.id == requester else 0)
-            idle = connection.id in self._lent or connection.id in self._ended
-            if not idle or in_use or connection.sending:
-                busy.append(connection.id)
-        if self._arriving:
-            busy.append(-1)
-        return busy
-
-    def export_state(self) -> tuple[ServerState, list[int]]:
-        """The open connections (call after `pause` succeeded, with no
-        checkpoint before the exec), and the fds to keep open."""
-        handed = []
-        for connection in self.connections.values():
-            lent = self._lent.get(connection.id)
-            decoder = lent[1] if lent is not None else self._ended.get(connection.id)
-            if connection.closed or decoder is None:
-                continue
-            unread = decoder.unread() + bytes(self._held.get(connection.id, b""))
-            handed.append(HandedConnection(
-                fd=connection.sock.fileno(), id=connection.id, pid=connection.pid, uid=connection.uid,
-                gid=connection.gid, unread=unread, groups=list(connection.groups),
-            ))
-        state = ServerState(next_id=next(self._ids), connections=handed)
-        return state, [c.fd for c in handed]
-
     def resume_serving(self) -> None:
         """Carry on after a pause (the upgrade did not happen): what the hub
         held is served now, in order."""
@@ -689,104 +489,3 @@ class ControlServer:
             # The group the socket file was given is there to let its members in.
             or self.config.socket_group in gids
         )
-
-
-def _peer_groups(sock: trio.socket.SocketType) -> list[int]:
-    """The peer's supplementary groups (empty where the kernel cannot tell)."""
-    try:
-        raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
-    except OSError:
-        return []
-    return list(array.array("I", raw[: len(raw) - len(raw) % 4]))
-
-
-class SocketGroupRefused(Exception):
-    """The kernel refused to give the socket file to `socket_group`: the
-    daemon is neither root nor a member of the group. The message says so
-    and what to do."""
-
-
-async def bind_control_socket(path: str, mode: int, group: int | None = None) -> trio.socket.SocketType:
-    """Create, bind and listen on the control socket at `path` with `mode`,
-    its file given to the gid `group` if one is named.
-
-    A stale socket file (nobody answers on it) is replaced; a live one raises
-    `OSError(EADDRINUSE)`, since two daemons must never share a socket. Raises
-    SocketGroupRefused (having removed the file it bound) if the daemon may
-    not give the file to `group`. Clients can connect only once the file has
-    its group and mode: the socket listens last.
-    """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            listener_pid = _UCRED.unpack(probe.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _UCRED.size))[0]
-            raise OSError(
-                errno.EADDRINUSE, f"another daemon is already serving on {path} (its socket was opened by pid {listener_pid})"
-            )
-        finally:
-            probe.close()
-    plain = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    # No window in which the socket file is more open than `mode` allows.
-    # The bind is synchronous: no other task runs under the borrowed umask
-    # and egid.
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        with _creating_as_group(group):
-            plain.bind(path)
-    except BaseException:
-        plain.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    sock = trio.socket.from_stdlib_socket(plain)
-    await trio.lowlevel.checkpoint()
-    if group is not None and os.stat(path).st_gid != group:
-        try:
-            os.chown(path, -1, group)
-        except PermissionError:
-            sock.close()
-            os.unlink(path)
-            raise SocketGroupRefused(
-                f"daemon.socket_group: the daemon (uid {os.geteuid()}) may not give {path} to group "
-                f"{_group_label(group)}: only root or a member of the group may; add the daemon's user "
-                "to the group (then restart its session or service), or leave socket_group unset"
-            ) from None
-    os.chmod(path, mode)
-    sock.listen(stdlib_socket.SOMAXCONN)
-    return sock
-
-
-@contextlib.contextmanager
-def _creating_as_group(group: int | None) -> Iterator[None]:
-    """Files created inside get `group` where the daemon may take it as its
-    effective gid (root with CAP_SETGID), so that root needs no CAP_CHOWN
-    to give the socket file to socket_group; elsewhere nothing changes and
-    the caller falls back to chown. The egid is restored on the way out."""
-    own = os.getegid()
-    if group is None or group == own:
-        yield
-        return
-    try:
-        os.setegid(group)
-    except PermissionError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.setegid(own)
-
-
-def _group_label(gid: int) -> str:
-    """`"agents" (gid 4242)`, or `gid 4242` for a gid without a name."""
-    try:
-        return f"{json.dumps(grp.getgrgid(gid).gr_name)} (gid {gid})"
-    except KeyError:
-        return f"gid {gid}"

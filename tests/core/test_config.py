@@ -1,4 +1,5 @@
-"""Tests for supervisor.config: schema, loader, error messages, templates, defaults."""
+"""Tests for supervisor.core.config and the schema modules it gathers: the loader,
+error messages, templates, defaults (the scalar parsers: test_configvalues.py)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ from supervisor.core.config import (
     default_state_dir,
     load_config,
     parse_config,
-    parse_signal,
-    parse_size,
 )
 from supervisor.core.errors import ConfigError, InvalidParams
 
@@ -220,63 +219,7 @@ def test_configs_are_frozen():
         parse_config("").daemon.socket = "/x"  # type: ignore[misc]
 
 
-# --- sizes and signals --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("512MiB", 512 * 2**20),
-        ("1GiB", 2**30),
-        ("1.5GiB", 3 * 2**29),
-        ("100MB", 100 * 10**6),
-        ("64KiB", 65536),
-        ("1KB", 1000),
-        ("2TiB", 2 * 2**40),
-        ("512M", 512 * 2**20),
-        ("1g", 2**30),
-        ("8 mib", 8 * 2**20),
-        ("1024", 1024),
-        ("10B", 10),
-        ("0", 0),
-        (1024, 1024),
-        (0, 0),
-    ],
-)
-def test_parse_size(value, expected):
-    assert parse_size(value) == expected
-
-
-@pytest.mark.parametrize(
-    "value", [-1, "-1", "lots", "", "1.5", "12XB", "1e9", "GiB", "1,5GiB", True, 1.5, None, [1]]
-)
-def test_parse_size_rejects(value):
-    with pytest.raises(ValueError, match="expected"):
-        parse_size(value)
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("SIGTERM", signal.SIGTERM),
-        ("TERM", signal.SIGTERM),
-        ("term", signal.SIGTERM),
-        ("SIGINT", signal.SIGINT),
-        ("KILL", signal.SIGKILL),
-        (15, signal.SIGTERM),
-        ("9", signal.SIGKILL),
-        (signal.SIGHUP, signal.SIGHUP),
-    ],
-)
-def test_parse_signal(value, expected):
-    result = parse_signal(value)
-    assert result is expected
-
-
-@pytest.mark.parametrize("value", ["SIGFOO", "", "SIG", 0, 999, -15, True, 1.5, None])
-def test_parse_signal_rejects(value):
-    with pytest.raises(ValueError, match="expected a signal"):
-        parse_signal(value)
+# --- sizes and signals in a document (parse_size and parse_signal: test_configvalues.py) ---
 
 
 @pytest.mark.parametrize(

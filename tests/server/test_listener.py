@@ -33,7 +33,8 @@ from supervisor.server import methods
 from supervisor.core.config import parse_config
 from supervisor.server.connection import Connection
 from supervisor.engine.engine import Engine, Reply
-from supervisor.server.listener import ControlServer, bind_control_socket
+from supervisor.server.controlsocket import bind_control_socket
+from supervisor.server.listener import ControlServer
 from tests.conftest import eventually
 
 # Far more response bytes than a Unix socket holds (the daemon's send buffer,
