@@ -15,13 +15,13 @@ imported everything (docs/performance.md, "Upgrade latency").
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from supervisor.engine import gcfrozen
 from supervisor.engine.stalls import THRESHOLDS_NS, StallWatch
 
 PREFIX = "adapter_supervisor"
@@ -176,7 +176,7 @@ class Metrics:
             f"# HELP {frozen} Objects the garbage collector no longer examines (start-up's, and what survived"
             " each full collection); growth at a steady number of instances would be a leak.",
             f"# TYPE {frozen} gauge",
-            f"{frozen} {_number(gc.get_freeze_count())}",
+            f"{frozen} {_number(gcfrozen.frozen_objects())}",
         ]
         return "\n".join(out) + "\n"
 
