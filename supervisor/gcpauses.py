@@ -27,8 +27,6 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from supervisor.engine import gcfrozen
-
 FULL_GENERATION = 2
 
 # A full collection after every this many collections of the middle
@@ -41,10 +39,6 @@ _previous_thresholds: tuple[int, ...] | None = None
 
 def _freeze_after_full_collection(phase: str, info: dict[str, Any]) -> None:
     if phase == "stop" and info["generation"] == FULL_GENERATION:
-        # After a full collection every survivor is in the oldest
-        # generation: what the freeze moves (a list of the objects the
-        # collection just looked at, not of everything frozen before).
-        gcfrozen.grew(len(gc.get_objects(FULL_GENERATION)))
         gc.freeze()
 
 
@@ -62,7 +56,6 @@ def install() -> None:
 def uninstall() -> None:
     """Undo `install` (what is frozen stays frozen)."""
     global _previous_thresholds
-    gcfrozen.forget()
     if _freeze_after_full_collection in gc.callbacks:
         gc.callbacks.remove(_freeze_after_full_collection)
     if _previous_thresholds is not None:
@@ -71,6 +64,5 @@ def uninstall() -> None:
 
 
 def frozen_objects() -> int:
-    """Objects in the permanent generation (start-up's and every full
-    collection's survivors), without walking them (see `engine/gcfrozen.py`)."""
-    return gcfrozen.frozen_objects()
+    """Objects in the permanent generation (start-up's and every full collection's survivors)."""
+    return gc.get_freeze_count()

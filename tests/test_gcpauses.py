@@ -9,7 +9,6 @@ import gc
 import weakref
 
 from supervisor import gcpauses
-from supervisor.engine import gcfrozen
 
 
 class Node:
@@ -42,37 +41,3 @@ def test_what_survives_a_full_collection_is_frozen_and_new_cycles_are_still_coll
         gc.unfreeze()
     assert gcpauses._freeze_after_full_collection not in gc.callbacks
     assert gc.get_threshold() == thresholds
-
-
-def test_the_frozen_count_is_kept_as_full_collections_freeze_without_walking_the_frozen() -> None:
-    gcpauses.install()
-    try:
-        gc.collect()
-        assert gcpauses.frozen_objects() == gc.get_freeze_count()  # counted once, walking them
-        kept = []
-        for _ in range(3):
-            kept.append([Node() for _ in range(500)])
-            gc.collect()
-            # Kept up to date by the freezes alone, and right.
-            assert gcpauses.frozen_objects() == gc.get_freeze_count()
-        assert gcpauses.frozen_objects() >= 3 * 500
-    finally:
-        gcpauses.uninstall()
-        gc.unfreeze()
-    assert gcfrozen._count is None, "uninstall leaves a count that an unfreeze made wrong"
-
-
-def test_the_frozen_count_is_not_walked_again_after_the_first_time(monkeypatch) -> None:
-    gcpauses.install()
-    try:
-        gc.collect()
-        gcpauses.frozen_objects()
-        walks = []
-        monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or 0)
-        kept = [Node() for _ in range(200)]
-        gc.collect()
-        assert gcpauses.frozen_objects() >= len(kept) and walks == []
-    finally:
-        monkeypatch.undo()
-        gcpauses.uninstall()
-        gc.unfreeze()
