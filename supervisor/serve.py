@@ -366,7 +366,8 @@ def _take_inheritable_back(handover: upgrade.Handover) -> None:
 def _log_upgrade_pause(handover: upgrade.Handover) -> None:
     """How long an upgrade stopped serving, and where that time went: the
     old image pausing and handing over, this image starting and importing
-    its code, and rebuilding what was handed over."""
+    its code, and rebuilding what was handed over; and the CPU time this
+    image took to start serving."""
     if not handover.paused_ns:
         return
     now = time.monotonic_ns()
@@ -376,6 +377,7 @@ def _log_upgrade_pause(handover: upgrade.Handover) -> None:
         handing_over_ms=round((handover.exec_ns - handover.paused_ns) / 1e6, 1),
         starting_ms=round((IMPORTED_NS - handover.exec_ns) / 1e6, 1),
         rebuilding_ms=round((now - IMPORTED_NS) / 1e6, 1),
+        cpu_ms=round((time.process_time_ns() - handover.exec_cpu_ns) / 1e6, 1) if handover.exec_cpu_ns else None,
     )
 
 

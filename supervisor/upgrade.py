@@ -80,6 +80,10 @@ class Handover(msgspec.Struct, frozen=True, kw_only=True):
     # how long serving stopped, and where the time went.
     paused_ns: int = 0
     exec_ns: int = 0
+    # The process's CPU time (ns) when it called execve: CPU time survives
+    # execve, so the new image tells how much CPU its start took, a figure
+    # a busy host does not stretch as it does the wall-clock times.
+    exec_cpu_ns: int = 0
 
 
 def write_bytecode() -> int:
@@ -288,7 +292,7 @@ class Upgrader:
             from_version=__version__, lock_fd=self.lock_fd, listener_fd=self.listener_fd,
             bound_inode=self.bound_inode, socket_activated=self.socket_activated,
             engine=engine_state, server=server_state, requester=requester,
-            paused_ns=paused_ns, exec_ns=time.monotonic_ns(),
+            paused_ns=paused_ns, exec_ns=time.monotonic_ns(), exec_cpu_ns=time.process_time_ns(),
         )
         keep = [self.lock_fd, self.listener_fd, *engine_fds, *server_fds]
         try:

@@ -226,3 +226,30 @@ def test_crossing_the_memory_budget_stops_nothing_and_is_logged_once(start_daemo
     client.call("release", {"lease": right["lease"]})
     assert eventually(lambda: [e for e in daemon.log_events() if e.get("event") == "memory.within_budget"])
 
+
+
+def test_a_daemon_filling_up_does_not_count_its_trees_again_for_the_pids_its_own_spawns_took(
+    start_daemon, tmp_path: Path
+) -> None:
+    # 800 roots take 800 pids, more than twice the trees' headroom (299): were
+    # they counted as pids the trees might have forked, every tree would be
+    # counted again at least twice more while the daemon fills up.
+    adapters = '[adapters.idle]\ncommand = ["/bin/sleep", "600"]\nmax_pids = 300\nmax_instances = 1000\n'
+    daemon, client = start(start_daemon, adapters, "off")
+    first_pid = last_pid()
+    for number in range(800):
+        client.call("acquire", {"job": f"job-{number}", "adapter": "idle"})
+    time.sleep(4 * 0.5)  # a few looks of the watch
+    # What the rest of the host forked meanwhile may open the gate too (a
+    # busy host forks hundreds of processes a second).
+    elsewhere = (last_pid() - first_pid) % process_max() - 800
+    counts = [e for e in daemon.log_events() if e["event"] == "limits.pids_counted"]
+    assert 1 <= len(counts) <= 2 + max(0, elsewhere) // 299, (elsewhere, counts)
+
+
+def last_pid() -> int:
+    return int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+
+
+def process_max() -> int:
+    return int(Path("/proc/sys/kernel/pid_max").read_text())

@@ -87,6 +87,12 @@ def test_sigusr2_upgrades_and_a_refused_check_leaves_the_daemon_serving(start_da
     os.kill(daemon.pid, signal.SIGUSR2)
     daemon.wait_for_event("daemon.upgrading", timeout=30)
     assert eventually(lambda: client.call("hello")["generation"] == generation + 1, timeout=30)
+    # The new image says how long serving stopped, where the time went, and
+    # the CPU its start took (at most the wall time from execve, as the new
+    # image runs one thread until it serves).
+    pause = next(e for e in daemon.log_events() if e["event"] == "daemon.upgrade_pause")
+    assert pause["total_ms"] >= pause["starting_ms"] > 0 and pause["rebuilding_ms"] > 0
+    assert 0 < pause["cpu_ms"] <= pause["starting_ms"] + pause["rebuilding_ms"] + 5
     # A config the new code rejects: the check fails, nothing changes.
     daemon.config_path.write_text(daemon.config_path.read_text() + "\n[adapters.broken]\ncommand = []\n")
     with pytest.raises(DaemonError) as refused:

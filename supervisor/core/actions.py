@@ -4,28 +4,25 @@ back from. Frozen values; pure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 from supervisor.core.states import Instance, Lease, Reason
 
 
-@dataclass(frozen=True)
-class Spawn:
+class Spawn(msgspec.Struct, frozen=True, gc=False):
     """Start the root process of `instance_id`; report back with `spawned` or `spawn_failed`."""
 
     instance_id: str
 
 
-@dataclass(frozen=True)
-class StopTree:
+class StopTree(msgspec.Struct, frozen=True, gc=False):
     """Stop every process of the instance's tree; report back with `tree_gone`."""
 
     instance_id: str
     reason: Reason
 
 
-@dataclass(frozen=True)
-class NotifyExited:
+class NotifyExited(msgspec.Struct, frozen=True):
     """Send `adapter_exited` to these connections."""
 
     connections: tuple[int, ...]
@@ -37,8 +34,7 @@ class NotifyExited:
     reason: Reason
 
 
-@dataclass(frozen=True)
-class InstanceSettled:
+class InstanceSettled(msgspec.Struct, frozen=True, gc=False):
     """A STARTING instance stopped waiting: it runs, or it never will.
 
     Acquires parked on it can now answer.
@@ -51,44 +47,38 @@ class InstanceSettled:
 Action = Spawn | StopTree | NotifyExited | InstanceSettled
 
 
-@dataclass(frozen=True)
-class Acquired:
+class Acquired(msgspec.Struct, frozen=True):
     lease: Lease
     instance: Instance
     spawned: bool
     actions: list[Action]
 
 
-@dataclass(frozen=True)
-class Released:
+class Released(msgspec.Struct, frozen=True):
     refcount: int
     stopping: bool
     actions: list[Action]
 
 
-@dataclass(frozen=True)
-class JobReleased:
+class JobReleased(msgspec.Struct, frozen=True):
     released: int
     instances: list[str]
     actions: list[Action]
 
 
-@dataclass(frozen=True)
-class Ticked:
+class Ticked(msgspec.Struct, frozen=True):
     expired_leases: list[str]
     actions: list[Action]
     # Bound leases of a previous incarnation nobody resumed in time.
-    unresumed_leases: list[str] = field(default_factory=list)
+    unresumed_leases: list[str] = msgspec.field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Resumed:
+class Resumed(msgspec.Struct, frozen=True):
     resumed: list[str]
     not_resumed: list[str]
 
 
-@dataclass(frozen=True)
-class AdoptedLease:
+class AdoptedLease(msgspec.Struct, frozen=True):
     """A lease of a previous incarnation, as it recorded it."""
 
     token: str
@@ -98,8 +88,7 @@ class AdoptedLease:
     expires_at: float | None = None
 
 
-@dataclass(frozen=True)
-class AdoptedInstance:
+class AdoptedInstance(msgspec.Struct, frozen=True):
     """An instance of a previous incarnation whose tree still runs, as it
     recorded it. `linger_until` is set if it was lingering."""
 

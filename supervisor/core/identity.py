@@ -16,8 +16,9 @@ import pwd
 import re
 import resource
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 # The `user` value that runs each instance as the client that acquired it.
 PEER = "@peer"
@@ -50,8 +51,7 @@ HOMELESS = "/"
 _NUMBER = re.compile(r"[0-9]+")
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(msgspec.Struct, frozen=True):
     """The ids a tree runs as, and the passwd name and home behind them
     (None for a uid without a passwd entry)."""
 
@@ -111,8 +111,7 @@ def resolve_group(value: str | int) -> int:
         ) from None
 
 
-@dataclass(frozen=True)
-class Limit:
+class Limit(msgspec.Struct, frozen=True, gc=False):
     """One resource limit, soft and hard alike (see docs/configuration.md)."""
 
     name: str
@@ -147,8 +146,7 @@ def parse_limit(name: str, value: Any, parse_size: Any) -> Limit:
     return Limit(name, LIMIT_NAMES[name], number)
 
 
-@dataclass(frozen=True)
-class ChildSetup:
+class ChildSetup(msgspec.Struct, frozen=True):
     """What the child applies before exec, in this order: the limits, the
     umask, no_new_privs, then (with `credentials`) the supplementary groups,
     the gid, and the uid last."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import msgspec
@@ -249,8 +248,7 @@ class MethodParams:
         return self._decoders.get(method)
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(msgspec.Struct, frozen=True):
     """A well-formed request whose params passed validation."""
 
     id: int | str
@@ -258,8 +256,7 @@ class Request:
     params: Params
 
 
-@dataclass(frozen=True)
-class BadMessage:
+class BadMessage(msgspec.Struct, frozen=True):
     """A line that must be answered with `error` (sent with `id`, which is None when
     the line had no usable id). When `fatal` is true the connection must be closed
     after the answer."""

@@ -23,9 +23,9 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 import trio
 
@@ -102,8 +102,7 @@ class Peer(Protocol):
     def notify(self, method: str, params: object) -> None: ...
 
 
-@dataclass(slots=True)
-class Reply:
+class Reply(msgspec.Struct):
     """An operation's answer. `fds` ride on the reply's line (SCM_RIGHTS) and
     belong to the reply: whoever sends it closes them once sent (or not).
     `after` is work for once the reply has been handed to the socket (or has

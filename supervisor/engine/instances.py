@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import dataclasses
 import os
 import signal
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
+import msgspec
 import structlog
 import trio
 
@@ -168,6 +168,9 @@ class Instances:
         # Grows by one whenever a tree is spawned or stopped: scans taken
         # before are out of date.
         self.generation = 0
+        # Roots this daemon spawned, each one new pid (the limit watch's
+        # PidsGate leaves them out of the pids the host handed out).
+        self.roots_spawned = 0
         self._pending: dict[str, PendingSpawn] = {}
         # The (uid, gid) of the client whose acquire created an instance of a
         # "@peer" adapter, until its spawn: who its tree runs as.
@@ -304,7 +307,7 @@ class Instances:
         """The request with a new stderr file for the root, and the file
         followed. Raises OSError (nothing is left open)."""
         followed = self.stderr_files.take()
-        return dataclasses.replace(request, stderr=followed.fd), followed
+        return msgspec.structs.replace(request, stderr=followed.fd), followed
 
     def _drop_stderr(self, stderr: FollowedFile) -> None:
         """The stderr file of a root that never started."""
@@ -359,6 +362,7 @@ class Instances:
             root.pid, partial(self._root_reaped, instance_id, running), spawned_after=spawned_after
         )
         self.generation += 1
+        self.roots_spawned += 1
         start_tasks = partial(self._start_root_tasks, instance_id, running)
         if after is None:
             start_tasks()
@@ -498,6 +502,11 @@ class Instances:
         self.report(self.registry.root_exited(instance_id, returncode=None, now=self.now()))
 
     # -- an in-place upgrade ------------------------------------------------------
+
+    @property
+    def spawns_in_flight(self) -> int:
+        """Spawns under way in a worker thread."""
+        return self.reaper.spawns_in_flight
 
     def busy(self) -> str | None:
         """Why the trees cannot be handed over right now (a spawn in a worker

@@ -28,8 +28,8 @@ under, and meanwhile acquires that would start a new instance get 1004.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
+import msgspec
 import structlog
 import trio
 
@@ -66,8 +66,12 @@ class PidsGate:
     """Says when the trees held to max_pids must be counted again: only once
     the host has handed out as many pids since their last count as the
     smallest headroom (max_pids minus the processes counted) of any tree, a
-    new tree's included (it starts with one process). Fed the kernel's last
-    pid at each look; without it (unreadable), every look counts. Pure."""
+    new tree's included (it starts with one process). The roots this daemon
+    spawned since are left out: each took one pid, for a tree of its own, so
+    a daemon filling up with instances does not make every tree be counted
+    again every headroom's worth of spawns. Fed, at each look, the kernel's
+    last pid (without it, unreadable, every look counts) and how many roots
+    the daemon has spawned so far. Pure."""
 
     def __init__(self, pid_max: int) -> None:
         self._pid_max = pid_max
@@ -75,10 +79,14 @@ class PidsGate:
         # Pids handed out since the last count; None: a count is due.
         self._handed: int | None = None
         self._headroom = 0
+        # Roots spawned when the trees were last counted, plus the spawns
+        # under way then: only roots spawned after it are left out.
+        self._spawned_at_count = 0
 
-    def due(self, last_pid: int | None) -> bool:
+    def due(self, last_pid: int | None, spawned: int = 0) -> bool:
         """Whether the trees must be counted at this look, given the last pid
-        the kernel handed out now (None if it could not be read)."""
+        the kernel handed out now (None if it could not be read) and the
+        roots the daemon has spawned so far (a running total)."""
         previous, self._last_pid = self._last_pid, last_pid
         if last_pid is None or previous is None or self._handed is None:
             self._handed = None
@@ -86,21 +94,24 @@ class PidsGate:
         # The counter wraps at pid_max; more than pid_max new processes
         # between two looks would need more pids than the host has.
         self._handed += (last_pid - previous) % self._pid_max
-        return self._handed >= self._headroom
+        own = max(0, spawned - self._spawned_at_count)
+        return self._handed - own >= self._headroom
 
-    def counted(self, headroom: int) -> None:
+    def counted(self, headroom: int, spawned: int = 0, spawning: int = 0) -> None:
         """The trees were just counted: `headroom` is the least any of them,
-        or a tree spawned from now on, may still grow by."""
+        or a tree spawned from now on, may still grow by; `spawned` the roots
+        spawned so far, and `spawning` the spawns under way (whose pids may
+        predate the count's reading of the counter, so they are not left out)."""
         self._handed = 0
         self._headroom = headroom
+        self._spawned_at_count = spawned + spawning
 
     def invalidate(self) -> None:
         """Count at the next look (the limits changed: a reload)."""
         self._handed = None
 
 
-@dataclass(frozen=True)
-class Watched:
+class Watched(msgspec.Struct, frozen=True):
     """An immutable view of one tree for a look in a worker thread."""
 
     instance_id: str
@@ -115,8 +126,7 @@ class Watched:
     kernel: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
-class Look:
+class Look(msgspec.Struct, frozen=True):
     """What one look found of one tree."""
 
     figures: TreeFigures
@@ -124,8 +134,7 @@ class Look:
     kernel_hit: str | None = None
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(msgspec.Struct, frozen=True):
     """A tree over a limit: why, what was found and the limit it passed."""
 
     instance_id: str
@@ -244,7 +253,8 @@ class LimitWatch:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            count_pids = self._pids_gate.due(proctable.read_last_pid())
+            count_pids = self._pids_gate.due(proctable.read_last_pid(), self._instances.roots_spawned)
+            spawning = self._instances.spawns_in_flight
             watched = await self._watched(count_pids)
             if not watched:
                 await trio.sleep(WATCH_INTERVAL_S)
@@ -264,7 +274,9 @@ class LimitWatch:
             await self._act(watched, looks)
             if count_pids:
                 self.pids_counts += 1
-                self._pids_gate.counted(0 if failures else await self._headroom(watched, looks))
+                headroom = 0 if failures else await self._headroom(watched, looks)
+                self._pids_gate.counted(headroom, self._instances.roots_spawned, spawning)
+                log.debug("limits.pids_counted", trees=len(watched), headroom=headroom)
             await trio.sleep(WATCH_INTERVAL_S)
 
     async def _headroom(self, watched: list[Watched], looks: dict[str, Look]) -> int:

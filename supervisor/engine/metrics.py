@@ -21,7 +21,8 @@ import os
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from supervisor.engine.stalls import THRESHOLDS_NS, StallWatch
 
@@ -32,8 +33,7 @@ PREFIX = "adapter_supervisor"
 SWEEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass(frozen=True)
-class LiveState:
+class LiveState(msgspec.Struct, frozen=True):
     """What the gauges report, per adapter."""
 
     instances: Tally[str]

@@ -21,7 +21,6 @@ scan, taken once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import time
@@ -60,8 +59,7 @@ _ENCODER = msgspec.json.Encoder()
 NO_STATS: Sequence[process.ProcStat] = ()
 
 
-@dataclass(slots=True)
-class _Row:
+class _Row(msgspec.Struct):
     revision: int
     # The scan's list of the instance's members (compared by identity).
     stats: Sequence[process.ProcStat]

@@ -24,9 +24,9 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 
+import msgspec
 import structlog
 import trio
 
@@ -50,8 +50,7 @@ log = structlog.get_logger()
 ORPHAN_GRACE_S = 5.0
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(msgspec.Struct, frozen=True):
     """A process the sweep proved is ours and that no live instance accounts for."""
 
     stat: process.ProcStat
@@ -66,18 +65,17 @@ class Candidate:
     hidden_uid: int | None = None
 
 
-@dataclass
-class ScanResult:
+class ScanResult(msgspec.Struct):
     scanned: int = 0
-    members: dict[str, list[process.ProcStat]] = field(default_factory=dict)
-    candidates: list[Candidate] = field(default_factory=list)
+    members: dict[str, list[process.ProcStat]] = msgspec.field(default_factory=dict)
+    candidates: list[Candidate] = msgspec.field(default_factory=list)
     # Instance cgroups of no live instance (removed once empty).
-    stale_cgroups: list[str] = field(default_factory=list)
+    stale_cgroups: list[str] = msgspec.field(default_factory=list)
     # The process table refreshed by `scan_table`.
     table: ProcessTable | None = None
     # The live members the table found of each tree whose known members
     # they are not (`scan_table`), to be remembered.
-    learned: dict[str, frozenset[process.ProcessId]] = field(default_factory=dict)
+    learned: dict[str, frozenset[process.ProcessId]] = msgspec.field(default_factory=dict)
 
 
 def scan(

@@ -39,6 +39,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import msgspec
+
 from supervisor.procs import process
 
 CGROUP2_FSTYPE = "cgroup2"
@@ -79,8 +81,7 @@ class CgroupUnavailable(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(msgspec.Struct, frozen=True, gc=False):
     """One line of /proc/self/mountinfo, reduced to what detection needs."""
 
     mount_point: str

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+import msgspec
 
 # The environment variables the daemon puts into every adapter it spawns. The
 # instance tag is what lets a sweep recognise a process as ours after it escaped its
@@ -49,16 +50,14 @@ _RSS_INDEX = 21  # field 24
 _UNREADABLE = (FileNotFoundError, ProcessLookupError, PermissionError)
 
 
-@dataclass(frozen=True)
-class ProcessId:
+class ProcessId(msgspec.Struct, frozen=True, gc=False):
     """A process as one specific incarnation of a pid."""
 
     pid: int
     start_time: int
 
 
-@dataclass(frozen=True)
-class ProcStat:
+class ProcStat(msgspec.Struct, frozen=True, gc=False):
     """The fields of /proc/<pid>/stat the daemon needs."""
 
     pid: int

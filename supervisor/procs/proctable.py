@@ -35,12 +35,11 @@ shutdown).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 
+import msgspec
 import trio
 
 from supervisor.procs import process
@@ -59,21 +58,20 @@ LIST_EVERY = 8
 NO_PARENT = 0
 
 
-@dataclass(frozen=True)
-class ProcessTable:
+class ProcessTable(msgspec.Struct, frozen=True):
     """One look at /proc and what earlier looks learned. Never changed once
     made (a refresh makes a new one), so a worker thread may read it."""
 
     # Every process listed, by pid, as last read: the stat of a process that
     # is neither ours nor asked for is the one read when it was first seen.
-    stats: Mapping[int, process.ProcStat] = field(default_factory=dict)
+    stats: Mapping[int, process.ProcStat] = msgspec.field(default_factory=dict)
     # Pids of our processes (never the daemon itself).
     ours: frozenset[int] = frozenset()
     # Our processes by parent (the parent when first seen).
-    children: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    children: Mapping[int, tuple[int, ...]] = msgspec.field(default_factory=dict)
     # The instance tag of each of ours that has one, and ours by tag.
-    tags: Mapping[int, str] = field(default_factory=dict)
-    by_tag: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    tags: Mapping[int, str] = msgspec.field(default_factory=dict)
+    by_tag: Mapping[str, tuple[int, ...]] = msgspec.field(default_factory=dict)
     # The pid counter at the look; None if it could not be read.
     last_pid: int | None = None
     # Looks since /proc was last listed (0: this one listed it).
@@ -232,7 +230,7 @@ def refresh(
                 del stats[pid]
     if not newly_ours and len(ours) == len(previous.ours):
         # Nothing of ours came or went (the usual look): the indexes stand.
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             previous, stats=stats, ours=previous.ours, last_pid=last_pid, read=frozenset(wanted),
             unlisted_looks=unlisted_looks, anchors=anchors,
         )
@@ -318,10 +316,9 @@ class TableScanner:
             self._running = False
 
 
-@dataclass
-class _Refresh:
+class _Refresh(msgspec.Struct):
     """One refresh and the callers waiting for it."""
 
-    done: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = msgspec.field(default_factory=trio.Event)
     table: ProcessTable | None = None
     error: OSError | None = None

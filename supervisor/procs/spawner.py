@@ -29,9 +29,9 @@ import functools
 import os
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
 import structlog
 
 from supervisor.core.config import AdapterConfig, Config, ConfigWarning
@@ -41,8 +41,7 @@ from supervisor.procs import clonespawn, popenspawn, process
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.stderr import StderrTail
 
-@dataclass
-class RootProcess:
+class RootProcess(msgspec.Struct):
     """A spawned root with the daemon's ends of its pipes."""
 
     id: process.ProcessId
@@ -55,7 +54,7 @@ class RootProcess:
     popen: subprocess.Popen[bytes] | None = None
     # Raw, decoded only when asked for (`decode_tail`): an adapter may write
     # thousands of lines between two `logs` calls.
-    stderr_tail: StderrTail = field(default_factory=StderrTail)
+    stderr_tail: StderrTail = msgspec.field(default_factory=StderrTail)
 
     @property
     def pid(self) -> int:
@@ -300,8 +299,7 @@ def _describe_spawn_error(adapter: AdapterConfig, argv: list[str], exc: OSError)
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class SpawnRequest:
+class SpawnRequest(msgspec.Struct, frozen=True):
     """One root to start: the instance it belongs to and what renders its command."""
 
     adapter: AdapterConfig

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Set
-from dataclasses import dataclass, field
 
+import msgspec
 import structlog
 import trio
 
@@ -43,20 +43,19 @@ KILL_GRACE_S = 0.9
 FALLBACK_RESCAN_S = 0.1
 
 
-@dataclass
-class InstanceTree:
+class InstanceTree(msgspec.Struct):
     """The processes of one instance, as far as the daemon can prove them."""
 
     instance_id: str
     root: process.ProcessId
     cgroup: CgroupManager | None = None
-    daemon_pid: int = field(default_factory=os.getpid)
+    daemon_pid: int = msgspec.field(default_factory=os.getpid)
     # In process-table mode, the daemon's shared table: `members` asks it
     # instead of scanning the whole host for this tree alone.
     table: TableScanner | None = None
     # Every member ever seen: a process that later clears its environment or
     # is re-parented is still recognised by its (pid, start time).
-    known: set[process.ProcessId] = field(default_factory=set)
+    known: set[process.ProcessId] = msgspec.field(default_factory=set)
 
     def scan(self, known: frozenset[process.ProcessId] = frozenset()) -> list[process.ProcStat]:
         """Blocking: the live members now (zombies included).
@@ -180,13 +179,12 @@ def daemon_tags(daemon_pid: int, table: list[process.ProcStat]) -> dict[int, str
     return {s.pid: process.read_environ_tag(s.pid) for s in process.descendants(daemon_pid, table)}
 
 
-@dataclass
-class StopOutcome:
+class StopOutcome(msgspec.Struct):
     """What stopping a tree did, for logs and sweep reports."""
 
-    signalled: list[process.ProcessId] = field(default_factory=list)
-    killed: list[process.ProcessId] = field(default_factory=list)
-    survivors: list[process.ProcessId] = field(default_factory=list)
+    signalled: list[process.ProcessId] = msgspec.field(default_factory=list)
+    killed: list[process.ProcessId] = msgspec.field(default_factory=list)
+    survivors: list[process.ProcessId] = msgspec.field(default_factory=list)
 
     @property
     def clean(self) -> bool:

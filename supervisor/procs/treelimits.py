@@ -30,7 +30,8 @@ import errno
 import os
 import pathlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+import msgspec
 
 from supervisor.procs import process
 from supervisor.procs.cgroup import write_value
@@ -39,8 +40,7 @@ from supervisor.procs.cgroup import write_value
 KERNEL_CONTROLLERS = ("memory", "pids")
 
 
-@dataclass(frozen=True)
-class TreeFigures:
+class TreeFigures(msgspec.Struct, frozen=True, gc=False):
     """What one look at a tree found. `pids` counts live processes (threads and
     zombies excluded); once past the limit the look was asked to respect it
     stops (`truncated`), so it is then at least that limit + 1, not the whole
@@ -111,8 +111,7 @@ def measure_cgroup(pids: Iterable[int], *, limit: int | None, rss: bool) -> Tree
     return TreeFigures(pids=count, rss_bytes=total, truncated=truncated)
 
 
-@dataclass(frozen=True)
-class _Stat:
+class _Stat(msgspec.Struct, frozen=True, gc=False):
     """What a look needs of /proc/PID/stat."""
 
     stat: process.ProcStat

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from supervisor.core import protocol
 from supervisor.core.errors import MethodNotFound, ShuttingDown
@@ -54,8 +55,7 @@ def _always(engine: Engine, params: Any) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Method:
+class Method(msgspec.Struct, frozen=True):
     """One method of the control protocol."""
 
     params: type[protocol.Params]

@@ -82,6 +82,27 @@ def test_the_pids_gate_counts_at_every_look_without_the_counter_and_after_a_relo
     assert gate.due(13)  # a tree at its max_pids: every look counts
 
 
+def test_the_pids_gate_leaves_out_the_roots_the_daemon_spawned_but_not_those_under_way_at_the_count() -> None:
+    gate = PidsGate(pid_max=32768)
+    gate.due(1000, spawned=0)
+    gate.counted(headroom=100, spawned=0, spawning=0)
+    # 400 pids, every one a root of our own, each a tree of its own: no
+    # counted tree can have grown.
+    assert not gate.due(1400, spawned=400)
+    # 100 more from elsewhere (an adapter forking, the host): now one may have.
+    assert not gate.due(1499, spawned=400)
+    assert gate.due(1500, spawned=400)
+    # Two spawns under way at the count may have taken their pids before its
+    # reading of the counter: the first two roots finished after it are not
+    # left out.
+    gate.counted(headroom=100, spawned=400, spawning=2)
+    assert not gate.due(1599, spawned=402)
+    assert gate.due(1600, spawned=402)
+    gate.counted(headroom=100, spawned=402, spawning=0)
+    assert not gate.due(1700, spawned=403)  # 99 from elsewhere, 1 root of ours
+    assert gate.due(1701, spawned=403)
+
+
 @pytest.fixture
 def shell() -> Iterator[subprocess.Popen[bytes]]:
     """A shell with three sleeping children (four processes), in a process group of its own."""
@@ -99,7 +120,7 @@ class World:
     def __init__(self, tmp_path, adapters: str, daemon: str = "") -> None:
         self.config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\n{daemon}\n{adapters}')
         self.registry = Registry()
-        self.instances = SimpleNamespace(running={})
+        self.instances = SimpleNamespace(running={}, roots_spawned=0, spawns_in_flight=0)
         self.executed: list[object] = []
         self.over_memory: list[str] = []
         self.watch = LimitWatch(

@@ -29,8 +29,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # An adapter that daemonises: its middle process calls setsid(), forks a grandchild
 # and exits, so the grandchild is re-parented away from the root (to PID 1 here).
 # The root reaps the middle, prints the grandchild's pid and sleeps.
+# The grandchild's pid is printed once the middle process is reaped, so that
+# the cgroup then holds exactly the root and the grandchild.
 DAEMONISING_ADAPTER = r"""
 import os, time
+read_end, write_end = os.pipe()
 middle = os.fork()
 if middle == 0:
     os.setsid()
@@ -38,9 +41,12 @@ if middle == 0:
     if grandchild == 0:
         time.sleep(60)
         os._exit(0)
-    print(grandchild, flush=True)
+    os.write(write_end, str(grandchild).encode())
     os._exit(0)
+os.close(write_end)
+grandchild = os.read(read_end, 32).decode()
 os.waitpid(middle, 0)
+print(grandchild, flush=True)
 time.sleep(60)
 """
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import dataclasses
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -436,7 +436,7 @@ async def test_a_result_that_cannot_be_encoded_is_an_internal_error_and_the_serv
     server = ControlServer(Engine(config))
     listener = await bind_control_socket(str(tmp_path / "s.sock"), 0o600)
     await nursery.start(server.serve, listener)
-    unencodable = dataclasses.replace(
+    unencodable = msgspec.structs.replace(
         methods.METHODS["hello"], now=lambda engine, peer, params: Reply({"unencodable": object()})
     )
     monkeypatch.setitem(methods.METHODS, "hello", unencodable)
