@@ -8,9 +8,10 @@ survives a full collection is frozen (`gc.freeze`) right after it, so the next
 full collection looks only at what was made since: long-lived objects (the
 instances' own) are examined once, not again at every collection. And a full
 collection comes after every collection of the middle generation
-(FULL_EVERY), so that what it looks at stays a few thousand objects: 8-16 ms
-on a busy 2-core host during a fill to 10,000 instances, against 40-80 ms
-with Python's default of one every ten.
+(FULL_EVERY), which comes after every few of the youngest (MIDDLE_EVERY), so
+that what a full collection looks at stays a few thousand objects (its
+pauses during a fill to 10,000 instances, against Python's defaults, are in
+docs/performance.md).
 
 What this gives up: a reference cycle that includes a frozen object is never
 collected. Objects freed by reference counting (nearly all of them: an
@@ -33,6 +34,12 @@ FULL_GENERATION = 2
 # generation (Python's default: 10): each then looks at fewer objects.
 FULL_EVERY = 1
 
+# A collection of the middle generation after this many of the youngest
+# (Python's default: 10), so a full one, too: what a full collection looks at
+# (the objects made since the last, about twice this times the youngest's
+# threshold) stays a few thousand, well under the 5 ms a step may take.
+MIDDLE_EVERY = 3
+
 # The thresholds before `install`, for `uninstall`.
 _previous_thresholds: tuple[int, ...] | None = None
 
@@ -43,14 +50,15 @@ def _freeze_after_full_collection(phase: str, info: dict[str, Any]) -> None:
 
 
 def install() -> None:
-    """From now on, freeze what survives each full collection, and collect
-    in full after every middle-generation collection. Idempotent."""
+    """From now on, freeze what survives each full collection, collect the
+    middle generation every MIDDLE_EVERY young collections and in full after
+    every middle-generation collection. Idempotent."""
     global _previous_thresholds
     if _freeze_after_full_collection not in gc.callbacks:
         gc.callbacks.append(_freeze_after_full_collection)
         _previous_thresholds = gc.get_threshold()
-        young, middle, _ = _previous_thresholds
-        gc.set_threshold(young, middle, FULL_EVERY)
+        young = _previous_thresholds[0]
+        gc.set_threshold(young, MIDDLE_EVERY, FULL_EVERY)
 
 
 def uninstall() -> None:

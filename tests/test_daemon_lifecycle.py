@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from supervisor.engine.engine import RELEASES_PER_TURN
 from supervisor.procs import process
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, trio_call, wait_all_gone
 
@@ -386,6 +387,23 @@ def test_release_job_releases_every_lease_of_the_job_and_tells_the_holders(start
         return [i["instance"] for i in orchestrator.call("status")["instances"]]
 
     assert eventually(lambda: remaining() == [other_job["instance"]], timeout=1.0), remaining()
+
+
+def test_a_release_job_of_more_leases_than_one_turn_holds_is_answered_whole(start_daemon, tmp_path: Path) -> None:
+    # More leases than RELEASES_PER_TURN: released over turns, not in the hub.
+    daemon = start_daemon(tree_adapter("a", pidfile=tmp_path / "a", args=("--no-escapee",), stop_timeout=STOP_TIMEOUT))
+    holder, orchestrator = daemon.client(), daemon.client()
+    count = RELEASES_PER_TURN + 50
+    leases = [holder.call("acquire", {"job": "big", "adapter": "a"}) for _ in range(count)]
+    members = read_pidfile(tmp_path / "a", ("root", "child", "grandchild"))
+    result = orchestrator.call("release_job", {"job": "big"})
+    assert result == {"released": count, "instances": [leases[0]["instance"]]}
+    note = holder.next_notification()
+    assert note["method"] == "adapter_exited" and note["params"]["reason"] == "released"
+    assert wait_all_gone(members, daemon.pid, STOP_TIMEOUT + 1.0) == {}
+    assert orchestrator.call("release_job", {"job": "big"}) == {"released": 0, "instances": []}
+    with pytest.raises(Exception, match="unknown lease|no such lease"):
+        holder.call("release", {"lease": leases[-1]["lease"]})
 
 
 def test_linger_keeps_an_unleased_instance_for_reuse(start_daemon, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from supervisor.core.identity import Credentials, credentials_of
 from supervisor.core.registry import Action, Reason, Registry
 from supervisor.engine.handoff import HandedTree
 from supervisor.engine.metrics import Metrics
+from supervisor.engine.stalls import STEP_BUDGET_S
 from supervisor.engine.staterecord import RecordKeeper
 from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs import process, subreaper
@@ -52,6 +53,13 @@ FINISHED_LOGS_KEPT = 64
 # A stop is bounded by the adapter's stop_timeout plus this: the SIGKILL grace,
 # waiting for the root's status, and slack for a busy host.
 STOP_MARGIN_S = 5.0
+
+# Stop tasks started per turn of the stop starter (`Instances._start_stops`),
+# which also ends a turn once it has taken STEP_BUDGET_S. Each started stop's
+# first step (its tree's first signals) runs in the scheduler's next batch,
+# before any waiting request: a release_job or a shutdown of thousands of trees
+# must reach them a few dozen at a time, not all in one batch.
+STOPS_PER_TURN = 32
 
 # How the root settler first sees a root (`Instances._settle_roots`).
 SPAWNED = "spawned"
@@ -174,11 +182,17 @@ class Instances:
         # (first look), or reaped since (see `_settle_roots`).
         self._to_settle: collections.deque[tuple[str, RunningInstance, str | None]] = collections.deque()
         self._settle_wanted = trio.Event()
+        # Stops decided but not started yet (see `_start_stops`).
+        self._to_stop: collections.deque[tuple[str, Reason]] = collections.deque()
+        self._stop_wanted = trio.Event()
+        # Whether the stop starter takes stops (until it is cancelled).
+        self._stop_starter = True
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where the tasks of roots and stops run: the engine's nursery."""
         self._nursery = nursery
         nursery.start_soon(self._settle_roots)
+        nursery.start_soon(self._start_stops)
 
     def set_rss(self, running: RunningInstance, rss_bytes: int) -> None:
         """A tree's RSS as a scan found it (0 once it is gone)."""
@@ -575,9 +589,41 @@ class Instances:
     # -- stopping ----------------------------------------------------------------
 
     def stop(self, instance_id: str, reason: Reason) -> None:
-        """Stop the instance's tree in a task of its own: stop_signal to every member, stop_timeout of grace, then SIGKILL."""
+        """Stop the instance's tree in a task of its own: stop_signal to every
+        member, stop_timeout of grace, then SIGKILL. The task is started by the
+        stop starter in its next turn (so that thousands of stops decided at
+        once are started a few at a time)."""
         assert self._nursery is not None, "attach() first"
-        self._nursery.start_soon(self._stop, instance_id, reason)
+        if not self._stop_starter:
+            # The starter was cancelled (the engine is going): start it now.
+            self._nursery.start_soon(self._stop, instance_id, reason)
+            return
+        self._to_stop.append((instance_id, reason))
+        self._stop_wanted.set()
+
+    async def _start_stops(self) -> None:
+        """The one task that starts the stop tasks, in order: at most
+        STOPS_PER_TURN per turn, and a turn ends once it has taken
+        STEP_BUDGET_S. Runs until cancelled, but never drops a stop already
+        asked for: a cancelled starter still starts every one (their tasks
+        are shielded), then ends."""
+        assert self._nursery is not None
+        queue = self._to_stop
+        try:
+            while True:
+                if not queue:
+                    self._stop_wanted = trio.Event()
+                    await self._stop_wanted.wait()
+                    continue
+                turn_began = time.perf_counter()
+                for _ in range(STOPS_PER_TURN):
+                    if not queue or time.perf_counter() - turn_began > STEP_BUDGET_S:
+                        break
+                    instance_id, reason = queue.popleft()
+                    self._nursery.start_soon(self._stop, instance_id, reason)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._stop_starter = False
 
     async def _stop(self, instance_id: str, reason: Reason) -> None:
         running = self.running.get(instance_id)

@@ -36,6 +36,7 @@ import trio
 from supervisor.core.config import Config
 from supervisor.core.registry import Action, Reason, Registry, State
 from supervisor.engine.instances import Instances, RunningInstance
+from supervisor.engine.stalls import TurnClock
 from supervisor.procs import process, proctable, treelimits
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.treelimits import TreeFigures
@@ -48,6 +49,11 @@ log = structlog.get_logger()
 # Each look costs every watched tree's processes (about 13 % of a core at
 # 1000 limited instances every 0.25 s, half that at 0.5 s: docs/performance.md).
 WATCH_INTERVAL_S = 0.5
+
+# Trees handled between two looks at the clock in the trio thread's walks of
+# the watched trees, which let other tasks run once a turn has taken
+# STEP_BUDGET_S: a few hundred microseconds past the budget at most.
+TREES_PER_LOOK = 64
 
 # The headroom when no adapter has a max_pids: no count is ever due.
 WATCH_HEADROOM_UNLIMITED = 2**62
@@ -249,7 +255,7 @@ class LimitWatch:
                 continue
             count_pids = self._pids_gate.due(proctable.read_last_pid(), self._instances.roots_spawned)
             spawning = self._instances.spawns_in_flight
-            watched = self._watched(count_pids)
+            watched = await self._watched(count_pids)
             if not watched:
                 await trio.sleep(WATCH_INTERVAL_S)
                 continue
@@ -265,45 +271,57 @@ class LimitWatch:
             self.looks += 1
             if failures:
                 log.debug("limits.look_failed", trees=failures)
-            self._act(watched, looks)
+            await self._act(watched, looks)
             if count_pids:
                 self.pids_counts += 1
-                headroom = 0 if failures else self._headroom(watched, looks)
+                headroom = 0 if failures else await self._headroom(watched, looks)
                 self._pids_gate.counted(headroom, self._instances.roots_spawned, spawning)
                 log.debug("limits.pids_counted", trees=len(watched), headroom=headroom)
             await trio.sleep(WATCH_INTERVAL_S)
 
-    def _headroom(self, watched: list[Watched], looks: dict[str, Look]) -> int:
+    async def _headroom(self, watched: list[Watched], looks: dict[str, Look]) -> int:
         """The least any tree counted, or one spawned from now on (a single
-        process), may grow by before it passes its max_pids."""
+        process), may grow by before it passes its max_pids. In turns (see
+        `TurnClock`)."""
         rooms = [a.max_pids - 1 for a in self._config().adapters.values() if a.max_pids is not None]
-        for tree in watched:
-            look = looks.get(tree.instance_id)
-            if tree.max_pids is not None:
-                rooms.append(tree.max_pids - look.figures.pids if look is not None else 0)
+        clock = TurnClock()
+        for start in range(0, len(watched), TREES_PER_LOOK):
+            await clock.tick()
+            for tree in watched[start:start + TREES_PER_LOOK]:
+                look = looks.get(tree.instance_id)
+                if tree.max_pids is not None:
+                    rooms.append(tree.max_pids - look.figures.pids if look is not None else 0)
         return max(0, min(rooms, default=WATCH_HEADROOM_UNLIMITED))
 
-    def _watched(self, count_pids: bool) -> list[Watched]:
-        """The trees to look at now (trio thread): those with a memory_limit
-        (every tree while a memory_budget is set), and if `count_pids` those
-        held to max_pids. Walks no tree when there are none to look at."""
+    async def _watched(self, count_pids: bool) -> list[Watched]:
+        """The trees to look at now (trio thread, in turns: see `TurnClock`):
+        those with a memory_limit (every tree while a memory_budget is set),
+        and if `count_pids` those held to max_pids. Walks no tree when there
+        are none to look at. A tree stopped between two turns is left out."""
         config = self._config()
         budget = config.daemon.memory_budget is not None
         if not (count_pids or budget or any(a.memory_limit is not None for a in config.adapters.values())):
             return []
         instances = self._registry.instances
+        running_now = self._instances.running
+        trees = list(running_now.items())
         watched = []
-        for instance_id, running in self._instances.running.items():
-            adapter = running.adapter
-            if adapter.memory_limit is None and not budget and not (count_pids and adapter.max_pids is not None):
-                continue
-            instance = instances.get(instance_id)
-            if instance is None or instance.state not in WATCHED_STATES:
-                continue
-            kernel = self._kernel_for(instance_id, running)
-            want_rss = budget or (adapter.memory_limit is not None and "memory" not in kernel)
-            anchors = frozenset() if self._cgroups is not None else frozenset({running.root.id, *running.tree.known})
-            watched.append(Watched(instance_id, adapter.memory_limit, adapter.max_pids, want_rss, anchors, kernel))
+        clock = TurnClock()
+        for start in range(0, len(trees), TREES_PER_LOOK):
+            await clock.tick()
+            for instance_id, running in trees[start:start + TREES_PER_LOOK]:
+                adapter = running.adapter
+                if adapter.memory_limit is None and not budget and not (count_pids and adapter.max_pids is not None):
+                    continue
+                instance = instances.get(instance_id)
+                if instance is None or instance.state not in WATCHED_STATES or running_now.get(instance_id) is not running:
+                    continue
+                kernel = self._kernel_for(instance_id, running)
+                want_rss = budget or (adapter.memory_limit is not None and "memory" not in kernel)
+                anchors = (
+                    frozenset() if self._cgroups is not None else frozenset({running.root.id, *running.tree.known})
+                )
+                watched.append(Watched(instance_id, adapter.memory_limit, adapter.max_pids, want_rss, anchors, kernel))
         if len(self._kernel) > len(self._instances.running):
             self._kernel = {i: k for i, k in self._kernel.items() if i in self._instances.running}
         return watched
@@ -323,27 +341,22 @@ class LimitWatch:
             self._kernel[instance_id] = kernel
         return kernel
 
-    def _act(self, watched: list[Watched], looks: dict[str, Look]) -> None:
-        """Trio thread: end the trees over a limit, remember what a look
-        learned of a tree's members, check the budget."""
+    async def _act(self, watched: list[Watched], looks: dict[str, Look]) -> None:
+        """Trio thread, in turns (see `TurnClock`): end the trees over a
+        limit, remember what a look learned of a tree's members, check the
+        budget."""
         running = self._instances.running
-        for tree in watched:
-            look = looks.get(tree.instance_id)
-            held = running.get(tree.instance_id)
-            if look is not None and held is not None and look.figures.seen is not None:
-                held.tree.remember(list(look.figures.seen), tree.anchors)
-        for verdict in verdicts(watched, looks):
-            instance = self._registry.instances.get(verdict.instance_id)
-            if verdict.instance_id not in running or instance is None or instance.state not in WATCHED_STATES:
-                continue  # released or ended while the look ran: its stop is under way
-            if verdict.reason is Reason.PIDS_LIMIT:
-                log.warning("adapter.over_pids", instance=verdict.instance_id, pids=verdict.found,
-                            max_pids=verdict.limit, reason="the tree holds more processes than its max_pids")
-            else:
-                log.warning("adapter.over_memory", instance=verdict.instance_id, rss_bytes=verdict.found,
-                            memory_limit=verdict.limit)
-                self._stopped_over_memory(verdict.instance_id)
-            self._execute(self._registry.terminate(verdict.instance_id, reason=verdict.reason))
+        clock = TurnClock()
+        for start in range(0, len(watched), TREES_PER_LOOK):
+            await clock.tick()
+            trees = watched[start:start + TREES_PER_LOOK]
+            for tree in trees:
+                look = looks.get(tree.instance_id)
+                held = running.get(tree.instance_id)
+                if look is not None and held is not None and look.figures.seen is not None:
+                    held.tree.remember(list(look.figures.seen), tree.anchors)
+            for verdict in verdicts(trees, looks):
+                self._end(verdict)
         budget = self._config().daemon.memory_budget
         if budget is None:
             self.over_budget = False
@@ -355,3 +368,17 @@ class LimitWatch:
         elif total <= budget and self.over_budget:
             log.info("memory.within_budget", rss_bytes=total, memory_budget=budget)
         self.over_budget = total > budget
+
+    def _end(self, verdict: Verdict) -> None:
+        """End a tree a look found over a limit, unless it is ending already."""
+        instance = self._registry.instances.get(verdict.instance_id)
+        if verdict.instance_id not in self._instances.running or instance is None or instance.state not in WATCHED_STATES:
+            return  # released or ended while the look ran: its stop is under way
+        if verdict.reason is Reason.PIDS_LIMIT:
+            log.warning("adapter.over_pids", instance=verdict.instance_id, pids=verdict.found,
+                        max_pids=verdict.limit, reason="the tree holds more processes than its max_pids")
+        else:
+            log.warning("adapter.over_memory", instance=verdict.instance_id, rss_bytes=verdict.found,
+                        memory_limit=verdict.limit)
+            self._stopped_over_memory(verdict.instance_id)
+        self._execute(self._registry.terminate(verdict.instance_id, reason=verdict.reason))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import time
 from collections import Counter as Tally
 from collections.abc import Callable
 
@@ -39,6 +40,12 @@ class LiveState(msgspec.Struct, frozen=True):
     leases: Tally[str]
     rss_bytes: Tally[str]
 
+
+# The frozen-objects gauge is counted at most this often: counting walks
+# every frozen object (gc.get_freeze_count), which at thousands of instances
+# holds the trio thread for tens of milliseconds, and a leak it would show
+# grows over hours.
+FROZEN_RECOUNT_S = 300.0
 
 # The live gauges: (name, help, the LiveState field they show).
 LIVE_GAUGES = (
@@ -137,6 +144,8 @@ class Metrics:
         self.protocol_errors = LabelledCounter(
             "protocol_errors", "Requests answered with an error, by code.", ("code",)
         )
+        # The frozen-objects gauge as last counted, and when (monotonic seconds).
+        self._frozen: tuple[int, float] | None = None
 
     def counters(self) -> list[tuple[str, dict[str, str], float]]:
         """Every counter's value per label set: (attribute, labels, value)."""
@@ -174,11 +183,20 @@ class Metrics:
         frozen = f"{PREFIX}_gc_frozen_objects"
         out += [
             f"# HELP {frozen} Objects the garbage collector no longer examines (start-up's, and what survived"
-            " each full collection); growth at a steady number of instances would be a leak.",
+            f" each full collection), counted at most every {FROZEN_RECOUNT_S:g} s; growth at a steady number"
+            " of instances would be a leak.",
             f"# TYPE {frozen} gauge",
-            f"{frozen} {_number(gc.get_freeze_count())}",
+            f"{frozen} {_number(self._frozen_objects())}",
         ]
         return "\n".join(out) + "\n"
+
+    def _frozen_objects(self) -> int:
+        """`gc.get_freeze_count()`, counted again only once the last count is
+        FROZEN_RECOUNT_S old."""
+        now = time.monotonic()
+        if self._frozen is None or now - self._frozen[1] >= FROZEN_RECOUNT_S:
+            self._frozen = (gc.get_freeze_count(), now)
+        return self._frozen[0]
 
 
 def _stall_lines(stalls: StallWatch) -> list[str]:

@@ -271,11 +271,26 @@ async def wait_gone(
     last_rescan = trio.current_time()
 
     def all_gone() -> bool:
+        """Whether every member is gone, after reaping if one of them is an
+        exited child of ours. `reap` reaps every child of the daemon and
+        costs a walk of all of them in the kernel: it is called only when a
+        member needs it (the daemon's own reaper reaps on every SIGCHLD, so
+        a stop rarely has to), not at every look of every stop."""
+        unreaped = False
+        for member in tracked:
+            stat = process.read_stat(member.pid)
+            if stat is None or stat.start_time != member.start_time:
+                continue
+            if stat.state not in process.EXITED_STATES:
+                return False
+            unreaped |= stat.ppid == our_pid
+        if not unreaped:
+            return True
+        reap()
         return all(process.is_gone(m, our_pid=our_pid) for m in tracked)
 
     with trio.move_on_after(timeout):
         while True:
-            reap()
             if all_gone():
                 if rescan is None:
                     return True

@@ -91,6 +91,10 @@ async def _status(engine: Engine, peer: Peer, params: protocol.StatusParams, sta
     return await engine.status(peer, params)
 
 
+async def _release_job(engine: Engine, peer: Peer, params: protocol.ReleaseJobParams, started: Started) -> Reply:
+    return await engine.release_job(peer, params)
+
+
 async def _sweep(engine: Engine, peer: Peer, params: protocol.SweepParams, started: Started) -> Reply:
     started()
     return await engine.sweep(peer, params)
@@ -109,7 +113,10 @@ METHODS: dict[str, Method] = {
     ),
     "release": Method(protocol.ReleaseParams, Engine.release, None, Waits.NEVER, while_stopping=True),
     "renew": Method(protocol.RenewParams, Engine.renew, None, Waits.NEVER, while_stopping=False),
-    "release_job": Method(protocol.ReleaseJobParams, Engine.release_job, None, Waits.NEVER, while_stopping=True),
+    "release_job": Method(
+        protocol.ReleaseJobParams, Engine.release_job_now, _release_job,
+        Waits.BRIEFLY, while_stopping=True, ready=Engine.release_job_answers_now,
+    ),
     "status": Method(
         protocol.StatusParams, Engine.status_now, _status,
         Waits.BRIEFLY, while_stopping=True, ready=Engine.status_answers_now,

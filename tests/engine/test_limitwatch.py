@@ -15,6 +15,7 @@ import trio
 
 from supervisor.core.config import parse_config
 from supervisor.core.registry import Reason, Registry, StopTree
+from supervisor.engine import limitwatch, stalls
 from supervisor.engine.limitwatch import WATCH_INTERVAL_S, LimitWatch, Look, PidsGate, Watched, look_at, verdicts
 from supervisor.procs import process
 from supervisor.procs.tree import InstanceTree
@@ -218,12 +219,12 @@ async def test_a_tree_released_while_the_look_ran_is_not_ended_again(tmp_path, s
     await wait_children(shell.pid, 3)
     world = World(tmp_path, adapter("tool", 'memory_limit = "1KiB"'))
     instance_id, _ = world.add_tree("tool", shell.pid)
-    tree = world.watch._watched(count_pids=True)
+    tree = await world.watch._watched(count_pids=True)
     looks = look_at(tree, None)
     assert [v.reason for v in verdicts(tree, looks)] == [Reason.MEMORY_LIMIT]
     lease = next(iter(world.registry.instances[instance_id].leases))
     world.registry.release(lease, connection=1, uid=0, now=0.0)  # stopping now
-    world.watch._act(tree, looks)
+    await world.watch._act(tree, looks)
     assert world.executed == [] and world.over_memory == []
 
 
@@ -269,3 +270,38 @@ async def test_trees_held_only_to_max_pids_are_not_counted_again_while_the_host_
             while world.watch.pids_counts < 2:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_trio_threads_walks_of_many_watched_trees_let_other_tasks_run(tmp_path, shell, monkeypatch) -> None:
+    # Every chunk of TREES_PER_LOOK trees in a turn of its own (a budget of
+    # nothing): a walk of thousands of trees never holds the thread whole.
+    monkeypatch.setattr(stalls, "STEP_BUDGET_S", 0.0)
+    await wait_children(shell.pid, 3)
+    world = World(tmp_path, adapter("tool", 'memory_limit = "1KiB"\nmax_pids = 2'))
+    trees = 5 * limitwatch.TREES_PER_LOOK
+    for _ in range(trees):
+        world.add_tree("tool", shell.pid)
+    steps = 0
+
+    async def probe() -> None:
+        nonlocal steps
+        while True:
+            await trio.lowlevel.checkpoint()
+            steps += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probe)
+        await trio.lowlevel.checkpoint()
+        steps = 0
+        tree = await world.watch._watched(count_pids=True)
+        assert len(tree) == trees and steps >= 4
+        looks = {t.instance_id: Look(TreeFigures(pids=4, rss_bytes=MIB)) for t in tree}
+        steps = 0
+        assert await world.watch._headroom(tree, looks) == 0
+        assert steps >= 4
+        steps = 0
+        await world.watch._act(tree, looks)
+        assert steps >= 4
+        nursery.cancel_scope.cancel()
+    # Every tree was over max_pids: each ended once, as one walk would have.
+    assert sorted(a.instance_id for a in world.executed if isinstance(a, StopTree)) == sorted(world.instances.running)

@@ -68,3 +68,28 @@ def test_wrong_labels_and_negative_increments_are_refused() -> None:
         metrics.spawns.inc("a", "b")
     with pytest.raises(ValueError):
         metrics.spawns.inc("a", amount=-1)
+
+
+def test_the_frozen_objects_are_counted_at_most_every_recount_interval(monkeypatch) -> None:
+    import gc
+
+    from supervisor.engine import metrics as metrics_module
+
+    frozen_gauge = ("adapter_supervisor_gc_frozen_objects", ())
+    metrics = Metrics(lambda: live())
+    kept = [object() for _ in range(10)]
+    gc.freeze()
+    try:
+        first = parse(metrics.exposition())[frozen_gauge]
+        assert first == gc.get_freeze_count()
+        # Frozen since: not walked again within FROZEN_RECOUNT_S (the walk is
+        # O(frozen objects)), so the gauge stays as counted.
+        more = [[] for _ in range(1000)]
+        gc.freeze()
+        assert gc.get_freeze_count() >= first + len(more)
+        assert parse(metrics.exposition())[frozen_gauge] == first
+        monkeypatch.setattr(metrics_module, "FROZEN_RECOUNT_S", 0.0)
+        assert parse(metrics.exposition())[frozen_gauge] == gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    assert kept

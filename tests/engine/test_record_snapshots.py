@@ -88,7 +88,7 @@ async def test_the_kept_record_says_what_a_whole_one_says(tmp_path: Path) -> Non
             await check()
             engine.release(peer, protocol.ReleaseParams(lease=first["lease"]))
             await check()
-            engine.release_job(peer, protocol.ReleaseJobParams(job="a"))
+            engine.release_job_now(peer, protocol.ReleaseJobParams(job="a"))
             with trio.fail_after(10):
                 while first["instance"] in engine.instances.running:
                     await trio.sleep(0.02)

@@ -140,3 +140,10 @@ def test_a_filter_keeps_only_the_instances_it_accepts() -> None:
         return decoded(made)
 
     assert {row["job"] for row in trio.run(main)} == {"job-1"}
+
+
+def test_rows_are_joined_into_one_array_whatever_their_number() -> None:
+    for count in (0, 1, 2, 300):
+        rows = [json.dumps({"n": n}).encode() for n in range(count)]
+        assert json.loads(bytes(encode_rows(rows))) == [{"n": n} for n in range(count)]
+        assert rows == [json.dumps({"n": n}).encode() for n in range(count)], "the rows were changed"

@@ -277,6 +277,29 @@ async def test_wait_gone_holds_a_zombie_child_of_ours_until_it_is_reaped(spawn) 
     assert process.read_stat(child.pid) is None
 
 
+async def test_wait_gone_reaps_only_when_a_member_is_an_exited_child_of_ours(spawn) -> None:
+    # A reap walks every child of the daemon in the kernel: a stop waiting on
+    # a live member must not call it at every look (thousands of stops at a
+    # shutdown each did, every 25 ms), only once a member is a zombie child.
+    child = spawn(["sleep", "0.3"])
+    tracked = {process.identify(child.pid)}
+    reaps = 0
+
+    def reap() -> None:
+        nonlocal reaps
+        reaps += 1
+        if process.read_stat(child.pid) is not None and process.read_stat(child.pid).state == "Z":
+            subreaper.reap_pid(child.pid)
+
+    me = os.getpid()
+    assert await wait_gone(tracked, our_pid=me, timeout=5, reap=reap, child_exited=trio.sleep_forever) is True
+    assert reaps == 1, f"{reaps} reaps while the member ran"
+    # Gone already: nothing to reap.
+    reaps = 0
+    assert await wait_gone(tracked, our_pid=me, timeout=5, reap=reap, child_exited=trio.sleep_forever) is True
+    assert reaps == 0
+
+
 async def test_wait_gone_rescans_once_more_before_declaring_a_tree_gone(spawn) -> None:
     # Everything tracked is gone, but the rescan finds a newcomer (a member that
     # forked just before dying): not gone until the newcomer is.

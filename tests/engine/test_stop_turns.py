@@ -1,0 +1,168 @@
+"""Thousands of stops decided at once reach the trio thread in turns: a
+`release_job` of a job with many leases releases them over several turns
+(`Engine.release_job`), and the stops it and a shutdown decide are started a
+few at a time (`Instances._start_stops`), so that other tasks run in between.
+Real /bin/sleep roots; turns are counted by a probe task that checkpoints in
+a loop, never timed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervisor.core import protocol
+from supervisor.core.config import parse_config
+from supervisor.core.errors import PermissionDenied
+from supervisor.engine import engine as engine_module
+from supervisor.engine import instances as instances_module
+from supervisor.engine.engine import Engine
+from supervisor.server.methods import METHODS
+
+# Trees of one job (one adapter each: an instance is a job and an adapter):
+# many more than the stops started per turn.
+TREES = 120
+
+
+@dataclass
+class Peer:
+    id: int = 1
+    uid: int = os.getuid()
+    gid: int = os.getgid()
+    pid: int = os.getpid()
+
+    def notify(self, method: str, params: object) -> None:
+        pass
+
+
+def many_adapters(tmp_path: Path) -> Engine:
+    adapters = "".join(
+        f'[adapters.tool{n}]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 2.0\n' for n in range(TREES)
+    )
+    config = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\nsweep_interval = 3600.0\n' + adapters,
+        str(tmp_path / "supervisor.toml"),
+    )
+    return Engine(config)
+
+
+async def fill(engine: Engine, peer: Peer, job: str = "big") -> list[int]:
+    """One running instance per adapter for `job`; their root pids."""
+    pids = []
+    for n in range(TREES):
+        params = protocol.AcquireParams(job=job, adapter=f"tool{n}")
+        pids.append((await engine.acquire(peer, params, lambda: None)).result["pid"])
+    return pids
+
+
+class StopProbe:
+    """Notes, at each of its own steps, which trees have begun their stop
+    since its previous step: those began while it waited for the thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.steps = 0
+        self.largest_jump = 0
+        self.begun: set[str] = set()
+
+    def look(self) -> int:
+        running = self.engine.instances.running
+        new = {i for i, tree in running.items() if tree.stop_began is not None} - self.begun
+        self.begun |= new
+        return len(new)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.look()
+        task_status.started()
+        while True:
+            await trio.lowlevel.checkpoint()
+            self.steps += 1
+            self.largest_jump = max(self.largest_jump, self.look())
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_release_job_of_many_leases_is_answered_over_turns_and_its_stops_start_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Turns of one lease each, and a job "big" enough to need them.
+    monkeypatch.setattr(engine_module, "STEP_BUDGET_S", 0.0)
+    monkeypatch.setattr(engine_module, "RELEASES_PER_TURN", 10)
+    engine = many_adapters(tmp_path)
+    peer = Peer()
+    engine.connected(peer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            pids = await fill(engine, peer)
+            params = protocol.ReleaseJobParams(job="big")
+            assert not METHODS["release_job"].answers_now(engine, params)
+            probe = StopProbe(engine)
+            await nursery.start(probe.run)
+            reply = await engine.release_job(peer, params)
+            steps_during_release = probe.steps
+            assert reply.result["released"] == TREES and len(reply.result["instances"]) == TREES
+            assert engine.registry.leases_of_job("big") == []
+            # Other tasks ran between the releases (a turn per lease here).
+            assert steps_during_release >= TREES // 2, steps_during_release
+            with trio.fail_after(20):
+                while engine.instances.running:
+                    await trio.sleep(0.02)
+            assert not any(alive(pid) for pid in pids)
+            assert probe.largest_jump <= 2 * instances_module.STOPS_PER_TURN, probe.largest_jump
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_release_job_over_turns_releases_nothing_if_one_lease_is_another_uids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "RELEASES_PER_TURN", 10)
+    engine = many_adapters(tmp_path)
+    owner = Peer()
+    engine.connected(owner)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            await fill(engine, owner)
+            stranger = Peer(id=2, uid=owner.uid + 1)
+            with pytest.raises(PermissionDenied):
+                await engine.release_job(stranger, protocol.ReleaseJobParams(job="big"))
+            assert len(engine.registry.leases_of_job("big")) == TREES
+            assert all(running.stop_began is None for running in engine.instances.running.values())
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_shutdown_starts_the_stops_of_many_trees_a_few_at_a_time(tmp_path: Path) -> None:
+    engine = many_adapters(tmp_path)
+    peer = Peer()
+    engine.connected(peer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            pids = await fill(engine, peer)
+            probe = StopProbe(engine)
+            await nursery.start(probe.run)
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            assert not engine.instances.running
+            assert not any(alive(pid) for pid in pids)
+            assert len(probe.begun) >= TREES // 2, "the probe saw too few of the stops begin"
+            assert probe.largest_jump <= 2 * instances_module.STOPS_PER_TURN, probe.largest_jump
+            assert probe.steps >= TREES // instances_module.STOPS_PER_TURN
+        finally:
+            nursery.cancel_scope.cancel()
