@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor.engine.engine import RELEASES_PER_TURN
+from supervisor.engine.leaseops import RELEASES_PER_TURN
 from supervisor.procs import process
 from tests.conftest import PYTHON, eventually, read_pidfile, tree_adapter, trio_call, wait_all_gone
 

@@ -18,7 +18,8 @@ from supervisor.core.errors import Conflict
 from supervisor.core.registry import Action, AdoptedInstance, AdoptedLease, Reason, Registry, State
 from supervisor.engine import staterecord
 from supervisor.engine.handoff import EngineState
-from supervisor.engine.instances import Instances, RunningInstance
+from supervisor.engine.instances import Instances
+from supervisor.engine.running import RunningInstance
 from supervisor.engine.stalls import STEP_BUDGET_S
 from supervisor.procs import process
 from supervisor.procs.stderrfile import StderrFiles

@@ -1,8 +1,11 @@
 """Instance life in the shell: spawning roots, watching them, stopping trees.
 
 `Instances` keeps what the registry cannot: each spawned root with its pipes
-and tree (`RunningInstance`), the acquires parked on a spawn (`PendingSpawn`),
-the stderr tails of trees stopped lately. It reports every outcome back to the
+and tree (`RunningInstance`, `running.py`), the acquires parked on a spawn
+(`PendingSpawn`), the stderr tails of trees stopped lately. This module spawns
+and watches roots; stopping trees is `stopping.py`, and trees adopted after a
+crash or handed over by an upgrade are `treehandover.py` (base classes of
+`Instances`, on the same state). It reports every outcome back to the
 registry (`spawned`, `spawn_failed`, `root_exited`, `tree_gone`) and hands the
 registry's answer to `report`, the engine's way of carrying out actions. All
 of it runs on the trio thread; a spawn that must not (the subprocess spawner)
@@ -14,10 +17,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import signal
-import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 
 import msgspec
@@ -25,14 +25,15 @@ import structlog
 import trio
 
 from supervisor.core.config import AdapterConfig
-from supervisor.core.errors import InvalidParams, LimitReached, SpawnFailed, SupervisorError, UnknownAdapter
+from supervisor.core.errors import InvalidParams, LimitReached, SpawnFailed, UnknownAdapter
 from supervisor.core.identity import Credentials, credentials_of
 from supervisor.core.registry import Action, Reason, Registry
-from supervisor.engine.handoff import HandedTree
 from supervisor.engine.metrics import Metrics
-from supervisor.engine.stalls import STEP_BUDGET_S
+from supervisor.engine.running import PendingSpawn, RunningInstance, record_root_exit
 from supervisor.engine.staterecord import RecordKeeper
 from supervisor.engine.stdiostore import StdioStore
+from supervisor.engine.stopping import Stopping
+from supervisor.engine.treehandover import HANDED, TreeHandover
 from supervisor.procs import process, subreaper
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.proctable import TableScanner
@@ -41,29 +42,13 @@ from supervisor.procs.spawner import RootProcess, Spawner, SpawnRequest
 from supervisor.procs.stderr import StderrTail, TailBudget, capture_stderr
 from supervisor.procs.stderrfile import FollowedFile, StderrFiles
 from supervisor.procs.subreaper import ChildReaper
-from supervisor.procs.tree import InstanceTree, StopOutcome, signal_member, stop_tree
+from supervisor.procs.tree import InstanceTree
 
 log = structlog.get_logger()
 
-# The stderr tails of this many finished instances stay readable through `logs`
-# after their tree is gone: enough to debug a crash, bounded for a long-lived
-# daemon.
-FINISHED_LOGS_KEPT = 64
-
-# A stop is bounded by the adapter's stop_timeout plus this: the SIGKILL grace,
-# waiting for the root's status, and slack for a busy host.
-STOP_MARGIN_S = 5.0
-
-# Stop tasks started per turn of the stop starter (`Instances._start_stops`),
-# which also ends a turn once it has taken STEP_BUDGET_S. Each started stop's
-# first step (its tree's first signals) runs in the scheduler's next batch,
-# before any waiting request: a release_job or a shutdown of thousands of trees
-# must reach them a few dozen at a time, not all in one batch.
-STOPS_PER_TURN = 32
-
-# How the root settler first sees a root (`Instances._settle_roots`).
+# How the root settler first sees a root spawned here (`Instances._settle_roots`;
+# a root handed over is seen as `treehandover.HANDED`).
 SPAWNED = "spawned"
-HANDED = "handed"
 
 # Work for after a reply: plain callables, run in order by whoever sends it
 # (`run_after`).
@@ -86,39 +71,7 @@ def run_after(work: AfterReply | tuple[()]) -> None:
             log.exception("after_reply.failed", work=repr(fn))
 
 
-@dataclass(slots=True)
-class RunningInstance:
-    """The shell's side of one spawned instance, until its tree is gone."""
-
-    adapter: AdapterConfig
-    root: RootProcess
-    tree: InstanceTree
-    root_reaped: trio.Event = field(default_factory=trio.Event)
-    returncode: int | None = None
-    stopped: trio.Event = field(default_factory=trio.Event)
-    rss_bytes: int = 0
-    # The file the tree writes its stderr to, followed by the daemon.
-    stderr: FollowedFile | None = None
-    # Taken over from a previous incarnation: the root is not the daemon's child.
-    adopted: bool = False
-    # Wall-clock time its stop began (its stop_timeout counts from then,
-    # across an upgrade too).
-    stop_began: float | None = None
-    # Whether the root settler has seen it (`Instances._settle_roots`): only
-    # then is its root's exit reported, once (`exit_reported`).
-    settled: bool = False
-    exit_reported: bool = False
-
-
-@dataclass
-class PendingSpawn:
-    """Acquires parked on a STARTING instance wait for this."""
-
-    settled: trio.Event = field(default_factory=trio.Event)
-    error: SupervisorError | None = None
-
-
-class Instances:
+class Instances(TreeHandover, Stopping):
     """Every spawned root of one daemon, from its spawn until its tree is gone."""
 
     def __init__(
@@ -394,7 +347,7 @@ class Instances:
 
     def _root_reaped(self, instance_id: str, running: RunningInstance, returncode: int) -> None:
         """The reaper's word that a root (spawned or handed over) exited."""
-        _root_reaped(running, returncode)
+        record_root_exit(running, returncode)
         self._settle_soon(instance_id, running, None)
 
     def _settle_soon(self, instance_id: str, running: RunningInstance, first_look: str | None) -> None:
@@ -449,274 +402,6 @@ class Instances:
         pending = self._pending.pop(instance_id, None)
         if pending is not None:
             pending.settled.set()
-
-    # -- adoption -----------------------------------------------------------------
-
-    def adopt(
-        self,
-        instance_id: str,
-        adapter: AdapterConfig,
-        root: process.ProcessId,
-        members: Iterable[process.ProcessId],
-        pidfd: int,
-        stderr: FollowedFile | None,
-    ) -> None:
-        """Take over the running tree of an instance a previous incarnation
-        started (the registry has adopted it already). The root is not the
-        daemon's child: its exit is seen through `pidfd` (which this owns),
-        with no return code. Its stdin and stdout pipes are those systemd's
-        file-descriptor store passed back, if it kept them (else they died
-        with the previous incarnation); its stderr file is followed on."""
-        stdin_fd, stdout_fd = self.stdio.take(instance_id)
-        tree = InstanceTree(instance_id=instance_id, root=root, cgroup=self.cgroups, daemon_pid=self.pid,
-                            table=self.table)
-        tree.known.update(members)
-        tree.known.add(root)
-        running = RunningInstance(
-            adapter=adapter,
-            root=RootProcess(
-                id=root, stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=None,
-                stderr_tail=StderrTail(budget=self.tail_budget),
-            ),
-            tree=tree,
-            stderr=stderr,
-            adopted=True,
-        )
-        self.running[instance_id] = running
-        self.generation += 1
-        assert self._nursery is not None, "attach() first"
-        if stderr is not None:
-            self._nursery.start_soon(self._read_stderr, instance_id, running)
-        self._nursery.start_soon(self._watch_adopted_root, instance_id, running, pidfd)
-
-    async def _watch_adopted_root(self, instance_id: str, running: RunningInstance, pidfd: int) -> None:
-        """Wait for an adopted root to exit (its pidfd turns readable), then
-        report it. Cancellation: stops watching; the pidfd is closed."""
-        try:
-            await trio.lowlevel.wait_readable(pidfd)
-        finally:
-            os.close(pidfd)
-        running.returncode = None
-        running.root_reaped.set()
-        log.info("adapter.root_exited", instance=instance_id, pid=running.root.pid, returncode=None, adopted=True)
-        self.report(self.registry.root_exited(instance_id, returncode=None, now=self.now()))
-
-    # -- an in-place upgrade ------------------------------------------------------
-
-    @property
-    def spawns_in_flight(self) -> int:
-        """Spawns under way in a worker thread."""
-        return self.reaper.spawns_in_flight
-
-    def busy(self) -> str | None:
-        """Why the trees cannot be handed over right now (a spawn in a worker
-        thread), or None."""
-        return f"{len(self._spawning)} spawns in progress" if self._spawning else None
-
-    def export_trees(self) -> tuple[list[HandedTree], list[int]]:
-        """Every running tree as the next image needs it, and the fds it must
-        keep open (pipes and stderr files). Call only when not `busy`."""
-        trees: list[HandedTree] = []
-        fds: list[int] = []
-        for instance_id, running in self.running.items():
-            root = running.root
-            stderr = running.stderr
-            trees.append(HandedTree(
-                instance_id=instance_id, adapter=running.adapter.name,
-                root_pid=root.id.pid, root_start_time=root.id.start_time,
-                known=sorted((m.pid, m.start_time) for m in running.tree.known),
-                stdin_fd=root.stdin_fd, stdout_fd=root.stdout_fd,
-                stderr_file=stderr.path.name if stderr is not None else None,
-                stderr_fd=stderr.fd if stderr is not None and stderr.fd >= 0 else None,
-                stderr_offset=stderr.offset if stderr is not None else 0,
-                stderr_tail=list(root.stderr_tail), stop_began=running.stop_began,
-                root_reaped=running.root_reaped.is_set(), returncode=running.returncode, adopted=running.adopted,
-            ))
-            fds += [fd for fd in (root.stdin_fd, root.stdout_fd) if fd is not None]
-            if stderr is not None and stderr.fd >= 0:
-                fds.append(stderr.fd)
-        return trees, fds
-
-    def export_finished_logs(self) -> list[tuple[str, list[bytes]]]:
-        """The stderr tails of instances stopped lately, oldest first."""
-        return [(instance_id, list(tail)) for instance_id, tail in self.finished_logs.items()]
-
-    def restore_finished_logs(self, logs: list[tuple[str, list[bytes]]]) -> None:
-        for instance_id, lines in logs:
-            self.finished_logs[instance_id] = StderrTail(lines, budget=self.tail_budget)
-
-    def restore_tree(self, handed: HandedTree, adapter: AdapterConfig) -> RunningInstance:
-        """Take back a tree the previous image handed over: the root is still
-        this process's child (same pid across execve), so the reaper watches
-        it as before; its pipes and stderr file are the fds it names."""
-        root_id = process.ProcessId(handed.root_pid, handed.root_start_time)
-        tree = InstanceTree(instance_id=handed.instance_id, root=root_id, cgroup=self.cgroups, daemon_pid=self.pid,
-                            table=self.table)
-        tree.known.update(process.ProcessId(pid, start) for pid, start in handed.known)
-        stderr = None
-        if handed.stderr_file is not None and handed.stderr_fd is not None:
-            stderr = self.stderr_files.adopt_open(handed.stderr_file, handed.stderr_fd, handed.stderr_offset)
-        root = RootProcess(
-            id=root_id, stdin_fd=handed.stdin_fd, stdout_fd=handed.stdout_fd, stderr_fd=None,
-            stderr_tail=StderrTail(handed.stderr_tail, budget=self.tail_budget),
-        )
-        running = RunningInstance(
-            adapter=adapter, root=root, tree=tree, stderr=stderr, adopted=handed.adopted, stop_began=handed.stop_began
-        )
-        self.running[handed.instance_id] = running
-        self.generation += 1
-        assert self._nursery is not None, "attach() first"
-        if stderr is not None:
-            self._nursery.start_soon(self._read_stderr, handed.instance_id, running)
-        if handed.root_reaped:
-            running.returncode = handed.returncode
-            running.root_reaped.set()
-        elif handed.adopted and _parent_of(root_id) != self.pid:
-            # Adopted after a crash, so not our child: its exit shows on a pidfd.
-            pidfd = process.open_pidfd(root_id)
-            if pidfd is None:
-                running.root_reaped.set()
-            else:
-                self._nursery.start_soon(self._watch_adopted_root, handed.instance_id, running, pidfd)
-                return running
-        else:
-            self.reaper.watch_root(
-                root_id.pid, partial(self._root_reaped, handed.instance_id, running), spawned_after=float("-inf")
-            )
-        self._settle_soon(handed.instance_id, running, HANDED)
-        return running
-
-    # -- stopping ----------------------------------------------------------------
-
-    def stop(self, instance_id: str, reason: Reason) -> None:
-        """Stop the instance's tree in a task of its own: stop_signal to every
-        member, stop_timeout of grace, then SIGKILL. The task is started by the
-        stop starter in its next turn (so that thousands of stops decided at
-        once are started a few at a time)."""
-        assert self._nursery is not None, "attach() first"
-        if not self._stop_starter:
-            # The starter was cancelled (the engine is going): start it now.
-            self._nursery.start_soon(self._stop, instance_id, reason)
-            return
-        self._to_stop.append((instance_id, reason))
-        self._stop_wanted.set()
-
-    async def _start_stops(self) -> None:
-        """The one task that starts the stop tasks, in order: at most
-        STOPS_PER_TURN per turn, and a turn ends once it has taken
-        STEP_BUDGET_S. Runs until cancelled, but never drops a stop already
-        asked for: a cancelled starter still starts every one (their tasks
-        are shielded), then ends."""
-        assert self._nursery is not None
-        queue = self._to_stop
-        try:
-            while True:
-                if not queue:
-                    self._stop_wanted = trio.Event()
-                    await self._stop_wanted.wait()
-                    continue
-                turn_began = time.perf_counter()
-                for _ in range(STOPS_PER_TURN):
-                    if not queue or time.perf_counter() - turn_began > STEP_BUDGET_S:
-                        break
-                    instance_id, reason = queue.popleft()
-                    self._nursery.start_soon(self._stop, instance_id, reason)
-                await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            self._stop_starter = False
-
-    async def _stop(self, instance_id: str, reason: Reason) -> None:
-        running = self.running.get(instance_id)
-        outcome = StopOutcome()
-        if running is not None:
-            adapter = running.adapter
-            if running.stop_began is None:
-                running.stop_began = time.time()
-            # What is left of the grace of a stop an earlier image began.
-            grace = max(0.0, adapter.stop_timeout - max(0.0, time.time() - running.stop_began))
-            # Bounded and shielded: a stop that was begun is always finished,
-            # even while the daemon shuts down.
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(grace + STOP_MARGIN_S) as bound:
-                    try:
-                        outcome = await stop_tree(
-                            running.tree,
-                            stop_signal=int(adapter.stop_signal),
-                            stop_timeout=grace,
-                            reap=self.reaper.reap,
-                            child_exited=self.reaper.child_exited,
-                        )
-                    except OSError as exc:
-                        log.error("tree.stop_failed", instance=instance_id, error=str(exc))
-                        outcome = self.kill_now(instance_id, running)
-                    if not running.root_reaped.is_set():
-                        with trio.move_on_after(1):
-                            await running.root_reaped.wait()
-                if bound.cancelled_caught:
-                    # The stop overran its bound (a starved worker thread, a
-                    # process stuck in the kernel): never forget a tree alive.
-                    outcome = self.kill_now(instance_id, running)
-            self._forget(instance_id, running)
-            self.metrics.reaps.inc(adapter.name, reason.value)
-        log.info(
-            "tree.reaped" if outcome.clean else "tree.reap_incomplete",
-            instance=instance_id,
-            reason=reason.value,
-            signalled=len(outcome.signalled),
-            killed=len(outcome.killed),
-            survivors=[m.pid for m in outcome.survivors],
-        )
-        self.report(self.registry.tree_gone(instance_id, now=self.now()))
-
-    def _forget(self, instance_id: str, running: RunningInstance) -> None:
-        """A tree is gone (or given up on): close its pipes, keep its stderr tail."""
-        if running.root.stdin_fd is not None or running.root.stdout_fd is not None:
-            self.stdio.forget(instance_id)
-        running.root.close_stdio()
-        if not running.root_reaped.is_set():
-            # The root outlived its stop (the report says so). subprocess must
-            # never poll it on its own: the reaper still owns its status.
-            running.root.reaped(-signal.SIGKILL)
-        self.remove_cgroup(instance_id)
-        if running.stderr is not None:
-            self.stderr_files.remove(running.stderr)  # its reader drains it, then closes it
-        self.finished_logs[instance_id] = running.root.stderr_tail
-        instance = self.registry.instances.get(instance_id)
-        self.finished_owners[instance_id] = instance.uid if instance is not None else None
-        while len(self.finished_logs) > FINISHED_LOGS_KEPT:
-            gone, tail = self.finished_logs.popitem(last=False)
-            tail.release()
-            self.finished_owners.pop(gone, None)
-        del self.running[instance_id]
-        self.set_rss(running, 0)
-        running.stopped.set()
-        self.record.mark_dirty()
-        self.generation += 1
-
-    def kill_now(self, instance_id: str, running: RunningInstance) -> StopOutcome:
-        """SIGKILL a tree at once, synchronously; the members still there are survivors."""
-        if self.cgroups is not None:
-            try:
-                self.cgroups.kill(instance_id)
-            except OSError as exc:
-                log.error("cgroup.kill_failed", instance=instance_id, error=str(exc))
-        members = {running.root.id, *running.tree.known}
-        killed = [m for m in members if signal_member(m, signal.SIGKILL)]
-        return StopOutcome(killed=killed, survivors=[m for m in members if not _surely_gone(m, self.pid)])
-
-    def kill_everything_now(self) -> None:
-        """Last resort when the daemon is dying of a bug: SIGKILL every tracked
-        tree at once, synchronously, so that no adapter outlives its owner."""
-        for instance_id, running in self.running.items():
-            self.kill_now(instance_id, running)
-
-    async def wait_all_stopped(self) -> None:
-        """Wait for every spawn in flight to report in, then for every tree to
-        be gone. Cancellation: returns early; nothing is left half-done."""
-        for spawning in list(self._spawning.values()):
-            await spawning.wait()
-        for running in list(self.running.values()):
-            await running.stopped.wait()
 
     def settle_vanished_roots(self) -> None:
         """A root that has exited although its watcher never heard of it (one
@@ -776,13 +461,6 @@ class Instances:
                 log.warning("cgroup.remove_failed", instance=instance_id, error=str(exc))
 
 
-def _root_reaped(running: RunningInstance, returncode: int) -> None:
-    running.returncode = returncode
-    # Tell subprocess the child is gone, so it never waits for it itself.
-    running.root.reaped(returncode)
-    running.root_reaped.set()
-
-
 # What an acquire fails on for want of the daemon's own resources (1004).
 _EXHAUSTION = {
     errno.EMFILE: "file descriptors (its RLIMIT_NOFILE)",
@@ -800,11 +478,6 @@ def _exhausted(exc: BaseException) -> str | None:
     return None
 
 
-def _parent_of(proc: process.ProcessId) -> int | None:
-    stat = process.read_stat(proc.pid)
-    return stat.ppid if stat is not None and stat.start_time == proc.start_time else None
-
-
 def _stderr_line(instance_id: str, line: str) -> None:
     log.info("adapter.stderr", instance=instance_id, line=line)
 
@@ -812,12 +485,3 @@ def _stderr_line(instance_id: str, line: str) -> None:
 def _stderr_dropped(instance_id: str, lines: int) -> None:
     log.warning("adapter.stderr_dropped", instance=instance_id, lines=lines,
                 reason="over the stderr log budget; only the last lines are kept, for `logs`")
-
-
-def _surely_gone(member: process.ProcessId, our_pid: int) -> bool:
-    """`process.is_gone`, where a process that cannot be looked at (EMFILE)
-    counts as still there: a sweep will look again."""
-    try:
-        return process.is_gone(member, our_pid=our_pid)
-    except OSError:
-        return False

@@ -35,7 +35,8 @@ import trio
 
 from supervisor.core.config import Config
 from supervisor.core.registry import Action, Reason, Registry, State
-from supervisor.engine.instances import Instances, RunningInstance
+from supervisor.engine.instances import Instances
+from supervisor.engine.running import RunningInstance
 from supervisor.engine.stalls import TurnClock
 from supervisor.procs import process, proctable, treelimits
 from supervisor.procs.cgroup import CgroupManager

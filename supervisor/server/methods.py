@@ -18,7 +18,8 @@ import msgspec
 
 from supervisor.core import protocol
 from supervisor.core.errors import MethodNotFound, ShuttingDown
-from supervisor.engine.engine import Engine, Peer, Reply
+from supervisor.engine.engine import Engine
+from supervisor.engine.operation import Peer, Reply
 
 class Started:
     """Handed to a waiting handler with its request: call it once the

@@ -13,7 +13,7 @@ import trio
 
 from supervisor.core import protocol
 from supervisor.core.errors import SupervisorError
-from supervisor.engine.engine import Reply
+from supervisor.engine.operation import Reply
 from supervisor.engine.instances import AfterReply, run_after
 from supervisor.server.connection import Connection
 from supervisor.server.methods import Method, Started, method_for

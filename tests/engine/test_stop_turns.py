@@ -17,8 +17,8 @@ import trio
 from supervisor.core import protocol
 from supervisor.core.config import parse_config
 from supervisor.core.errors import PermissionDenied
-from supervisor.engine import engine as engine_module
-from supervisor.engine import instances as instances_module
+from supervisor.engine import leaseops
+from supervisor.engine import stopping
 from supervisor.engine.engine import Engine
 from supervisor.server.methods import METHODS
 
@@ -95,8 +95,8 @@ async def test_a_release_job_of_many_leases_is_answered_over_turns_and_its_stops
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Turns of one lease each, and a job "big" enough to need them.
-    monkeypatch.setattr(engine_module, "STEP_BUDGET_S", 0.0)
-    monkeypatch.setattr(engine_module, "RELEASES_PER_TURN", 10)
+    monkeypatch.setattr(leaseops, "STEP_BUDGET_S", 0.0)
+    monkeypatch.setattr(leaseops, "RELEASES_PER_TURN", 10)
     engine = many_adapters(tmp_path)
     peer = Peer()
     engine.connected(peer)
@@ -118,7 +118,7 @@ async def test_a_release_job_of_many_leases_is_answered_over_turns_and_its_stops
                 while engine.instances.running:
                     await trio.sleep(0.02)
             assert not any(alive(pid) for pid in pids)
-            assert probe.largest_jump <= 2 * instances_module.STOPS_PER_TURN, probe.largest_jump
+            assert probe.largest_jump <= 2 * stopping.STOPS_PER_TURN, probe.largest_jump
         finally:
             with trio.CancelScope(shield=True):
                 await engine.shutdown()
@@ -128,7 +128,7 @@ async def test_a_release_job_of_many_leases_is_answered_over_turns_and_its_stops
 async def test_a_release_job_over_turns_releases_nothing_if_one_lease_is_another_uids(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_module, "RELEASES_PER_TURN", 10)
+    monkeypatch.setattr(leaseops, "RELEASES_PER_TURN", 10)
     engine = many_adapters(tmp_path)
     owner = Peer()
     engine.connected(owner)
@@ -162,7 +162,7 @@ async def test_a_shutdown_starts_the_stops_of_many_trees_a_few_at_a_time(tmp_pat
             assert not engine.instances.running
             assert not any(alive(pid) for pid in pids)
             assert len(probe.begun) >= TREES // 2, "the probe saw too few of the stops begin"
-            assert probe.largest_jump <= 2 * instances_module.STOPS_PER_TURN, probe.largest_jump
-            assert probe.steps >= TREES // instances_module.STOPS_PER_TURN
+            assert probe.largest_jump <= 2 * stopping.STOPS_PER_TURN, probe.largest_jump
+            assert probe.steps >= TREES // stopping.STOPS_PER_TURN
         finally:
             nursery.cancel_scope.cancel()

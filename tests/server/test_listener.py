@@ -32,7 +32,8 @@ import trio.testing
 from supervisor.server import methods
 from supervisor.core.config import parse_config
 from supervisor.server.connection import Connection
-from supervisor.engine.engine import Engine, Reply
+from supervisor.engine.engine import Engine
+from supervisor.engine.operation import Reply
 from supervisor.server.controlsocket import bind_control_socket
 from supervisor.server.listener import ControlServer
 from tests.conftest import eventually
