@@ -6,7 +6,6 @@ hub's (see tests/server/test_listener.py and tests/test_daemon_protocol.py)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,7 @@ from supervisor.core.errors import Conflict, MethodNotFound, ShuttingDown, Unkno
 from supervisor.core.registry import State
 from supervisor.engine.engine import Engine
 from supervisor.server.methods import METHODS, method_for
-
-
-@dataclass
-class Peer:
-    id: int = 1
-    uid: int = os.getuid()
-    gid: int = os.getgid()
-    pid: int = os.getpid()
-
-    def notify(self, method: str, params: object) -> None:
-        pass
+from tests.engine.peer import Peer
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ A scan keeps the previous list of a tree whose figures did not change."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -17,17 +15,7 @@ from supervisor.core import protocol
 from supervisor.core.config import parse_config
 from supervisor.engine import continuity, scans
 from supervisor.engine.engine import Engine
-
-
-@dataclass
-class Peer:
-    id: int = 1
-    uid: int = os.getuid()
-    gid: int = os.getgid()
-    pid: int = os.getpid()
-
-    def notify(self, method: str, params: object) -> None:
-        pass
+from tests.engine.peer import Peer
 
 
 def normalized(record) -> dict:

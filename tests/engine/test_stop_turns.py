@@ -7,8 +7,6 @@ a loop, never timed."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,21 +19,11 @@ from supervisor.engine import leaseops
 from supervisor.engine import stopping
 from supervisor.engine.engine import Engine
 from supervisor.server.methods import METHODS
+from tests.engine.peer import Peer
 
 # Trees of one job (one adapter each: an instance is a job and an adapter):
 # many more than the stops started per turn.
 TREES = 120
-
-
-@dataclass
-class Peer:
-    id: int = 1
-    uid: int = os.getuid()
-    gid: int = os.getgid()
-    pid: int = os.getpid()
-
-    def notify(self, method: str, params: object) -> None:
-        pass
 
 
 def many_adapters(tmp_path: Path) -> Engine:
