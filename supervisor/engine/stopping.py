@@ -133,7 +133,7 @@ class Stopping:
                             running.tree,
                             stop_signal=int(adapter.stop_signal),
                             stop_timeout=grace,
-                            reap=self.reaper.reap,
+                            reap=self.reaper.reap_children,
                             child_exited=self.reaper.child_exited,
                         )
                     except OSError as exc:

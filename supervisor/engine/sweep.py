@@ -226,7 +226,7 @@ async def reap_candidates(
     *,
     our_pid: int,
     grace: float,
-    reap: Callable[[], None],
+    reap: Callable[[Iterable[int]], None],
     child_exited: Callable[[], Awaitable[None]],
     kill_cgroup: Callable[[str], None] | None = None,
 ) -> list[Orphan]:
@@ -432,7 +432,7 @@ class Sweeper:
                     candidates,
                     our_pid=self._instances.pid,
                     grace=self._orphan_grace(candidates),
-                    reap=self._reaper.reap,
+                    reap=self._reaper.reap_children,
                     child_exited=self._reaper.child_exited,
                     kill_cgroup=self._cgroups.kill if self._cgroups is not None else None,
                 )

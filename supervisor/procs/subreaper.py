@@ -19,7 +19,7 @@ import functools
 import math
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -184,17 +184,42 @@ class ChildReaper:
                 if returncode is None:
                     continue
                 reaped = True
-                on_exit = self._roots.pop(pid, None)
-                if on_exit is not None:
-                    on_exit(returncode)
-                else:
-                    self._adopted.append((pid, returncode))
-                    del self._adopted[:-ADOPTED_KEPT]
-                    if self.spawns_in_flight:
-                        self._unclaimed[pid] = (returncode, trio.current_time())
+                self._route(pid, returncode)
         if reaped:
             self._exited.set()
             self._exited = trio.Event()
+
+    def reap_children(self, pids: Iterable[int]) -> None:
+        """Reap these children, which the caller saw exit, by pid: one
+        system call each, where `reap` walks every child of the daemon in the
+        kernel (milliseconds with thousands). Statuses are routed as `reap`
+        routes them; a pid that is not a waitable child of ours (reaped
+        meanwhile) is skipped, and so is one that others wait for. Never
+        blocks; raises only what an `on_exit` callback raises."""
+        reaped = False
+        for pid in pids:
+            if pid in self.others:
+                continue
+            returncode = reap_pid(pid)
+            if returncode is None:
+                continue
+            reaped = True
+            self._route(pid, returncode)
+        if reaped:
+            self._exited.set()
+            self._exited = trio.Event()
+
+    def _route(self, pid: int, returncode: int) -> None:
+        """A child just reaped: its status to its root's callback, or kept as
+        an adopted child's."""
+        on_exit = self._roots.pop(pid, None)
+        if on_exit is not None:
+            on_exit(returncode)
+        else:
+            self._adopted.append((pid, returncode))
+            del self._adopted[:-ADOPTED_KEPT]
+            if self.spawns_in_flight:
+                self._unclaimed[pid] = (returncode, trio.current_time())
 
     async def child_exited(self) -> None:
         """Wait until the next time `reap` reaps something. Cancellation raises

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Set
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Set
 
 import msgspec
 import structlog
@@ -196,13 +196,13 @@ async def stop_tree(
     *,
     stop_signal: int,
     stop_timeout: float,
-    reap: Callable[[], None],
+    reap: Callable[[Iterable[int]], None],
     child_exited: Callable[[], Awaitable[None]],
 ) -> StopOutcome:
     """Stop every process of `tree`: `stop_signal`, `stop_timeout` grace, SIGKILL.
 
-    `reap` reaps the daemon's own exited children (adopted escapees become its
-    children); `child_exited` waits for the next SIGCHLD so dying trees are
+    `reap(pids)` reaps those of the daemon's own children (adopted escapees
+    become its children), which were seen to have exited; `child_exited` waits for the next SIGCHLD so dying trees are
     noticed without busy polling. Returns once no member is alive or left a
     zombie, or after `stop_timeout` + `KILL_GRACE_S` with the survivors listed.
     A member that may not be signalled is logged (see `signal_member`) and
@@ -245,7 +245,7 @@ async def stop_tree(
         outcome.killed.extend(alive)
         await rescan(signal.SIGKILL)
         await wait(KILL_GRACE_S, signal.SIGKILL)
-    reap()
+    reap(_exited_children(tracked, tree.daemon_pid))
     outcome.survivors = [m for m in tracked if not process.is_gone(m, our_pid=tree.daemon_pid)]
     return outcome
 
@@ -255,7 +255,7 @@ async def wait_gone(
     *,
     our_pid: int,
     timeout: float,
-    reap: Callable[[], None],
+    reap: Callable[[Iterable[int]], None],
     child_exited: Callable[[], Awaitable[None]],
     rescan: Callable[[], Awaitable[None]] | None = None,
     rescan_interval: float = 0.0,
@@ -271,22 +271,21 @@ async def wait_gone(
     last_rescan = trio.current_time()
 
     def all_gone() -> bool:
-        """Whether every member is gone, after reaping if one of them is an
-        exited child of ours. `reap` reaps every child of the daemon and
-        costs a walk of all of them in the kernel: it is called only when a
-        member needs it (the daemon's own reaper reaps on every SIGCHLD, so
-        a stop rarely has to), not at every look of every stop."""
-        unreaped = False
+        """Whether every member is gone, after reaping the members that are
+        exited children of ours (by pid: the daemon's own reaper reaps on
+        every SIGCHLD, so a stop rarely has to)."""
+        unreaped = []
         for member in tracked:
             stat = process.read_stat(member.pid)
             if stat is None or stat.start_time != member.start_time:
                 continue
             if stat.state not in process.EXITED_STATES:
                 return False
-            unreaped |= stat.ppid == our_pid
+            if stat.ppid == our_pid:
+                unreaped.append(member.pid)
         if not unreaped:
             return True
-        reap()
+        reap(unreaped)
         return all(process.is_gone(m, our_pid=our_pid) for m in tracked)
 
     with trio.move_on_after(timeout):
@@ -305,3 +304,14 @@ async def wait_gone(
                 await child_exited()
             poll = min(poll * 2, MAX_POLL_S)
     return False
+
+
+def _exited_children(members: Iterable[process.ProcessId], our_pid: int) -> list[int]:
+    """The pids of `members` that are exited, unreaped children of `our_pid`."""
+    pids = []
+    for member in members:
+        stat = process.read_stat(member.pid)
+        if (stat is not None and stat.start_time == member.start_time
+                and stat.state in process.EXITED_STATES and stat.ppid == our_pid):
+            pids.append(member.pid)
+    return pids

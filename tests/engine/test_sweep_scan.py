@@ -14,7 +14,7 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,7 +62,7 @@ def tree_command(pidfile: Path, *args: str) -> list[str]:
     return [PYTHON, TREE, "--pidfile", str(pidfile), "--no-escapee", *args]
 
 
-def no_reap() -> None:
+def no_reap(pids: Iterable[int] = ()) -> None:
     """`reap` under the stand-in daemon: it reaps its own children."""
 
 
@@ -301,7 +301,7 @@ async def test_a_cgroup_candidate_that_outlives_its_grace_is_killed_with_its_who
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
         orphans = await reap_candidates(
-            result.candidates, our_pid=os.getpid(), grace=0.1, reap=reaper.reap, child_exited=reaper.child_exited,
+            result.candidates, our_pid=os.getpid(), grace=0.1, reap=reaper.reap_children, child_exited=reaper.child_exited,
             kill_cgroup=cgroups.kill,
         )
         nursery.cancel_scope.cancel()
@@ -323,7 +323,7 @@ async def test_killing_a_cgroup_candidate_never_kills_another_instances_cgroup(
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
         await reap_candidates(
-            result.candidates, our_pid=os.getpid(), grace=0.1, reap=reaper.reap, child_exited=reaper.child_exited,
+            result.candidates, our_pid=os.getpid(), grace=0.1, reap=reaper.reap_children, child_exited=reaper.child_exited,
             kill_cgroup=cgroups.kill,
         )
         nursery.cancel_scope.cancel()
@@ -380,7 +380,7 @@ async def test_an_orphan_that_is_our_child_is_gone_once_the_reaper_collects_it(s
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
         orphans = await reap_candidates(
-            [candidate], our_pid=os.getpid(), grace=10.0, reap=reaper.reap, child_exited=reaper.child_exited
+            [candidate], our_pid=os.getpid(), grace=10.0, reap=reaper.reap_children, child_exited=reaper.child_exited
         )
         nursery.cancel_scope.cancel()
     assert [(o.pid, o.ppid, o.action, o.result) for o in orphans] == [(child.pid, os.getpid(), "terminated", "gone")]

@@ -215,3 +215,33 @@ async def test_the_reaper_leaves_a_child_others_wait_for_and_reaps_the_rest_once
         nursery.cancel_scope.cancel()
     assert (other.pid, 0) in adopted
     other.returncode = 0  # (reaped by the reaper, as an adopted child)
+
+
+def test_reap_children_reaps_the_named_children_by_pid_and_routes_their_statuses() -> None:
+    # What a stop uses instead of a walk of every child: only the named pids
+    # are reaped, a root's status goes to its callback, another child's is
+    # kept as adopted, and a child others wait for is left to them.
+    reaper = subreaper.ChildReaper()
+    root = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(5)"])
+    escapee = subprocess.Popen(["true"])
+    helper = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    bystander = subprocess.Popen(["true"])
+    reaper.others.add(helper.pid)
+    statuses: list[int] = []
+    reaper.watch_root(root.pid, statuses.append, spawned_after=float("-inf"))
+    for child in (root, escapee, helper, bystander):
+        while not subreaper.child_has_exited(child.pid):
+            time.sleep(0.01)
+    reaper.reap_children([root.pid, escapee.pid, helper.pid, os.getpid()])
+    assert statuses == [5]
+    assert reaper.take_adopted() == [(escapee.pid, 0)]
+    # Not named: still waitable, for the reaper's own walk or its waiter.
+    assert subreaper.child_has_exited(bystander.pid) and process_is_zombie(bystander.pid)
+    assert helper.wait() == 3
+    assert bystander.wait() == 0
+    root.returncode, escapee.returncode = 5, 0
+
+
+def process_is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"

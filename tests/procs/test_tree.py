@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +55,7 @@ def running_pids(stats: list[ProcStat]) -> set[int]:
     return {s.pid for s in stats if s.state not in process.EXITED_STATES}
 
 
-def no_reap() -> None:
+def no_reap(pids: Iterable[int] = ()) -> None:
     """`reap` for trees under the stand-in: it reaps its own children."""
 
 
@@ -270,7 +270,8 @@ async def test_wait_gone_holds_a_zombie_child_of_ours_until_it_is_reaped(spawn) 
     # For anyone else a zombie is dead.
     assert await wait_gone(tracked, our_pid=1, timeout=5, reap=no_reap, child_exited=trio.sleep_forever) is True
 
-    def reap() -> None:
+    def reap(pids: Iterable[int]) -> None:
+        assert list(pids) == [child.pid]
         subreaper.reap_pid(child.pid)
 
     assert await wait_gone(tracked, our_pid=me, timeout=5, reap=reap, child_exited=trio.sleep_forever) is True
@@ -285,11 +286,11 @@ async def test_wait_gone_reaps_only_when_a_member_is_an_exited_child_of_ours(spa
     tracked = {process.identify(child.pid)}
     reaps = 0
 
-    def reap() -> None:
+    def reap(pids: Iterable[int]) -> None:
         nonlocal reaps
         reaps += 1
-        if process.read_stat(child.pid) is not None and process.read_stat(child.pid).state == "Z":
-            subreaper.reap_pid(child.pid)
+        assert list(pids) == [child.pid]  # the member, by pid: never a walk of every child
+        subreaper.reap_pid(child.pid)
 
     me = os.getpid()
     assert await wait_gone(tracked, our_pid=me, timeout=5, reap=reap, child_exited=trio.sleep_forever) is True
@@ -453,7 +454,7 @@ async def test_stop_tree_with_the_daemons_child_reaper(tmp_path: Path, spawn) ->
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
         outcome = await stop_tree(
-            tree, stop_signal=signal.SIGTERM, stop_timeout=5.0, reap=reaper.reap, child_exited=reaper.child_exited
+            tree, stop_signal=signal.SIGTERM, stop_timeout=5.0, reap=reaper.reap_children, child_exited=reaper.child_exited
         )
         nursery.cancel_scope.cancel()
     assert outcome.clean and outcome.killed == []
