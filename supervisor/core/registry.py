@@ -215,15 +215,23 @@ class Registry(RegistryIndexes):
         All or nothing: if any lease belongs to another uid and the caller is not
         root, `PermissionDenied` is raised and nothing is released.
         """
-        leases = self.leases_of_job(job)
-        for lease in leases:
-            self._check_may_touch(lease, uid)
+        leases = self.job_leases_for(job, uid=uid)
         actions: list[Action] = []
         instance_ids: dict[str, None] = {}
         for lease in leases:
             instance_ids[lease.instance_id] = None
             actions += self._drop_lease(lease, now, by_other=lease.owner != connection, reason=Reason.RELEASED)
         return JobReleased(released=len(leases), instances=list(instance_ids), actions=actions)
+
+    def job_leases_for(self, job: str, *, uid: int) -> list[Lease]:
+        """The leases of `job`, if `uid` may release every one of them (root,
+        or the uid of each); else raises `PermissionDenied`. Changes nothing:
+        the rule `release_job` applies, for a caller that releases them
+        one at a time."""
+        leases = self.leases_of_job(job)
+        for lease in leases:
+            self._check_may_touch(lease, uid)
+        return leases
 
     def connection_closed(self, connection: int, *, now: float) -> list[Action]:
         """Release every lease bound to `connection`; its detached leases live on."""

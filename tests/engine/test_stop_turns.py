@@ -7,6 +7,8 @@ a loop, never timed."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,23 @@ def many_adapters(tmp_path: Path) -> Engine:
         str(tmp_path / "supervisor.toml"),
     )
     return Engine(config)
+
+
+@asynccontextmanager
+async def running_engine(tmp_path: Path) -> AsyncIterator[tuple[Engine, Peer, trio.Nursery]]:
+    """An engine of `many_adapters`, running, with a client connected; shut
+    down (every tree stopped) on the way out."""
+    engine = many_adapters(tmp_path)
+    peer = Peer()
+    engine.connected(peer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            yield engine, peer, nursery
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            nursery.cancel_scope.cancel()
 
 
 async def fill(engine: Engine, peer: Peer, job: str = "big") -> list[int]:
@@ -85,54 +104,36 @@ async def test_a_release_job_of_many_leases_is_answered_over_turns_and_its_stops
     # Turns of one lease each, and a job "big" enough to need them.
     monkeypatch.setattr(leaseops, "STEP_BUDGET_S", 0.0)
     monkeypatch.setattr(leaseops, "RELEASES_PER_TURN", 10)
-    engine = many_adapters(tmp_path)
-    peer = Peer()
-    engine.connected(peer)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        try:
-            pids = await fill(engine, peer)
-            params = protocol.ReleaseJobParams(job="big")
-            assert not METHODS["release_job"].answers_now(engine, params)
-            probe = StopProbe(engine)
-            await nursery.start(probe.run)
-            reply = await engine.release_job(peer, params)
-            steps_during_release = probe.steps
-            assert reply.result["released"] == TREES and len(reply.result["instances"]) == TREES
-            assert engine.registry.leases_of_job("big") == []
-            # Other tasks ran between the releases (a turn per lease here).
-            assert steps_during_release >= TREES // 2, steps_during_release
-            with trio.fail_after(20):
-                while engine.instances.running:
-                    await trio.sleep(0.02)
-            assert not any(alive(pid) for pid in pids)
-            assert probe.largest_jump <= 2 * stopping.STOPS_PER_TURN, probe.largest_jump
-        finally:
-            with trio.CancelScope(shield=True):
-                await engine.shutdown()
-            nursery.cancel_scope.cancel()
+    async with running_engine(tmp_path) as (engine, peer, nursery):
+        pids = await fill(engine, peer)
+        params = protocol.ReleaseJobParams(job="big")
+        assert not METHODS["release_job"].answers_now(engine, params)
+        probe = StopProbe(engine)
+        await nursery.start(probe.run)
+        reply = await engine.release_job(peer, params)
+        steps_during_release = probe.steps
+        assert reply.result["released"] == TREES and len(reply.result["instances"]) == TREES
+        assert engine.registry.leases_of_job("big") == []
+        # Other tasks ran between the releases (a turn per lease here).
+        assert steps_during_release >= TREES // 2, steps_during_release
+        with trio.fail_after(20):
+            while engine.instances.running:
+                await trio.sleep(0.02)
+        assert not any(alive(pid) for pid in pids)
+        assert probe.largest_jump <= 2 * stopping.STOPS_PER_TURN, probe.largest_jump
 
 
 async def test_a_release_job_over_turns_releases_nothing_if_one_lease_is_another_uids(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(leaseops, "RELEASES_PER_TURN", 10)
-    engine = many_adapters(tmp_path)
-    owner = Peer()
-    engine.connected(owner)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        try:
-            await fill(engine, owner)
-            stranger = Peer(id=2, uid=owner.uid + 1)
-            with pytest.raises(PermissionDenied):
-                await engine.release_job(stranger, protocol.ReleaseJobParams(job="big"))
-            assert len(engine.registry.leases_of_job("big")) == TREES
-            assert all(running.stop_began is None for running in engine.instances.running.values())
-        finally:
-            with trio.CancelScope(shield=True):
-                await engine.shutdown()
-            nursery.cancel_scope.cancel()
+    async with running_engine(tmp_path) as (engine, owner, _):
+        await fill(engine, owner)
+        stranger = Peer(id=2, uid=owner.uid + 1)
+        with pytest.raises(PermissionDenied):
+            await engine.release_job(stranger, protocol.ReleaseJobParams(job="big"))
+        assert len(engine.registry.leases_of_job("big")) == TREES
+        assert all(running.stop_began is None for running in engine.instances.running.values())
 
 
 async def test_a_shutdown_starts_the_stops_of_many_trees_a_few_at_a_time(tmp_path: Path) -> None:
