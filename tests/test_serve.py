@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
@@ -47,6 +48,48 @@ def members_of(*pidfiles: Path) -> dict[str, process.ProcessId]:
     for pidfile in pidfiles:
         members |= {f"{pidfile.stem}-{role}": m for role, m in read_pidfile(pidfile).items()}
     return members
+
+
+# -- the fd table --------------------------------------------------------------
+
+
+def fd_table_size(pid: int) -> int:
+    """The size of a process's fd table (FDSize in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+    raise AssertionError("no FDSize line")
+
+
+@pytest.mark.parametrize("nofile", [None, 4096], ids=["raised-limit", "low-limit"])
+def test_the_daemon_grows_its_fd_table_at_start_as_far_as_its_limit_allows(start_daemon, nofile: int | None) -> None:
+    # Grown later, each doubling would wait for an RCU grace period on the
+    # trio thread (tens of ms).
+    from supervisor.serve import FD_TABLE_SLOTS
+
+    daemon = start_daemon(nofile=nofile)
+    soft, _ = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+    assert fd_table_size(daemon.pid) >= min(FD_TABLE_SLOTS, soft)
+
+
+def test_growing_the_fd_table_closes_nothing_and_leaves_no_fd_behind() -> None:
+    # An fd already open where the table is grown to stays open and the same.
+    code = """
+import os, resource, sys
+from supervisor.serve import presize_fd_table
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+r, w = os.pipe()
+os.dup2(w, 4095)
+before = sorted(os.listdir("/proc/self/fd"))
+presize_fd_table(4096)
+after = sorted(os.listdir("/proc/self/fd"))
+os.write(4095, b"x")
+size = [l for l in open("/proc/self/status") if l.startswith("FDSize:")][0].split()[1]
+print(before == after, os.read(r, 1).decode(), size)
+"""
+    result = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True, timeout=30)
+    # 4095 was taken, so the table grew to hold the next free fd, 4096.
+    assert result.stdout.split() == ["True", "x", "8192"]
 
 
 # -- shutdown ------------------------------------------------------------------
