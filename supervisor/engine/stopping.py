@@ -124,28 +124,33 @@ class Stopping:
                 running.stop_began = time.time()
             # What is left of the grace of a stop an earlier image began.
             grace = max(0.0, adapter.stop_timeout - max(0.0, time.time() - running.stop_began))
-            # Bounded and shielded: a stop that was begun is always finished,
-            # even while the daemon shuts down.
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(grace + STOP_MARGIN_S) as bound:
-                    try:
-                        outcome = await stop_tree(
-                            running.tree,
-                            stop_signal=int(adapter.stop_signal),
-                            stop_timeout=grace,
-                            reap=self.reaper.reap_children,
-                            child_exited=self.reaper.child_exited,
-                        )
-                    except OSError as exc:
-                        log.error("tree.stop_failed", instance=instance_id, error=str(exc))
+            # Its exit is reaped by pid, not found by a walk of every child.
+            self.reaper.expected.add(running.root.pid)
+            try:
+                # Bounded and shielded: a stop that was begun is always finished,
+                # even while the daemon shuts down.
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(grace + STOP_MARGIN_S) as bound:
+                        try:
+                            outcome = await stop_tree(
+                                running.tree,
+                                stop_signal=int(adapter.stop_signal),
+                                stop_timeout=grace,
+                                reap=self.reaper.reap_children,
+                                child_exited=self.reaper.child_exited,
+                            )
+                        except OSError as exc:
+                            log.error("tree.stop_failed", instance=instance_id, error=str(exc))
+                            outcome = self.kill_now(instance_id, running)
+                        if not running.root_reaped.is_set():
+                            with trio.move_on_after(1):
+                                await running.root_reaped.wait()
+                    if bound.cancelled_caught:
+                        # The stop overran its bound (a starved worker thread, a
+                        # process stuck in the kernel): never forget a tree alive.
                         outcome = self.kill_now(instance_id, running)
-                    if not running.root_reaped.is_set():
-                        with trio.move_on_after(1):
-                            await running.root_reaped.wait()
-                if bound.cancelled_caught:
-                    # The stop overran its bound (a starved worker thread, a
-                    # process stuck in the kernel): never forget a tree alive.
-                    outcome = self.kill_now(instance_id, running)
+            finally:
+                self.reaper.expected.discard(running.root.pid)
             self._forget(instance_id, running)
             self.metrics.reaps.inc(adapter.name, reason.value)
         log.info(

@@ -245,3 +245,34 @@ def test_reap_children_reaps_the_named_children_by_pid_and_routes_their_statuses
 def process_is_zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_reap_takes_the_expected_children_by_pid_and_walks_once_for_the_rest(monkeypatch) -> None:
+    # A burst of stops: the roots expected to exit are reaped by pid, so the
+    # walk of every child (a peek) runs once, to find the one nobody expected
+    # and then nothing.
+    reaper = subreaper.ChildReaper()
+    roots = [subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({n})"]) for n in range(1, 9)]
+    stray = subprocess.Popen(["true"])
+    statuses: dict[int, int] = {}
+    for root in roots:
+        reaper.watch_root(root.pid, lambda code, pid=root.pid: statuses.__setitem__(pid, code), spawned_after=float("-inf"))
+        reaper.expected.add(root.pid)
+    for child in (*roots, stray):
+        while not subreaper.child_has_exited(child.pid):
+            time.sleep(0.01)
+    peeks: list[list[int]] = []
+    peek = subreaper.waitable_children
+
+    def counted() -> list[int]:
+        peeks.append(peek())
+        return peeks[-1]
+
+    monkeypatch.setattr(subreaper, "waitable_children", counted)
+    reaper.reap()
+    assert statuses == {root.pid: n for n, root in enumerate(roots, start=1)}
+    assert peeks == [[stray.pid], []]
+    assert reaper.take_adopted() == [(stray.pid, 0)]
+    for n, root in enumerate(roots, start=1):
+        root.returncode = n
+    stray.returncode = 0
