@@ -7,11 +7,9 @@ taking back what an in-place upgrade handed over.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
-import trio
 
 from supervisor.core.config import AdapterConfig
 from supervisor.core.errors import Conflict
@@ -20,7 +18,7 @@ from supervisor.engine import staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import Instances
 from supervisor.engine.running import RunningInstance
-from supervisor.engine.stalls import STEP_BUDGET_S
+from supervisor.engine.stalls import TurnClock
 from supervisor.procs import process
 from supervisor.procs.stderrfile import StderrFiles
 
@@ -50,25 +48,26 @@ class RecordSnapshots:
         """`instances()`: the shell's trees (made after the record keeper)."""
         self._registry = registry
         self._instances = instances
-        # Per tree: its entry, with what it was made from (the RunningInstance,
-        # compared by identity; the instance's revision, members, stderr file).
-        self._entries: dict[str, tuple[RunningInstance, int, frozenset[process.ProcessId], str | None,
-                                       staterecord.RecordedInstance]] = {}
+        # Per tree: its entry, encoded, with what it was made from (the
+        # RunningInstance, compared by identity; the instance's revision,
+        # members, stderr file).
+        self._entries: dict[str, tuple[RunningInstance, int, frozenset[process.ProcessId], str | None, bytes]] = {}
 
-    async def snapshot(self, *, daemon_pid: int, daemon_key: str, generation: int) -> staterecord.StateRecord:
+    async def snapshot(self, *, daemon_pid: int, daemon_key: str, generation: int) -> staterecord.EncodedRecord:
         """The record of every running tree now. Cancellation: raises
         Cancelled, having changed nothing but what it keeps."""
         running_now = self._instances().running
-        items = list(running_now.items())
+        # The ids only: a list of (id, tree) pairs would be ten thousand
+        # tuples alive across the turns, for the collector to look at.
+        instance_ids = list(running_now)
         recorded = []
         entries = self._entries
-        turn_began = time.perf_counter()
-        for start in range(0, len(items), RECORD_ROWS_PER_LOOK):
-            if start and time.perf_counter() - turn_began > STEP_BUDGET_S:
-                await trio.lowlevel.checkpoint()
-                turn_began = time.perf_counter()
-            for instance_id, running in items[start:start + RECORD_ROWS_PER_LOOK]:
-                if running_now.get(instance_id) is not running:
+        clock = TurnClock()
+        for start in range(0, len(instance_ids), RECORD_ROWS_PER_LOOK):
+            await clock.tick()
+            for instance_id in instance_ids[start:start + RECORD_ROWS_PER_LOOK]:
+                running = running_now.get(instance_id)
+                if running is None:
                     continue  # its tree is gone since
                 instance = self._registry.instances.get(instance_id)
                 members = frozenset({running.root.id, *running.tree.known})
@@ -79,15 +78,16 @@ class RecordSnapshots:
                         and kept[3] == stderr):
                     recorded.append(kept[4])
                     continue
-                entry = record_entry(self._registry, instance_id, running, members)
+                entry = staterecord.encode_entry(record_entry(self._registry, instance_id, running, members))
                 entries[instance_id] = (running, revision, members, stderr, entry)
                 recorded.append(entry)
         if len(entries) > 2 * len(running_now) + PRUNE_SLACK:
             self._entries = {i: kept for i, kept in entries.items() if i in running_now}
-        return staterecord.StateRecord(
+        head = staterecord.StateRecord(
             daemon_pid=daemon_pid, daemon_key=daemon_key, version=staterecord.RECORD_VERSION,
-            boot_id=staterecord.current_boot_id(), generation=generation, instances=recorded,
+            boot_id=staterecord.current_boot_id(), generation=generation,
         )
+        return staterecord.EncodedRecord(head, recorded)
 
 
 def record_snapshot(

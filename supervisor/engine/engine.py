@@ -350,7 +350,7 @@ class Engine(LeaseOperations):
         spare = self.spares.take() if self.spares is not None else None
         return spare if spare is not None else new_instance_id()
 
-    def _record_snapshot(self) -> Awaitable[staterecord.StateRecord]:
+    def _record_snapshot(self) -> Awaitable[staterecord.EncodedRecord]:
         return self._record_snapshots.snapshot(
             daemon_pid=self.pid, daemon_key=self.daemon_key, generation=self.generation
         )

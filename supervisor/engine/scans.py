@@ -10,7 +10,7 @@ scan, not one each.
 A tree whose members and figures did not change keeps the very list of the
 previous scan, so what was derived from it (a `status` row) stays valid; the
 trio-thread parts (the snapshot of what each tree knows, remembering what the
-scan found) let other tasks run every SCAN_ROWS_PER_TURN trees.
+scan found) let other tasks run once a turn has taken STEP_BUDGET_S.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from supervisor.engine.instances import Instances
+from supervisor.engine.stalls import TurnClock
 from supervisor.procs import process
 from supervisor.procs.tree import InstanceTree, scan_trees
 
@@ -35,9 +36,10 @@ SCAN_CACHE_S = 0.25
 # about a fifth of a core however often `status` is asked.
 SCAN_COST_SHARE = 4.0
 
-# Trees snapshotted or remembered between two checkpoints of the trio
-# thread: well under the 5 ms a step may take.
-SCAN_ROWS_PER_TURN = 500
+# Trees snapshotted or remembered between two looks at the clock (a turn
+# lets other tasks run once it has taken STEP_BUDGET_S): a few hundred
+# microseconds of trees past the budget.
+SCAN_ROWS_PER_LOOK = 64
 
 Members = dict[str, list[process.ProcStat]]
 Snapshots = dict[str, tuple[InstanceTree, frozenset[process.ProcessId]]]
@@ -127,14 +129,14 @@ def scan_keeping(snapshots: Snapshots, previous: Members) -> Members:
 
 
 async def snapshot_in_turns(instances: Instances, instance_ids: list[str]) -> Snapshots:
-    """`snapshot`, letting other tasks run every SCAN_ROWS_PER_TURN trees;
-    trees stopped meanwhile are left out. Cancellation: raises Cancelled."""
+    """`snapshot`, in turns of STEP_BUDGET_S (`TurnClock`); trees stopped
+    meanwhile are left out. Cancellation: raises Cancelled."""
     running = instances.running
     snapshots: Snapshots = {}
-    for start in range(0, len(instance_ids), SCAN_ROWS_PER_TURN):
-        if start:
-            await trio.lowlevel.checkpoint()
-        for instance_id in instance_ids[start:start + SCAN_ROWS_PER_TURN]:
+    clock = TurnClock()
+    for start in range(0, len(instance_ids), SCAN_ROWS_PER_LOOK):
+        await clock.tick()
+        for instance_id in instance_ids[start:start + SCAN_ROWS_PER_LOOK]:
             tree = running.get(instance_id)
             if tree is not None:
                 snapshots[instance_id] = (tree.tree, frozenset(tree.tree.known))
@@ -142,15 +144,14 @@ async def snapshot_in_turns(instances: Instances, instance_ids: list[str]) -> Sn
 
 
 async def remember_in_turns(instances: Instances, members: Members, snapshots: Snapshots, previous: Members) -> None:
-    """`remember`, letting other tasks run every SCAN_ROWS_PER_TURN trees, and
-    passing over the trees whose list is the previous scan's (nothing new
-    was learned of them). Cancellation: raises Cancelled, having remembered
-    part."""
-    changed = [(i, stats) for i, stats in members.items() if previous.get(i) is not stats]
-    for start in range(0, len(changed), SCAN_ROWS_PER_TURN):
-        if start:
-            await trio.lowlevel.checkpoint()
-        remember(instances, dict(changed[start:start + SCAN_ROWS_PER_TURN]), snapshots)
+    """`remember`, in turns of STEP_BUDGET_S (`TurnClock`), passing over the
+    trees whose list is the previous scan's (nothing new was learned of
+    them). Cancellation: raises Cancelled, having remembered part."""
+    changed = [i for i, stats in members.items() if previous.get(i) is not stats]
+    clock = TurnClock()
+    for start in range(0, len(changed), SCAN_ROWS_PER_LOOK):
+        await clock.tick()
+        remember(instances, {i: members[i] for i in changed[start:start + SCAN_ROWS_PER_LOOK]}, snapshots)
 
 
 def snapshot(instances: Instances, instance_ids: list[str]) -> Snapshots:

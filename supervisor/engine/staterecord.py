@@ -23,7 +23,7 @@ import inspect
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -109,6 +109,49 @@ def current_boot_id() -> str:
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StateRecord)
+_entry_decoder = msgspec.json.Decoder(RecordedInstance)
+
+# Encoded entries joined into one piece of the file at a time (about 100 kB).
+ENTRIES_PER_PIECE = 256
+
+
+def encode_entry(entry: RecordedInstance) -> bytes:
+    """One instance's entry as the record's file holds it (about a
+    microsecond; a caller that keeps entries keeps these too)."""
+    return _encoder.encode(entry)
+
+
+class EncodedRecord:
+    """A record whose entries are encoded already, one by one: writing it
+    joins and writes pieces of ENTRIES_PER_PIECE entries, each a short hold of
+    the GIL. Encoded whole, a record of 10,000 instances is one call of about
+    9 ms that keeps the GIL, and the trio thread waits that long to get it
+    back after any of its system calls."""
+
+    def __init__(self, head: StateRecord, entries: list[bytes]) -> None:
+        """`head`: the record's fields but its instances (which it must not
+        have); `entries`: the instances, each from `encode_entry`."""
+        if head.instances:
+            raise ValueError("the head of an encoded record has no instances of its own")
+        self.head = head
+        self.entries = entries
+
+    def pieces(self) -> Iterator[bytes]:
+        """The file's bytes, in pieces. The instances are the last field
+        msgspec writes, so the head encodes to everything before the
+        entries and two bytes after them."""
+        head = _encoder.encode(self.head)
+        yield head[:-len(b"]}")]
+        for start in range(0, len(self.entries), ENTRIES_PER_PIECE):
+            if start:
+                yield b","
+            yield b",".join(self.entries[start:start + ENTRIES_PER_PIECE])
+        yield b"]}"
+
+    def decoded(self) -> StateRecord:
+        """The record as a `StateRecord` (for tests and tools: it decodes every entry)."""
+        instances = [_entry_decoder.decode(entry) for entry in self.entries]
+        return msgspec.structs.replace(self.head, instances=instances)
 
 
 def daemon_key(state_dir: str) -> str:
@@ -144,19 +187,21 @@ def daemon_tag(state_dir: str) -> str:
     return value
 
 
-def replace_file(state_dir: str, name: str, data: bytes) -> None:
-    """Blocking: make `state_dir/name` hold `data` (0600), atomically: the
-    whole of it written and synced to a temporary file (never through a
-    symlink), then renamed over the old one. A file not written whole is
-    never installed, nor left behind. Raises OSError."""
+def replace_file(state_dir: str, name: str, data: bytes | Iterable[bytes]) -> None:
+    """Blocking: make `state_dir/name` hold `data` (0600; bytes, or pieces
+    written one after the other), atomically: the whole of it written and
+    synced to a temporary file (never through a symlink), then renamed over
+    the old one. A file not written whole is never installed, nor left
+    behind. Raises OSError."""
     temporary = os.path.join(state_dir, f".{name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for piece in (data,) if isinstance(data, bytes) else data:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -167,11 +212,12 @@ def replace_file(state_dir: str, name: str, data: bytes) -> None:
         raise
 
 
-def write_record(state_dir: str, record: StateRecord) -> None:
+def write_record(state_dir: str, record: StateRecord | EncodedRecord) -> None:
     """Blocking: replace the record atomically (`replace_file`), and sync
     the directory so the rename survives a crash of the host. Raises OSError."""
     directory = Path(state_dir)
-    replace_file(state_dir, RECORD_FILE, _encoder.encode(record))
+    data = record.pieces() if isinstance(record, EncodedRecord) else _encoder.encode(record)
+    replace_file(state_dir, RECORD_FILE, data)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
@@ -225,7 +271,9 @@ class RecordKeeper:
     and `run` rewrites it soon after, coalescing bursts. Trio thread only;
     `snapshot` is called on the trio thread and must return a fresh record."""
 
-    def __init__(self, state_dir: str, snapshot: Callable[[], StateRecord | Awaitable[StateRecord]]) -> None:
+    def __init__(
+        self, state_dir: str, snapshot: Callable[[], StateRecord | EncodedRecord | Awaitable[StateRecord | EncodedRecord]]
+    ) -> None:
         """`snapshot` returns the record now, or an awaitable of it (one that
         lets other tasks run while it is made, for a record of many instances)."""
         self.state_dir = state_dir

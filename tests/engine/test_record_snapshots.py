@@ -2,7 +2,8 @@
 (`continuity.RecordSnapshots`), against the record made whole from scratch
 (`continuity.record_snapshot`), on an engine running real /bin/sleep roots:
 after spawns, another lease, a renewal, a release and a stop, both say the
-same, and an entry nothing changed is the very object of the last snapshot.
+same, and an entry nothing changed is the very bytes object of the last
+snapshot (entries are kept encoded).
 A scan keeps the previous list of a tree whose figures did not change."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import trio
 
 from supervisor.core import protocol
 from supervisor.core.config import parse_config
-from supervisor.engine import continuity, scans
+from supervisor.engine import continuity, scans, staterecord
 from supervisor.engine.engine import Engine
 from tests.engine.peer import Peer
 
@@ -25,6 +26,11 @@ def normalized(record) -> dict:
                          sorted(entry.leases, key=lambda lease: lease.token), entry.linger_until, entry.uid)
         for entry in record.instances
     }
+
+
+def encoded_by_instance(record: staterecord.EncodedRecord) -> dict[str, bytes]:
+    """The encoded entries of a kept record, by the instance each is of."""
+    return {entry.instance: encoded for entry, encoded in zip(record.decoded().instances, record.entries)}
 
 
 async def test_the_kept_record_says_what_a_whole_one_says(tmp_path: Path) -> None:
@@ -47,7 +53,7 @@ async def test_the_kept_record_says_what_a_whole_one_says(tmp_path: Path) -> Non
 
     async def check() -> None:
         kept = await engine._record_snapshot()
-        assert normalized(kept) == normalized(whole())
+        assert normalized(kept.decoded()) == normalized(whole())
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -64,10 +70,10 @@ async def test_the_kept_record_says_what_a_whole_one_says(tmp_path: Path) -> Non
             assert all(two[i] is one[i] for i in ids) and all(one[i] for i in ids)
             other = await trio.to_thread.run_sync(scans.scan_keeping, snapshots, {i: [] for i in ids})
             assert all(other[i] == one[i] and other[i] is not one[i] for i in ids)
-            before = {entry.instance: entry for entry in (await engine._record_snapshot()).instances}
+            before = encoded_by_instance(await engine._record_snapshot())
             await acquire("a")  # a second lease on a's instance
-            kept = {entry.instance: entry for entry in (await engine._record_snapshot()).instances}
-            b_id = next(i for i, entry in kept.items() if entry.job == "b")
+            kept = encoded_by_instance(await engine._record_snapshot())
+            b_id = next(i for i, entry in engine.registry.instances.items() if entry.job == "b")
             assert kept[b_id] is before[b_id], "an entry nothing changed was made again"
             assert kept[first["instance"]] is not before[first["instance"]]
             await check()
@@ -81,7 +87,7 @@ async def test_the_kept_record_says_what_a_whole_one_says(tmp_path: Path) -> Non
                 while first["instance"] in engine.instances.running:
                     await trio.sleep(0.02)
             await check()
-            assert [entry.job for entry in (await engine._record_snapshot()).instances] == ["b"]
+            assert [entry.job for entry in (await engine._record_snapshot()).decoded().instances] == ["b"]
         finally:
             with trio.CancelScope(shield=True):
                 await engine.shutdown()

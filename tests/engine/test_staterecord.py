@@ -14,6 +14,7 @@ import stat
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import structlog
 import trio
@@ -76,6 +77,21 @@ def test_a_written_record_reads_back_as_written(tmp_path: Path) -> None:
     # file left behind.
     assert stat.S_IMODE((tmp_path / RECORD_FILE).stat().st_mode) == 0o600
     assert os.listdir(tmp_path) == [RECORD_FILE]
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, staterecord.ENTRIES_PER_PIECE, 2 * staterecord.ENTRIES_PER_PIECE + 1])
+def test_a_record_of_encoded_entries_is_written_as_the_same_record_whole(tmp_path: Path, count: int) -> None:
+    # Written piece by piece (the GIL held briefly per piece): the file reads
+    # back as the record encoded whole, whatever the number of entries.
+    record = a_record(*(an_instance(f"i{n}", (10 + n, 100 + n)) for n in range(count)))
+    head = msgspec.structs.replace(record, instances=[])
+    encoded = staterecord.EncodedRecord(head, [staterecord.encode_entry(entry) for entry in record.instances])
+    assert encoded.decoded() == record
+    write_record(str(tmp_path), encoded)
+    assert read_record(str(tmp_path)) == record
+    assert json.loads((tmp_path / RECORD_FILE).read_bytes()) == json.loads(msgspec.json.encode(record))
+    with pytest.raises(ValueError):
+        staterecord.EncodedRecord(record, []) if count else staterecord.EncodedRecord(a_record(an_instance("x")), [])
 
 
 def test_a_record_is_replaced_never_rewritten_in_place(tmp_path: Path) -> None:
