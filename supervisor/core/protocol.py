@@ -456,13 +456,19 @@ class _Notification(msgspec.Struct):
 _ENCODER = msgspec.json.Encoder()
 
 
-def encode_result(id: int | str, result: object) -> bytes:
+def encode_result(id: int | str, result: object) -> bytearray:
     """The response line for a successful request, ending in ``\\n``.
 
-    `result` may be anything msgspec encodes (dicts, lists, Structs, dataclasses).
-    Raises TypeError if it holds a value msgspec cannot encode.
+    `result` may be anything msgspec encodes (dicts, lists, Structs,
+    dataclasses, `msgspec.Raw` pieces of JSON). Encoded into a bytearray that
+    takes the newline without another copy of the line (megabytes for a
+    `status` of 10,000 instances). Raises TypeError if it holds a value
+    msgspec cannot encode.
     """
-    return _ENCODER.encode(_ResultResponse(JSONRPC_VERSION, id, result)) + b"\n"
+    line = bytearray()
+    _ENCODER.encode_into(_ResultResponse(JSONRPC_VERSION, id, result), line)
+    line += b"\n"
+    return line
 
 
 def encode_error(id: int | str | None, error: SupervisorError) -> bytes:

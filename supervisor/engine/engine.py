@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 
@@ -56,7 +57,7 @@ from supervisor.engine.limitwatch import LimitWatch
 from supervisor.engine.operation import Peer, Reply
 from supervisor.engine.scans import ScanCache
 from supervisor.engine.stalls import StallWatch
-from supervisor.engine.statusrows import ROWS_PER_TURN, StatusRows, encode_rows
+from supervisor.engine.statusrows import ROWS_PER_TURN, StatusRows
 from supervisor.engine.sweep import Sweeper
 from supervisor.engine.stdiostore import StdioStore
 from supervisor.procs.cgroup import CgroupManager
@@ -432,7 +433,7 @@ class Engine(LeaseOperations):
         rows, total_rss = await self.status_rows.rows_in_turns(_status_filter(params), members, peer.uid)
         return self._status_reply(rows, total_rss)
 
-    def _status_reply(self, rows: list[bytes], total_rss: int) -> Reply:
+    def _status_reply(self, rows: list[msgspec.Raw], total_rss: int) -> Reply:
         daemon = self.config.daemon
         return Reply({
             "daemon": {
@@ -453,7 +454,7 @@ class Engine(LeaseOperations):
                 "memory_budget": daemon.memory_budget,
                 "sweep_interval": daemon.sweep_interval,
             },
-            "instances": encode_rows(rows),
+            "instances": rows,
         })
 
     def _holder_pid(self, connection: int) -> int | None:

@@ -2,9 +2,10 @@
 
 At 10,000 instances, building every row as a dict and encoding it on each
 `status` held the trio thread for tens of milliseconds. Here each instance's
-row is kept encoded (JSON bytes), with the registry revision of the instance
-and the scan figures it was made from; a row is made again only when one of
-them changed, and the answer is a byte join of the rows.
+row is kept encoded (JSON, as a `msgspec.Raw`), with the registry revision of
+the instance and the scan figures it was made from; a row is made again only
+when one of them changed, and the answer's encoder copies the rows into the
+answer's line as they are (one copy of the megabytes of rows: no join).
 
 A row depends on who asks: a lease token is shown whole only to the lease's
 uid and to root (`LEASE_PREFIX_CHARS` otherwise). So two variants are kept,
@@ -65,8 +66,8 @@ class _Row(msgspec.Struct):
     stats: Sequence[process.ProcStat]
     rss_bytes: int
     lease_uids: frozenset[int]
-    whole: bytes | None = None
-    cut: bytes | None = None
+    whole: msgspec.Raw | None = None
+    cut: msgspec.Raw | None = None
 
 
 class StatusRows:
@@ -81,10 +82,10 @@ class StatusRows:
 
     def rows(
         self, instances: Iterable[Instance], members: Mapping[str, Sequence[process.ProcStat]], viewer_uid: int
-    ) -> tuple[list[bytes], int]:
+    ) -> tuple[list[msgspec.Raw], int]:
         """The rows of `instances` as `viewer_uid` may see them, from the scan
         `members`, and their total RSS. Runs without letting others run."""
-        rows: list[bytes] = []
+        rows: list[msgspec.Raw] = []
         total = 0
         row_of = self._row
         for instance in instances:
@@ -99,7 +100,7 @@ class StatusRows:
         wanted: Callable[[Instance], bool] | None,
         members: Mapping[str, Sequence[process.ProcStat]],
         viewer_uid: int,
-    ) -> tuple[list[bytes], int]:
+    ) -> tuple[list[msgspec.Raw], int]:
         """As `rows`, for the registry's instances that `wanted` accepts (all
         if None), letting other tasks run whenever a turn has taken
         STEP_BUDGET_S; the answer is of one moment (see the module).
@@ -109,7 +110,7 @@ class StatusRows:
         for _ in range(MAX_PASSES):
             version = registry.version
             instances = list(registry.instances.values())
-            rows: list[bytes] = []
+            rows: list[msgspec.Raw] = []
             total = 0
             turn_began = time.perf_counter()
             for start in range(0, len(instances), ROWS_PER_LOOK):
@@ -128,7 +129,7 @@ class StatusRows:
         chosen = registry.instances.values() if wanted is None else filter(wanted, registry.instances.values())
         return self.rows(chosen, members, viewer_uid)
 
-    def _row(self, instance: Instance, stats: Sequence[process.ProcStat], viewer_uid: int) -> tuple[bytes, int]:
+    def _row(self, instance: Instance, stats: Sequence[process.ProcStat], viewer_uid: int) -> tuple[msgspec.Raw, int]:
         cached = self._rows.get(instance.id)
         if cached is None or cached.revision != instance.revision or cached.stats is not stats:
             cached = _Row(
@@ -139,13 +140,13 @@ class StatusRows:
         uids = cached.lease_uids
         if viewer_uid == ROOT_UID or not uids or uids == {viewer_uid}:
             if cached.whole is None:
-                cached.whole = _ENCODER.encode(self._make(instance, stats, cached.rss_bytes, ROOT_UID))
+                cached.whole = msgspec.Raw(_ENCODER.encode(self._make(instance, stats, cached.rss_bytes, ROOT_UID)))
             return cached.whole, cached.rss_bytes
         if viewer_uid not in uids:
             if cached.cut is None:
-                cached.cut = _ENCODER.encode(self._make(instance, stats, cached.rss_bytes, None))
+                cached.cut = msgspec.Raw(_ENCODER.encode(self._make(instance, stats, cached.rss_bytes, None)))
             return cached.cut, cached.rss_bytes
-        return _ENCODER.encode(self._make(instance, stats, cached.rss_bytes, viewer_uid)), cached.rss_bytes
+        return msgspec.Raw(_ENCODER.encode(self._make(instance, stats, cached.rss_bytes, viewer_uid))), cached.rss_bytes
 
     def _make(
         self, instance: Instance, stats: Sequence[process.ProcStat], rss_bytes: int, viewer_uid: int | None
@@ -188,15 +189,3 @@ class StatusRows:
         instances = self._registry.instances
         if len(self._rows) > 2 * len(instances) + PRUNE_SLACK:
             self._rows = {i: row for i, row in self._rows.items() if i in instances}
-
-
-def encode_rows(rows: list[bytes]) -> msgspec.Raw:
-    """The rows as one JSON array, to go into an answer as it is: one join,
-    with the brackets on the first and last rows (not two more copies of
-    megabytes of rows to add them)."""
-    if not rows:
-        return msgspec.Raw(b"[]")
-    parts = rows.copy()
-    parts[0] = b"[" + parts[0]
-    parts[-1] = parts[-1] + b"]"
-    return msgspec.Raw(b",".join(parts))

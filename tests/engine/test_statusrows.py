@@ -10,12 +10,14 @@ import contextlib
 import json
 import random
 
+import msgspec
 import trio
 
 from supervisor.core.errors import SupervisorError
 from supervisor.core.registry import Registry
 from supervisor.engine import statusrows
-from supervisor.engine.statusrows import LEASE_PREFIX_CHARS, StatusRows, encode_rows
+from supervisor.core import protocol
+from supervisor.engine.statusrows import LEASE_PREFIX_CHARS, StatusRows
 from supervisor.procs.process import ProcStat
 
 ROOT = 0
@@ -23,8 +25,8 @@ UIDS = (1000, 1001)
 PIDS = {1: 501, 2: 502}
 
 
-def decoded(rows: list[bytes]) -> list[dict]:
-    return json.loads(bytes(encode_rows(rows)))
+def decoded(rows: list[msgspec.Raw]) -> list[dict]:
+    return json.loads(msgspec.json.encode(rows))
 
 
 def fresh_rows(registry: Registry, members: dict, uid: int) -> list[dict]:
@@ -142,8 +144,11 @@ def test_a_filter_keeps_only_the_instances_it_accepts() -> None:
     assert {row["job"] for row in trio.run(main)} == {"job-1"}
 
 
-def test_rows_are_joined_into_one_array_whatever_their_number() -> None:
+def test_an_answer_carries_the_kept_rows_as_one_array_whatever_their_number() -> None:
+    # The rows go into the answer's line as they are (msgspec.Raw), with the
+    # newline that ends it.
     for count in (0, 1, 2, 300):
-        rows = [json.dumps({"n": n}).encode() for n in range(count)]
-        assert json.loads(bytes(encode_rows(rows))) == [{"n": n} for n in range(count)]
-        assert rows == [json.dumps({"n": n}).encode() for n in range(count)], "the rows were changed"
+        rows = [msgspec.Raw(json.dumps({"n": n}).encode()) for n in range(count)]
+        line = protocol.encode_result(7, {"instances": rows})
+        assert line.endswith(b"}\n") and line.count(b"\n") == 1
+        assert json.loads(line) == {"jsonrpc": "2.0", "id": 7, "result": {"instances": [{"n": n} for n in range(count)]}}
