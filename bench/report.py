@@ -158,16 +158,17 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
                          f"{_ms(entry['periodic_duration'])} (n={entry['periodic_duration']['n']})",
                          _mb(entry["rss_bytes"]), f"{entry['acquire_ms_each']:.1f} ms"])
         many = sweep["host"].get("many")
-        if many:
-            entry = many
-            rows.append([str(sweep["host"]["tracked"]), entry["unrelated_processes"], entry["duration"]["n"], _ms(entry["duration"]),
-                         _ms(entry["duration"], "p99_ms"), entry["scanned"],
-                         f"{_ms(entry['periodic_duration'])} (n={entry['periodic_duration']['n']})", "", ""])
+        for entry in (many, sweep["host"].get("base_again")):
+            if entry:
+                rows.append([str(sweep["host"]["tracked"]), entry["unrelated_processes"], entry["duration"]["n"],
+                             _ms(entry["duration"]), _ms(entry["duration"], "p99_ms"), entry["scanned"],
+                             f"{_ms(entry['periodic_duration'])} (n={entry['periodic_duration']['n']})", "", ""])
         out += _table(["instances", "unrelated procs", "n", "median", "p99", "scanned", "periodic median",
                        "daemon RSS", "acquire each"], rows)
         if many:
             out.append(f"  {many['unrelated_processes']} vs {sweep['host']['base']['unrelated_processes']} unrelated "
-                       f"processes ({sweep['host']['tracked']} instances): {_x(sweep.get('host_ratio'))}")
+                       f"processes ({sweep['host']['tracked']} instances, the base measured before and after): "
+                       f"{_x(sweep.get('host_ratio'))}")
         leaks = sweep.get("shutdown")
         if leaks:
             out.append(f"  daemon shutdown with {leaks['processes']} processes: {leaks['shutdown_s']:.2f} s, "
