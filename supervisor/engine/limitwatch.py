@@ -112,8 +112,10 @@ class PidsGate:
         self._handed = None
 
 
-class Watched(msgspec.Struct, frozen=True):
-    """An immutable view of one tree for a look in a worker thread."""
+class Watched(msgspec.Struct, frozen=True, gc=False):
+    """An immutable view of one tree for a look in a worker thread. Not
+    tracked by the collector (strings, numbers and frozensets of them: no
+    cycle can go through it): a look at 10,000 trees makes 10,000 of them."""
 
     instance_id: str
     memory_limit: int | None
@@ -127,8 +129,8 @@ class Watched(msgspec.Struct, frozen=True):
     kernel: frozenset[str] = frozenset()
 
 
-class Look(msgspec.Struct, frozen=True):
-    """What one look found of one tree."""
+class Look(msgspec.Struct, frozen=True, gc=False):
+    """What one look found of one tree (untracked, as `Watched`)."""
 
     figures: TreeFigures
     # Which kernel limit the tree hit ("memory", "pids"), if any.
@@ -305,17 +307,22 @@ class LimitWatch:
             return []
         instances = self._registry.instances
         running_now = self._instances.running
-        trees = list(running_now.items())
+        # The ids only: (id, tree) pairs would be ten thousand tuples alive
+        # across the turns, for the collector to look at.
+        instance_ids = list(running_now)
         watched = []
         clock = TurnClock()
-        for start in range(0, len(trees), TREES_PER_LOOK):
+        for start in range(0, len(instance_ids), TREES_PER_LOOK):
             await clock.tick()
-            for instance_id, running in trees[start:start + TREES_PER_LOOK]:
+            for instance_id in instance_ids[start:start + TREES_PER_LOOK]:
+                running = running_now.get(instance_id)
+                if running is None:
+                    continue
                 adapter = running.adapter
                 if adapter.memory_limit is None and not budget and not (count_pids and adapter.max_pids is not None):
                     continue
                 instance = instances.get(instance_id)
-                if instance is None or instance.state not in WATCHED_STATES or running_now.get(instance_id) is not running:
+                if instance is None or instance.state not in WATCHED_STATES:
                     continue
                 kernel = self._kernel_for(instance_id, running)
                 want_rss = budget or (adapter.memory_limit is not None and "memory" not in kernel)

@@ -4,6 +4,7 @@ in this process: nothing here needs the daemon's subreaper)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -305,3 +306,12 @@ async def test_the_trio_threads_walks_of_many_watched_trees_let_other_tasks_run(
         nursery.cancel_scope.cancel()
     # Every tree was over max_pids: each ended once, as one walk would have.
     assert sorted(a.instance_id for a in world.executed if isinstance(a, StopTree)) == sorted(world.instances.running)
+
+
+def test_a_looks_records_are_not_for_the_collector_to_walk() -> None:
+    # A look at 10,000 trees makes 10,000 of each; tracked, every collection
+    # during the look would walk them (and a worker thread's collection holds
+    # the GIL the trio thread waits for).
+    watched = Watched("i", 1 << 30, 512, True, frozenset({process.ProcessId(1, 2)}), frozenset({"memory"}))
+    look = Look(TreeFigures(pids=3, rss_bytes=4096))
+    assert not gc.is_tracked(watched) and not gc.is_tracked(look)
