@@ -18,7 +18,7 @@ from supervisor.engine import staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import Instances
 from supervisor.engine.running import RunningInstance
-from supervisor.engine.stalls import TurnClock
+from supervisor.engine.stalls import present_in_turns
 from supervisor.procs import process
 from supervisor.procs.stderrfile import StderrFiles
 
@@ -57,18 +57,10 @@ class RecordSnapshots:
         """The record of every running tree now. Cancellation: raises
         Cancelled, having changed nothing but what it keeps."""
         running_now = self._instances().running
-        # The ids only: a list of (id, tree) pairs would be ten thousand
-        # tuples alive across the turns, for the collector to look at.
-        instance_ids = list(running_now)
         recorded = []
         entries = self._entries
-        clock = TurnClock()
-        for start in range(0, len(instance_ids), RECORD_ROWS_PER_LOOK):
-            await clock.tick()
-            for instance_id in instance_ids[start:start + RECORD_ROWS_PER_LOOK]:
-                running = running_now.get(instance_id)
-                if running is None:
-                    continue  # its tree is gone since
+        async for piece in present_in_turns(running_now, RECORD_ROWS_PER_LOOK):
+            for instance_id, running in piece:
                 instance = self._registry.instances.get(instance_id)
                 members = frozenset({running.root.id, *running.tree.known})
                 revision = instance.revision if instance is not None else -1

@@ -37,7 +37,7 @@ from supervisor.core.config import Config
 from supervisor.core.registry import Action, Reason, Registry, State
 from supervisor.engine.instances import Instances
 from supervisor.engine.running import RunningInstance
-from supervisor.engine.stalls import TurnClock
+from supervisor.engine.stalls import TurnClock, present_in_turns
 from supervisor.procs import process, proctable, treelimits
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.treelimits import TreeFigures
@@ -307,17 +307,9 @@ class LimitWatch:
             return []
         instances = self._registry.instances
         running_now = self._instances.running
-        # The ids only: (id, tree) pairs would be ten thousand tuples alive
-        # across the turns, for the collector to look at.
-        instance_ids = list(running_now)
         watched = []
-        clock = TurnClock()
-        for start in range(0, len(instance_ids), TREES_PER_LOOK):
-            await clock.tick()
-            for instance_id in instance_ids[start:start + TREES_PER_LOOK]:
-                running = running_now.get(instance_id)
-                if running is None:
-                    continue
+        async for piece in present_in_turns(running_now, TREES_PER_LOOK):
+            for instance_id, running in piece:
                 adapter = running.adapter
                 if adapter.memory_limit is None and not budget and not (count_pids and adapter.max_pids is not None):
                     continue

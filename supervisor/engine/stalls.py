@@ -14,6 +14,8 @@ the smallest threshold, a walk of a handful of thresholds.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Mapping
+from typing import TypeVar
 
 import structlog
 import trio
@@ -36,6 +38,9 @@ LOG_STALL_NS = 50_000_000
 
 log = structlog.get_logger()
 
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+
 
 class TurnClock:
     """For a loop over many items on the trio thread: `tick` between two
@@ -53,6 +58,21 @@ class TurnClock:
         if time.perf_counter() - self._began > STEP_BUDGET_S:
             await trio.lowlevel.checkpoint()
             self._began = time.perf_counter()
+
+
+async def present_in_turns(
+    entries: Mapping[Key, Value], per_look: int
+) -> AsyncIterator[list[tuple[Key, Value]]]:
+    """The entries of `entries` still in it when their turn comes, `per_look`
+    at a time, in turns of STEP_BUDGET_S (a `TurnClock` looked at between two
+    pieces). It lists the keys only: a list of the pairs would be as many
+    tuples alive across the turns, each for the collector to look at.
+    Cancellation: as a checkpoint, between two pieces."""
+    keys = list(entries)
+    clock = TurnClock()
+    for start in range(0, len(keys), per_look):
+        await clock.tick()
+        yield [(key, value) for key in keys[start:start + per_look] if (value := entries.get(key)) is not None]
 
 
 class StallWatch(trio.abc.Instrument):

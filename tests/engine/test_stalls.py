@@ -13,6 +13,7 @@ import structlog
 import trio
 
 from supervisor.engine.metrics import LiveState, Metrics
+from supervisor.engine import stalls
 from supervisor.engine.stalls import LOG_STALL_NS, StallWatch
 from tests.test_metrics import samples as parse
 
@@ -106,3 +107,30 @@ def test_a_step_past_the_log_threshold_is_logged_with_its_task() -> None:
     stalls = [entry for entry in logs if entry["event"] == "trio.stall"]
     assert [entry["task"] for entry in stalls] == ["the-hog"]
     assert stalls[0]["ms"] >= LOG_STALL_NS / 1e6
+
+
+def test_entries_in_turns_skip_what_left_meanwhile_and_let_others_run() -> None:
+    # A walk over many entries in pieces: an entry removed while the walk
+    # waits for its turn is left out, one added is not visited, and a piece
+    # that has taken STEP_BUDGET_S lets another task run before the next.
+    entries = {n: f"v{n}" for n in range(10)}
+    seen: list[tuple[int, str]] = []
+    others_ran: list[int] = []
+
+    async def main() -> None:
+        async def other() -> None:
+            others_ran.append(len(seen))
+
+        async with trio.open_nursery() as nursery:
+            async for piece in stalls.present_in_turns(entries, 4):
+                assert len(piece) <= 4
+                seen.extend(piece)
+                if len(seen) == 4:
+                    del entries[5]
+                    entries[99] = "new"
+                    nursery.start_soon(other)
+                    time.sleep(stalls.STEP_BUDGET_S * 2)  # this turn is over its budget
+
+    trio.run(main)
+    assert seen == [(n, f"v{n}") for n in range(10) if n != 5]
+    assert others_ran == [4], "the task started during the walk ran before the next piece"
