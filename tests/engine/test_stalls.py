@@ -109,28 +109,36 @@ def test_a_step_past_the_log_threshold_is_logged_with_its_task() -> None:
     assert stalls[0]["ms"] >= LOG_STALL_NS / 1e6
 
 
-def test_entries_in_turns_skip_what_left_meanwhile_and_let_others_run() -> None:
+def test_entries_in_turns_skip_what_left_meanwhile_and_let_others_run_once_over_budget() -> None:
     # A walk over many entries in pieces: an entry removed while the walk
-    # waits for its turn is left out, one added is not visited, and a piece
-    # that has taken STEP_BUDGET_S lets another task run before the next.
-    entries = {n: f"v{n}" for n in range(10)}
-    seen: list[tuple[int, str]] = []
-    others_ran: list[int] = []
+    # waits for its turn is left out, one added is not visited, and only a
+    # piece that has taken STEP_BUDGET_S ends the walk's step (lets other
+    # tasks run) before the next piece; a quick walk is one step.
+    class Steps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.walker: trio.lowlevel.Task | None = None
+            self.count = 0
 
-    async def main() -> None:
-        async def other() -> None:
-            others_ran.append(len(seen))
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is self.walker:
+                self.count += 1
 
-        async with trio.open_nursery() as nursery:
-            async for piece in stalls.present_in_turns(entries, 4):
-                assert len(piece) <= 4
-                seen.extend(piece)
-                if len(seen) == 4:
-                    del entries[5]
-                    entries[99] = "new"
-                    nursery.start_soon(other)
+    async def walk(entries: dict[int, str], slow: bool, steps: Steps) -> tuple[list[tuple[int, str]], int]:
+        steps.walker = trio.lowlevel.current_task()
+        seen: list[tuple[int, str]] = []
+        before = steps.count
+        async for piece in stalls.present_in_turns(entries, 4):
+            assert len(piece) <= 4
+            seen.extend(piece)
+            if len(seen) == 4:
+                del entries[5]
+                entries[99] = "new"
+                if slow:
                     time.sleep(stalls.STEP_BUDGET_S * 2)  # this turn is over its budget
+        return seen, steps.count - before
 
-    trio.run(main)
-    assert seen == [(n, f"v{n}") for n in range(10) if n != 5]
-    assert others_ran == [4], "the task started during the walk ran before the next piece"
+    for slow in (False, True):
+        steps = Steps()
+        seen, extra_steps = trio.run(walk, {n: f"v{n}" for n in range(10)}, slow, steps, instruments=[steps])
+        assert seen == [(n, f"v{n}") for n in range(10) if n != 5]
+        assert extra_steps == (1 if slow else 0)
