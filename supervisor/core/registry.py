@@ -235,18 +235,30 @@ class Registry(RegistryIndexes):
 
     def connection_closed(self, connection: int, *, now: float) -> list[Action]:
         """Release every lease bound to `connection`; its detached leases live on."""
-        # Forget it as a watcher first: a stop caused by this very close must
-        # not notify the connection that is gone.
+        actions: list[Action] = []
+        for lease in self.connection_gone(connection):
+            actions += self.let_go(lease, connection, now=now)
+        return actions
+
+    def connection_gone(self, connection: int) -> list[Lease]:
+        """`connection` has closed: it watches nothing from now on (a stop its
+        close causes must not notify it). Returns the leases it owns, for
+        `let_go` one at a time; `connection_closed` does both at once."""
         for instance_id in self._watching.pop(connection, ()):
             self.instances[instance_id].watchers.discard(connection)
-        actions: list[Action] = []
-        for lease in self._index.of_owner(connection):
-            if lease.detached:
-                self._touch(self.instances[lease.instance_id])
-                self._index.set_owner(lease, None)
-            else:
-                actions += self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
-        return actions
+        return self._index.of_owner(connection)
+
+    def let_go(self, lease: Lease, connection: int, *, now: float) -> list[Action]:
+        """What becomes of a lease of the closed `connection`: a bound one is
+        released, a detached one lives on with no owner. Nothing for a lease
+        gone meanwhile (released, expired) or owned by another connection now."""
+        if self.leases.get(lease.token) is not lease or lease.owner != connection:
+            return []
+        if lease.detached:
+            self._touch(self.instances[lease.instance_id])
+            self._index.set_owner(lease, None)
+            return []
+        return self._drop_lease(lease, now, by_other=False, reason=Reason.RELEASED)
 
     # -- feedback from the shell ---------------------------------------------
 

@@ -49,7 +49,7 @@ from supervisor.core.registry import (
     StopTree,
     new_instance_id,
 )
-from supervisor.engine import continuity, handoff, metrics, reports, staterecord
+from supervisor.engine import continuity, handoff, leaseops, metrics, reports, staterecord
 from supervisor.engine.handoff import EngineState
 from supervisor.engine.instances import AfterReply, Instances
 from supervisor.engine.leaseops import LeaseOperations
@@ -112,6 +112,9 @@ class Engine(LeaseOperations):
         # upgrade did not happen, with the reason.
         self.upgrade_hook: Callable[[int | None, int | str | None], Awaitable[str]] | None = None
         self.peers: dict[int, Peer] = {}
+        # The engine's nursery while it runs (`run`).
+        self._nursery: trio.Nursery | None = None
+        self.letting_go = 0
         # Times every task step of the trio run `run` is in (installed there).
         self.stalls = StallWatch()
         self.metrics = metrics.Metrics(self._live_state, self.stalls)
@@ -198,6 +201,7 @@ class Engine(LeaseOperations):
         for report in await trio.to_thread.run_sync(self.reports.read_history):
             self.reports.remember(report)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             self.instances.attach(nursery)
             self.scans.attach(nursery)
             if self.table is not None:
@@ -244,6 +248,8 @@ class Engine(LeaseOperations):
         spawn in a worker thread, a sweep or scan under way), or None."""
         if self.sweeper.busy:
             return "a sweep is under way"
+        if self.letting_go:
+            return "a closed connection's leases are being let go"
         return self.instances.busy()
 
     def export_state(self) -> tuple[EngineState, list[int]]:
@@ -371,14 +377,21 @@ class Engine(LeaseOperations):
         self.peers[peer.id] = peer
 
     def disconnected(self, peer: Peer) -> None:
-        """Release every lease bound to the connection. Synchronous, so it is
-        safe in `finally`; raises nothing."""
+        """Release every lease bound to the connection; its detached leases
+        live on without an owner. Synchronous, so it is safe in `finally`;
+        raises nothing. Up to RELEASES_PER_TURN leases are let go at once,
+        more over turns by a task of their own (`let_go_in_turns`)."""
         self.peers.pop(peer.id, None)
+        leases = self.registry.connection_gone(peer.id)
+        if len(leases) > leaseops.RELEASES_PER_TURN and self._nursery is not None:
+            self.letting_go += 1
+            self._nursery.start_soon(self.let_go_in_turns, peer.id, leases)
+            return
         before = len(self.registry.leases)
-        self.execute(self.registry.connection_closed(peer.id, now=self.now()))
-        if len(self.registry.leases) < before:
-            self.metrics.releases.inc("disconnect", amount=before - len(self.registry.leases))
-            self.record.mark_dirty()
+        now = self.now()
+        for lease in leases:
+            self.execute(self.registry.let_go(lease, peer.id, now=now))
+        self._let_go(before)
 
     # -- the operations ------------------------------------------------------------
 

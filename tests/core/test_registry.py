@@ -681,6 +681,30 @@ def test_root_exit_while_lingering_notifies_nobody_but_stops_the_tree() -> None:
 # Bound and detached leases
 
 
+def test_a_closed_connections_leases_let_go_one_at_a_time_skip_what_changed_meanwhile() -> None:
+    # `connection_gone` + `let_go` per lease (what the engine does over turns
+    # for a connection that held many): a lease released meanwhile is left
+    # alone, and a lease let go once is not let go again.
+    registry = make_registry()
+    kept = running(registry, connection=1)
+    released = running(registry, job="job-2", connection=1, pid=4343)
+    detached = acquire(registry, job="job-3", connection=1, detach=True, ttl=30.0, now=0.0)
+    leases = registry.connection_gone(1)
+    assert [lease.token for lease in leases] == [kept.lease.token, released.lease.token, detached.lease.token]
+    registry.release(released.lease.token, connection=1, uid=UID, now=1.0)
+    revision = released.instance.revision
+    actions = [action for lease in leases for action in registry.let_go(lease, 1, now=2.0)]
+    assert actions == [StopTree(kept.instance.id, Reason.RELEASED)]
+    assert released.instance.revision == revision
+    assert registry.lease(kept.lease.token) is None
+    assert detached.lease.owner is None and registry.lease(detached.lease.token) is detached.lease
+    revision = detached.instance.revision
+    assert [registry.let_go(lease, 1, now=3.0) for lease in leases] == [[], [], []]
+    assert detached.instance.revision == revision
+    # The connection owns and watches nothing any more.
+    assert registry.connection_gone(1) == [] and registry.connection_closed(1, now=3.0) == []
+
+
 def test_connection_closed_releases_bound_leases_only() -> None:
     registry = make_registry()
     bound = running(registry, connection=1)

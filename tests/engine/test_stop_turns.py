@@ -1,7 +1,9 @@
 """Thousands of stops decided at once reach the trio thread in turns: a
 `release_job` of a job with many leases releases them over several turns
-(`Engine.release_job`), and the stops it and a shutdown decide are started a
-few at a time (`Instances._start_stops`), so that other tasks run in between.
+(`Engine.release_job`), so are the leases of a client that disconnects
+holding many (`Engine.disconnected`), and the stops they and a shutdown
+decide are started a few at a time (`Instances._start_stops`), so that other
+tasks run in between.
 Real /bin/sleep roots; turns are counted by a probe task that checkpoints in
 a loop, never timed."""
 
@@ -155,3 +157,35 @@ async def test_a_shutdown_starts_the_stops_of_many_trees_a_few_at_a_time(tmp_pat
             assert probe.steps >= TREES // stopping.STOPS_PER_TURN
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def test_the_leases_of_a_connection_that_closes_holding_many_are_let_go_over_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Turns of one lease each. The client holds bound leases on the trees of
+    # job "bound" and detached ones on those of "kept": once it is gone, the
+    # bound ones are released (their trees stop), the detached ones live on
+    # with no owner, and the engine said it was busy (no upgrade) meanwhile.
+    monkeypatch.setattr(leaseops, "STEP_BUDGET_S", 0.0)
+    monkeypatch.setattr(leaseops, "RELEASES_PER_TURN", 10)
+    async with running_engine(tmp_path) as (engine, peer, nursery):
+        bound = await fill(engine, peer, job="bound")
+        for n in range(TREES):
+            params = protocol.AcquireParams(job="kept", adapter=f"tool{n}", detach=True, ttl=600.0)
+            await engine.acquire(peer, params, lambda: None)
+        probe = StopProbe(engine)
+        await nursery.start(probe.run)
+        engine.disconnected(peer)
+        assert engine.busy() is not None
+        assert engine.registry.leases_of_job("bound"), "every lease was let go in the one call"
+        with trio.fail_after(20):
+            while engine.busy() is not None:
+                await trio.sleep(0)
+        assert engine.registry.leases_of_job("bound") == []
+        # Other tasks ran between the leases let go (a turn per lease here).
+        assert probe.steps >= TREES // 2, probe.steps
+        kept = engine.registry.leases_of_job("kept")
+        assert len(kept) == TREES and all(lease.owner is None for lease in kept)
+        with trio.fail_after(20):
+            while any(alive(pid) for pid in bound):
+                await trio.sleep(0.02)
