@@ -196,6 +196,10 @@ class Engine(LeaseOperations):
             await self._run(task_status)
         finally:
             self.stalls.uninstall()
+            if self.shutting_down:
+                # Stops that outlasted the shutdown's bound (thousands of
+                # trees) have finished now: the base may be empty at last.
+                self._remove_base()
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         for report in await trio.to_thread.run_sync(self.reports.read_history):
@@ -577,9 +581,17 @@ class Engine(LeaseOperations):
         if self.spares is not None:
             self.spares.close()
         self.stderr_files.close()
-        if self.cgroups is not None and not self.instances.running:
-            self.cgroups.remove_base()
+        self._remove_base()
         log.info("daemon.trees_stopped", left=len(self.instances.running))
+
+    def _remove_base(self) -> None:
+        """Remove the daemon's base cgroup once no tree is left in it."""
+        if self.cgroups is None or self.instances.running:
+            return
+        try:
+            self.cgroups.remove_base()
+        except OSError as exc:
+            log.warning("cgroup.remove_failed", cgroup=str(self.cgroups.base), error=str(exc))
 
 
 def _status_filter(params: protocol.StatusParams) -> Callable[[Instance], bool] | None:

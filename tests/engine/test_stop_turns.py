@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+import secrets
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ from supervisor.core.config import parse_config
 from supervisor.core.errors import PermissionDenied
 from supervisor.engine import leaseops
 from supervisor.engine import stopping
+from supervisor.engine import engine as engine_module
 from supervisor.engine.engine import Engine
+from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from supervisor.server.methods import METHODS
 from tests.engine.peer import Peer
 
@@ -189,3 +192,38 @@ async def test_the_leases_of_a_connection_that_closes_holding_many_are_let_go_ov
         with trio.fail_after(20):
             while any(alive(pid) for pid in bound):
                 await trio.sleep(0.02)
+
+
+async def test_the_base_cgroup_goes_once_stops_that_outlast_the_shutdowns_bound_are_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With thousands of trees a shutdown's wait ends before every stop has
+    # (they go on, shielded); the daemon's base cgroup is removed once the
+    # last one is done, not left behind. Here one tree that ignores SIGTERM
+    # and a bound shorter than its grace stand for them.
+    monkeypatch.setattr(engine_module, "SHUTDOWN_MARGIN_S", -0.9)
+    config = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\nsweep_interval = 3600.0\n'
+        """[adapters.stubborn]
+command = ["/bin/sh", "-c", "trap '' TERM; exec sleep 60"]
+stop_timeout = 1.0
+""",
+        str(tmp_path / "supervisor.toml"),
+    )
+    try:
+        cgroups = CgroupManager.detect(name=f"test-{secrets.token_hex(6)}")
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
+    engine = Engine(config, cgroups=cgroups)
+    peer = Peer()
+    engine.connected(peer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        pid = (await engine.acquire(peer, protocol.AcquireParams(job="j", adapter="stubborn"), lambda: None)).result["pid"]
+        with trio.CancelScope(shield=True):
+            await engine.shutdown()
+        assert engine.instances.running, "the stop was meant to outlast the shutdown's bound"
+        assert engine.cgroups.base.exists()
+        nursery.cancel_scope.cancel()
+    assert not alive(pid)
+    assert not engine.cgroups.base.exists()
