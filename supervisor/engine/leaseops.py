@@ -262,21 +262,17 @@ class LeaseOperations:
         leases = self.registry.job_leases_for(params.job, uid=peer.uid)
         released = 0
         instances: dict[str, None] = {}
+
+        def release(lease: Lease) -> list[Action]:
+            nonlocal released
+            if self.registry.lease(lease.token) is not lease:
+                return []  # released (or expired) between two turns
+            released += 1
+            instances[lease.instance_id] = None
+            return self.registry.release(lease.token, connection=peer.id, uid=peer.uid, now=self.now()).actions
+
         with trio.CancelScope(shield=True):
-            turn_began = time.perf_counter()
-            actions: list[Action] = []
-            for lease in leases:
-                if time.perf_counter() - turn_began > STEP_BUDGET_S:
-                    self.execute(actions)
-                    actions = []
-                    await trio.lowlevel.checkpoint()
-                    turn_began = time.perf_counter()
-                if self.registry.lease(lease.token) is not lease:
-                    continue  # released (or expired) between two turns
-                actions += self.registry.release(lease.token, connection=peer.id, uid=peer.uid, now=self.now()).actions
-                released += 1
-                instances[lease.instance_id] = None
-            self.execute(actions)
+            await self._leases_in_turns(leases, release)
         return self._job_released(params.job, released, list(instances))
 
     async def let_go_in_turns(self, connection: int, leases: list[Lease]) -> None:
@@ -288,19 +284,28 @@ class LeaseOperations:
         before = len(self.registry.leases)
         with trio.CancelScope(shield=True):
             try:
-                turn_began = time.perf_counter()
-                actions: list[Action] = []
-                for lease in leases:
-                    if time.perf_counter() - turn_began > STEP_BUDGET_S:
-                        self.execute(actions)
-                        actions = []
-                        await trio.lowlevel.checkpoint()
-                        turn_began = time.perf_counter()
-                    actions += self.registry.let_go(lease, connection, now=self.now())
-                self.execute(actions)
+                await self._leases_in_turns(
+                    leases, lambda lease: self.registry.let_go(lease, connection, now=self.now())
+                )
             finally:
                 self.letting_go -= 1
         self._let_go(before)
+
+    async def _leases_in_turns(self, leases: list[Lease], each: Callable[[Lease], list[Action]]) -> None:
+        """`each(lease)` for every lease, its actions carried out, over turns
+        that end once they have taken STEP_BUDGET_S (the actions of a turn
+        are carried out before the next). Cancellation: as a checkpoint
+        between two turns; callers shield it."""
+        turn_began = time.perf_counter()
+        actions: list[Action] = []
+        for lease in leases:
+            if time.perf_counter() - turn_began > STEP_BUDGET_S:
+                self.execute(actions)
+                actions = []
+                await trio.lowlevel.checkpoint()
+                turn_began = time.perf_counter()
+            actions += each(lease)
+        self.execute(actions)
 
     def _let_go(self, leases_before: int) -> None:
         """A closed connection's leases are let go: count the released ones."""

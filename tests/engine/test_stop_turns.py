@@ -103,12 +103,18 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def test_a_release_job_of_many_leases_is_answered_over_turns_and_its_stops_start_a_few_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Turns of one lease each, and a job "big" enough to need them.
+@pytest.fixture
+def one_lease_per_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turns of one lease each, and more than 10 leases too many for one turn."""
     monkeypatch.setattr(leaseops, "STEP_BUDGET_S", 0.0)
     monkeypatch.setattr(leaseops, "RELEASES_PER_TURN", 10)
+
+
+@pytest.mark.usefixtures("one_lease_per_turn")
+async def test_a_release_job_of_many_leases_is_answered_over_turns_and_its_stops_start_a_few_at_a_time(
+    tmp_path: Path,
+) -> None:
+    # A job "big" enough to need turns.
     async with running_engine(tmp_path) as (engine, peer, nursery):
         pids = await fill(engine, peer)
         params = protocol.ReleaseJobParams(job="big")
@@ -162,15 +168,12 @@ async def test_a_shutdown_starts_the_stops_of_many_trees_a_few_at_a_time(tmp_pat
             nursery.cancel_scope.cancel()
 
 
-async def test_the_leases_of_a_connection_that_closes_holding_many_are_let_go_over_turns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Turns of one lease each. The client holds bound leases on the trees of
-    # job "bound" and detached ones on those of "kept": once it is gone, the
-    # bound ones are released (their trees stop), the detached ones live on
-    # with no owner, and the engine said it was busy (no upgrade) meanwhile.
-    monkeypatch.setattr(leaseops, "STEP_BUDGET_S", 0.0)
-    monkeypatch.setattr(leaseops, "RELEASES_PER_TURN", 10)
+@pytest.mark.usefixtures("one_lease_per_turn")
+async def test_the_leases_of_a_connection_that_closes_holding_many_are_let_go_over_turns(tmp_path: Path) -> None:
+    # The client holds bound leases on the trees of job "bound" and detached
+    # ones on those of "kept": once it is gone, the bound ones are released
+    # (their trees stop), the detached ones live on with no owner, and the
+    # engine said it was busy (no upgrade) meanwhile.
     async with running_engine(tmp_path) as (engine, peer, nursery):
         bound = await fill(engine, peer, job="bound")
         for n in range(TREES):
