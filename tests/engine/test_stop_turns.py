@@ -45,10 +45,13 @@ def many_adapters(tmp_path: Path) -> Engine:
 
 
 @asynccontextmanager
-async def running_engine(tmp_path: Path) -> AsyncIterator[tuple[Engine, Peer, trio.Nursery]]:
-    """An engine of `many_adapters`, running, with a client connected; shut
-    down (every tree stopped) on the way out."""
-    engine = many_adapters(tmp_path)
+async def running_engine(
+    tmp_path: Path, engine: Engine | None = None
+) -> AsyncIterator[tuple[Engine, Peer, trio.Nursery]]:
+    """`engine` (else one of `many_adapters`), running, with a client
+    connected; shut down (every tree stopped: again, if the test did) on the
+    way out."""
+    engine = engine or many_adapters(tmp_path)
     peer = Peer()
     engine.connected(peer)
     async with trio.open_nursery() as nursery:
@@ -148,24 +151,17 @@ async def test_a_release_job_over_turns_releases_nothing_if_one_lease_is_another
 
 
 async def test_a_shutdown_starts_the_stops_of_many_trees_a_few_at_a_time(tmp_path: Path) -> None:
-    engine = many_adapters(tmp_path)
-    peer = Peer()
-    engine.connected(peer)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        try:
-            pids = await fill(engine, peer)
-            probe = StopProbe(engine)
-            await nursery.start(probe.run)
-            with trio.CancelScope(shield=True):
-                await engine.shutdown()
-            assert not engine.instances.running
-            assert not any(alive(pid) for pid in pids)
-            assert len(probe.begun) >= TREES // 2, "the probe saw too few of the stops begin"
-            assert probe.largest_jump <= 2 * stopping.STOPS_PER_TURN, probe.largest_jump
-            assert probe.steps >= TREES // stopping.STOPS_PER_TURN
-        finally:
-            nursery.cancel_scope.cancel()
+    async with running_engine(tmp_path) as (engine, peer, nursery):
+        pids = await fill(engine, peer)
+        probe = StopProbe(engine)
+        await nursery.start(probe.run)
+        with trio.CancelScope(shield=True):
+            await engine.shutdown()
+        assert not engine.instances.running
+        assert not any(alive(pid) for pid in pids)
+        assert len(probe.begun) >= TREES // 2, "the probe saw too few of the stops begin"
+        assert probe.largest_jump <= 2 * stopping.STOPS_PER_TURN, probe.largest_jump
+        assert probe.steps >= TREES // stopping.STOPS_PER_TURN
 
 
 @pytest.mark.usefixtures("one_lease_per_turn")
@@ -218,15 +214,11 @@ stop_timeout = 1.0
     except CgroupUnavailable as exc:
         pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
     engine = Engine(config, cgroups=cgroups)
-    peer = Peer()
-    engine.connected(peer)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+    async with running_engine(tmp_path, engine) as (engine, peer, nursery):
         pid = (await engine.acquire(peer, protocol.AcquireParams(job="j", adapter="stubborn"), lambda: None)).result["pid"]
         with trio.CancelScope(shield=True):
             await engine.shutdown()
         assert engine.instances.running, "the stop was meant to outlast the shutdown's bound"
         assert engine.cgroups.base.exists()
-        nursery.cancel_scope.cancel()
     assert not alive(pid)
     assert not engine.cgroups.base.exists()
