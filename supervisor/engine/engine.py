@@ -195,6 +195,9 @@ class Engine(LeaseOperations):
         try:
             await self._run(task_status)
         finally:
+            # Closed to new tasks: a connection that closes from now on has
+            # its leases let go at once (`disconnected`).
+            self._nursery = None
             self.stalls.uninstall()
             if self.shutting_down:
                 # Stops that outlasted the shutdown's bound (thousands of
