@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 import secrets
+import signal
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,13 @@ class StopProbe:
             await trio.lowlevel.checkpoint()
             self.steps += 1
             self.largest_jump = max(self.largest_jump, self.look())
+
+
+def ignores_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
 
 
 def alive(pid: int) -> bool:
@@ -216,6 +224,11 @@ stop_timeout = 1.0
     engine = Engine(config, cgroups=cgroups)
     async with running_engine(tmp_path, engine) as (engine, peer, nursery):
         pid = (await engine.acquire(peer, protocol.AcquireParams(job="j", adapter="stubborn"), lambda: None)).result["pid"]
+        # The acquire answers once the shell is exec'd, maybe before it ran
+        # `trap`: a SIGTERM then would end it at once.
+        with trio.fail_after(10):
+            while not ignores_sigterm(pid):
+                await trio.sleep(0.01)
         with trio.CancelScope(shield=True):
             await engine.shutdown()
         assert engine.instances.running, "the stop was meant to outlast the shutdown's bound"
