@@ -13,18 +13,24 @@ its own with only the fds below three slots reserved low in the table
 (`StdioSlots`), where its stdio is placed for the spawn: so a spawn costs the
 same with ten open fds or twenty thousand (a copied table costs every open
 fd, twice).
+
+`spawn` sleeps until the child has exec'd, as posix_spawn does. On a busy
+host a new child may wait milliseconds for a time slice before its first
+step, and the caller would wait with it: `launch` waits a bounded time
+instead, and hands back a child that has not exec'd by then as a `Launch`,
+which says later whether it did. Until then the child runs in memory the
+`Launch` keeps (its stack, its arguments, its set of stdio slots).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import functools
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from supervisor.core.identity import ChildSetup
@@ -33,10 +39,11 @@ LIBRARY = Path(__file__).with_name("_clonespawn.so")
 
 # `adapter_spawn_abi()` of the library this binding calls: a library built
 # from an older _clonespawn.c takes other arguments, and is not used.
-ABI = 3
+ABI = 4
 _FS_ENCODING = sys.getfilesystemencoding()
 
 # enum spawn_stage in _clonespawn.c.
+STAGE_NONE = 0
 STAGE_CLONE = 1
 STAGE_SESSION = 2
 STAGE_STDIO = 3
@@ -48,6 +55,7 @@ STAGE_NO_NEW_PRIVS = 8
 STAGE_SETGROUPS = 9
 STAGE_SETGID = 10
 STAGE_SETUID = 11
+STAGE_PENDING = 12
 
 _STAGE_NAMES = {
     STAGE_CLONE: "clone3",
@@ -66,6 +74,14 @@ _STAGE_NAMES = {
 # name the call and its argument ("setuid(1001) failed: EPERM").
 SETUP_STAGES = frozenset({STAGE_RLIMIT, STAGE_NO_NEW_PRIVS, STAGE_SETGROUPS, STAGE_SETGID, STAGE_SETUID})
 
+
+# Sets of three stdio slots reserved low in the fd table: one per spawn under
+# way (a pending `Launch` holds its set until its child has exec'd). A spawn
+# that finds none free copies the whole table instead (keep_below 0).
+SLOT_SETS = 8
+
+# Slots for detached children (a stack and a job each, 32 KiB) kept for reuse.
+SPARE_CHILD_SLOTS = 16
 
 # Executable candidates kept per Environment, one list per program named.
 PATHS_KEPT = 16
@@ -187,44 +203,73 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int,
         ctypes.c_int,
         ctypes.POINTER(_Identity),
+        ctypes.c_void_p,
+        ctypes.c_longlong,
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_ulonglong),
     ]
+    settle = library.adapter_spawn_settle
+    settle.restype = ctypes.c_int
+    settle.argtypes = [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_longlong,
+        ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
+    ]
+    library.adapter_spawn_slot_new.restype = ctypes.c_void_p
+    library.adapter_spawn_slot_new.argtypes = []
+    library.adapter_spawn_slot_free.restype = None
+    library.adapter_spawn_slot_free.argtypes = [ctypes.c_void_p]
     return library
 
 
 class StdioSlots:
-    """Three fds reserved low in the process's fd table, each /dev/null but
-    while a spawn places its child's stdio there. A child that shares the
-    table copies only the fds below `keep_below` into a table of its own.
-    One spawn at a time places its stdio (a lock)."""
+    """Sets of three fds reserved low in the process's fd table, each
+    /dev/null but while a spawn places its child's stdio there. A child that
+    shares the table copies only the fds below `keep_below` into a table of
+    its own. A spawn takes a free set and gives it back once its child has
+    exec'd (`take`, `give_back`); thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, sets: int = SLOT_SETS) -> None:
         self._null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self.fds = tuple(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(3))
-        self.keep_below = max(self.fds) + 1
+        self.sets = [tuple(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(3)) for _ in range(sets)]
+        self.keep_below = max(max(fds) for fds in self.sets) + 1
+        self._free = list(range(sets - 1, -1, -1))
         self._lock = threading.Lock()
         # Cleared for good when the kernel cannot unshare in close_range (< 5.9).
         self.usable = True
 
-    @contextlib.contextmanager
-    def placed(self, stdio: tuple[int, int, int]) -> Iterator[tuple[int, int, int]]:
-        """`stdio` duplicated into the slots (-1 stays -1), for one spawn; the
-        slots are /dev/null again afterwards, so the daemon holds no extra
-        end of a child's pipe."""
+    def take(self, stdio: tuple[int, int, int]) -> tuple[int, tuple[int, int, int]] | None:
+        """A free set with `stdio` duplicated into it (-1 stays -1): its
+        index and the fds to pass. None if every set is in use."""
         with self._lock:
-            try:
-                placed = []
-                for slot, fd in zip(self.fds, stdio, strict=True):
-                    if fd >= 0:
-                        os.dup2(fd, slot, inheritable=False)
-                    placed.append(slot if fd >= 0 else -1)
-                yield placed[0], placed[1], placed[2]
-            finally:
-                for slot in self.fds:
-                    os.dup2(self._null, slot, inheritable=False)
+            if not self._free:
+                return None
+            index = self._free.pop()
+        placed = []
+        try:
+            for slot, fd in zip(self.sets[index], stdio, strict=True):
+                if fd >= 0:
+                    os.dup2(fd, slot, inheritable=False)
+                placed.append(slot if fd >= 0 else -1)
+        except BaseException:
+            self.give_back(index)
+            raise
+        return index, (placed[0], placed[1], placed[2])
+
+    def give_back(self, index: int) -> None:
+        """The set is /dev/null again, so the daemon holds no extra end of a
+        child's pipe, and free."""
+        for slot in self.sets[index]:
+            os.dup2(self._null, slot, inheritable=False)
+        with self._lock:
+            self._free.append(index)
+
+    @property
+    def in_use(self) -> int:
+        """Sets taken and not given back."""
+        with self._lock:
+            return len(self.sets) - len(self._free)
 
 
 @functools.cache
@@ -266,8 +311,11 @@ class Environment:
     left out: the spawn's value wins). Encoding a few dozen entries and
     building the array is tens of microseconds of a cold spawn otherwise.
 
-    One spawn at a time: a spawn fills the slots in place, and the array is
-    the child's until it has exec'd. (The daemon spawns on its trio thread.)"""
+    A spawn fills the slots in place, and the array is the child's until it
+    has exec'd: a `Launch` still pending holds it (`lend`), and spawns
+    meanwhile get a copy. Not thread-safe (the daemon spawns on its trio
+    thread).
+"""
 
     def __init__(self, shared: Mapping[str, str], own: Sequence[str]) -> None:
         if "PATH" in own:
@@ -278,12 +326,32 @@ class Environment:
         self._first_own = len(entries)
         self._array = (ctypes.c_char_p * (len(entries) + len(own) + 1))(*entries)
         self._paths: dict[str, ctypes.Array[ctypes.c_char_p]] = {}
+        # Whether a pending child reads the array.
+        self._lent = False
 
     def filled(self, values: Sequence[str]) -> ctypes.Array[ctypes.c_char_p]:
-        """The array with the `own` keys set to `values`, in order."""
+        """The array with the `own` keys set to `values`, in order: the
+        prepared one, or a copy of it while that one is lent. A copy points
+        at the shared entries of the prepared array: keep this Environment
+        alive as long as the copy is used."""
+        array = self._array
+        if self._lent:
+            array = type(array)()
+            ctypes.memmove(array, self._array, ctypes.sizeof(array))
         for index, (key, value) in enumerate(zip(self._own, values, strict=True)):
-            self._array[self._first_own + index] = _encode(f"{key}={value}")
-        return self._array
+            array[self._first_own + index] = _encode(f"{key}={value}")
+        return array
+
+    def lend(self, array: ctypes.Array[ctypes.c_char_p]) -> bool:
+        """`array` (from `filled`) is a pending child's until `give_back`.
+        Whether it was the prepared one (only that one needs giving back)."""
+        if array is not self._array:
+            return False
+        self._lent = True
+        return True
+
+    def give_back(self) -> None:
+        self._lent = False
 
     def candidates(self, program: str) -> ctypes.Array[ctypes.c_char_p]:
         """`executable_candidates` for this environment's PATH, as a C array."""
@@ -318,6 +386,114 @@ def spawn(
     child was created) or OSError with the errno of the failed step, naming
     `cwd` or the program as its filename; a child that failed is reaped.
     Blocks for as long as exec takes, like posix_spawn."""
+    pid, start_time, _ = _start(
+        argv, env=env, env_values=env_values, cwd=cwd, stdio=stdio, cgroup_fd=cgroup_fd, new_session=new_session,
+        identity=identity, wait_ns=None,
+    )
+    return pid, start_time
+
+
+def launch(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | Environment,
+    env_values: Sequence[str] = (),
+    cwd: str | None,
+    stdio: tuple[int, int, int],
+    cgroup_fd: int | None,
+    new_session: bool = True,
+    identity: Identity | None = None,
+    wait_ns: int,
+) -> tuple[int, int, Launch | None]:
+    """As `spawn`, but waits at most `wait_ns` for the child to exec: its
+    pid, start time, and None if it has exec'd, or a `Launch` that says later
+    whether it does (and raises then what `spawn` would have raised). The
+    caller's `stdio` fds are the caller's again when this returns, pending or
+    not. The child is not ours to reap until its `Launch` has settled (a
+    child that fails before exec is reaped by `Launch.settle`)."""
+    return _start(
+        argv, env=env, env_values=env_values, cwd=cwd, stdio=stdio, cgroup_fd=cgroup_fd, new_session=new_session,
+        identity=identity, wait_ns=wait_ns,
+    )
+
+
+class Launch:
+    """A child of `launch` that had not exec'd when `launch` returned. It
+    keeps what the child still reads (its stack and job, its arguments, its
+    set of stdio slots, a lent Environment) until `settle` sees it exec or
+    fail."""
+
+    def __init__(
+        self, pid: int, slot: int, keep: tuple[object, ...], *, slots_index: int | None,
+        environment: Environment | None, failure: Callable[[int, int, int], OSError],
+    ) -> None:
+        self.pid = pid
+        self._slot: int | None = slot
+        self._keep = keep
+        self._slots_index = slots_index
+        self._environment = environment
+        self._failure = failure
+
+    @property
+    def settled(self) -> bool:
+        return self._slot is None
+
+    def settle(self, wait_ns: int = 0) -> bool:
+        """Whether the child has exec'd, waiting for it at most `wait_ns`
+        (0: just look); False while it has not. Raises what `spawn` raises
+        if it failed before exec (it has been reaped). True once settled."""
+        if self._slot is None:
+            return True
+        library = load()
+        assert library is not None, "a Launch exists only where the library loaded"
+        stage, error, failed_index = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(-1)
+        if not library.adapter_spawn_settle(
+            self._slot, self.pid, wait_ns, ctypes.byref(stage), ctypes.byref(error), ctypes.byref(failed_index)
+        ):
+            return False
+        _give_back_child_slot(library, self._slot)
+        self._slot = None
+        self._keep = ()
+        if self._slots_index is not None:
+            stdio_slots().give_back(self._slots_index)
+        if self._environment is not None:
+            self._environment.give_back()
+        if stage.value != STAGE_NONE:
+            raise self._failure(stage.value, error.value, failed_index.value)
+        return True
+
+
+# Freed child slots kept for reuse (addresses; see SPARE_CHILD_SLOTS).
+_spare_child_slots: list[int] = []
+
+
+def _take_child_slot(library: ctypes.CDLL) -> int | None:
+    try:
+        return _spare_child_slots.pop()
+    except IndexError:
+        return library.adapter_spawn_slot_new() or None
+
+
+def _give_back_child_slot(library: ctypes.CDLL, slot: int) -> None:
+    if len(_spare_child_slots) < SPARE_CHILD_SLOTS:
+        _spare_child_slots.append(slot)
+    else:
+        library.adapter_spawn_slot_free(slot)
+
+
+def _start(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | Environment,
+    env_values: Sequence[str],
+    cwd: str | None,
+    stdio: tuple[int, int, int],
+    cgroup_fd: int | None,
+    new_session: bool,
+    identity: Identity | None,
+    wait_ns: int | None,
+) -> tuple[int, int, Launch | None]:
+    """`spawn` (wait_ns None: CLONE_VFORK) or `launch`."""
     library = load()
     if library is None:
         raise Unsupported(errno.ENOSYS, "the clone3 spawner is not built")
@@ -330,36 +506,67 @@ def spawn(
         paths = _strings(_candidates(argv[0], env.get("PATH")))
         environment = _strings([_encode(f"{key}={value}") for key, value in env.items()])
     arguments = _strings([_encode(arg) for arg in argv])
+    directory = None if cwd is None else os.fsencode(cwd)
     stage = ctypes.c_int(0)
     error = ctypes.c_int(0)
     start_time = ctypes.c_ulonglong(0)
     failed_index = ctypes.c_int(-1)
     identity_pointer = None if identity is None or identity.empty else ctypes.byref(identity.struct)
+    slot = None if wait_ns is None else _take_child_slot(library)
 
     def attempt(fds: tuple[int, int, int], keep_below: int) -> int:
         return library.adapter_spawn(
-            paths, arguments, environment, None if cwd is None else os.fsencode(cwd), (ctypes.c_int * 3)(*fds),
+            paths, arguments, environment, directory, (ctypes.c_int * 3)(*fds),
             -1 if cgroup_fd is None else cgroup_fd, keep_below, int(new_session), identity_pointer,
+            slot, wait_ns or 0,
             ctypes.byref(stage), ctypes.byref(error), ctypes.byref(failed_index), ctypes.byref(start_time),
         )
 
     slots = stdio_slots()
-    pid = -1
-    if slots.usable:
-        with slots.placed(stdio) as placed:
-            pid = attempt(placed, slots.keep_below)
+    pid: int | None = None
+    held = slots.take(stdio) if slots.usable else None
+    if held is not None:
+        index, placed = held
+        pid = attempt(placed, slots.keep_below)
+        if stage.value != STAGE_PENDING:
+            slots.give_back(index)
+            held = None
         if pid < 0 and stage.value == STAGE_CLOSE_FDS and error.value == errno.EINVAL:
             slots.usable = False  # no CLOSE_RANGE_UNSHARE: copy the whole table from now on
-    if not slots.usable:
+            pid = None
+    if pid is None:
+        # Every set in use, or no unsharing: the child gets a copy of the whole table.
         pid = attempt(stdio, 0)
+
+    def failure(stage: int, error: int, failed_index: int) -> OSError:
+        return _failure(stage, error, failed_index, argv=argv, cwd=cwd, identity=identity)
+
+    if stage.value == STAGE_PENDING:
+        assert slot is not None
+        lent = isinstance(env, Environment) and env.lend(environment)
+        pending = Launch(
+            pid, slot, (paths, arguments, environment, env, directory, identity),
+            slots_index=held[0] if held is not None else None,
+            environment=env if lent and isinstance(env, Environment) else None, failure=failure,
+        )
+        return pid, start_time.value, pending
+    if slot is not None:
+        _give_back_child_slot(library, slot)
     if pid > 0:
-        return pid, start_time.value
-    reason = os.strerror(error.value)
-    if stage.value == STAGE_CLONE and error.value in UNSUPPORTED_ERRNOS:
-        raise Unsupported(error.value, f"clone3 refused: {reason}")
-    if stage.value == STAGE_CLOSE_FDS and error.value == errno.ENOSYS:
-        raise Unsupported(error.value, f"close_range refused: {reason}")
-    if stage.value in SETUP_STAGES and identity is not None:
-        raise SetupFailed(error.value, identity.describe_failure(stage.value, error.value, failed_index.value))
-    filename = cwd if stage.value == STAGE_CWD else argv[0] if stage.value == STAGE_EXEC else None
-    raise OSError(error.value, f"{reason} ({_STAGE_NAMES.get(stage.value, 'spawning')})", filename)
+        return pid, start_time.value, None
+    raise failure(stage.value, error.value, failed_index.value)
+
+
+def _failure(
+    stage: int, error: int, failed_index: int, *, argv: Sequence[str], cwd: str | None, identity: Identity | None
+) -> OSError:
+    """What a spawn that failed at `stage` with `error` raises."""
+    reason = os.strerror(error)
+    if stage == STAGE_CLONE and error in UNSUPPORTED_ERRNOS:
+        return Unsupported(error, f"clone3 refused: {reason}")
+    if stage == STAGE_CLOSE_FDS and error == errno.ENOSYS:
+        return Unsupported(error, f"close_range refused: {reason}")
+    if stage in SETUP_STAGES and identity is not None:
+        return SetupFailed(error, identity.describe_failure(stage, error, failed_index))
+    filename = cwd if stage == STAGE_CWD else argv[0] if stage == STAGE_EXEC else None
+    return OSError(error, f"{reason} ({_STAGE_NAMES.get(stage, 'spawning')})", filename)

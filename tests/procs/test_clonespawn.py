@@ -7,12 +7,14 @@ outside (/proc) or through what they print. Cgroup tests use a throwaway base
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -154,8 +156,8 @@ def test_a_child_gets_only_its_stdio_however_many_fds_the_parent_holds_and_the_s
             os.close(extra)
     assert fds.split() == ["0", "1", "2", "3"]
     assert target.startswith("pipe:")
-    assert slots.usable
-    for slot in slots.fds:
+    assert slots.usable and slots.in_use == 0
+    for slot in [fd for fds in slots.sets for fd in fds]:
         assert os.readlink(f"/proc/self/fd/{slot}") == os.devnull
 
 
@@ -250,4 +252,128 @@ def test_a_bad_cgroup_fd_fails_the_spawn_without_a_child(null: int, tmp_path) ->
     finally:
         os.close(not_a_cgroup)
     assert raised.value.errno == errno.EBADF
+    assert no_child_left()
+
+
+# -- launch: a bounded wait for exec -----------------------------------------------
+
+
+@contextlib.contextmanager
+def frozen_cgroup(manager: CgroupManager, name: str) -> Iterator[tuple[int, Callable[[], None]]]:  # noqa: F811
+    """A cgroup whose processes are frozen (cgroup v2 `cgroup.freeze`): a child
+    born there does not run a single instruction until `thaw()`. Yields its
+    directory fd and `thaw`."""
+    path = manager.create(name)
+    (path / "cgroup.freeze").write_text("1")
+    cgroup_fd = manager.dir_fd(name)
+
+    def thaw() -> None:
+        (path / "cgroup.freeze").write_text("0")
+
+    try:
+        yield cgroup_fd, thaw
+    finally:
+        thaw()
+        os.close(cgroup_fd)
+
+
+def settled_within(launched: clonespawn.Launch, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not launched.settle(wait_ns=10_000_000):
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
+def test_a_launch_still_pending_after_its_wait_settles_once_the_child_execs(null: int, manager: CgroupManager) -> None:  # noqa: F811
+    # Frozen from birth, the child cannot exec: the launch returns after its
+    # wait with the child pending. Meanwhile its Environment array and its
+    # stdio slots stay its own: a spawn of the same Environment gets a copy,
+    # with its own values, and a set of slots of its own.
+    environment = clonespawn.Environment({"SHARED": "both", "PATH": os.environ["PATH"]}, own=["OWN"])
+    code = "import os; print(os.environ['SHARED'], os.environ['OWN'], os.getcwd())"
+    slots = clonespawn.stdio_slots()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    with frozen_cgroup(manager, "frozen") as (cgroup_fd, thaw):
+        try:
+            began = time.monotonic()
+            pid, _, launched = clonespawn.launch(
+                python(code), env=environment, env_values=["first"], cwd="/tmp", stdio=(null, write_end, null),
+                cgroup_fd=cgroup_fd, wait_ns=20_000_000,
+            )
+        finally:
+            os.close(write_end)
+        assert time.monotonic() - began < 5
+        assert launched is not None and launched.pid == pid
+        assert not launched.settle() and not launched.settle(wait_ns=5_000_000)
+        assert slots.in_use == 1
+        status, output = run(["/usr/bin/env"], null=null, env=dict(os.environ))
+        assert status == 0
+        second_read, second_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            second, _ = clonespawn.spawn(python(code), env=environment, env_values=["second"], cwd=None,
+                                         stdio=(null, second_write, null), cgroup_fd=None)
+        finally:
+            os.close(second_write)
+        with os.fdopen(second_read, "rb") as out:
+            assert out.read().decode().split()[:2] == ["both", "second"]
+        assert os.waitstatus_to_exitcode(os.waitpid(second, 0)[1]) == 0
+        thaw()
+        assert settled_within(launched)
+    assert slots.in_use == 0
+    with os.fdopen(read_end, "rb") as out:
+        assert out.read().decode().split() == ["both", "first", "/tmp"]
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_a_pending_launch_that_fails_before_exec_raises_at_settle_and_is_reaped(
+    null: int, manager: CgroupManager  # noqa: F811
+) -> None:
+    with frozen_cgroup(manager, "doomed") as (cgroup_fd, thaw):
+        pid, _, launched = clonespawn.launch(
+            ["/nonexistent/binary"], env={}, cwd=None, stdio=(null, null, null), cgroup_fd=cgroup_fd, wait_ns=1_000_000,
+        )
+        assert launched is not None and not launched.settle()
+        thaw()
+        with pytest.raises(FileNotFoundError) as raised:
+            settled_within(launched)
+    assert raised.value.filename == "/nonexistent/binary"
+    assert launched.settled
+    assert not os.path.exists(f"/proc/{pid}")
+    assert no_child_left()
+
+
+def test_with_every_set_of_slots_held_a_spawn_copies_the_table_and_closes_the_rest(
+    null: int, manager: CgroupManager  # noqa: F811
+) -> None:
+    slots = clonespawn.stdio_slots()
+    with frozen_cgroup(manager, "held") as (cgroup_fd, thaw):
+        launches = []
+        for _ in range(clonespawn.SLOT_SETS):
+            _, _, launched = clonespawn.launch(["/bin/true"], env={}, cwd=None, stdio=(null, null, null),
+                                               cgroup_fd=cgroup_fd, wait_ns=0)
+            assert launched is not None
+            launches.append(launched)
+        assert slots.in_use == clonespawn.SLOT_SETS
+        extra = os.open(os.devnull, os.O_RDONLY)
+        os.set_inheritable(extra, True)
+        try:
+            status, fds = run(["/bin/ls", "/proc/self/fd"], null=null)
+            # A launch too, settled or pending, copies the table.
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            pid, _, unfrozen = clonespawn.launch(["/bin/ls", "/proc/self/fd"], env={}, cwd=None,
+                                                 stdio=(null, write_end, null), cgroup_fd=None, wait_ns=1_000_000_000)
+            os.close(write_end)
+        finally:
+            os.close(extra)
+        assert unfrozen is None or settled_within(unfrozen)
+        with os.fdopen(read_end, "rb") as out:
+            assert out.read().decode().split() == ["0", "1", "2", "3"]
+        os.waitpid(pid, 0)
+        assert status == 0 and fds.split() == ["0", "1", "2", "3"]
+        thaw()
+        assert all(settled_within(launched) for launched in launches)
+    for launched in launches:
+        os.waitpid(launched.pid, 0)
+    assert slots.in_use == 0
     assert no_child_left()
