@@ -50,6 +50,11 @@ log = structlog.get_logger()
 # a root handed over is seen as `treehandover.HANDED`).
 SPAWNED = "spawned"
 
+# How often a root that had not exec'd when its spawn returned is looked at
+# (`Instances._await_exec`): trio sleeps in whole milliseconds, and such a
+# root waits that long for a time slice already.
+EXEC_POLL_S = 0.001
+
 # Work for after a reply: plain callables, run in order by whoever sends it
 # (`run_after`).
 AfterReply = list[Callable[[], None]]
@@ -211,7 +216,42 @@ class Instances(TreeHandover, Stopping):
         except (SpawnFailed, InvalidParams, OSError) as exc:
             self._drop_stderr(stderr)
             return self._spawn_failed(instance_id, exc)
+        if root.pending is not None:
+            assert self._nursery is not None, "attach() first"
+            self._nursery.start_soon(self._await_exec, instance_id, request.adapter, root, spawned_after, stderr)
+            return []
         return self._root_started(instance_id, request.adapter, root, spawned_after, after, stderr)
+
+    async def _await_exec(
+        self, instance_id: str, adapter: AdapterConfig, root: RootProcess, spawned_after: float, stderr: FollowedFile
+    ) -> None:
+        """A root that had not exec'd when its spawn returned: looked at every
+        EXEC_POLL_S until it has (or failed before exec), then reported as a
+        spawn in a thread is. Until then it is not the reaper's (`others`):
+        a root that failed is reaped by its settling. Shielded: the root is
+        always registered or reaped, never lost."""
+        done = self._spawning[instance_id] = trio.Event()
+        self.reaper.spawns_in_flight += 1
+        self.reaper.others.add(root.pid)
+        try:
+            with trio.CancelScope(shield=True):
+                while True:
+                    try:
+                        if root.exec_settled():
+                            break
+                    except SpawnFailed as exc:
+                        self.reaper.others.discard(root.pid)
+                        self._drop_stderr(stderr)
+                        self.report(self._spawn_failed(instance_id, exc))
+                        return
+                    await trio.sleep(EXEC_POLL_S)
+            self.reaper.others.discard(root.pid)
+            self.report(self._root_started(instance_id, adapter, root, spawned_after, None, stderr))
+        finally:
+            self.reaper.others.discard(root.pid)
+            self.reaper.spawn_settled()
+            del self._spawning[instance_id]
+            done.set()
 
     async def _spawn_in_thread(self, instance_id: str) -> None:
         """Spawn in a worker thread, then report to the registry on the trio

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -74,7 +75,16 @@ class LeaseOperations:
         after: AfterReply = []
         acquired, refcount, pending = self._commit_acquire(peer, params, adapter, after)
         if pending is not None and not pending.settled.is_set():
-            raise RuntimeError(f"the spawn of instance {acquired.instance.id} did not settle inside execute()")
+            # Its root had not exec'd when the spawn returned: the lease is
+            # taken, and the answer waits for the exec (not the thread).
+            return Reply(None, later=partial(self._settled_reply, params, acquired, refcount, pending, after))
+        return self._acquire_reply(params, acquired, refcount, pending, after)
+
+    async def _settled_reply(
+        self, params: protocol.AcquireParams, acquired: Acquired, refcount: int, pending: PendingSpawn,
+        after: AfterReply,
+    ) -> Reply:
+        await pending.settled.wait()
         return self._acquire_reply(params, acquired, refcount, pending, after)
 
     async def acquire(self, peer: Peer, params: protocol.AcquireParams, started: Callable[[], None]) -> Reply:
@@ -93,9 +103,10 @@ class LeaseOperations:
         acquired, refcount, pending = self._commit_acquire(peer, params, adapter, after)
         started()
         if pending is not None and not pending.settled.is_set():
-            # An inline spawn has settled already, inside execute: answering
-            # without a checkpoint sends the reply before other tasks run.
-            await pending.settled.wait()
+            # An inline spawn has settled already, inside execute (unless its
+            # root had not exec'd yet): answering without a checkpoint sends
+            # the reply before other tasks run.
+            return await self._settled_reply(params, acquired, refcount, pending, after)
         return self._acquire_reply(params, acquired, refcount, pending, after)
 
     def _checked_adapter(self, peer: Peer, params: protocol.AcquireParams) -> AdapterConfig:

@@ -41,6 +41,15 @@ from supervisor.procs import clonespawn, popenspawn, process
 from supervisor.procs.cgroup import CgroupManager
 from supervisor.procs.stderr import StderrTail
 
+class PendingExec(msgspec.Struct):
+    """A root started with `clonespawn.launch` that had not exec'd when the
+    spawn returned, and what its failure would be described with."""
+
+    launch: clonespawn.Launch
+    adapter: AdapterConfig
+    argv: list[str]
+
+
 class RootProcess(msgspec.Struct):
     """A spawned root with the daemon's ends of its pipes."""
 
@@ -55,10 +64,34 @@ class RootProcess(msgspec.Struct):
     # Raw, decoded only when asked for (`decode_tail`): an adapter may write
     # thousands of lines between two `logs` calls.
     stderr_tail: StderrTail = msgspec.field(default_factory=StderrTail)
+    # Set while a root of the clone3 spawner has not exec'd yet (it is not
+    # the daemon's to reap or signal until then): see `exec_settled`.
+    pending: PendingExec | None = None
 
     @property
     def pid(self) -> int:
         return self.id.pid
+
+    def exec_settled(self, wait_ns: int = 0) -> bool:
+        """Whether the root has exec'd, waiting for it at most `wait_ns`
+        (True at once for a root that was not pending). Raises SpawnFailed
+        if it failed before exec: it has been reaped, and the daemon's ends of
+        its pipes are closed."""
+        pending = self.pending
+        if pending is None:
+            return True
+        try:
+            if not pending.launch.settle(wait_ns):
+                return False
+        except OSError as exc:
+            self.pending = None
+            self.close_stdio()
+            if self.stderr_fd is not None:
+                os.close(self.stderr_fd)
+                self.stderr_fd = None
+            raise SpawnFailed(_spawn_failure(pending.adapter, pending.argv, exc)) from exc
+        self.pending = None
+        return True
 
     def reaped(self, returncode: int) -> None:
         """The daemon reaped the root: a Popen must not wait for it itself."""
@@ -151,6 +184,7 @@ def spawn_root(
     stderr: int | None = None,
     peer: Credentials | None = None,
     identity: clonespawn.Identity | None = None,
+    exec_wait_ns: int | None = None,
 ) -> RootProcess:
     """Start the adapter's root for one instance.
 
@@ -164,6 +198,8 @@ def spawn_root(
     whose read end the RootProcess holds. The root runs as the adapter's
     user (`peer`, who acquired the instance, with "@peer") under its limits;
     a clone3 spawn may bring them prepared (`identity`, of the same setup).
+    With `exec_wait_ns`, a clone3 spawn waits at most that long for the root
+    to exec (`clonespawn.launch`) and returns it `pending` if it has not.
     Raises
     `InvalidParams` (from rendering the command), `SpawnFailed` with the OS
     reason (missing executable, bad cwd, permission, a failed setuid or
@@ -197,6 +233,7 @@ def spawn_root(
 
     stdin_w: int | None = None
     stdout_r: int | None = None
+    pending: PendingExec | None = None
     stdin: int = subprocess.DEVNULL
     stdout: int = subprocess.DEVNULL
     try:
@@ -215,10 +252,17 @@ def spawn_root(
             popen = None
             if identity is None:
                 identity = clonespawn.Identity(setup, switch_ids=popenspawn.may_switch_ids())
-            pid, start_time = clonespawn.spawn(
-                argv, env=env, env_values=env_values, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
-                cgroup_fd=cgroup_fd, identity=identity,
-            )
+            if exec_wait_ns is None:
+                pid, start_time = clonespawn.spawn(
+                    argv, env=env, env_values=env_values, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
+                    cgroup_fd=cgroup_fd, identity=identity,
+                )
+            else:
+                pid, start_time, launched = clonespawn.launch(
+                    argv, env=env, env_values=env_values, cwd=adapter.cwd, stdio=(stdin, stdout, stderr_w),
+                    cgroup_fd=cgroup_fd, identity=identity, wait_ns=exec_wait_ns,
+                )
+                pending = None if launched is None else PendingExec(launched, adapter, argv)
         else:
             assert isinstance(env, dict)
             popen = popenspawn.popen(
@@ -229,10 +273,8 @@ def spawn_root(
     except BaseException as exc:
         for fd in parent_fds:
             os.close(fd)
-        if isinstance(exc, clonespawn.SetupFailed):
-            raise SpawnFailed(f"adapter {adapter.name!r} could not be started: {exc.strerror}") from exc
         if isinstance(exc, OSError) and not isinstance(exc, clonespawn.Unsupported):
-            raise SpawnFailed(_describe_spawn_error(adapter, argv, exc)) from exc
+            raise SpawnFailed(_spawn_failure(adapter, argv, exc)) from exc
         if isinstance(exc, subprocess.SubprocessError):
             raise SpawnFailed(f"adapter {adapter.name!r} could not be started: {exc}") from exc
         raise
@@ -241,7 +283,9 @@ def spawn_root(
             os.close(fd)
     # Our unreaped child: its pid cannot have been reused in between.
     identity = process.ProcessId(pid, start_time) if start_time else process.identify(pid) or process.ProcessId(pid, 0)
-    return RootProcess(id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r, popen=popen)
+    return RootProcess(
+        id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r, popen=popen, pending=pending
+    )
 
 
 @functools.cache
@@ -277,6 +321,13 @@ def command_warnings(config: Config, base: Mapping[str, str] | None = None) -> l
                 config.path, key, f"program {program!r} ({files[0]}) is not executable; a spawn will fail"
             ))
     return warnings
+
+
+def _spawn_failure(adapter: AdapterConfig, argv: list[str], exc: OSError) -> str:
+    """What a SpawnFailed says for the OSError of a spawn."""
+    if isinstance(exc, clonespawn.SetupFailed):
+        return f"adapter {adapter.name!r} could not be started: {exc.strerror}"
+    return _describe_spawn_error(adapter, argv, exc)
 
 
 def _describe_spawn_error(adapter: AdapterConfig, argv: list[str], exc: OSError) -> str:
@@ -330,7 +381,9 @@ class Spawner(Protocol):
         """Blocking: start the root. `spare_cgroup` is the open directory of a
         spare cgroup named after the instance, which this closes in every case.
         Raises SpawnFailed, InvalidParams, or OSError for the cgroup; on failure
-        nothing is left open or running. Touches no daemon state."""
+        nothing is left open or running. Touches no daemon state. The root
+        may come back `pending` (not exec'd yet): the caller then waits for
+        `RootProcess.exec_settled` before it counts the root as started."""
         ...
 
     def forget_environments(self) -> None:
@@ -372,10 +425,19 @@ class PopenSpawner:
         """Nothing is prepared ahead: every spawn builds its environment."""
 
 
+# How long a clone3 spawn on the trio thread waits for its root to exec. An
+# exec takes a few hundred microseconds; a child that waits for a time slice
+# behind another process (a busy host) can take milliseconds more, and is
+# left pending instead (`RootProcess.pending`): its acquire is answered once
+# it has exec'd, and the thread serves others meanwhile.
+EXEC_WAIT_NS = 1_000_000
+
+
 class Clone3Spawner:
     """The clone3 spawner (`supervisor.procs.clonespawn`): the root is created
     the way posix_spawn creates a child and, in cgroup mode, born in its cgroup
-    (CLONE_INTO_CGROUP). Cheap enough for the trio thread. Its `spawn` raises
+    (CLONE_INTO_CGROUP). Cheap enough for the trio thread, which waits at most
+    EXEC_WAIT_NS for the exec (a root may come back pending). Its `spawn` raises
     clonespawn.Unsupported, having started nothing, where the kernel refuses
     clone3 (seccomp, an old kernel)."""
 
@@ -392,18 +454,25 @@ class Clone3Spawner:
         self._identities: dict[str, clonespawn.Identity] = {}
         # Reserved now, while the daemon's lowest free fds are low.
         clonespawn.stdio_slots()
+        # Whether a spawn has exec'd here: until one has, spawns wait for
+        # exec, so that a kernel the child finds wanting (no close_range)
+        # says so at once, and the spawner falls back.
+        self._proven = False
 
     def spawn(self, request: SpawnRequest, *, spare_cgroup: int | None = None) -> RootProcess:
         cgroup_fd = spare_cgroup
         try:
             if self._cgroups is not None and cgroup_fd is None:
                 cgroup_fd = self._cgroups.open_dir(request.instance_id)
-            return spawn_root(
+            root = spawn_root(
                 request.adapter, instance_id=request.instance_id, job=request.job, params=request.params,
                 daemon_key=self._daemon_key, cgroup_fd=cgroup_fd, clone3=True,
                 environment=self._environment(request.adapter), stderr=request.stderr, peer=request.peer,
                 identity=self._identity(request.adapter, request.peer),
+                exec_wait_ns=EXEC_WAIT_NS if self._proven else None,
             )
+            self._proven = True
+            return root
         finally:
             if cgroup_fd is not None:
                 os.close(cgroup_fd)

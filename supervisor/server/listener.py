@@ -43,6 +43,7 @@ from supervisor.core.errors import (
 )
 from supervisor.engine.engine import Engine
 from supervisor.engine.instances import AfterReply, run_after
+from supervisor.engine.operation import Reply
 from supervisor.server.connection import Connection
 from supervisor.server.controlsocket import _UCRED, SocketGroupRefused, _peer_groups, bind_control_socket
 from supervisor.server.handover import HandedConnection, ServerState, _Handover
@@ -91,6 +92,9 @@ class _Handback:
     end_of_input: bool = False
     # The connection must close at once (reset, fatal protocol error).
     fatal: bool = False
+    # A request the hub answered whose Reply waits (`Reply.later`): served in
+    # a task of its own before `messages`.
+    waiting: tuple[protocol.Request, Reply] | None = None
 
 
 class ControlServer(_Responses, _Handover):
@@ -291,6 +295,9 @@ class ControlServer(_Responses, _Handover):
                 await connection.send(handback.line)
             if handback.fatal:
                 return False
+            if handback.waiting is not None:
+                request, reply = handback.waiting
+                await self._serve_waiting(connection, nursery, request, reply)
             if handback.end_of_input:
                 # Answers still due go out (requests in flight send their
                 # own); an upgrade may hand the connection over meanwhile.
@@ -314,7 +321,7 @@ class ControlServer(_Responses, _Handover):
                 if method.waits is not Waits.LONG or method.answers_now(self.engine, message.params):
                     # No in-flight slot: nothing more is read from the peer
                     # until this is answered, so these cannot pile up.
-                    await self._serve_request(connection, message, method)
+                    await self._serve_request(connection, message, method, nursery=nursery)
                 else:
                     # Backpressure: a peer cannot have more than MAX_IN_FLIGHT (connection.py)
                     # of these running; the next line waits to be read.
@@ -419,6 +426,8 @@ class ControlServer(_Responses, _Handover):
                 answer = self._answer_now(connection, message)
                 if answer is None:
                     return _Handback(messages=messages[index:])
+                if isinstance(answer, Reply):
+                    return _Handback(waiting=(message, answer), messages=messages[index + 1:])
                 line, fds, after = answer
             taken = connection.try_send(line, fds)
             run_after(after)

@@ -16,7 +16,7 @@ from supervisor.core.errors import SupervisorError
 from supervisor.engine.operation import Reply
 from supervisor.engine.instances import AfterReply, run_after
 from supervisor.server.connection import Connection
-from supervisor.server.methods import Method, Started, method_for
+from supervisor.server.methods import METHODS, Method, Started, method_for
 
 log = structlog.get_logger()
 
@@ -26,10 +26,12 @@ class _Responses:
 
     def _answer_now(
         self, connection: Connection, request: protocol.Request
-    ) -> tuple[bytes, tuple[int, ...], AfterReply | tuple[()]] | None:
+    ) -> tuple[bytes, tuple[int, ...], AfterReply | tuple[()]] | Reply | None:
         """The response line to `request` made without waiting, with its fds
         and after-work; None (having changed nothing) if it must wait, or if
-        it would pass fds while another line is under way. Raises nothing."""
+        it would pass fds while another line is under way. A Reply whose
+        answer waits after all (`Reply.later`: its state changes are made)
+        comes back as it is, for `_serve_request` to finish. Raises nothing."""
         engine, params = self.engine, request.params
         try:
             method = method_for(engine, request)
@@ -43,6 +45,8 @@ class _Responses:
             return self._error_line(connection, request, exc), (), ()
         except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)
             return self._crash_line(connection, request), (), ()
+        if reply.later is not None:
+            return reply
         return self._result_line(connection, request, reply), reply.fds, reply.after
 
     def _result_line(self, connection: Connection, request: protocol.Request, reply: Reply) -> bytes:
@@ -72,36 +76,61 @@ class _Responses:
         return protocol.encode_error(request.id, SupervisorError("internal error; see the daemon's log"))
 
     async def _serve_in_task(
-        self, connection: Connection, request: protocol.Request, method: Method,
+        self, connection: Connection, request: protocol.Request, method: Method, waiting: Reply | None = None,
         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """`_serve_request` in a task of its own, holding one of the connection's
         in-flight slots until answered. Started once the request's state changes
-        are made, so pipelined requests change state in arrival order."""
+        are made, so pipelined requests change state in arrival order.
+        `waiting`: the request's handler ran already, and its Reply waits."""
         try:
-            await self._serve_request(connection, request, method, Started(request.id, task_status.started))
+            await self._serve_request(
+                connection, request, method, Started(request.id, task_status.started), waiting=waiting
+            )
         finally:
             connection.in_flight.release()
 
+    async def _serve_waiting(
+        self, connection: Connection, nursery: trio.Nursery, request: protocol.Request, reply: Reply
+    ) -> None:
+        """A request answered without waiting whose Reply waits after all
+        (`Reply.later`): its answer is sent by a task of its own, which holds
+        one of the connection's in-flight slots, as a request that waits
+        from the start would. Returns once that task has started."""
+        try:
+            connection.in_flight.acquire_nowait()
+        except trio.WouldBlock:
+            await connection.in_flight.acquire()
+        await nursery.start(self._serve_in_task, connection, request, METHODS[request.method], reply)
+
     async def _serve_request(
         self, connection: Connection, request: protocol.Request, method: Method,
-        started: Started | None = None,
+        started: Started | None = None, *, waiting: Reply | None = None, nursery: trio.Nursery | None = None,
     ) -> None:
         """Run `request`'s handler and send its answer: the result, or the wire
         error for what it raised (the one place exceptions become wire errors).
         Calls `started` at the latest before sending. Raises nothing but
         Cancelled; returns without a checkpoint when the handler and the send
         need no wait. The reply's after-work runs once the line is handed to
-        the socket, before any wait for the peer."""
+        the socket, before any wait for the peer. `waiting`: the handler ran
+        already (`_answer_now`), and its Reply's answer waits (`Reply.later`),
+        as a Reply of the handler run here may: with `nursery` (the
+        connection's), that wait goes to a task of its own."""
         if started is None:
             started = Started(request.id)  # answered in the reader: nobody awaits its start
-        reply: Reply | None = None
+        reply: Reply | None = waiting
         try:
-            if method.answers_now(self.engine, request.params):
+            if reply is None and method.answers_now(self.engine, request.params):
                 assert method.now is not None
                 reply = method.now(self.engine, connection, request.params)
-            else:
+                if reply.later is not None and nursery is not None:
+                    await self._serve_waiting(connection, nursery, request, reply)
+                    return
+            elif reply is None:
                 reply = await method.answer(self.engine, connection, request.params, started)
+            if reply.later is not None:
+                started()
+                reply = await reply.later()
         except SupervisorError as exc:
             line = self._error_line(connection, request, exc)
         except Exception:  # noqa: BLE001 (a bug: _crash_line logs it whole)

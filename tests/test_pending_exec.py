@@ -1,0 +1,126 @@
+"""A root that cannot exec at once does not hold the daemon's thread: the
+clone3 spawner waits a bounded time for the exec (`spawner.EXEC_WAIT_NS`),
+and an acquire whose root has not exec'd by then is answered once it has,
+while the daemon serves everything else.
+
+A root is kept from exec'ing for as long as a test likes by freezing the
+daemon's base cgroup (cgroup v2 `cgroup.freeze`): a child born in a frozen
+cgroup runs no instruction until it is thawed. Without cgroups the same path
+is taken by making the bound 0 (the engine tests at the end).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervisor.core import protocol
+from supervisor.core.config import parse_config
+from supervisor.core.errors import SpawnFailed
+from supervisor.engine.engine import Engine
+from supervisor.procs import clonespawn, spawner
+from tests.engine.peer import Peer
+from tests.server.test_listener import RawClient, request_line
+
+pytestmark = pytest.mark.skipif(clonespawn.load() is None, reason="the clone3 spawner was not built (no C compiler)")
+
+ADAPTERS = """
+[adapters.sleeper]
+command = ["/bin/sleep", "60"]
+
+[adapters.missing]
+command = ["/nonexistent/adapter"]
+"""
+
+
+def executable(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/exe")
+
+
+def test_acquires_whose_roots_cannot_exec_yet_wait_while_the_daemon_answers_others(start_daemon) -> None:
+    daemon = start_daemon(ADAPTERS)
+    client = RawClient.connect(daemon.socket)
+    try:
+        client.send(request_line("warm", "acquire", {"job": "warm", "adapter": "sleeper"}))
+        warm = client.messages(1)[0]["result"]
+        client.send(request_line("status", "status"))
+        base = client.messages(1)[0]["result"]["daemon"]["cgroup_base"]
+        if base is None:
+            pytest.skip("no writable cgroup v2 hierarchy: nothing to freeze")
+        freeze = Path(base) / "cgroup.freeze"
+        freeze.write_text("1")
+        try:
+            client.send(
+                request_line(1, "acquire", {"job": "j1", "adapter": "sleeper"})
+                + request_line(2, "acquire", {"job": "j2", "adapter": "sleeper"})
+                + request_line(3, "acquire", {"job": "j3", "adapter": "missing"})
+                + request_line("during", "status")
+            )
+            # The roots are frozen before their first instruction: the
+            # status is answered first, with their instances starting.
+            during = client.messages(1)[0]
+            assert during["id"] == "during"
+            states = {row["job"]: row["state"] for row in during["result"]["instances"]}
+            assert states == {"warm": "running", "j1": "starting", "j2": "starting", "j3": "starting"}
+        finally:
+            freeze.write_text("0")
+        answers = {answer["id"]: answer for answer in client.messages(3)}
+        pids = [answers[n]["result"]["pid"] for n in (1, 2)]
+        assert all(executable(pid) == "/usr/bin/sleep" or executable(pid) == "/bin/sleep" for pid in pids)
+        assert "not found" in answers[3]["error"]["message"]
+        client.send(request_line("after", "status"))
+        after = client.messages(1)[0]["result"]
+        assert sorted(row["job"] for row in after["instances"]) == ["j1", "j2", "warm"]
+        assert warm["pid"] not in pids
+    finally:
+        client.sock.close()
+
+
+def engine_with(tmp_path: Path) -> Engine:
+    config = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\nsweep_interval = 3600.0\n' + ADAPTERS,
+        str(tmp_path / "supervisor.toml"),
+    )
+    return Engine(config)
+
+
+async def test_with_no_wait_for_exec_acquires_answer_once_their_roots_have_execd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bound of 0: every spawn after the first (which waits for exec, to
+    # prove the kernel) comes back pending, whichever way it is asked for.
+    monkeypatch.setattr(spawner, "EXEC_WAIT_NS", 0)
+    engine = engine_with(tmp_path)
+    peer = Peer()
+    engine.connected(peer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            first = await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
+            deferred = []
+            for n in range(20):
+                params = protocol.AcquireParams(job=f"now{n}", adapter="sleeper")
+                assert engine.acquire_answers_now(params)
+                deferred.append(engine.acquire_now(peer, params))
+            assert any(reply.later is not None for reply in deferred), "no spawn was left pending"
+            replies = [await reply.later() if reply.later is not None else reply for reply in deferred]
+            waited = await engine.acquire(peer, protocol.AcquireParams(job="waited", adapter="sleeper"), lambda: None)
+            pids = [first.result["pid"], waited.result["pid"], *(reply.result["pid"] for reply in replies)]
+            assert len(set(pids)) == 22
+            assert all(executable(pid).endswith("/sleep") for pid in pids)
+            assert not engine.reaper.others
+            with pytest.raises(SpawnFailed, match="not found"):
+                failed = engine.acquire_now(peer, protocol.AcquireParams(job="bad", adapter="missing"))
+                assert failed.later is not None
+                await failed.later()
+            assert "bad" not in {instance.job for instance in engine.registry.instances.values()}
+            assert engine.busy() is None
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            nursery.cancel_scope.cancel()
+    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+                   for pid in pids)
