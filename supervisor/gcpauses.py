@@ -17,10 +17,9 @@ What this gives up: a reference cycle that includes a frozen object is never
 collected. Objects freed by reference counting (nearly all of them: an
 instance's objects go when its tasks end and its entries are dropped) are
 freed whether frozen or not. The number of frozen objects is in the metrics
-(`adapter_supervisor_gc_frozen_objects`); under churn (10,000 instances
-acquired and released one after the other at 1,000 held) it stayed between
-80,000 and 100,000 and the RSS levelled off as without freezing
-(docs/performance.md).
+(`adapter_supervisor_gc_frozen_objects`); under churn (40,000 instances
+acquired and released 100 at a time at 1,000 held) it stayed between 80,000
+and 105,000 and the RSS levelled off (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -34,11 +33,16 @@ FULL_GENERATION = 2
 # generation (Python's default: 10): each then looks at fewer objects.
 FULL_EVERY = 1
 
+# A collection of the youngest generation after this many more tracked
+# objects made than freed (Python's default: 700).
+YOUNG_EVERY = 300
+
 # A collection of the middle generation after this many of the youngest
-# (Python's default: 10), so a full one, too: what a full collection looks at
-# (the objects made since the last, about twice this times the youngest's
-# threshold) stays a few thousand, well under the 5 ms a step may take.
-MIDDLE_EVERY = 3
+# (Python's default: 10), so a full one, too: a full collection looks at the
+# objects made since the last, a few hundred (0.1-0.3 ms; with 700 and every
+# third young one, 6,000 and 2-5 ms during a fill), well under the 5 ms a step
+# may take.
+MIDDLE_EVERY = 1
 
 # The thresholds before `install`, for `uninstall`.
 _previous_thresholds: tuple[int, ...] | None = None
@@ -51,14 +55,14 @@ def _freeze_after_full_collection(phase: str, info: dict[str, Any]) -> None:
 
 def install() -> None:
     """From now on, freeze what survives each full collection, collect the
-    middle generation every MIDDLE_EVERY young collections and in full after
-    every middle-generation collection. Idempotent."""
+    youngest generation every YOUNG_EVERY objects, the middle one every
+    MIDDLE_EVERY young collections and in full after every middle-generation
+    collection. Idempotent."""
     global _previous_thresholds
     if _freeze_after_full_collection not in gc.callbacks:
         gc.callbacks.append(_freeze_after_full_collection)
         _previous_thresholds = gc.get_threshold()
-        young = _previous_thresholds[0]
-        gc.set_threshold(young, MIDDLE_EVERY, FULL_EVERY)
+        gc.set_threshold(YOUNG_EVERY, MIDDLE_EVERY, FULL_EVERY)
 
 
 def uninstall() -> None:

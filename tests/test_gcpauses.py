@@ -22,7 +22,7 @@ def test_what_survives_a_full_collection_is_frozen_and_new_cycles_are_still_coll
     gcpauses.install()  # idempotent
     try:
         assert gc.callbacks.count(gcpauses._freeze_after_full_collection) == 1
-        assert gc.get_threshold() == (thresholds[0], gcpauses.MIDDLE_EVERY, gcpauses.FULL_EVERY)
+        assert gc.get_threshold() == (gcpauses.YOUNG_EVERY, gcpauses.MIDDLE_EVERY, gcpauses.FULL_EVERY)
         kept = [Node() for _ in range(2000)]
         gc.collect()
         frozen = gcpauses.frozen_objects()
