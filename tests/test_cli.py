@@ -43,7 +43,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def start_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([PYTHON, "-m", "supervisor", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The CLI with Ctrl-C's default action, even when the suite itself was
+    started with SIGINT ignored (a background job of a non-interactive
+    shell), which the CLI would inherit and then never see a Ctrl-C."""
+    return subprocess.Popen(
+        [PYTHON, "-c", RUN_WITH_CTRL_C, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+# `python -m supervisor ARGS`, with Python's own Ctrl-C handler whatever the
+# disposition inherited.
+RUN_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'supervisor'; runpy.run_module('supervisor', run_name='__main__', alter_sys=True)"
+)
 
 
 def read_lines(proc: subprocess.Popen[str], wanted: int, timeout: float = 10.0) -> list[str]:
