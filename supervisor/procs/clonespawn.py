@@ -28,6 +28,7 @@ import ctypes
 import errno
 import functools
 import os
+import resource
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +80,7 @@ SETUP_STAGES = frozenset({STAGE_RLIMIT, STAGE_NO_NEW_PRIVS, STAGE_SETGROUPS, STA
 # way (a pending `Launch` holds its set until its child has exec'd). A spawn
 # that finds none free copies the whole table instead (keep_below 0).
 SLOT_SETS = 8
+FDS_PER_SLOT_SET = 512
 
 # Slots for detached children (a stack and a job each, 32 KiB) kept for reuse.
 SPARE_CHILD_SLOTS = 16
@@ -274,9 +276,14 @@ class StdioSlots:
 
 @functools.cache
 def stdio_slots() -> StdioSlots:
-    """The process's one set of slots, reserved at the first call: call it
-    early (the spawner does when it is made), while the lowest free fds are low."""
-    return StdioSlots()
+    """The process's slots, reserved at the first call: call it early (the
+    spawner does when it is made), while the lowest free fds are low. One
+    set per FDS_PER_SLOT_SET of the open-file limit, at most SLOT_SETS: a
+    daemon allowed few fds needs them for its trees and clients more."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return StdioSlots()
+    return StdioSlots(max(1, min(SLOT_SETS, soft // FDS_PER_SLOT_SET)))
 
 
 def _strings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
