@@ -8,7 +8,9 @@ thread. This runs one daemon under a wrapper that adds a second instrument
 `--threshold-ms` it writes the step's wall time, the trio thread's CPU time
 (`CLOCK_THREAD_CPUTIME_ID`), the time spent in the collector, the thread's
 voluntary context switches (each a sleep: a system call that blocked, a
-wait for the GIL) and the task's name. Every full collection is written too,
+wait for the GIL), the time it was runnable but waited for a CPU
+(`waited`, from /proc/thread-self/schedstat: preempted by another process,
+or woken and not yet run) and the task's name. Every full collection is written too,
 with how many objects it looked at.
 
 The workload is the fill cost's at one level: fill to `--instances` idle
@@ -65,12 +67,20 @@ def _install(out_path: str, threshold_ns: int) -> None:
     # First, so that what other callbacks do is not counted as collection.
     gc.callbacks.insert(0, on_collection)
 
+    # The trio thread's schedstat: its second field is the time it has spent
+    # runnable but waiting for a CPU (preempted, or woken and not yet run).
+    schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+
+    def run_delay_ns() -> int:
+        return int(os.pread(schedstat, 128, 0).split()[1])
+
     class StepLog(trio.abc.Instrument):
         def before_task_step(self, task: trio.lowlevel.Task) -> None:
             self.wall = time.perf_counter_ns()
             self.cpu = time.thread_time_ns()
             self.collected = collector["ns"]
             self.switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+            self.delay = run_delay_ns()
 
         def after_task_step(self, task: trio.lowlevel.Task) -> None:
             wall = time.perf_counter_ns() - self.wall
@@ -78,9 +88,11 @@ def _install(out_path: str, threshold_ns: int) -> None:
                 return
             cpu = time.thread_time_ns() - self.cpu
             switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - self.switches
+            delay = run_delay_ns() - self.delay
             out.write(
                 f"{time.monotonic():.4f} step wall={wall / 1e6:.2f} cpu={cpu / 1e6:.2f} "
-                f"gc={(collector['ns'] - self.collected) / 1e6:.2f} sleeps={switches} {task.name}\n"
+                f"gc={(collector['ns'] - self.collected) / 1e6:.2f} sleeps={switches} "
+                f"waited={delay / 1e6:.2f} {task.name}\n"
             )
 
     run = trio.run
