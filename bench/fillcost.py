@@ -154,16 +154,37 @@ def status_ms(client: wire.OursClient, samples: int = STATUS_SAMPLES) -> list[fl
     return times
 
 
-def measure_filled(client: wire.OursClient, pid: int, samples: int = STATUS_SAMPLES) -> dict[str, Any]:
+def trio_thread_times_ns(pid: int) -> tuple[int, int]:
+    """The daemon's trio thread (its main thread): nanoseconds on a CPU and
+    nanoseconds runnable but waiting for one (preempted, or woken and not yet
+    run), from its schedstat; (0, 0) where the kernel has none."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+    except OSError:
+        return 0, 0
+    return int(fields[0]), int(fields[1])
+
+
+def measure_filled(
+    client: wire.OursClient, pid: int, samples: int = STATUS_SAMPLES, since: tuple[float, tuple[int, int]] | None = None
+) -> dict[str, Any]:
     """At a filled level: `status` latency, the longest trio-thread stall
     since the previous `longest_stall_s` (the fill, then these statuses) and
-    the daemon's RSS."""
+    the daemon's RSS. `since`: the monotonic time and `trio_thread_times_ns`
+    at that scrape, to tell how much of the period the trio thread spent
+    waiting for a CPU (the host's share of the stalls' wall time)."""
     status = status_ms(client, samples)
     stall_s = longest_stall_s(client)
+    trio: dict[str, float] = {}
+    if since is not None:
+        began, (ran_before, waited_before) = since
+        ran, waited = trio_thread_times_ns(pid)
+        trio = {"trio_period_s": round(time.monotonic() - began, 3), "trio_ran_s": round((ran - ran_before) / 1e9, 3),
+                "trio_waited_s": round((waited - waited_before) / 1e9, 3)}
     time.sleep(SETTLE_S)
     return {"status_ms": stats.summarize(status, unit="ms"),
             "longest_stall_ms": None if stall_s is None else round(stall_s * 1000, 3),
-            "rss_bytes": procwatch.rss_bytes(pid)}
+            "rss_bytes": procwatch.rss_bytes(pid), **trio}
 
 
 def run(
@@ -201,14 +222,19 @@ def run_variants(
     try:
         for (name, level), holder in clients.items():
             longest_stall_s(holder.client)  # the stall measured is the fill's and the statuses'
+            pid = daemons[name, level].pid
+            since = (time.monotonic(), trio_thread_times_ns(pid))
             if (name, level) in started:
                 began = time.monotonic()
                 fill(holder, level, "held")
                 session.log(f"fill: {name}: {level} instances held ({time.monotonic() - began:.1f} s to fill)")
-            filled[name, level] = measure_filled(holder.client, daemons[name, level].pid, plan.status_samples)
-            session.log(f"fill: {name}: {level} instances: status {filled[name, level]['status_ms']['median_ms']:.2f} ms"
-                        f", longest stall {filled[name, level]['longest_stall_ms']} ms"
-                        f", RSS {filled[name, level]['rss_bytes'] / 1e6:.1f} MB")
+            filled[name, level] = measure_filled(holder.client, pid, plan.status_samples, since)
+            entry = filled[name, level]
+            session.log(f"fill: {name}: {level} instances: status {entry['status_ms']['median_ms']:.2f} ms"
+                        f", longest stall {entry['longest_stall_ms']} ms"
+                        f" (trio thread: {entry.get('trio_ran_s')} s on a CPU, {entry.get('trio_waited_s')} s"
+                        f" waiting for one, in {entry.get('trio_period_s')} s)"
+                        f", RSS {entry['rss_bytes'] / 1e6:.1f} MB")
         windows: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         cpu: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         order = list(keys)

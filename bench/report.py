@@ -187,6 +187,11 @@ def render(results: dict[str, Any], verdicts: list[Verdict]) -> str:
         out += _table(["live instances", "windows", "median per acquire", "min", "max", "status (median)",
                        "longest stall", "daemon RSS"], rows)
         out.append(f"  {fill['high']} vs {fill['low']} live instances: {_x(fill.get('ratio'))} (median of the windows' ratios)")
+        for level, entry in fill["levels"].items():
+            if entry.get("trio_period_s"):
+                out.append(f"  while filling to {level} and answering status: the trio thread ran {entry['trio_ran_s']:.2f} s"
+                           f" and waited {entry['trio_waited_s']:.2f} s for a CPU (other processes' turn)"
+                           f" in {entry['trio_period_s']:.2f} s")
         out.append("")
     footprint = results.get("footprint")
     if footprint:
