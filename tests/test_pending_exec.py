@@ -105,7 +105,9 @@ async def test_with_no_wait_for_exec_acquires_answer_once_their_roots_have_execd
                 params = protocol.AcquireParams(job=f"now{n}", adapter="sleeper")
                 assert engine.acquire_answers_now(params)
                 deferred.append(engine.acquire_now(peer, params))
-            assert any(reply.later is not None for reply in deferred), "no spawn was left pending"
+            awaited = sum(reply.later is not None for reply in deferred)
+            assert awaited, "no spawn was left pending"
+            assert engine.metrics.spawns_awaited.value("sleeper") == awaited
             replies = [await reply.later() if reply.later is not None else reply for reply in deferred]
             waited = await engine.acquire(peer, protocol.AcquireParams(job="waited", adapter="sleeper"), lambda: None)
             pids = [first.result["pid"], waited.result["pid"], *(reply.result["pid"] for reply in replies)]

@@ -50,10 +50,19 @@ log = structlog.get_logger()
 # a root handed over is seen as `treehandover.HANDED`).
 SPAWNED = "spawned"
 
-# How often a root that had not exec'd when its spawn returned is looked at
-# (`Instances._await_exec`): trio sleeps in whole milliseconds, and such a
-# root waits that long for a time slice already.
+# How often the roots that had not exec'd when their spawn returned are
+# looked at (`Instances._watch_execs`): trio sleeps in whole milliseconds, and
+# such a root waits that long for a time slice already.
 EXEC_POLL_S = 0.001
+
+
+class _AwaitedExec(msgspec.Struct):
+    """A root awaiting its exec, and what registering it takes."""
+
+    adapter: AdapterConfig
+    root: RootProcess
+    spawned_after: float
+    stderr: FollowedFile
 
 # Work for after a reply: plain callables, run in order by whoever sends it
 # (`run_after`).
@@ -135,6 +144,8 @@ class Instances(TreeHandover, Stopping):
         self._peers: dict[str, tuple[int, int]] = {}
         # Spawns in flight in a worker thread: shutdown waits for them.
         self._spawning: dict[str, trio.Event] = {}
+        # Roots that had not exec'd when their spawn returned (`_await_exec`).
+        self._awaiting_exec: dict[str, _AwaitedExec] = {}
         self._nursery: trio.Nursery | None = None
         # Roots for the settler to look at: just spawned or handed over
         # (first look), or reaped since (see `_settle_roots`).
@@ -217,41 +228,54 @@ class Instances(TreeHandover, Stopping):
             self._drop_stderr(stderr)
             return self._spawn_failed(instance_id, exc)
         if root.pending is not None:
-            assert self._nursery is not None, "attach() first"
-            self._nursery.start_soon(self._await_exec, instance_id, request.adapter, root, spawned_after, stderr)
+            self._await_exec(instance_id, _AwaitedExec(request.adapter, root, spawned_after, stderr))
             return []
         return self._root_started(instance_id, request.adapter, root, spawned_after, after, stderr)
 
-    async def _await_exec(
-        self, instance_id: str, adapter: AdapterConfig, root: RootProcess, spawned_after: float, stderr: FollowedFile
-    ) -> None:
-        """A root that had not exec'd when its spawn returned: looked at every
-        EXEC_POLL_S until it has (or failed before exec), then reported as a
-        spawn in a thread is. Until then it is not the reaper's (`others`):
-        a root that failed is reaped by its settling. Shielded: the root is
-        always registered or reaped, never lost."""
-        done = self._spawning[instance_id] = trio.Event()
+    def _await_exec(self, instance_id: str, awaited: _AwaitedExec) -> None:
+        """A root that had not exec'd when its spawn returned: watched by
+        `_watch_execs` until it has (or failed before exec), then reported
+        as a spawn in a thread is. Until then it is not the reaper's
+        (`others`): a root that failed is reaped by its settling."""
+        assert self._nursery is not None, "attach() first"
+        self.metrics.spawns_awaited.inc(awaited.adapter.name)
+        self._spawning[instance_id] = trio.Event()
         self.reaper.spawns_in_flight += 1
-        self.reaper.others.add(root.pid)
-        try:
-            with trio.CancelScope(shield=True):
-                while True:
+        self.reaper.others.add(awaited.root.pid)
+        if not self._awaiting_exec:
+            self._nursery.start_soon(self._watch_execs)
+        self._awaiting_exec[instance_id] = awaited
+
+    async def _watch_execs(self) -> None:
+        """Look at every root awaiting its exec each EXEC_POLL_S, one task
+        for them all, until none is left. Shielded: every such root is
+        registered or reaped, never lost."""
+        with trio.CancelScope(shield=True):
+            while self._awaiting_exec:
+                await trio.sleep(EXEC_POLL_S)
+                for instance_id, awaited in list(self._awaiting_exec.items()):
+                    failure = None
                     try:
-                        if root.exec_settled():
-                            break
+                        if not awaited.root.exec_settled():
+                            continue
                     except SpawnFailed as exc:
-                        self.reaper.others.discard(root.pid)
-                        self._drop_stderr(stderr)
-                        self.report(self._spawn_failed(instance_id, exc))
-                        return
-                    await trio.sleep(EXEC_POLL_S)
-            self.reaper.others.discard(root.pid)
-            self.report(self._root_started(instance_id, adapter, root, spawned_after, None, stderr))
+                        failure = exc
+                    del self._awaiting_exec[instance_id]
+                    self._exec_settled(instance_id, awaited, failure)
+
+    def _exec_settled(self, instance_id: str, awaited: _AwaitedExec, failure: SpawnFailed | None) -> None:
+        root = awaited.root
+        self.reaper.others.discard(root.pid)
+        try:
+            if failure is not None:
+                self._drop_stderr(awaited.stderr)
+                self.report(self._spawn_failed(instance_id, failure))
+            else:
+                self.report(self._root_started(instance_id, awaited.adapter, root, awaited.spawned_after, None,
+                                               awaited.stderr))
         finally:
-            self.reaper.others.discard(root.pid)
             self.reaper.spawn_settled()
-            del self._spawning[instance_id]
-            done.set()
+            self._spawning.pop(instance_id).set()
 
     async def _spawn_in_thread(self, instance_id: str) -> None:
         """Spawn in a worker thread, then report to the registry on the trio

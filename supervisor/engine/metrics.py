@@ -119,7 +119,7 @@ class LabelledHistogram:
 
 
 # The attributes of `Metrics` that are counters (an upgrade hands them over).
-COUNTERS = ("spawns", "spawn_failures", "releases", "reaps", "orphans", "protocol_errors")
+COUNTERS = ("spawns", "spawn_failures", "spawns_awaited", "releases", "reaps", "orphans", "protocol_errors")
 
 
 class Metrics:
@@ -133,6 +133,12 @@ class Metrics:
         self.stalls = stalls
         self.spawns = LabelledCounter("spawns", "Instance roots started.", ("adapter",))
         self.spawn_failures = LabelledCounter("spawn_failures", "Instance roots that could not be started.", ("adapter",))
+        self.spawns_awaited = LabelledCounter(
+            "spawns_awaited_exec",
+            "Instance roots that had not exec'd within the spawn's bound (a busy host, a slow exec), awaited off the"
+            " daemon's thread.",
+            ("adapter",),
+        )
         self.releases = LabelledCounter(
             "releases", "Leases released, by how (release, release_job, disconnect, expired).", ("how",)
         )
