@@ -32,6 +32,7 @@ import resource
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 from supervisor.core.identity import ChildSetup
@@ -370,58 +371,14 @@ class Environment:
         return paths
 
 
-def spawn(
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str] | Environment,
-    env_values: Sequence[str] = (),
-    cwd: str | None,
-    stdio: tuple[int, int, int],
-    cgroup_fd: int | None,
-    new_session: bool = True,
-    identity: Identity | None = None,
-) -> tuple[int, int]:
+def spawn(argv: Sequence[str], **options: Any) -> tuple[int, int]:
     """Start `argv` and return its pid and start time (clock ticks after boot,
     as in /proc/<pid>/stat; 0 when the clock around the call crossed a tick
-    and /proc must tell) once it has exec'd. `env` is the child's whole
-    environment, or an `Environment` whose own keys get `env_values` (given
-    only with one). `stdio`
-    are the fds for the child's 0, 1 and 2; every other fd is closed in the child; signal
-    handlers and the signal mask start out default. `identity` (after chdir,
-    before exec) sets the child's limits, umask, no_new_privs and ids; its
-    failure is a SetupFailed. Raises `Unsupported` (no
-    child was created) or OSError with the errno of the failed step, naming
-    `cwd` or the program as its filename; a child that failed is reaped.
-    Blocks for as long as exec takes, like posix_spawn."""
-    pid, start_time, _ = _start(
-        argv, env=env, env_values=env_values, cwd=cwd, stdio=stdio, cgroup_fd=cgroup_fd, new_session=new_session,
-        identity=identity, wait_ns=None,
-    )
+    and /proc must tell) once it has exec'd: `launch` with no bound on the
+    wait (the caller sleeps until exec, like posix_spawn; CLONE_VFORK).
+    `options` are `launch`'s but `wait_ns`."""
+    pid, start_time, _ = launch(argv, wait_ns=None, **options)
     return pid, start_time
-
-
-def launch(
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str] | Environment,
-    env_values: Sequence[str] = (),
-    cwd: str | None,
-    stdio: tuple[int, int, int],
-    cgroup_fd: int | None,
-    new_session: bool = True,
-    identity: Identity | None = None,
-    wait_ns: int,
-) -> tuple[int, int, Launch | None]:
-    """As `spawn`, but waits at most `wait_ns` for the child to exec: its
-    pid, start time, and None if it has exec'd, or a `Launch` that says later
-    whether it does (and raises then what `spawn` would have raised). The
-    caller's `stdio` fds are the caller's again when this returns, pending or
-    not. The child is not ours to reap until its `Launch` has settled (a
-    child that fails before exec is reaped by `Launch.settle`)."""
-    return _start(
-        argv, env=env, env_values=env_values, cwd=cwd, stdio=stdio, cgroup_fd=cgroup_fd, new_session=new_session,
-        identity=identity, wait_ns=wait_ns,
-    )
 
 
 class Launch:
@@ -488,19 +445,32 @@ def _give_back_child_slot(library: ctypes.CDLL, slot: int) -> None:
         library.adapter_spawn_slot_free(slot)
 
 
-def _start(
+def launch(
     argv: Sequence[str],
     *,
     env: Mapping[str, str] | Environment,
-    env_values: Sequence[str],
+    env_values: Sequence[str] = (),
     cwd: str | None,
     stdio: tuple[int, int, int],
     cgroup_fd: int | None,
-    new_session: bool,
-    identity: Identity | None,
+    new_session: bool = True,
+    identity: Identity | None = None,
     wait_ns: int | None,
 ) -> tuple[int, int, Launch | None]:
-    """`spawn` (wait_ns None: CLONE_VFORK) or `launch`."""
+    """Start `argv`, and return its pid, its start time (as `spawn`'s) and
+    None once it has exec'd, or a `Launch` if it has not within `wait_ns`
+    (None: no bound, as `spawn`), which says later whether it does (and
+    raises then what this would have raised). `env` is the child's whole
+    environment, or an `Environment` whose own keys get `env_values` (given
+    only with one). `stdio` are the fds for the child's 0, 1 and 2 (the
+    caller's again when this returns, pending or not); every other fd is
+    closed in the child; signal handlers and the signal mask start out
+    default. `identity` (after chdir, before exec) sets the child's limits,
+    umask, no_new_privs and ids; its failure is a SetupFailed. Raises
+    `Unsupported` (no child was created) or OSError with the errno of the
+    failed step, naming `cwd` or the program as its filename; a child that
+    failed is reaped. A pending child is not ours to reap until its `Launch`
+    has settled (one that fails before exec is reaped by `Launch.settle`)."""
     library = load()
     if library is None:
         raise Unsupported(errno.ENOSYS, "the clone3 spawner is not built")
