@@ -40,7 +40,11 @@ class CloneSpawnHook(BuildHookInterface):
             self.app.display_warning("no C compiler: building without the clone3 spawner (spawning falls back to subprocess)")
             return
         partial = root / LIBRARY.with_suffix(".so.partial")
-        command = [compiler, "-O2", "-Wall", "-Wextra", "-fPIC", "-shared", "-o", str(partial), str(root / SOURCE)]
+        # No stack protector: the spawned child runs in the daemon's memory
+        # alongside its thread and is to call nothing of the C library, which
+        # a protector's failure path would.
+        command = [compiler, "-O2", "-Wall", "-Wextra", "-fno-stack-protector", "-fPIC", "-shared", "-o", str(partial),
+                   str(root / SOURCE)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             partial.unlink(missing_ok=True)

@@ -11,7 +11,9 @@ is taken by making the bound 0 (the engine tests at the end).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,11 @@ import trio
 
 from supervisor.core import protocol
 from supervisor.core.config import parse_config
-from supervisor.core.errors import SpawnFailed
+from supervisor.core.errors import SpawnFailed, SupervisorError
+from supervisor.engine import engine as engine_module
 from supervisor.engine.engine import Engine
 from supervisor.procs import clonespawn, spawner
+from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from tests.engine.peer import Peer
 from tests.server.test_listener import RawClient, request_line
 
@@ -126,3 +130,52 @@ async def test_with_no_wait_for_exec_acquires_answer_once_their_roots_have_execd
             nursery.cancel_scope.cancel()
     assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
                    for pid in pids)
+
+
+async def test_a_shutdown_kills_roots_that_never_exec_within_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A root frozen before its exec never settles by itself: a shutdown
+    # waits its bound (here stop_timeout 1 s less 0.9 s), then kills it, our
+    # own unreaped child, and is done, leaving nothing behind.
+    monkeypatch.setattr(engine_module, "SHUTDOWN_MARGIN_S", -0.9)
+    try:
+        cgroups = CgroupManager.detect(name=f"test-{secrets.token_hex(6)}")
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
+    config = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\nsweep_interval = 3600.0\n'
+        '[adapters.sleeper]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 1.0\n',
+        str(tmp_path / "supervisor.toml"),
+    )
+    engine = Engine(config, cgroups=cgroups)
+    peer = Peer()
+    engine.connected(peer)
+    freeze = cgroups.base / "cgroup.freeze"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
+            freeze.write_text("1")
+            reply = engine.acquire_now(peer, protocol.AcquireParams(job="frozen", adapter="sleeper"))
+            assert reply.later is not None
+            [instance] = [i for i in engine.registry.instances.values() if i.job == "frozen"]
+            [pid] = [int(p) for p in (cgroups.base / instance.id / "cgroup.procs").read_text().split()]
+            began = trio.current_time()
+            await engine.shutdown()
+            assert trio.current_time() - began < 5
+            assert engine.busy() is None, "the frozen root is still awaited after the shutdown"
+            with trio.fail_after(5):
+                # Answered, one way or the other (the lease may be gone).
+                with contextlib.suppress(SupervisorError):
+                    await reply.later()
+        finally:
+            # (Without the kill the root would stay frozen, and the engine's
+            # nursery open: thawed, it execs and is stopped.)
+            if freeze.exists():
+                freeze.write_text("0")
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            nursery.cancel_scope.cancel()
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not cgroups.base.exists()

@@ -78,6 +78,11 @@ STDERR_DIR = "stderr"
 # A shutdown waits for the slowest adapter's stop_timeout plus this.
 SHUTDOWN_MARGIN_S = 6.0
 
+# How long a shutdown waits for the roots it killed because they had not
+# exec'd within its bound (`Instances.kill_awaiting_exec`).
+KILLED_SETTLE_S = 1.0
+
+
 class Engine(LeaseOperations):
     """Leases, instances and process trees of one daemon."""
 
@@ -580,6 +585,11 @@ class Engine(LeaseOperations):
                 # A root still being spawned is ended by the registry when it
                 # reports in; wait for that, then for every stop.
                 await self.instances.wait_all_stopped()
+            if self.instances.kill_awaiting_exec():
+                # Roots that never exec'd in all that time (a frozen cgroup, a
+                # hung file system): killed, they settle and stop at once.
+                with trio.move_on_after(KILLED_SETTLE_S):
+                    await self.instances.wait_all_stopped()
             await self.record.write_now()
         if self.spares is not None:
             self.spares.close()

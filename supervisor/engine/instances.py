@@ -15,8 +15,10 @@ runs in a worker thread that touches no state.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 
@@ -144,8 +146,10 @@ class Instances(TreeHandover, Stopping):
         self._peers: dict[str, tuple[int, int]] = {}
         # Spawns in flight in a worker thread: shutdown waits for them.
         self._spawning: dict[str, trio.Event] = {}
-        # Roots that had not exec'd when their spawn returned (`_await_exec`).
+        # Roots that had not exec'd when their spawn returned (`_await_exec`),
+        # and whether `_watch_execs` runs.
         self._awaiting_exec: dict[str, _AwaitedExec] = {}
+        self._watching_execs = False
         self._nursery: trio.Nursery | None = None
         # Roots for the settler to look at: just spawned or handed over
         # (first look), or reaped since (see `_settle_roots`).
@@ -239,29 +243,43 @@ class Instances(TreeHandover, Stopping):
         (`others`): a root that failed is reaped by its settling."""
         assert self._nursery is not None, "attach() first"
         self.metrics.spawns_awaited.inc(awaited.adapter.name)
+        self._awaiting_exec[instance_id] = awaited
         self._spawning[instance_id] = trio.Event()
         self.reaper.spawns_in_flight += 1
         self.reaper.others.add(awaited.root.pid)
-        if not self._awaiting_exec:
+        if not self._watching_execs:
+            self._watching_execs = True
             self._nursery.start_soon(self._watch_execs)
-        self._awaiting_exec[instance_id] = awaited
 
     async def _watch_execs(self) -> None:
         """Look at every root awaiting its exec each EXEC_POLL_S, one task
         for them all, until none is left. Shielded: every such root is
         registered or reaped, never lost."""
-        with trio.CancelScope(shield=True):
-            while self._awaiting_exec:
-                await trio.sleep(EXEC_POLL_S)
-                for instance_id, awaited in list(self._awaiting_exec.items()):
-                    failure = None
-                    try:
-                        if not awaited.root.exec_settled():
-                            continue
-                    except SpawnFailed as exc:
-                        failure = exc
-                    del self._awaiting_exec[instance_id]
-                    self._exec_settled(instance_id, awaited, failure)
+        try:
+            with trio.CancelScope(shield=True):
+                while self._awaiting_exec:
+                    await trio.sleep(EXEC_POLL_S)
+                    for instance_id, awaited in list(self._awaiting_exec.items()):
+                        failure = None
+                        try:
+                            if not awaited.root.exec_settled():
+                                continue
+                        except SpawnFailed as exc:
+                            failure = exc
+                        del self._awaiting_exec[instance_id]
+                        self._exec_settled(instance_id, awaited, failure)
+        finally:
+            self._watching_execs = False
+
+    def kill_awaiting_exec(self) -> int:
+        """SIGKILL every root still awaiting its exec (our unreaped children:
+        their pids cannot have been reused), for a daemon that stops and will
+        not wait for them; `_watch_execs` then settles them as they die.
+        Returns how many there were."""
+        for awaited in self._awaiting_exec.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(awaited.root.pid, signal.SIGKILL)
+        return len(self._awaiting_exec)
 
     def _exec_settled(self, instance_id: str, awaited: _AwaitedExec, failure: SpawnFailed | None) -> None:
         root = awaited.root
@@ -273,6 +291,9 @@ class Instances(TreeHandover, Stopping):
             else:
                 self.report(self._root_started(instance_id, awaited.adapter, root, awaited.spawned_after, None,
                                                awaited.stderr))
+                # A root that exited at once is a zombie the reaper left
+                # alone while it was `others`: reaped (and routed) now.
+                self.reaper.reap_children([root.pid])
         finally:
             self.reaper.spawn_settled()
             self._spawning.pop(instance_id).set()

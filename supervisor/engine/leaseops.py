@@ -84,7 +84,11 @@ class LeaseOperations:
         self, params: protocol.AcquireParams, acquired: Acquired, refcount: int, pending: PendingSpawn,
         after: AfterReply,
     ) -> Reply:
-        await pending.settled.wait()
+        try:
+            await pending.settled.wait()
+        except BaseException:
+            run_after(after)  # nobody will send the reply that would have run it
+            raise
         return self._acquire_reply(params, acquired, refcount, pending, after)
 
     async def acquire(self, peer: Peer, params: protocol.AcquireParams, started: Callable[[], None]) -> Reply:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -77,6 +78,7 @@ class Stopping:
     _to_stop: collections.deque[tuple[str, Reason]]
     _stop_wanted: trio.Event
     _stop_starter: bool
+    kill_awaiting_exec: Callable[[], int]
 
     def stop(self, instance_id: str, reason: Reason) -> None:
         """Stop the instance's tree in a task of its own: stop_signal to every
@@ -201,9 +203,11 @@ class Stopping:
 
     def kill_everything_now(self) -> None:
         """Last resort when the daemon is dying of a bug: SIGKILL every tracked
-        tree at once, synchronously, so that no adapter outlives its owner."""
+        tree at once, synchronously, so that no adapter outlives its owner
+        (roots still awaiting their exec too)."""
         for instance_id, running in self.running.items():
             self.kill_now(instance_id, running)
+        self.kill_awaiting_exec()
 
     async def wait_all_stopped(self) -> None:
         """Wait for every spawn in flight to report in, then for every tree to

@@ -172,7 +172,7 @@ static unsigned long long boot_ticks(const struct timespec *time, unsigned long 
    child shares that memory with the thread while both run. Returns the
    kernel's result: -errno on failure. */
 static long raw_call(long number, long a1, long a2, long a3, long a4) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(__ILP32__)
     long result;
     register long r10 __asm__("r10") = a4;
     /* A fifth argument of 0: prctl refuses anything else where it reads one. */
@@ -326,7 +326,7 @@ static int child_main(void *arg) {
    clone3 (glibc 2.36), and a child on a new stack cannot return through the
    parent's frames, so the child's first steps are written out per machine. */
 static long clone3_run(struct clone_args_v2 *args, int (*fn)(void *), void *arg) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(__ILP32__)
     long result;
     register void *function __asm__("r12") = (void *)fn;
     register void *argument __asm__("r13") = arg;
@@ -563,7 +563,13 @@ long adapter_spawn(char *const *paths, char *const *argv, char *const *envp, con
 int adapter_spawn_settle(struct spawn_slot *slot, long pid, long long wait_ns, int *stage, int *error,
                          int *failed_index) {
     if (!wait_settled(slot, wait_ns)) {
-        return 0;
+        /* Some kernels leave the word as it was for a child that dumped
+           core: one that has exited has settled all the same. */
+        siginfo_t info;
+        info.si_pid = 0;
+        if (waitid(P_PID, (id_t)pid, &info, WEXITED | WNOHANG | WNOWAIT) != 0 || info.si_pid != (pid_t)pid) {
+            return 0;
+        }
     }
     settled_outcome(pid, &slot->job, stage, error, failed_index);
     return 1;

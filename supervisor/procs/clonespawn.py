@@ -24,6 +24,7 @@ which says later whether it did. Until then the child runs in memory the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -385,7 +386,9 @@ class Launch:
     """A child of `launch` that had not exec'd when `launch` returned. It
     keeps what the child still reads (its stack and job, its arguments, its
     set of stdio slots, a lent Environment) until `settle` sees it exec or
-    fail."""
+    fail; and the module keeps every unsettled Launch (`_unsettled`), so that
+    a caller that drops one (a bug, an exception on its way) leaks it rather
+    than frees memory a running child reads."""
 
     def __init__(
         self, pid: int, slot: int, keep: tuple[object, ...], *, slots_index: int | None,
@@ -397,6 +400,7 @@ class Launch:
         self._slots_index = slots_index
         self._environment = environment
         self._failure = failure
+        _unsettled.add(self)
 
     @property
     def settled(self) -> bool:
@@ -418,13 +422,21 @@ class Launch:
         _give_back_child_slot(library, self._slot)
         self._slot = None
         self._keep = ()
-        if self._slots_index is not None:
-            stdio_slots().give_back(self._slots_index)
+        _unsettled.discard(self)
         if self._environment is not None:
             self._environment.give_back()
+        if self._slots_index is not None:
+            with contextlib.suppress(OSError):
+                # A set that cannot be reset stays taken: one fewer for later
+                # spawns. The child's outcome is the answer either way.
+                stdio_slots().give_back(self._slots_index)
         if stage.value != STAGE_NONE:
             raise self._failure(stage.value, error.value, failed_index.value)
         return True
+
+
+# Every Launch not settled yet (see Launch).
+_unsettled: set[Launch] = set()
 
 
 # Freed child slots kept for reuse (addresses; see SPARE_CHILD_SLOTS).

@@ -281,11 +281,21 @@ def spawn_root(
     finally:
         for fd in child_fds:
             os.close(fd)
-    # Our unreaped child: its pid cannot have been reused in between.
-    identity = process.ProcessId(pid, start_time) if start_time else process.identify(pid) or process.ProcessId(pid, 0)
+    # Our unreaped child: its pid cannot have been reused in between. (Nothing
+    # here may raise now: a pending root's Launch must reach the caller.)
+    identity = process.ProcessId(pid, start_time) if start_time else _identify_child(pid)
     return RootProcess(
         id=identity, stdin_fd=stdin_w, stdout_fd=stdout_r, stderr_fd=stderr_r, popen=popen, pending=pending
     )
+
+
+def _identify_child(pid: int) -> process.ProcessId:
+    """Our unreaped child's id from /proc; start time 0 if /proc cannot
+    tell now (out of fds, memory): only a stale-pid check goes without it."""
+    try:
+        return process.identify(pid) or process.ProcessId(pid, 0)
+    except OSError:
+        return process.ProcessId(pid, 0)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import signal
@@ -377,3 +378,32 @@ def test_with_every_set_of_slots_held_a_spawn_copies_the_table_and_closes_the_re
         os.waitpid(launched.pid, 0)
     assert slots.in_use == 0
     assert no_child_left()
+
+
+def test_a_pending_launch_its_caller_dropped_still_execs_what_it_was_given(
+    null: int, manager: CgroupManager  # noqa: F811
+) -> None:
+    # The child reads its argv and environment from memory the Launch keeps:
+    # a caller that loses the Launch must not free it under the child (the
+    # module keeps every unsettled Launch).
+    marker = "M" * 45
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    with frozen_cgroup(manager, "dropped") as (cgroup_fd, thaw):
+        try:
+            pid, _, launched = clonespawn.launch(["/bin/echo", marker], env={"K": "V" * 45}, cwd=None,
+                                                 stdio=(null, write_end, null), cgroup_fd=cgroup_fd, wait_ns=0)
+        finally:
+            os.close(write_end)
+        assert launched is not None
+        del launched
+        gc.collect()
+        # Blocks of the sizes just freed, were they freed, would be reused by these.
+        churn = [bytes([0x41 + i % 20]) * 45 for i in range(20000)] + [bytearray(32) for _ in range(20000)]
+        thaw()
+        [kept] = [pending for pending in clonespawn._unsettled if pending.pid == pid]
+        assert settled_within(kept)
+    del churn
+    with os.fdopen(read_end, "rb") as out:
+        assert out.read() == (marker + "\n").encode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert clonespawn.stdio_slots().in_use == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ import trio
 from supervisor.procs import clonespawn
 from supervisor.procs import process
 from supervisor.procs import spawner
+from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from supervisor.core.config import parse_config
 from supervisor.core.errors import SpawnFailed
 from supervisor.procs.spawner import spawn_root
@@ -192,3 +194,43 @@ def test_command_warnings_name_each_adapter_whose_program_a_spawn_would_not_run(
     assert "in PATH (/nonexistent)" in warnings["adapters.own-path-lacks-sh.command"]
     assert f"({not_executable}) is not executable" in warnings["adapters.plain.command"]
     assert all(str(w).startswith(f"{tmp_path / 'supervisor.toml'}: adapters.") for w in spawner.command_warnings(config, {}))
+
+
+@pytest.mark.skipif(clonespawn.load() is None, reason="the clone3 spawner was not built (no C compiler)")
+def test_a_pending_root_reaches_the_caller_even_when_proc_cannot_tell_its_start(monkeypatch) -> None:
+    # Whatever goes wrong after a launch left the root pending, the caller
+    # gets the root (and with it the Launch that owns the child's memory):
+    # here /proc cannot be read (out of fds) when the start time is needed.
+    try:
+        cgroups = CgroupManager.detect(name=f"test-{secrets.token_hex(6)}")
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
+    real_launch = clonespawn.launch
+
+    def launch_without_start_time(*args, **kwargs):
+        pid, _, launched = real_launch(*args, **kwargs)
+        return pid, 0, launched  # as when the clock crossed a tick around clone3
+
+    def identify(pid: int) -> process.ProcessId | None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(clonespawn, "launch", launch_without_start_time)
+    monkeypatch.setattr(process, "identify", identify)
+    frozen = cgroups.create("frozen")
+    (frozen / "cgroup.freeze").write_text("1")
+    cgroup_fd = cgroups.dir_fd("frozen")
+    root = None
+    try:
+        root = spawn_root(adapter(["/bin/true"]), instance_id="i", job="j", params={}, daemon_key="k", clone3=True,
+                          cgroup_fd=cgroup_fd, exec_wait_ns=1_000_000)
+        assert root.pending is not None and root.id == process.ProcessId(root.pid, 0)
+        (frozen / "cgroup.freeze").write_text("0")
+        assert eventually(lambda: root.exec_settled(wait_ns=10_000_000), timeout=10)
+        assert os.waitstatus_to_exitcode(os.waitpid(root.pid, 0)[1]) == 0
+    finally:
+        (frozen / "cgroup.freeze").write_text("0")
+        os.close(cgroup_fd)
+        if root is not None and root.stderr_fd is not None:
+            os.close(root.stderr_fd)
+        cgroups.remove("frozen")
+        cgroups.remove_base()
