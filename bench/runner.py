@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
 
     envs.check_ours_is_ours()
+    envs.compile_ours()
     install_s = envs.ensure(envs.SUPERVISORD, log) + envs.ensure(envs.CIRCUS, log)
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
