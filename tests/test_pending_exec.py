@@ -1,7 +1,9 @@
-"""A root that cannot exec at once does not hold the daemon's thread: the
-clone3 spawner waits a bounded time for the exec (`spawner.EXEC_WAIT_NS`),
-and an acquire whose root has not exec'd by then is answered once it has,
-while the daemon serves everything else.
+"""Waits that are not the daemon's work stay off its thread. A root that
+cannot exec at once does not hold it: the clone3 spawner waits a bounded
+time for the exec (`spawner.EXEC_WAIT_NS`), and an acquire whose root has not
+exec'd by then is answered once it has, while the daemon serves everything
+else. Nor does a directory service slow to tell a "@peer" client's groups
+(the last test).
 
 A root is kept from exec'ing for as long as a test likes by freezing the
 daemon's base cgroup (cgroup v2 `cgroup.freeze`): a child born in a frozen
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +24,11 @@ import trio
 
 from supervisor.core import protocol
 from supervisor.core.config import parse_config
+from supervisor.core.identity import Credentials
 from supervisor.core.errors import SpawnFailed, SupervisorError
 from supervisor.engine import engine as engine_module
 from supervisor.engine.engine import Engine
+from supervisor.engine import instances as instances_module
 from supervisor.procs import clonespawn, spawner
 from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from tests.engine.peer import Peer
@@ -179,3 +184,55 @@ async def test_a_shutdown_kills_roots_that_never_exec_within_its_bound(
             nursery.cancel_scope.cancel()
     assert not os.path.exists(f"/proc/{pid}")
     assert not cgroups.base.exists()
+
+
+async def test_a_peer_adapters_groups_are_looked_up_off_the_trio_thread_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The groups of a "@peer" adapter's client come from the passwd and group
+    # databases, which a directory service may answer in seconds: the lookup
+    # runs in a worker thread while other tasks run, and is used again for
+    # the client's next spawns instead of being made on the trio thread.
+    looked_up: list[tuple[int, int]] = []
+    real = instances_module.credentials_of
+
+    def slow_credentials_of(uid: int, gid: int | None = None) -> Credentials:
+        looked_up.append((uid, -1 if gid is None else gid))
+        time.sleep(0.3)
+        return real(uid, gid)
+
+    monkeypatch.setattr(instances_module, "credentials_of", slow_credentials_of)
+    config = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\nsweep_interval = 3600.0\n'
+        '[adapters.mine]\ncommand = ["/bin/sleep", "60"]\nuser = "@peer"\n',
+        str(tmp_path / "supervisor.toml"),
+    )
+    engine = Engine(config)
+    peer = Peer()
+    engine.connected(peer)
+    steps = 0
+
+    async def probe() -> None:
+        nonlocal steps
+        while True:
+            await trio.sleep(0.01)
+            steps += 1
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            params = protocol.AcquireParams(job="j1", adapter="mine")
+            assert not engine.acquire_answers_now(params)
+            nursery.start_soon(probe)
+            first = await engine.acquire(peer, params, lambda: None)
+            assert looked_up == [(peer.uid, peer.gid)]
+            assert steps >= 10, f"the trio thread ran other tasks only {steps} times during a 0.3 s lookup"
+            second = await engine.acquire(peer, protocol.AcquireParams(job="j2", adapter="mine"), lambda: None)
+            assert looked_up == [(peer.uid, peer.gid)], "the credentials were looked up again"
+            for reply in (first, second):
+                status = Path(f"/proc/{reply.result['pid']}/status").read_text()
+                assert f"Uid:\t{peer.uid}\t" in status
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            nursery.cancel_scope.cancel()

@@ -58,6 +58,14 @@ SPAWNED = "spawned"
 EXEC_POLL_S = 0.001
 
 
+# How long the credentials of a client's uid, looked up off the trio thread
+# for the "@peer" instances it acquires, are used before they are looked up
+# again (a change of the user's groups reaches its spawns after this), and how
+# many uids are kept.
+PEER_CREDENTIALS_TTL_S = 60.0
+PEER_CREDENTIALS_KEPT = 1024
+
+
 class _AwaitedExec(msgspec.Struct):
     """A root awaiting its exec, and what registering it takes."""
 
@@ -146,6 +154,8 @@ class Instances(TreeHandover, Stopping):
         self._peers: dict[str, tuple[int, int]] = {}
         # Spawns in flight in a worker thread: shutdown waits for them.
         self._spawning: dict[str, trio.Event] = {}
+        # (uid, gid) of clients -> their credentials and when they were looked up.
+        self._credentials: dict[tuple[int, int], tuple[Credentials, float]] = {}
         # Roots that had not exec'd when their spawn returned (`_await_exec`),
         # and whether `_watch_execs` runs.
         self._awaiting_exec: dict[str, _AwaitedExec] = {}
@@ -197,15 +207,43 @@ class Instances(TreeHandover, Stopping):
             del self._peers[gone]
         self._peers[instance_id] = (uid, gid)
 
+    def known_credentials(self, uid: int, gid: int) -> Credentials | None:
+        """The credentials of a client's uid and gid as `look_up_credentials`
+        found them less than PEER_CREDENTIALS_TTL_S ago, or None."""
+        known = self._credentials.get((uid, gid))
+        if known is None or trio.current_time() - known[1] > PEER_CREDENTIALS_TTL_S:
+            return None
+        return known[0]
+
+    async def look_up_credentials(self, uid: int, gid: int) -> None:
+        """Look up the supplementary groups of a client's uid (the passwd and
+        group databases: a directory service may take seconds) in a worker
+        thread, for the spawns of "@peer" instances it acquires
+        (`known_credentials`). A failed lookup is left to the spawn, which
+        says what failed. Cancellation: raises Cancelled; the lookup is
+        abandoned."""
+        try:
+            found = await trio.to_thread.run_sync(credentials_of, uid, gid, abandon_on_cancel=True)
+        except (OSError, ValueError):
+            return
+        if len(self._credentials) >= PEER_CREDENTIALS_KEPT:
+            now = trio.current_time()
+            for key in [key for key, (_, at) in self._credentials.items() if now - at > PEER_CREDENTIALS_TTL_S]:
+                del self._credentials[key]
+            if len(self._credentials) >= PEER_CREDENTIALS_KEPT:
+                self._credentials.clear()
+        self._credentials[uid, gid] = (found, trio.current_time())
+
     def _peer_credentials(self, instance_id: str) -> Credentials:
         """Who a "@peer" instance runs as: the acquiring client's uid and gid
-        with the supplementary groups of its passwd entry. One whose client
-        was not recorded (a spawn handed over by an upgrade while it waited)
-        runs as the uid that owns it, with that user's passwd gid (its uid
-        as gid without a passwd entry)."""
+        with the supplementary groups of its passwd entry (as looked up off
+        the trio thread lately, else now). One whose client was not recorded
+        (a spawn handed over by an upgrade while it waited) runs as the uid
+        that owns it, with that user's passwd gid (its uid as gid without a
+        passwd entry)."""
         recorded = self._peers.pop(instance_id, None)
         if recorded is not None:
-            return credentials_of(*recorded)
+            return self.known_credentials(*recorded) or credentials_of(*recorded)
         uid = self.registry.instances[instance_id].uid
         uid = os.geteuid() if uid is None else uid
         try:

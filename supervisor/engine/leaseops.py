@@ -60,12 +60,16 @@ class LeaseOperations:
 
     def acquire_answers_now(self, params: protocol.AcquireParams) -> bool:
         """Whether `acquire_now` can answer: the instance is running, or the
-        inline spawner starts it with no predecessor still stopping and no
-        memory budget to measure first."""
+        inline spawner starts it with no predecessor still stopping, no
+        memory budget to measure first, and no client's groups to look up
+        ("@peer")."""
         if self.registry.acquire_waits(params.job, params.adapter):
             return False
         if self.registry.live_instance(params.job, params.adapter) is not None:
             return True
+        adapter = self.config.adapters.get(params.adapter)
+        if adapter is not None and adapter.runs_as_peer:
+            return False  # the client's groups are looked up first, off the thread
         return self.instances.spawner.inline and self.config.daemon.memory_budget is None
 
     def acquire_now(self, peer: Peer, params: protocol.AcquireParams) -> Reply:
@@ -103,6 +107,8 @@ class LeaseOperations:
         adapter = self._checked_adapter(peer, params)
         if self.registry.live_instance(params.job, params.adapter) is None:
             await self._check_memory_budget(params.adapter)
+            if adapter.runs_as_peer and self.instances.known_credentials(peer.uid, peer.gid) is None:
+                await self.instances.look_up_credentials(peer.uid, peer.gid)
         after: AfterReply = []
         acquired, refcount, pending = self._commit_acquire(peer, params, adapter, after)
         started()
