@@ -29,7 +29,7 @@ from supervisor.core.errors import SpawnFailed, SupervisorError
 from supervisor.engine import engine as engine_module
 from supervisor.engine.engine import Engine
 from supervisor.engine import instances as instances_module
-from supervisor.procs import clonespawn, spawner
+from supervisor.procs import clonespawn, process, spawner
 from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from tests.engine.peer import Peer
 from tests.server.test_listener import RawClient, request_line
@@ -236,3 +236,68 @@ async def test_a_peer_adapters_groups_are_looked_up_off_the_trio_thread_and_kept
             with trio.CancelScope(shield=True):
                 await engine.shutdown()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_root_stuck_before_exec_is_looked_at_ever_less_often_and_identified_once_it_execs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Frozen, the root stays pending: looked at every millisecond at first,
+    # then less and less often (many stuck roots must not take the thread).
+    # /proc could not tell its start time at the spawn (out of fds, here
+    # made up): it is read again once the root has exec'd, else no check
+    # would take the root for itself.
+    try:
+        cgroups = CgroupManager.detect(name=f"test-{secrets.token_hex(6)}")
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
+    looks = 0
+    real_settled = spawner.RootProcess.exec_settled
+
+    def counted(root: spawner.RootProcess, wait_ns: int = 0) -> bool:
+        nonlocal looks
+        looks += 1
+        return real_settled(root, wait_ns)
+
+    real_launch = clonespawn.launch
+
+    def launch_without_start_time(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pid, _, launched = real_launch(*args, **kwargs)
+        return pid, 0, launched  # as when the clock crossed a tick around clone3
+
+    monkeypatch.setattr(spawner.RootProcess, "exec_settled", counted)
+    monkeypatch.setattr(clonespawn, "launch", launch_without_start_time)
+    monkeypatch.setattr(spawner, "_identify_child", lambda pid: process.ProcessId(pid, 0))
+    config = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\nsweep_interval = 3600.0\n'
+        '[adapters.sleeper]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 1.0\n',
+        str(tmp_path / "supervisor.toml"),
+    )
+    engine = Engine(config, cgroups=cgroups)
+    peer = Peer()
+    engine.connected(peer)
+    freeze = cgroups.base / "cgroup.freeze"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
+            freeze.write_text("1")
+            reply = engine.acquire_now(peer, protocol.AcquireParams(job="stuck", adapter="sleeper"))
+            assert reply.later is not None
+            looks = 0
+            await trio.sleep(0.5)
+            # Every ms for 10 ms, then 2, 4, ... 100 ms apart: about 20 looks
+            # in 0.5 s (500 at one per millisecond).
+            assert 5 <= looks <= 60, looks
+            freeze.write_text("0")
+            with trio.fail_after(5):
+                answer = await reply.later()
+            pid = answer.result["pid"]
+            [running] = [r for r in engine.instances.running.values() if r.root.pid == pid]
+            assert running.root.id == process.identify(pid) and running.root.id.start_time
+        finally:
+            if freeze.exists():
+                freeze.write_text("0")
+            with trio.CancelScope(shield=True):
+                await engine.shutdown()
+            nursery.cancel_scope.cancel()
+    assert not cgroups.base.exists()

@@ -587,7 +587,9 @@ class Engine(LeaseOperations):
                 await self.instances.wait_all_stopped()
             if self.instances.kill_awaiting_exec():
                 # Roots that never exec'd in all that time (a frozen cgroup, a
-                # hung file system): killed, they settle and stop at once.
+                # stopped child): killed, they settle and stop at once (one in
+                # an uninterruptible sleep, on a hung file system, only when
+                # that ends, and the engine's run waits for it).
                 with trio.move_on_after(KILLED_SETTLE_S):
                     await self.instances.wait_all_stopped()
             await self.record.write_now()

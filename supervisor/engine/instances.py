@@ -53,9 +53,14 @@ log = structlog.get_logger()
 SPAWNED = "spawned"
 
 # How often the roots that had not exec'd when their spawn returned are
-# looked at (`Instances._watch_execs`): trio sleeps in whole milliseconds, and
-# such a root waits that long for a time slice already.
+# looked at (`Instances._watch_execs`): every EXEC_POLL_S (trio sleeps in
+# whole milliseconds, and such a root waits that long for a time slice
+# already) for their first EXEC_BACKOFF_AFTER_S, then ever less often, up to
+# EXEC_POLL_MAX_S: one that takes longer is stuck (a frozen cgroup, a hung file
+# system), and looking at many such every millisecond would take the thread.
 EXEC_POLL_S = 0.001
+EXEC_BACKOFF_AFTER_S = 0.01
+EXEC_POLL_MAX_S = 0.1
 
 
 # How long the credentials of a client's uid, looked up off the trio thread
@@ -67,12 +72,16 @@ PEER_CREDENTIALS_KEPT = 1024
 
 
 class _AwaitedExec(msgspec.Struct):
-    """A root awaiting its exec, and what registering it takes."""
+    """A root awaiting its exec, what registering it takes, and when
+    `_watch_execs` looks at it next."""
 
     adapter: AdapterConfig
     root: RootProcess
     spawned_after: float
     stderr: FollowedFile
+    next_look: float = 0.0
+    interval: float = 0.0
+
 
 # Work for after a reply: plain callables, run in order by whoever sends it
 # (`run_after`).
@@ -160,6 +169,8 @@ class Instances(TreeHandover, Stopping):
         # and whether `_watch_execs` runs.
         self._awaiting_exec: dict[str, _AwaitedExec] = {}
         self._watching_execs = False
+        # Set when a root is added to them (the watcher may sleep longer).
+        self._exec_awaited = trio.Event()
         self._nursery: trio.Nursery | None = None
         # Roots for the settler to look at: just spawned or handed over
         # (first look), or reaped since (see `_settle_roots`).
@@ -281,26 +292,37 @@ class Instances(TreeHandover, Stopping):
         (`others`): a root that failed is reaped by its settling."""
         assert self._nursery is not None, "attach() first"
         self.metrics.spawns_awaited.inc(awaited.adapter.name)
+        awaited.interval = EXEC_POLL_S
+        awaited.next_look = trio.current_time() + EXEC_POLL_S
         self._awaiting_exec[instance_id] = awaited
         self._spawning[instance_id] = trio.Event()
         self.reaper.spawns_in_flight += 1
         self.reaper.others.add(awaited.root.pid)
         if not self._watching_execs:
-            self._watching_execs = True
             self._nursery.start_soon(self._watch_execs)
+            self._watching_execs = True
+        self._exec_awaited.set()
 
     async def _watch_execs(self) -> None:
-        """Look at every root awaiting its exec each EXEC_POLL_S, one task
-        for them all, until none is left. Shielded: every such root is
-        registered or reaped, never lost."""
+        """Look at each root awaiting its exec when it is due (see
+        EXEC_POLL_S), one task for them all, until none is left. Shielded:
+        every such root is registered or reaped, never lost."""
         try:
             with trio.CancelScope(shield=True):
                 while self._awaiting_exec:
-                    await trio.sleep(EXEC_POLL_S)
+                    self._exec_awaited = trio.Event()
+                    with trio.move_on_at(min(awaited.next_look for awaited in self._awaiting_exec.values())):
+                        await self._exec_awaited.wait()  # a newcomer, due sooner
+                    now = trio.current_time()
                     for instance_id, awaited in list(self._awaiting_exec.items()):
+                        if awaited.next_look > now:
+                            continue
                         failure = None
                         try:
                             if not awaited.root.exec_settled():
+                                if now - awaited.spawned_after > EXEC_BACKOFF_AFTER_S:
+                                    awaited.interval = min(awaited.interval * 2, EXEC_POLL_MAX_S)
+                                awaited.next_look = now + awaited.interval
                                 continue
                         except SpawnFailed as exc:
                             failure = exc
@@ -312,8 +334,9 @@ class Instances(TreeHandover, Stopping):
     def kill_awaiting_exec(self) -> int:
         """SIGKILL every root still awaiting its exec (our unreaped children:
         their pids cannot have been reused), for a daemon that stops and will
-        not wait for them; `_watch_execs` then settles them as they die.
-        Returns how many there were."""
+        not wait for them; `_watch_execs` then settles them as they die (one
+        in an uninterruptible sleep only once that ends). Returns how many
+        there were."""
         for awaited in self._awaiting_exec.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(awaited.root.pid, signal.SIGKILL)
@@ -327,6 +350,12 @@ class Instances(TreeHandover, Stopping):
                 self._drop_stderr(awaited.stderr)
                 self.report(self._spawn_failed(instance_id, failure))
             else:
+                if not root.id.start_time:
+                    # /proc could not tell at the spawn (out of fds): without
+                    # its start time no check would take the root for itself.
+                    # Still our unreaped child, so the pid is still its.
+                    with contextlib.suppress(OSError):
+                        root.id = process.identify(root.pid) or root.id
                 self.report(self._root_started(instance_id, awaited.adapter, root, awaited.spawned_after, None,
                                                awaited.stderr))
                 # A root that exited at once is a zombie the reaper left
