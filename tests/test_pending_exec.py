@@ -17,6 +17,8 @@ import contextlib
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager as AsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from supervisor.engine import instances as instances_module
 from supervisor.procs import clonespawn, process, spawner
 from supervisor.procs.cgroup import CgroupManager, CgroupUnavailable
 from tests.engine.peer import Peer
+from tests.engine.test_stop_turns import running_engine
 from tests.server.test_listener import RawClient, request_line
 
 pytestmark = pytest.mark.skipif(clonespawn.load() is None, reason="the clone3 spawner was not built (no C compiler)")
@@ -88,12 +91,17 @@ def test_acquires_whose_roots_cannot_exec_yet_wait_while_the_daemon_answers_othe
         client.sock.close()
 
 
-def engine_with(tmp_path: Path) -> Engine:
+def running(tmp_path: Path, daemon: str, adapters: str, cgroups: CgroupManager | None = None) -> AsyncContextManager[
+    tuple[Engine, Peer, trio.Nursery]
+]:
+    """An engine of this config (a `[daemon]` section's extra lines, and
+    adapters), running, with a client connected; shut down (again, if the
+    test did) and its run ended on the way out."""
     config = parse_config(
-        f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\nsweep_interval = 3600.0\n' + ADAPTERS,
+        f'[daemon]\nstate_dir = "{tmp_path}"\nsweep_interval = 3600.0\n{daemon}' + adapters,
         str(tmp_path / "supervisor.toml"),
     )
-    return Engine(config)
+    return running_engine(tmp_path, Engine(config, cgroups=cgroups))
 
 
 async def test_with_no_wait_for_exec_acquires_answer_once_their_roots_have_execd(
@@ -102,39 +110,55 @@ async def test_with_no_wait_for_exec_acquires_answer_once_their_roots_have_execd
     # A bound of 0: every spawn after the first (which waits for exec, to
     # prove the kernel) comes back pending, whichever way it is asked for.
     monkeypatch.setattr(spawner, "EXEC_WAIT_NS", 0)
-    engine = engine_with(tmp_path)
-    peer = Peer()
-    engine.connected(peer)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        try:
-            first = await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
-            deferred = []
-            for n in range(20):
-                params = protocol.AcquireParams(job=f"now{n}", adapter="sleeper")
-                assert engine.acquire_answers_now(params)
-                deferred.append(engine.acquire_now(peer, params))
-            awaited = sum(reply.later is not None for reply in deferred)
-            assert awaited, "no spawn was left pending"
-            assert engine.metrics.spawns_awaited.value("sleeper") == awaited
-            replies = [await reply.later() if reply.later is not None else reply for reply in deferred]
-            waited = await engine.acquire(peer, protocol.AcquireParams(job="waited", adapter="sleeper"), lambda: None)
-            pids = [first.result["pid"], waited.result["pid"], *(reply.result["pid"] for reply in replies)]
-            assert len(set(pids)) == 22
-            assert all(executable(pid).endswith("/sleep") for pid in pids)
-            assert not engine.reaper.others
-            with pytest.raises(SpawnFailed, match="not found"):
-                failed = engine.acquire_now(peer, protocol.AcquireParams(job="bad", adapter="missing"))
-                assert failed.later is not None
-                await failed.later()
-            assert "bad" not in {instance.job for instance in engine.registry.instances.values()}
-            assert engine.busy() is None
-        finally:
-            with trio.CancelScope(shield=True):
-                await engine.shutdown()
-            nursery.cancel_scope.cancel()
+    async with running(tmp_path, 'cgroup = "off"\n', ADAPTERS) as (engine, peer, _):
+        first = await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
+        deferred = []
+        for n in range(20):
+            params = protocol.AcquireParams(job=f"now{n}", adapter="sleeper")
+            assert engine.acquire_answers_now(params)
+            deferred.append(engine.acquire_now(peer, params))
+        awaited = sum(reply.later is not None for reply in deferred)
+        assert awaited, "no spawn was left pending"
+        assert engine.metrics.spawns_awaited.value("sleeper") == awaited
+        replies = [await reply.later() if reply.later is not None else reply for reply in deferred]
+        waited = await engine.acquire(peer, protocol.AcquireParams(job="waited", adapter="sleeper"), lambda: None)
+        pids = [first.result["pid"], waited.result["pid"], *(reply.result["pid"] for reply in replies)]
+        assert len(set(pids)) == 22
+        assert all(executable(pid).endswith("/sleep") for pid in pids)
+        assert not engine.reaper.others
+        with pytest.raises(SpawnFailed, match="not found"):
+            failed = engine.acquire_now(peer, protocol.AcquireParams(job="bad", adapter="missing"))
+            assert failed.later is not None
+            await failed.later()
+        assert "bad" not in {instance.job for instance in engine.registry.instances.values()}
+        assert engine.busy() is None
     assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
                    for pid in pids)
+
+
+@asynccontextmanager
+async def frozen_engine(tmp_path: Path) -> AsyncIterator[tuple[Engine, Peer, CgroupManager, protocol.AcquireParams]]:
+    """A running engine in cgroup mode with one instance running (so its
+    spawner has proven the kernel), then its base cgroup frozen: yields the
+    engine, its client, its cgroups and the params of an acquire whose root
+    will not exec until thawed. On the way out: thawed, shut down (again, if
+    the test did), the engine's run ended."""
+    try:
+        cgroups = CgroupManager.detect(name=f"test-{secrets.token_hex(6)}")
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
+    freeze = cgroups.base / "cgroup.freeze"
+    adapters = '[adapters.sleeper]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 1.0\n'
+    async with running(tmp_path, "", adapters, cgroups) as (engine, peer, _):
+        try:
+            await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
+            freeze.write_text("1")
+            yield engine, peer, cgroups, protocol.AcquireParams(job="frozen", adapter="sleeper")
+        finally:
+            # (A root left frozen would keep the engine's nursery open:
+            # thawed, it execs and is stopped.)
+            if freeze.exists():
+                freeze.write_text("0")
 
 
 async def test_a_shutdown_kills_roots_that_never_exec_within_its_bound(
@@ -144,44 +168,19 @@ async def test_a_shutdown_kills_roots_that_never_exec_within_its_bound(
     # waits its bound (here stop_timeout 1 s less 0.9 s), then kills it, our
     # own unreaped child, and is done, leaving nothing behind.
     monkeypatch.setattr(engine_module, "SHUTDOWN_MARGIN_S", -0.9)
-    try:
-        cgroups = CgroupManager.detect(name=f"test-{secrets.token_hex(6)}")
-    except CgroupUnavailable as exc:
-        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
-    config = parse_config(
-        f'[daemon]\nstate_dir = "{tmp_path}"\nsweep_interval = 3600.0\n'
-        '[adapters.sleeper]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 1.0\n',
-        str(tmp_path / "supervisor.toml"),
-    )
-    engine = Engine(config, cgroups=cgroups)
-    peer = Peer()
-    engine.connected(peer)
-    freeze = cgroups.base / "cgroup.freeze"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        try:
-            await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
-            freeze.write_text("1")
-            reply = engine.acquire_now(peer, protocol.AcquireParams(job="frozen", adapter="sleeper"))
-            assert reply.later is not None
-            [instance] = [i for i in engine.registry.instances.values() if i.job == "frozen"]
-            [pid] = [int(p) for p in (cgroups.base / instance.id / "cgroup.procs").read_text().split()]
-            began = trio.current_time()
-            await engine.shutdown()
-            assert trio.current_time() - began < 5
-            assert engine.busy() is None, "the frozen root is still awaited after the shutdown"
-            with trio.fail_after(5):
-                # Answered, one way or the other (the lease may be gone).
-                with contextlib.suppress(SupervisorError):
-                    await reply.later()
-        finally:
-            # (Without the kill the root would stay frozen, and the engine's
-            # nursery open: thawed, it execs and is stopped.)
-            if freeze.exists():
-                freeze.write_text("0")
-            with trio.CancelScope(shield=True):
-                await engine.shutdown()
-            nursery.cancel_scope.cancel()
+    async with frozen_engine(tmp_path) as (engine, peer, cgroups, params):
+        reply = engine.acquire_now(peer, params)
+        assert reply.later is not None
+        [instance] = [i for i in engine.registry.instances.values() if i.job == params.job]
+        [pid] = [int(p) for p in (cgroups.base / instance.id / "cgroup.procs").read_text().split()]
+        began = trio.current_time()
+        await engine.shutdown()
+        assert trio.current_time() - began < 5
+        assert engine.busy() is None, "the frozen root is still awaited after the shutdown"
+        with trio.fail_after(5):
+            # Answered, one way or the other (the lease may be gone).
+            with contextlib.suppress(SupervisorError):
+                await reply.later()
     assert not os.path.exists(f"/proc/{pid}")
     assert not cgroups.base.exists()
 
@@ -202,14 +201,6 @@ async def test_a_peer_adapters_groups_are_looked_up_off_the_trio_thread_and_kept
         return real(uid, gid)
 
     monkeypatch.setattr(instances_module, "credentials_of", slow_credentials_of)
-    config = parse_config(
-        f'[daemon]\nstate_dir = "{tmp_path}"\ncgroup = "off"\nsweep_interval = 3600.0\n'
-        '[adapters.mine]\ncommand = ["/bin/sleep", "60"]\nuser = "@peer"\n',
-        str(tmp_path / "supervisor.toml"),
-    )
-    engine = Engine(config)
-    peer = Peer()
-    engine.connected(peer)
     steps = 0
 
     async def probe() -> None:
@@ -218,24 +209,19 @@ async def test_a_peer_adapters_groups_are_looked_up_off_the_trio_thread_and_kept
             await trio.sleep(0.01)
             steps += 1
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        try:
-            params = protocol.AcquireParams(job="j1", adapter="mine")
-            assert not engine.acquire_answers_now(params)
-            nursery.start_soon(probe)
-            first = await engine.acquire(peer, params, lambda: None)
-            assert looked_up == [(peer.uid, peer.gid)]
-            assert steps >= 10, f"the trio thread ran other tasks only {steps} times during a 0.3 s lookup"
-            second = await engine.acquire(peer, protocol.AcquireParams(job="j2", adapter="mine"), lambda: None)
-            assert looked_up == [(peer.uid, peer.gid)], "the credentials were looked up again"
-            for reply in (first, second):
-                status = Path(f"/proc/{reply.result['pid']}/status").read_text()
-                assert f"Uid:\t{peer.uid}\t" in status
-        finally:
-            with trio.CancelScope(shield=True):
-                await engine.shutdown()
-            nursery.cancel_scope.cancel()
+    adapters = '[adapters.mine]\ncommand = ["/bin/sleep", "60"]\nuser = "@peer"\n'
+    async with running(tmp_path, 'cgroup = "off"\n', adapters) as (engine, peer, nursery):
+        params = protocol.AcquireParams(job="j1", adapter="mine")
+        assert not engine.acquire_answers_now(params)
+        nursery.start_soon(probe)
+        first = await engine.acquire(peer, params, lambda: None)
+        assert looked_up == [(peer.uid, peer.gid)]
+        assert steps >= 10, f"the trio thread ran other tasks only {steps} times during a 0.3 s lookup"
+        second = await engine.acquire(peer, protocol.AcquireParams(job="j2", adapter="mine"), lambda: None)
+        assert looked_up == [(peer.uid, peer.gid)], "the credentials were looked up again"
+        for reply in (first, second):
+            status = Path(f"/proc/{reply.result['pid']}/status").read_text()
+            assert f"Uid:\t{peer.uid}\t" in status
 
 
 async def test_a_root_stuck_before_exec_is_looked_at_ever_less_often_and_identified_once_it_execs(
@@ -246,10 +232,6 @@ async def test_a_root_stuck_before_exec_is_looked_at_ever_less_often_and_identif
     # /proc could not tell its start time at the spawn (out of fds, here
     # made up): it is read again once the root has exec'd, else no check
     # would take the root for itself.
-    try:
-        cgroups = CgroupManager.detect(name=f"test-{secrets.token_hex(6)}")
-    except CgroupUnavailable as exc:
-        pytest.skip(f"no writable cgroup v2 hierarchy: {exc.reason}")
     looks = 0
     real_settled = spawner.RootProcess.exec_settled
 
@@ -267,37 +249,18 @@ async def test_a_root_stuck_before_exec_is_looked_at_ever_less_often_and_identif
     monkeypatch.setattr(spawner.RootProcess, "exec_settled", counted)
     monkeypatch.setattr(clonespawn, "launch", launch_without_start_time)
     monkeypatch.setattr(spawner, "_identify_child", lambda pid: process.ProcessId(pid, 0))
-    config = parse_config(
-        f'[daemon]\nstate_dir = "{tmp_path}"\nsweep_interval = 3600.0\n'
-        '[adapters.sleeper]\ncommand = ["/bin/sleep", "60"]\nstop_timeout = 1.0\n',
-        str(tmp_path / "supervisor.toml"),
-    )
-    engine = Engine(config, cgroups=cgroups)
-    peer = Peer()
-    engine.connected(peer)
-    freeze = cgroups.base / "cgroup.freeze"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        try:
-            await engine.acquire(peer, protocol.AcquireParams(job="first", adapter="sleeper"), lambda: None)
-            freeze.write_text("1")
-            reply = engine.acquire_now(peer, protocol.AcquireParams(job="stuck", adapter="sleeper"))
-            assert reply.later is not None
-            looks = 0
-            await trio.sleep(0.5)
-            # Every ms for 10 ms, then 2, 4, ... 100 ms apart: about 20 looks
-            # in 0.5 s (500 at one per millisecond).
-            assert 5 <= looks <= 60, looks
-            freeze.write_text("0")
-            with trio.fail_after(5):
-                answer = await reply.later()
-            pid = answer.result["pid"]
-            [running] = [r for r in engine.instances.running.values() if r.root.pid == pid]
-            assert running.root.id == process.identify(pid) and running.root.id.start_time
-        finally:
-            if freeze.exists():
-                freeze.write_text("0")
-            with trio.CancelScope(shield=True):
-                await engine.shutdown()
-            nursery.cancel_scope.cancel()
+    async with frozen_engine(tmp_path) as (engine, peer, cgroups, params):
+        reply = engine.acquire_now(peer, params)
+        assert reply.later is not None
+        looks = 0
+        await trio.sleep(0.5)
+        # Every ms for 10 ms, then 2, 4, ... 100 ms apart: about 20 looks in
+        # 0.5 s (500 at one per millisecond).
+        assert 5 <= looks <= 60, looks
+        (cgroups.base / "cgroup.freeze").write_text("0")
+        with trio.fail_after(5):
+            answer = await reply.later()
+        pid = answer.result["pid"]
+        [running] = [r for r in engine.instances.running.values() if r.root.pid == pid]
+        assert running.root.id == process.identify(pid) and running.root.id.start_time
     assert not cgroups.base.exists()
