@@ -238,11 +238,7 @@ class Instances(TreeHandover, Stopping):
         except (OSError, ValueError):
             return
         if len(self._credentials) >= PEER_CREDENTIALS_KEPT:
-            now = trio.current_time()
-            for key in [key for key, (_, at) in self._credentials.items() if now - at > PEER_CREDENTIALS_TTL_S]:
-                del self._credentials[key]
-            if len(self._credentials) >= PEER_CREDENTIALS_KEPT:
-                self._credentials.clear()
+            self._credentials.clear()  # (a cache: the next lookups fill it again)
         self._credentials[uid, gid] = (found, trio.current_time())
 
     def _peer_credentials(self, instance_id: str) -> Credentials:

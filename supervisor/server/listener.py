@@ -47,7 +47,7 @@ from supervisor.engine.operation import Reply
 from supervisor.server.connection import Connection
 from supervisor.server.controlsocket import _UCRED, SocketGroupRefused, _peer_groups, bind_control_socket
 from supervisor.server.handover import HandedConnection, ServerState, _Handover
-from supervisor.server.methods import PARAMS, Waits, method_for
+from supervisor.server.methods import METHODS, PARAMS, Waits, method_for
 from supervisor.server.readhub import TURN_BUDGET_S, ReadHub
 from supervisor.server.responses import _Responses
 
@@ -297,7 +297,7 @@ class ControlServer(_Responses, _Handover):
                 return False
             if handback.waiting is not None:
                 request, reply = handback.waiting
-                await self._serve_waiting(connection, nursery, request, reply)
+                await self._serve_in_own_task(connection, nursery, request, METHODS[request.method], reply)
             if handback.end_of_input:
                 # Answers still due go out (requests in flight send their
                 # own); an upgrade may hand the connection over meanwhile.
@@ -323,13 +323,7 @@ class ControlServer(_Responses, _Handover):
                     # until this is answered, so these cannot pile up.
                     await self._serve_request(connection, message, method, nursery=nursery)
                 else:
-                    # Backpressure: a peer cannot have more than MAX_IN_FLIGHT (connection.py)
-                    # of these running; the next line waits to be read.
-                    try:
-                        connection.in_flight.acquire_nowait()
-                    except trio.WouldBlock:
-                        await connection.in_flight.acquire()
-                    await nursery.start(self._serve_in_task, connection, message, method)
+                    await self._serve_in_own_task(connection, nursery, message, method)
                 if answered % ANSWERS_PER_TURN == 0 or time.perf_counter() - turn_began > TURN_BUDGET_S:
                     await trio.lowlevel.checkpoint()
                     turn_began = time.perf_counter()

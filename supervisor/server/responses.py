@@ -16,7 +16,7 @@ from supervisor.core.errors import SupervisorError
 from supervisor.engine.operation import Reply
 from supervisor.engine.instances import AfterReply, run_after
 from supervisor.server.connection import Connection
-from supervisor.server.methods import METHODS, Method, Started, method_for
+from supervisor.server.methods import Method, Started, method_for
 
 log = structlog.get_logger()
 
@@ -90,18 +90,21 @@ class _Responses:
         finally:
             connection.in_flight.release()
 
-    async def _serve_waiting(
-        self, connection: Connection, nursery: trio.Nursery, request: protocol.Request, reply: Reply
+    async def _serve_in_own_task(
+        self, connection: Connection, nursery: trio.Nursery, request: protocol.Request, method: Method,
+        waiting: Reply | None = None,
     ) -> None:
-        """A request answered without waiting whose Reply waits after all
-        (`Reply.later`): its answer is sent by a task of its own, which holds
-        one of the connection's in-flight slots, as a request that waits
-        from the start would. Returns once that task has started."""
+        """Serve `request` in a task of its own (`_serve_in_task`) once one of
+        the connection's in-flight slots is free (backpressure: a peer cannot
+        have more than MAX_IN_FLIGHT (connection.py) of these running; its next line waits to
+        be read). Returns once the task has made the request's state
+        changes. `waiting`: the request was answered without waiting, by a
+        Reply that waits after all (`Reply.later`)."""
         try:
             connection.in_flight.acquire_nowait()
         except trio.WouldBlock:
             await connection.in_flight.acquire()
-        await nursery.start(self._serve_in_task, connection, request, METHODS[request.method], reply)
+        await nursery.start(self._serve_in_task, connection, request, method, waiting)
 
     async def _serve_request(
         self, connection: Connection, request: protocol.Request, method: Method,
@@ -124,7 +127,7 @@ class _Responses:
                 assert method.now is not None
                 reply = method.now(self.engine, connection, request.params)
                 if reply.later is not None and nursery is not None:
-                    await self._serve_waiting(connection, nursery, request, reply)
+                    await self._serve_in_own_task(connection, nursery, request, method, reply)
                     return
             elif reply is None:
                 reply = await method.answer(self.engine, connection, request.params, started)
